@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything lightbucket needs on Debian 12 / Raspberry Pi OS (bookworm):
+# the Debian packages, then a .venv in the project with the project and its extras.
+# Idempotent and quick when nothing changed. Sourced by scripts/demo and scripts/test.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+EXTRAS="${LIGHTBUCKET_EXTRAS:-test}"
+
+# indi-bin: indiserver and the CCD/telescope simulators. mosquitto: the MQTT broker the
+# tests (and the demo) start on a free port. libdbus-1-dev, libglib2.0-dev, pkg-config and
+# python3-dev: dbus-python (a dependency of pyindi-client) builds from source.
+DEBS=(python3 python3-venv python3-dev python3-pip build-essential pkg-config
+      libdbus-1-dev libglib2.0-dev indi-bin mosquitto)
+
+missing=()
+for p in "${DEBS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
+    # The Debian mosquitto package starts a system broker on :1883. lightbucket never relies
+    # on it (tests and the demo start their own on a free port); leave it as the user wants.
+fi
+
+VENV="$ROOT/.venv"
+STAMP="$VENV/.lightbucket-installed"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)-$EXTRAS"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+    echo "bootstrap: installing lightbucket[$EXTRAS] into $VENV" >&2
+    "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]" >&2
+    echo "$want" > "$STAMP"
+fi
