@@ -1,0 +1,291 @@
+"""FITS frames: open the image HDU, read it whole or in row bands, write float32 atomically.
+
+Reading takes the data unit straight from the file (at the offset astropy reports) instead
+of going through `hdu.data`: astropy pads a truncated data unit with zeros and would scale
+the whole array on first access. This lets us (1) check the file holds every byte the
+header promises, and (2) read a band of rows of a 26 MP frame without touching the rest,
+which is what master building needs to stay within memory. Plain reads, not a memory map:
+mapped pages of 50 inputs would stay resident and count against the service's memory.
+
+Orientation: arrays handed out are *top-down* (row 0 = first row the camera read out).
+A file marked ROWORDER='BOTTOM-UP' is flipped and its Bayer pattern adjusted; files without
+ROWORDER are taken as stored, which is what INDI, NINA, SharpCap and ASIAIR mean.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+
+from daemon.io.errors import FrameError
+from daemon.io.header import flip_rows_pattern, meta_from_header
+from daemon.io.sidecar import jocular_fields
+from daemon.pipeline.frame import Frame, FrameMeta
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fz", ".fits.gz", ".fit.gz")
+_BITPIX_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+#: Cards astropy writes itself from the data; never copied from a caller's header.
+_STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "BZERO",
+               "BSCALE", "PCOUNT", "GCOUNT", "XTENSION", "END", "BLANK", "CHECKSUM", "DATASUM"}
+
+
+@dataclass
+class FitsImage:
+    """An opened FITS image: header, metadata and top-down row access in float32 ADU."""
+
+    path: str
+    header: fits.Header
+    meta: FrameMeta
+    shape: tuple[int, int]
+    bottom_up: bool
+    _raw: np.ndarray | None  # decoded float32 (compressed HDUs) or None: read from the file
+    _bscale: float
+    _bzero: float
+    _dtype: str = ">f4"
+    _offset: int = 0  # byte offset of the data unit in the file
+
+    def _stored_rows(self, start: int, stop: int) -> np.ndarray:
+        """Stored rows [start, stop) read with a plain file read: no memory map, so a band
+        costs only its own bytes and nothing stays resident after it."""
+        if self._raw is not None:
+            return self._raw[start:stop]
+        w = self.shape[1]
+        itemsize = np.dtype(self._dtype).itemsize
+        with open(self.path, "rb") as fh:
+            fh.seek(self._offset + start * w * itemsize)
+            block = np.fromfile(fh, dtype=self._dtype, count=(stop - start) * w)
+        if block.size != (stop - start) * w:
+            raise FrameError(self.path, "file shrank while being read (being rewritten?)")
+        return block.reshape(stop - start, w)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the top-down image as a new float32 array (ADU)."""
+        h = self.shape[0]
+        start, stop = max(0, start), min(h, stop)
+        if self.bottom_up:
+            block = self._stored_rows(h - stop, h - start)[::-1]
+        else:
+            block = self._stored_rows(start, stop)
+        wide = np.float64 if block.dtype.itemsize >= 4 and block.dtype.kind in "iu" else np.float32
+        out = np.asarray(block, dtype=wide)
+        if self._bscale != 1.0:
+            out = out * self._bscale
+        if self._bzero != 0.0:
+            out = out + self._bzero
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def read(self) -> np.ndarray:
+        return self.rows(0, self.shape[0])
+
+
+def _image_hdu_index(hdul: fits.HDUList) -> int | None:
+    for i, hdu in enumerate(hdul):
+        if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)) and hdu.header.get("NAXIS", 0) >= 2:
+            return i
+    return None
+
+
+def open_fits_image(path: str | os.PathLike) -> FitsImage:
+    """Open the primary or first image HDU of a FITS file for reading; FrameError if unusable."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise FrameError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if size == 0:
+        raise FrameError(path, "empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        try:
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False, do_not_scale_image_data=True,
+                             ignore_missing_simple=True, output_verify="ignore")
+        except Exception as exc:  # astropy raises OSError, ValueError, TypeError, IndexError...
+            raise FrameError(path, f"not a readable FITS file ({exc})") from None
+        try:
+            index = _image_hdu_index(hdul)
+            if index is None:
+                raise FrameError(path, "no image in the file (no HDU with a 2-D data array)")
+            hdu = hdul[index]
+            header = hdu.header.copy()
+            if isinstance(hdu, fits.CompImageHDU):  # tile-compressed: astropy decodes it whole
+                header = fits.Header(hdu.header)
+                try:
+                    raw = np.asarray(hdu.data)
+                except Exception as exc:
+                    raise FrameError(path, f"compressed image cannot be decoded ({exc})") from None
+                # Opened with do_not_scale_image_data: the stored integers, scaled in rows().
+                bscale, bzero = float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0))
+                dtype, offset = ">f4", 0
+                shape = raw.shape
+            else:
+                raw = None
+                shape, dtype, offset, bscale, bzero = _locate_data(path, hdul, index, header, size)
+        finally:
+            hdul.close()
+    if len(shape) == 3:
+        if shape[0] != 1:
+            raise FrameError(path, f"{shape[0]}-plane image cube: only 2-D mono or CFA frames are frames")
+        shape = shape[1:]
+        raw = raw[0] if raw is not None else None
+    if len(shape) != 2 or 0 in shape:
+        raise FrameError(path, f"image has shape {shape}: not a 2-D frame")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        meta = meta_from_header(header_values(header), path)
+    meta = _fill_from_sidecar(meta)
+    bottom_up = str(header.get("ROWORDER", "")).strip().upper() == "BOTTOM-UP"
+    if bottom_up and meta.bayer:
+        meta = _replace(meta, bayer=flip_rows_pattern(meta.bayer, shape[0]))
+    return FitsImage(path, header, meta, (int(shape[0]), int(shape[1])), bottom_up, raw, bscale, bzero,
+                     dtype, offset)
+
+
+def header_values(header: fits.Header) -> dict[str, Any]:
+    """Card values by keyword, tolerating malformed cards (e.g. StarlightLive's DATE card,
+    which astropy refuses to parse): their value is taken from the raw card text."""
+    values: dict[str, Any] = {}
+    for card in header.cards:
+        key = card.keyword
+        if not key or key in ("COMMENT", "HISTORY") or key in values:
+            continue
+        try:
+            values[key] = card.value
+        except Exception:
+            text = card.image[8:].lstrip("= ").split("/", 1)[0].strip()
+            values[key] = text.strip("'").strip()
+    return values
+
+
+#: FrameMeta field -> the canonical header card reported missing for it.
+_FIELD_CARDS = {"exposure_s": "EXPTIME", "camera": "INSTRUME", "target": "OBJECT", "frame_type": "IMAGETYP",
+                "ra_deg": "RA/DEC", "dec_deg": "RA/DEC"}
+
+
+def _fill_from_sidecar(meta: FrameMeta) -> FrameMeta:
+    """Fields the header lacked, from a capture program's sidecar file (see daemon.io.sidecar)."""
+    if not meta.missing or meta.path is None:
+        return meta
+    wanted = {f for f, card in _FIELD_CARDS.items() if card in meta.missing} | {"telescope"}
+    fields = {k: v for k, v in jocular_fields(meta.path).items()
+              if k in wanted and (k != "telescope" or meta.telescope is None)}
+    if not fields:
+        return meta
+    filled = {_FIELD_CARDS.get(k) for k in fields}
+    return _replace(meta, **fields, missing=tuple(m for m in meta.missing if m not in filled))
+
+
+def _replace(meta: FrameMeta, **changes: Any) -> FrameMeta:
+    from dataclasses import replace
+    return replace(meta, **changes)
+
+
+def _locate_data(path: str, hdul: fits.HDUList, index: int, header: fits.Header, size: int):
+    bitpix = int(header["BITPIX"])
+    if bitpix not in _BITPIX_DTYPES:
+        raise FrameError(path, f"unsupported BITPIX {bitpix}")
+    naxes = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, int(header["NAXIS"]) + 1)]
+    if any(n <= 0 for n in naxes):
+        raise FrameError(path, f"image has an empty axis (NAXISn = {naxes})")
+    extra = naxes[2:]
+    if any(n != 1 for n in extra[1:]):
+        raise FrameError(path, f"{len(naxes)}-D data {naxes}: not a 2-D frame")
+    shape = tuple(reversed(naxes[:3]))  # numpy order: (planes,) rows, columns
+    nbytes = abs(bitpix) // 8 * int(np.prod(naxes))
+    offset = hdul.fileinfo(index)["datLoc"]
+    if offset + nbytes > size:
+        have = max(0, size - offset)
+        raise FrameError(
+            path, f"truncated or still being written: header promises {nbytes} bytes of "
+                  f"{'x'.join(map(str, naxes))} pixels, the file holds {have}")
+    return shape, _BITPIX_DTYPES[bitpix], offset, float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0))
+
+
+def read_fits_frame(path: str | os.PathLike) -> Frame:
+    image = open_fits_image(path)
+    return Frame(image.read(), image.meta)
+
+
+def _header_from(header: Mapping[str, Any] | fits.Header | None) -> fits.Header:
+    out = fits.Header()
+    if header is None:
+        return out
+    cards = header.cards if isinstance(header, fits.Header) else (
+        (k, *(v if isinstance(v, tuple) else (v,))) for k, v in header.items())
+    for card in cards:
+        key, value = card[0], card[1]
+        comment = card[2] if len(card) > 2 else None
+        if key.upper() in _STRUCTURAL:
+            continue
+        if key.upper() in ("COMMENT", "HISTORY", ""):
+            out.add_history(str(value)) if key.upper() == "HISTORY" else out.add_comment(str(value))
+            continue
+        value = _card_value(value)
+        if value is None:
+            continue
+        out[key] = (value, comment) if comment else value
+    return out
+
+
+def _card_value(value: Any) -> Any:
+    """A value FITS can hold: numpy scalars unwrapped, times as ISO text, NaN/inf dropped."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="milliseconds").split("+")[0]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def write_fits(path: str | os.PathLike, data: np.ndarray,
+               header: Mapping[str, Any] | fits.Header | None = None, *, atomic: bool = True) -> None:
+    """Write `data` as a float32 FITS image (top-down, ROWORDER='TOP-DOWN').
+
+    `data` is 2-D, or (H, W, 3) RGB which is stored as the FITS cube (3, H, W).
+    `header` is a dict {key: value or (value, comment)} or an astropy Header; structural
+    cards are ignored. With `atomic`, the file appears complete or not at all: written to a
+    hidden temporary name beside it, fsync'ed, then renamed over `path`.
+    """
+    path = Path(path)
+    arr = np.asarray(data, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = np.moveaxis(arr, 2, 0)
+    elif arr.ndim != 2:
+        raise ValueError(f"write_fits {path}: data must be 2-D or (H, W, 3), got shape {arr.shape}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        hdr = _header_from(header)
+        hdr.setdefault("ROWORDER", "TOP-DOWN")
+        hdu = fits.PrimaryHDU(np.ascontiguousarray(arr), header=hdr)
+        if not atomic:
+            hdu.writeto(path, overwrite=True, output_verify="silentfix")
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                hdu.writeto(fh, output_verify="silentfix")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename is still atomic

@@ -1,0 +1,53 @@
+"""`load_frame(path) -> Frame`: the one entry point for reading a frame of any supported format.
+
+FITS is recognised by its suffix or its 'SIMPLE  =' signature, camera raw by suffix; anything
+else, and anything broken, raises `FrameError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+
+from daemon.io.errors import FrameError
+from daemon.io.fits import FITS_SUFFIXES, read_fits_frame
+from daemon.io.raw import RAW_SUFFIXES, read_raw_frame
+from daemon.pipeline.frame import Frame, FrameType
+
+__all__ = ["FrameError", "load_frame", "is_fits", "is_raw"]
+
+
+def is_fits(path: str | os.PathLike) -> bool:
+    name = str(path).lower()
+    if name.endswith(FITS_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(9) == b"SIMPLE  ="
+    except OSError:
+        return False
+
+
+def is_raw(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(RAW_SUFFIXES)
+
+
+def load_frame(path: str | os.PathLike, frame_type: FrameType | None = None) -> Frame:
+    """Pixels (float32 ADU, 2-D, top-down, CFA mosaic for colour sensors) and metadata.
+
+    `frame_type` overrides what the file says (raw files say nothing: LIGHT by default).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        reason = "is a directory" if os.path.isdir(path) else "no such file"
+        raise FrameError(path, reason)
+    if is_fits(path):
+        frame = read_fits_frame(path)
+    elif is_raw(path):
+        frame = read_raw_frame(path, frame_type or FrameType.LIGHT)
+    else:
+        raise FrameError(path, "unknown file type: not FITS and not a camera raw suffix "
+                               f"({', '.join(s for s in RAW_SUFFIXES[:8])}, ...)")
+    if frame_type is not None and frame.meta.frame_type is not frame_type:
+        from dataclasses import replace
+        frame = Frame(frame.data, replace(frame.meta, frame_type=frame_type))
+    return frame

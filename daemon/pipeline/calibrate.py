@@ -1,0 +1,144 @@
+"""Calibration of a light frame with master bias, dark, flat and a defect map (pure).
+
+    calibrated = (light - bias - dark * t_light / t_dark) / flat, defects repaired
+
+Conventions that make this one line correct:
+- `Masters.dark` is *dark current only* (bias already removed) whenever `Masters.bias` is
+  set, so it scales linearly with exposure; without a bias it is bias + dark current and
+  is subtracted unscaled (scaling would scale the bias too).
+- `Masters.flat` is bias/dark-flat subtracted and normalised to a median of 1 *per CFA
+  position* (`normalise_flat`), so dividing by it removes vignetting and dust without
+  changing colour balance; non-positive or non-finite flat pixels are set to 1 and marked
+  as defects instead of dividing by them.
+- Everything is a CFA mosaic (or mono) in the same top-down orientation as the lights.
+
+`daemon.masters` builds and loads these arrays from files; nothing here touches a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from daemon.pipeline.cfa import cfa_planes
+from daemon.pipeline.defects import repair_defects
+from daemon.pipeline.frame import FrameMeta
+
+#: Normalised flat values below this are not a real response (dead pixel, dust speck core).
+FLAT_FLOOR = 0.05
+#: Temperature difference (deg C) between a light and its dark worth a warning.
+TEMP_TOLERANCE_C = 2.0
+
+
+@dataclass
+class Masters:
+    """Calibration masters, all float32 arrays of the lights' shape (ADU; flat relative)."""
+
+    bias: np.ndarray | None = None
+    dark: np.ndarray | None = None
+    dark_exposure_s: float | None = None
+    flat: np.ndarray | None = None
+    defects: np.ndarray | None = None  # bool, True = bad pixel to repair
+    bayer: str | None = None
+    #: Metadata of each master file by kind ("bias", "dark", "flat"), for mismatch warnings.
+    sources: dict[str, FrameMeta] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        for arr in (self.bias, self.dark, self.flat, self.defects):
+            if arr is not None:
+                return tuple(arr.shape)  # type: ignore[return-value]
+        return None
+
+    def summary(self) -> str:
+        parts = [name for name in ("bias", "dark", "flat") if getattr(self, name) is not None]
+        if self.defects is not None:
+            parts.append(f"{int(self.defects.sum())} defects")
+        return ", ".join(parts) or "none"
+
+
+def dark_scale(exposure_s: float | None, masters: Masters) -> float:
+    """Factor applied to the master dark for a light of `exposure_s` seconds."""
+    if masters.bias is None or not exposure_s or not masters.dark_exposure_s:
+        return 1.0
+    return float(exposure_s) / float(masters.dark_exposure_s)
+
+
+def calibrate(data: np.ndarray, exposure_s: float | None, masters: Masters | None) -> np.ndarray:
+    """Calibrated copy of a light (float32 ADU). Raises ValueError on a size mismatch."""
+    out = np.array(data, dtype=np.float32, copy=True)
+    if masters is None:
+        return out
+    for name in ("bias", "dark", "flat", "defects"):
+        arr = getattr(masters, name)
+        if arr is not None and arr.shape != out.shape:
+            raise ValueError(
+                f"master {name} is {arr.shape[1]}x{arr.shape[0]} px but the light is "
+                f"{out.shape[1]}x{out.shape[0]} px (different camera, binning or ROI)")
+    if masters.bias is not None:
+        out -= masters.bias
+    if masters.dark is not None:
+        scale = dark_scale(exposure_s, masters)
+        if scale == 1.0:
+            out -= masters.dark
+        else:
+            out -= masters.dark * np.float32(scale)
+    if masters.flat is not None:
+        np.divide(out, masters.flat, out=out, where=masters.flat > 0)
+    if masters.defects is not None:
+        out = repair_defects(out, masters.defects, masters.bayer)
+    return out
+
+
+def normalise_flat(flat: np.ndarray, bayer: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(flat / median per CFA position, guarded) and the mask of pixels it had to guard.
+
+    The flat must already have its bias or dark-flat removed. Guarded pixels (below
+    FLAT_FLOOR of the median, non-finite) become 1.0 so division leaves them unchanged;
+    the mask lets the caller repair them as defects.
+    """
+    out = np.array(flat, dtype=np.float32, copy=True)
+    for sl in cfa_planes(out.shape, bayer):
+        plane = out[sl]
+        finite = plane[np.isfinite(plane)]
+        level = float(np.median(finite)) if finite.size else 0.0
+        if level <= 0:
+            raise ValueError(f"flat has no signal (median {level:.1f} ADU after bias/dark-flat "
+                             "subtraction): wrong files or an over-subtracted dark flat")
+        plane /= np.float32(level)
+    bad = ~np.isfinite(out) | (out < FLAT_FLOOR)
+    out[bad] = 1.0
+    return out, bad
+
+
+def mismatch_warnings(light: FrameMeta, masters: Masters) -> list[str]:
+    """Human sentences on what differs between a light and the masters calibrating it."""
+    notes: list[str] = []
+    if masters.bayer != light.bayer:
+        notes.append(f"Bayer pattern of the light is {light.bayer or 'mono'} but the masters' is "
+                     f"{masters.bayer or 'mono'} (row order or camera differs)")
+    for kind in ("bias", "dark", "flat"):
+        src = masters.sources.get(kind)
+        if src is None:
+            continue
+        if src.binning != light.binning:
+            notes.append(f"{kind} binning {src.binning[0]}x{src.binning[1]} differs from the light's "
+                         f"{light.binning[0]}x{light.binning[1]}")
+        if kind == "flat":
+            if src.filter and light.filter and src.filter != light.filter:
+                notes.append(f"flat was taken through filter {src.filter!r}, the light through {light.filter!r}")
+            continue
+        if src.gain is not None and light.gain is not None and src.gain != light.gain:
+            notes.append(f"{kind} gain {src.gain:g} differs from the light's {light.gain:g}")
+        if src.offset is not None and light.offset is not None and src.offset != light.offset:
+            notes.append(f"{kind} offset {src.offset:g} differs from the light's {light.offset:g}")
+        if kind == "dark" and src.sensor_temp_c is not None and light.sensor_temp_c is not None:
+            if abs(src.sensor_temp_c - light.sensor_temp_c) > TEMP_TOLERANCE_C:
+                notes.append(f"dark at {src.sensor_temp_c:.1f} C, light at {light.sensor_temp_c:.1f} C: "
+                             "dark current differs")
+    if masters.dark is not None and masters.bias is None and masters.dark_exposure_s and light.exposure_s \
+            and abs(masters.dark_exposure_s - light.exposure_s) > 1e-3 * light.exposure_s:
+        notes.append(f"dark of {masters.dark_exposure_s:g} s used unscaled for a {light.exposure_s:g} s light: "
+                     "give a bias so the dark can be scaled")
+    return notes

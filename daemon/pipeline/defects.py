@@ -1,0 +1,88 @@
+"""Hot, cold and dead pixels: find them in the masters, repair them in every light.
+
+A defect map is a boolean array (True = do not trust this pixel). Repair replaces each
+defect by the median of its same-colour neighbours: on a Bayer mosaic those are 2 px away
+(the 8 pixels at distance 2 have the same filter), on a mono sensor the 8 adjacent pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from daemon.pipeline.cfa import cfa_planes
+
+#: Hot pixel: dark current this many robust sigmas above the master dark's median.
+DARK_KAPPA = 8.0
+#: Dead/cold or over-sensitive pixel: normalised flat this far (fraction) from its local median.
+FLAT_TOLERANCE = 0.3
+
+
+def _robust_sigma(values: np.ndarray) -> tuple[float, float]:
+    sample = values.ravel()
+    if sample.size > 2_000_000:  # a strided sample is plenty for median and MAD
+        sample = sample[:: sample.size // 1_000_000]
+    sample = sample[np.isfinite(sample)]
+    med = float(np.median(sample))
+    return med, 1.4826 * float(np.median(np.abs(sample - med)))
+
+
+def defects_from_dark(dark: np.ndarray, kappa: float = DARK_KAPPA) -> np.ndarray:
+    """Hot (and stuck-low) pixels of a master dark, in ADU at the dark's exposure."""
+    med, sigma = _robust_sigma(dark)
+    sigma = max(sigma, 1e-3 * max(abs(med), 1.0), 1e-6)
+    dev = np.asarray(dark, dtype=np.float32) - med
+    return (dev > kappa * sigma) | (dev < -kappa * sigma)
+
+
+def defects_from_flat(flat: np.ndarray, bayer: str | None, tolerance: float = FLAT_TOLERANCE,
+                      size: int = 5) -> np.ndarray:
+    """Pixels whose response differs from their same-colour neighbourhood by > `tolerance`.
+
+    Compared with the mean of the surrounding `size` x `size` same-colour pixels (centre
+    excluded), so vignetting and dust shadows, which are smooth, are not mistaken for
+    defects; non-positive or non-finite values are defects too. A box mean rather than a
+    median: 26 MP in ~1 s instead of ~13 s, and one defect moves its neighbours' mean by
+    only 1/24 of its error, far inside the tolerance.
+    """
+    flat = np.asarray(flat, dtype=np.float32)
+    out = ~np.isfinite(flat) | (flat <= 0)
+    for sl in cfa_planes(flat.shape, bayer):
+        plane = np.nan_to_num(flat[sl], nan=0.0)
+        box = ndimage.uniform_filter(plane, size=size, mode="reflect") * np.float32(size * size)
+        local = (box - plane) / np.float32(size * size - 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(local > 0, plane / local, 0.0)
+        out[sl] |= (ratio < 1 - tolerance) | (ratio > 1 + tolerance)
+    return out
+
+
+def repair_defects(data: np.ndarray, defects: np.ndarray, bayer: str | None) -> np.ndarray:
+    """Copy of `data` with each defect replaced by the median of valid same-colour neighbours.
+
+    Defects with no valid neighbour at distance 1 step are tried at 2 steps; if still none
+    (a large dead block), the value is left as it is.
+    """
+    out = np.array(data, dtype=np.float32, copy=True)
+    ys, xs = np.nonzero(defects)
+    if ys.size == 0:
+        return out
+    h, w = out.shape
+    step = 2 if bayer else 1
+    pending = np.arange(ys.size)
+    for reach in (step, 2 * step):
+        offs = [(dy, dx) for dy in (-reach, 0, reach) for dx in (-reach, 0, reach) if dy or dx]
+        py, px = ys[pending], xs[pending]
+        vals = np.full((py.size, len(offs)), np.nan, dtype=np.float32)
+        for k, (dy, dx) in enumerate(offs):
+            ny, nx = py + dy, px + dx
+            ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+            ok[ok] &= ~defects[ny[ok], nx[ok]]
+            vals[ok, k] = data[ny[ok], nx[ok]]
+        have = np.isfinite(vals).any(axis=1)
+        if have.any():
+            out[py[have], px[have]] = np.nanmedian(vals[have], axis=1)
+        pending = pending[~have]
+        if pending.size == 0:
+            break
+    return out
