@@ -1,0 +1,123 @@
+"""Colour from a Bayer mosaic, and a luminance image for star detection.
+
+Pure numpy/OpenCV on float32; no I/O. The CFA pattern names the 2x2 cell at array[0, 0]
+(see `daemon.pipeline.frame.BAYER_PATTERNS`), after the loader has applied ROWORDER and the
+Bayer offsets.
+
+Why bilinear by kernel convolution rather than `cv2.cvtColor(..., COLOR_Bayer*)`: OpenCV's
+demosaicing accepts only 8/16-bit integers, while calibrated frames are float32 and may hold
+negative values after dark subtraction. Bilinear demosaicing is exactly one 3x3 convolution
+per channel of the channel's sparse samples; OpenCV's default border (reflect-101) keeps the
+2x2 parity at the edges, so the borders are interpolated from the right colour too.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from daemon.pipeline.frame import BAYER_PATTERNS
+
+#: Bilinear kernels: red/blue have samples on one pixel in four, green on one in two.
+_K_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float32) / 4.0
+_K_G = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], dtype=np.float32) / 4.0
+
+DEBAYER_METHODS = ("bilinear", "superpixel")
+
+
+def _check_pattern(pattern: str) -> str:
+    p = (pattern or "").upper()
+    if p not in BAYER_PATTERNS:
+        raise ValueError(f"unknown Bayer pattern {pattern!r}; expected one of {', '.join(BAYER_PATTERNS)}")
+    return p
+
+
+def _offsets(pattern: str) -> dict[str, list[tuple[int, int]]]:
+    """(row, column) offsets inside the 2x2 cell of each colour, e.g. RGGB: R at (0, 0)."""
+    out: dict[str, list[tuple[int, int]]] = {"R": [], "G": [], "B": []}
+    for i, c in enumerate(pattern):
+        out[c].append((i // 2, i % 2))
+    return out
+
+
+def debayer(cfa: np.ndarray, pattern: str, method: str = "bilinear") -> np.ndarray:
+    """RGB float32 image from a 2-D CFA mosaic (ADU).
+
+    - "bilinear": (H, W, 3), every missing sample is the mean of its nearest same-colour
+      neighbours; measured samples are kept exactly.
+    - "superpixel": (H//2, W//2, 3), one RGB pixel per 2x2 cell (green = mean of the two);
+      no interpolation at all, half the resolution, a quarter of the pixels to warp and stack.
+    """
+    pattern = _check_pattern(pattern)
+    if cfa.ndim != 2:
+        raise ValueError(f"debayer needs a 2-D CFA mosaic, got shape {cfa.shape}")
+    data = np.asarray(cfa, dtype=np.float32)
+    offs = _offsets(pattern)
+    if method == "superpixel":
+        h2, w2 = data.shape[0] // 2, data.shape[1] // 2
+        out = np.empty((h2, w2, 3), dtype=np.float32)
+        (r0, c0), = offs["R"]
+        (b0, d0), = offs["B"]
+        (g0, e0), (g1, e1) = offs["G"]
+        out[..., 0] = data[r0 : 2 * h2 : 2, c0 : 2 * w2 : 2]
+        np.add(data[g0 : 2 * h2 : 2, e0 : 2 * w2 : 2], data[g1 : 2 * h2 : 2, e1 : 2 * w2 : 2], out=out[..., 1])
+        out[..., 1] *= 0.5
+        out[..., 2] = data[b0 : 2 * h2 : 2, d0 : 2 * w2 : 2]
+        return out
+    if method != "bilinear":
+        raise ValueError(f"unknown debayer method {method!r}; expected one of {', '.join(DEBAYER_METHODS)}")
+    # Contiguous scratch planes and explicit dst= buffers: OpenCV allocating its own
+    # outputs and interleaving through numpy views both cost several times the filtering.
+    sparse = np.empty(data.shape, dtype=np.float32)
+    planes = [np.empty(data.shape, dtype=np.float32) for _ in range(3)]
+    for ch, (name, kernel) in enumerate((("R", _K_RB), ("G", _K_G), ("B", _K_RB))):
+        sparse.fill(0.0)
+        for r, c in offs[name]:
+            sparse[r::2, c::2] = data[r::2, c::2]
+        cv2.filter2D(sparse, cv2.CV_32F, kernel, dst=planes[ch], borderType=cv2.BORDER_REFLECT_101)
+    out = np.empty(data.shape + (3,), dtype=np.float32)
+    cv2.merge(planes, dst=out)
+    return out
+
+
+def luminance(data: np.ndarray, bayer: str | None, bin_factor: int = 1) -> np.ndarray:
+    """2-D float32 image for star detection (ADU per pixel, i.e. a mean, not a sum).
+
+    Colour (CFA) frames give the 2x2 superpixel mean (R+G+G+B)/4 at half resolution, which
+    needs no demosaicing and no colour balance, and a star's colour cannot shift its centroid.
+    Mono frames give the data itself. `bin_factor` > 1 bins that further (k x k mean), for
+    speed on large sensors.
+
+    Pixel (i, j) of the result covers full-resolution pixels [k*i, k*i + k) where k is the
+    reduction factor (`reduction(bayer, bin_factor)`); a position u in it is k*u + (k-1)/2
+    in the full frame. `daemon.pipeline.stars.measure` does that mapping for you.
+    """
+    k = reduction(bayer, bin_factor)
+    img = np.asarray(data, dtype=np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"luminance needs a 2-D frame, got shape {img.shape}")
+    if bayer is not None:
+        _check_pattern(bayer)
+    if k == 1:
+        return img
+    return bin_mean(img, k)
+
+
+def reduction(bayer: str | None, bin_factor: int = 1) -> int:
+    """The size reduction `luminance` applies: `bin_factor`, times 2 for a CFA (whose
+    luminance is built from 2x2 superpixels, then binned by `bin_factor`)."""
+    k = max(1, int(bin_factor))
+    return 2 * k if bayer is not None else k
+
+
+def bin_mean(img: np.ndarray, k: int) -> np.ndarray:
+    """k x k block mean (float32), dropping the incomplete last row/column blocks."""
+    h, w = (img.shape[0] // k) * k, (img.shape[1] // k) * k
+    if k == 2:
+        # Four strided views summed: about 3x faster than reshape().mean() on big frames.
+        out = img[0:h:2, 0:w:2] + img[1:h:2, 0:w:2]
+        out += img[0:h:2, 1:w:2]
+        out += img[1:h:2, 1:w:2]
+        out *= 0.25
+        return out.astype(np.float32, copy=False)
+    return img[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3), dtype=np.float32)

@@ -1,0 +1,115 @@
+"""Resample a frame onto the reference grid (OpenCV), NaN where the frame has no data.
+
+Bicubic by default, chosen by measurement (noise-free 600x400 star fields, four sub-pixel
+shifts/rotations; 4144x2822 float32 timing, best of 7, 2-core x86, dst preallocated):
+
+    interpolation  FWHM after warp / before       ms mono   ms RGB
+                   FWHM 2.0 / 2.5 / 3.5 px
+    bilinear       1.11 / 1.08 / 1.04 (max 1.15)    14       40
+    bicubic        1.00 / 0.99 / 0.99               34       81
+    lanczos        1.00 / 1.00 / 1.00              114      312
+
+Bilinear blurs well-sampled stars by 4-11 %, which a stack keeps for good; bicubic costs
+~20 ms (mono) / ~40 ms (RGB) more per 12-Mpx frame and keeps the FWHM; Lanczos buys nothing
+measurable over bicubic at 3x its cost. Bilinear stays available for the tightest budgets.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+INTERPOLATIONS = {
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "lanczos": cv2.INTER_LANCZOS4,
+    "nearest": cv2.INTER_NEAREST,
+}
+
+
+def warp(
+    image: np.ndarray,
+    matrix: np.ndarray,
+    output_shape: tuple[int, int],
+    interpolation: str = "bicubic",
+) -> np.ndarray:
+    """Image (2-D or H x W x 3, ADU) resampled so that frame pixel p lands on `matrix @ p`.
+
+    `matrix` is a Registration matrix (frame -> reference, 3x3); `output_shape` the
+    reference's (rows, columns). Output pixels whose source lies outside the frame, or that
+    interpolate from a NaN, are NaN so they never dilute a stack. float32.
+    """
+    src = np.asarray(image, dtype=np.float32)
+    if src.ndim not in (2, 3):
+        raise ValueError(f"warp needs a 2-D or H x W x C image, got shape {src.shape}")
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape != (3, 3):
+        raise ValueError(f"warp needs a 3x3 matrix, got shape {m.shape}")
+    try:
+        flag = INTERPOLATIONS[interpolation]
+        _MARGIN[interpolation]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}") from None
+    h, w = int(output_shape[0]), int(output_shape[1])
+    if not src.flags.c_contiguous:
+        src = np.ascontiguousarray(src)
+    margin = _MARGIN[interpolation]
+    # An explicit dst: measured 6x faster for H x W x 3 than letting OpenCV allocate it.
+    out = np.empty((h, w) + src.shape[2:], dtype=np.float32)
+    # Border 0, then NaN by geometry: OpenCV's cubic/Lanczos with a NaN border value leak
+    # NaN into thousands of interior pixels (measured), and a 0 border must not be stacked.
+    if np.allclose(m[2], [0.0, 0.0, 1.0]):
+        # cv2 maps src -> dst with the forward matrix (it inverts it internally).
+        cv2.warpAffine(src, m[:2], (w, h), dst=out, flags=flag,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        _nan_outside_affine(out, np.linalg.inv(m), src.shape[:2], margin)
+    else:
+        cv2.warpPerspective(src, m, (w, h), dst=out, flags=flag,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        valid = np.zeros(src.shape[:2], np.uint8)
+        valid[margin : src.shape[0] - margin, margin : src.shape[1] - margin] = 255
+        cover = cv2.warpPerspective(valid, m, (w, h), flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out[cover < 255] = np.nan
+    return out
+
+
+#: Pixels an interpolation kernel reaches beyond its sample (source pixels needed at
+#: floor(u) - margin .. floor(u) + 1 + margin); outputs needing any outside pixel are NaN.
+_MARGIN = {"nearest": 0, "bilinear": 0, "bicubic": 1, "lanczos": 3}
+
+
+def _nan_outside_affine(out: np.ndarray, inv: np.ndarray, src_shape: tuple[int, int], margin: int) -> None:
+    """Set to NaN every output pixel whose source position (inv @ p) is not inside
+    [margin, size - 1 - margin] on both axes. Per row that is one interval of columns,
+    computed exactly (the mapping is linear along a row) and cleared by slicing: much
+    cheaper than a coverage-mask warp plus boolean indexing on an RGB frame."""
+    h, w = out.shape[:2]
+    sh, sw = src_shape
+    y = np.arange(h, dtype=np.float64)
+    lo = np.zeros(h)
+    hi = np.full(h, w - 1.0)
+    eps = 1e-6
+    for row, size in ((0, sw), (1, sh)):
+        a, b, c = inv[row]
+        # Source coordinate along this row: u(x) = a x + (b y + c); need lo_s <= u <= hi_s.
+        base = b * y + c
+        lo_s, hi_s = margin - eps, size - 1 - margin + eps
+        if abs(a) < 1e-12:
+            inside = (base >= lo_s) & (base <= hi_s)
+            hi = np.where(inside, hi, -1.0)
+            continue
+        x1, x2 = (lo_s - base) / a, (hi_s - base) / a
+        lo = np.maximum(lo, np.minimum(x1, x2))
+        hi = np.minimum(hi, np.maximum(x1, x2))
+    first = np.clip(np.ceil(lo), 0, w).astype(int)
+    last = np.clip(np.floor(hi), -1, w - 1).astype(int)
+    for r in range(h):
+        f, l = first[r], last[r]
+        if l < f:
+            out[r] = np.nan
+            continue
+        if f > 0:
+            out[r, :f] = np.nan
+        if l < w - 1:
+            out[r, l + 1 :] = np.nan
