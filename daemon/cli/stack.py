@@ -1,0 +1,224 @@
+"""`lightbucket stack`: stack light frames exactly as the daemon does, frame by frame.
+
+    lightbucket stack LIGHTS... [--bias PATH] [--dark PATH] [--flat PATH] [--darkflat PATH]
+                      -o OUT.fits [--preview OUT.jpg] [--final] [--set key=value ...]
+
+LIGHTS are files or folders (their image files, sorted by name). A calibration PATH is a
+master file or a folder of raw frames, built into a master (and cached) by daemon.masters.
+Each frame gets a line (stars, FWHM, shift, accepted or rejected and why); the run ends
+with a summary. --final spools the registered frames and writes the winsorized
+sigma-clipped re-stack instead of the live stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".fits", ".fit", ".fts", ".fz", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".pef"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("stack", help="live-stack light frames into a 32-bit FITS (+ preview)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("lights", nargs="+", type=Path, metavar="LIGHTS", help="light frames or folders of them")
+    for kind in ("bias", "dark", "flat", "darkflat"):
+        p.add_argument(f"--{kind}", type=Path, metavar="PATH", help=f"master {kind} file or folder of raw {kind} frames")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.fits", help="stacked FITS to write")
+    p.add_argument("--preview", type=Path, metavar="OUT.jpg", help="auto-stretched preview (.jpg or .png)")
+    p.add_argument("--final", action="store_true",
+                   help="re-stack all registered frames with winsorized sigma clipping at the end")
+    p.add_argument("--spool", type=Path, metavar="DIR", help="keep the spooled frames here (default: temporary)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a [stack]/[quality] setting, e.g. --set kappa=2.5 (repeatable)")
+    p.set_defaults(func=run)
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+def _settings(overrides: list[str]):
+    from daemon.pipeline.live import LiveSettings
+
+    fields = {f.name: f for f in dataclasses.fields(LiveSettings)}
+    kwargs = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip().split(".")[-1]  # accept "stack.kappa" as well as "kappa"
+        if not sep or key not in fields:
+            raise SystemExit(f"lightbucket stack: --set {item!r}: unknown setting (known: {', '.join(fields)})")
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                kwargs[key] = value.lower() in ("true", "1", "yes")
+            else:
+                kwargs[key] = type(default)(value)
+        except ValueError:
+            raise SystemExit(f"lightbucket stack: --set {item!r}: expected a {type(default).__name__}") from None
+    try:
+        return LiveSettings(**kwargs)
+    except ValueError as exc:
+        raise SystemExit(f"lightbucket stack: {exc}") from None
+
+
+def cache_dir() -> Path:
+    """Where masters built from folders are kept: $XDG_CACHE_HOME/lightbucket/masters."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lightbucket" / "masters"
+
+
+def _cached_master(kind: str, folder: Path, bias: Path | None, darkflat: Path | None) -> Path:
+    """Build the master of a folder of raw frames once; later runs find it by a key made of
+    the files' names, sizes and times and the masters subtracted on the way."""
+    from daemon.masters import build_master
+
+    files = _expand([folder])
+    if not files:
+        raise SystemExit(f"lightbucket stack: --{kind} {folder}: no image files in the folder")
+    key = hashlib.sha1(kind.encode())
+    for f in files:
+        st = f.stat()
+        key.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for extra in (bias, darkflat):
+        key.update(f"{extra.resolve() if extra else '-'}\n".encode())
+    out = cache_dir() / f"{kind}-{key.hexdigest()[:16]}.fits"
+    if out.exists():
+        print(f"master {kind}: {len(files)} frames in {folder} -> cached {out}", flush=True)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = build_master(kind, files, out, bias=bias, darkflat=darkflat)
+    print(f"master {kind}: built from {summary.get('n_frames', len(files))} frames in {folder} -> {out}",
+          flush=True)
+    return out
+
+
+def _masters(args):
+    paths = {k: getattr(args, k) for k in ("bias", "dark", "flat", "darkflat") if getattr(args, k)}
+    if not paths:
+        return None, {}
+    from daemon.io.load import FrameError
+    from daemon.masters import MasterError, load_masters
+
+    for kind, path in paths.items():
+        if not path.exists():
+            raise SystemExit(f"lightbucket stack: --{kind} {path}: no such file or folder")
+    files: dict[str, Path] = {}
+    try:
+        # Order matters: the bias goes into darks and flats, the dark-flat into flats.
+        for kind in ("bias", "darkflat", "dark", "flat"):
+            path = paths.get(kind)
+            if path is None:
+                continue
+            if path.is_dir():
+                bias = files.get("bias") if kind != "bias" else None
+                darkflat = files.get("darkflat") if kind == "flat" else None
+                path = _cached_master(kind, path, bias, darkflat)
+            files[kind] = path
+        masters = load_masters(**files)
+    except (FrameError, MasterError) as exc:
+        raise SystemExit(f"lightbucket stack: calibration masters: {exc}") from None
+    return masters, {k: str(v) for k, v in paths.items()}
+
+
+def _line(i: int, n: int, path: Path, r) -> str:
+    bar_len = 20
+    done = int(bar_len * i / n)
+    bar = "#" * done + "-" * (bar_len - done)
+    fwhm = f"{r.fwhm_px:5.2f}px" if r.fwhm_px is not None else "   -   "
+    shift = (f"shift ({r.dx:+7.1f},{r.dy:+7.1f}) rot {r.rotation_deg:+6.2f}deg"
+             if r.dx is not None else "shift        -                  ")
+    verdict = f"accepted w={r.weight:.2f}" if r.accepted else f"REJECTED {r.reason}"
+    return (f"[{bar}] {i:>{len(str(n))}}/{n} {path.name[:28]:<28} stars {r.stars:4d} FWHM {fwhm} "
+            f"{shift} {verdict} ({r.processing_ms:.0f} ms)")
+
+
+def run(args) -> int:
+    from daemon.io.load import FrameError, load_frame
+    from daemon.pipeline.live import LivePipeline
+    from daemon.products import preview_jpeg, write_stack
+
+    settings = _settings(args.set)
+    lights = _expand(args.lights)
+    if not lights:
+        print("lightbucket stack: no light frames found", file=sys.stderr)
+        return 2
+    masters, master_paths = _masters(args)
+    pipe = LivePipeline(settings, masters)
+    spool = None
+    tmp = None
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.final:
+        from daemon.spool import Spool
+
+        if args.spool is None:
+            tmp = tempfile.TemporaryDirectory(prefix=".lightbucket-spool-", dir=args.output.parent.resolve())
+        spool = Spool(args.spool or tmp.name)
+        spool.clear()
+    t0 = time.perf_counter()
+    reasons: Counter[str] = Counter()
+    n = len(lights)
+    try:
+        for i, path in enumerate(lights, 1):
+            try:
+                frame = load_frame(path)
+            except FrameError as exc:
+                reasons["unreadable"] += 1
+                print(f"{'':22} {i}/{n} {path.name}: SKIPPED {exc}", flush=True)
+                continue
+            result = pipe.process(frame)
+            print(_line(i, n, path, result), flush=True)
+            if result.accepted:
+                if spool is not None:
+                    spool.append(result.registered, weight=result.weight, path=str(path),
+                                 date_obs=frame.meta.date_obs.isoformat() if frame.meta.date_obs else None,
+                                 exposure_s=frame.meta.exposure_s)
+            else:
+                reasons[(result.reason or "rejected").split(":")[0]] += 1
+            result.registered = None  # free the frame now, not at the next iteration
+        if pipe.n_stacked == 0:
+            print(f"lightbucket stack: no frame was accepted out of {n}", file=sys.stderr)
+            return 1
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        live_settings = dataclasses.asdict(settings)
+        if spool is not None:
+            from daemon.pipeline.restack import RestackSettings, restack
+
+            rs = RestackSettings()
+            result = restack(*spool.restack_inputs(), settings=rs)
+            image = result.image
+            write_stack(args.output, image, pipe.provenance(), masters=master_paths, reference=pipe.reference_path,
+                        method="final", settings={**live_settings, **dataclasses.asdict(rs)},
+                        rejected={"low": result.rejected_low, "high": result.rejected_high})
+        else:
+            image = pipe.stack_image()
+            write_stack(args.output, pipe, masters=master_paths)
+        if args.preview:
+            fmt = "png" if args.preview.suffix.lower() == ".png" else "jpeg"
+            args.preview.parent.mkdir(parents=True, exist_ok=True)
+            args.preview.write_bytes(preview_jpeg(image, fmt=fmt))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    elapsed = time.perf_counter() - t0
+    rejected = ", ".join(f"{k}: {v}" for k, v in reasons.most_common()) or "none"
+    print(f"stacked {pipe.n_stacked} of {n} frames, {pipe.total_exposure_s:.0f} s total exposure; "
+          f"rejected {sum(reasons.values())} ({rejected}); reference {Path(pipe.reference_path or '-').name}; "
+          f"{'final re-stack' if args.final else 'live stack'} -> {args.output}"
+          f"{f' + {args.preview}' if args.preview else ''}; {elapsed:.1f} s ({elapsed / n:.2f} s/frame)")
+    return 0

@@ -1,0 +1,404 @@
+"""The live pipeline: one frame in, one stacked (or rejected, with a reason) frame out.
+
+calibrate -> measure stars -> register against the cached reference -> quality gate ->
+debayer -> warp into the reference -> normalise the sky background -> running stack.
+
+Pure (no I/O, no asyncio): the service calls `process` in a worker thread and persists
+`state()`; the CLI calls exactly the same code. Everything is float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from daemon.pipeline.align import register
+from daemon.pipeline.calibrate import Masters, calibrate
+from daemon.pipeline.debayer import debayer
+from daemon.pipeline.frame import Frame
+from daemon.pipeline.quality import QualityHistory, QualitySettings, assess
+from daemon.pipeline.stack import RunningStack, StackSettings
+from daemon.pipeline.stars import Stars, measure
+from daemon.pipeline.warp import INTERPOLATIONS, warp
+
+WEIGHTINGS = ("noise", "snr", "equal")
+DEBAYER_METHODS = ("auto", "bilinear", "superpixel")
+#: debayer="auto" stacks colour frames above this many pixels at half resolution (superpixel):
+#: a full-resolution RGB stack of a 26 Mpx sensor needs ~1.2 GB for its statistics alone and
+#: ~3 s per frame on 2 cores; at half resolution it fits a Pi's memory and a 0.5-1 s budget.
+AUTO_SUPERPIXEL_PIXELS = 8_000_000
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """Settings of the live pipeline, built from the config sections [stack] and [quality].
+
+    Stack: kappa (sigma), warmup (frames), warmup_kappa (sigma), sigma_floor (fraction of the
+    plane's noise), reject (bool), weighting ("noise": 1/noise^2, "snr": star SNR^2,
+    "equal"), debayer ("bilinear" full resolution, "superpixel" half resolution and 4x
+    lighter, "auto": superpixel above AUTO_SUPERPIXEL_PIXELS), interpolation of the warp ("bicubic": stacked stars as sharp as a single
+    frame's; "bilinear" is 2x faster but widens 3-px stars by ~5 %), normalize_background (bring each frame's sky to the reference level),
+    registration_model ("similarity", "affine", ...).
+    Quality: see daemon.pipeline.quality.QualitySettings for the meaning of each field.
+    """
+
+    # [stack]
+    kappa: float = 3.0
+    warmup: int = 5
+    warmup_kappa: float = 3.0
+    sigma_floor: float = 1.0
+    reject: bool = True
+    weighting: str = "noise"
+    debayer: str = "auto"
+    interpolation: str = "bicubic"
+    normalize_background: bool = True
+    registration_model: str = "similarity"
+    # [quality]
+    min_star_fraction: float = 0.5
+    min_stars: int = 8
+    max_fwhm_px: float = 0.0
+    fwhm_factor: float = 1.5
+    max_eccentricity: float = 0.6
+    background_jump: float = 0.5
+    background_jump_noise: float = 10.0
+    history: int = 10
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"stack.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.debayer not in DEBAYER_METHODS:
+            raise ValueError(f"stack.debayer must be one of {DEBAYER_METHODS}, got {self.debayer!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"stack.interpolation must be one of {tuple(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.reject and self.warmup < 4:
+            raise ValueError(f"stack.warmup must be >= 4, got {self.warmup}")
+        if self.kappa <= 0 or self.warmup_kappa <= 0:
+            raise ValueError("stack.kappa and stack.warmup_kappa must be > 0")
+
+    @property
+    def stack_settings(self) -> StackSettings:
+        return StackSettings(self.kappa, self.warmup, self.warmup_kappa, self.sigma_floor, self.reject)
+
+    @property
+    def quality_settings(self) -> QualitySettings:
+        names = {f.name for f in dataclasses.fields(QualitySettings)}
+        return QualitySettings(**{n: getattr(self, n) for n in names})
+
+    @classmethod
+    def from_config(cls, stack: dict | None = None, quality: dict | None = None) -> "LiveSettings":
+        """Build from the [stack] and [quality] config tables; unknown keys are an error
+        naming the key."""
+        qual_names = {f.name for f in dataclasses.fields(QualitySettings)}
+        stack_names = {f.name for f in dataclasses.fields(cls)} - qual_names
+        kwargs: dict[str, Any] = {}
+        for section, table, allowed in (("stack", stack or {}, stack_names), ("quality", quality or {}, qual_names)):
+            for key, value in table.items():
+                if key not in allowed:
+                    raise ValueError(f"unknown config key {section}.{key} (known: {', '.join(sorted(allowed))})")
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+@dataclass
+class FrameResult:
+    path: str | None
+    accepted: bool
+    reason: str | None  # why rejected ("clouds: 12 of 140 reference stars", ...)
+    stars: int
+    fwhm_px: float | None
+    eccentricity: float | None
+    background: float | None  # ADU
+    dx: float | None
+    dy: float | None
+    rotation_deg: float | None
+    weight: float
+    processing_ms: float
+    registered: np.ndarray | None = None  # aligned frame for the spool, None when rejected
+    #: Samples rejected by the running stack from this frame (pixels).
+    rejected_pixels: int = 0
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+@dataclass
+class _Reference:
+    """What the pipeline remembers about the registration reference."""
+
+    path: str | None
+    stars: Any  # daemon.pipeline.stars.Stars
+    n_stars: int
+    noise: float | None
+    snr: float | None
+    frame_shape: tuple[int, int]  # raw (CFA) frame shape
+    bayer: str | None
+    sky: list[float] = field(default_factory=list)  # per-plane background of the stacked image (ADU)
+
+
+class LivePipeline:
+    """Stateful live stacker. Not re-entrant: one `process` at a time (the service runs
+    them in one worker thread); `stack_image` may be called from another thread."""
+
+    def __init__(self, settings: LiveSettings | None = None, masters: Masters | None = None):
+        self.settings = settings or LiveSettings()
+        self.masters = masters
+        self._lock = threading.Lock()
+        self.reset()
+
+    # ------------------------------------------------------------------ contract
+    def reset(self) -> None:
+        """Forget the stack and the reference (a new target or a new session)."""
+        with getattr(self, "_lock", threading.Lock()):
+            self._ref: _Reference | None = None
+            self._stack: RunningStack | None = None
+            self._history = QualityHistory()
+            self._provenance: list[dict] = []
+            self.n_stacked = 0
+            self.total_exposure_s = 0.0
+            self.n_rejected = 0
+
+    def set_reference(self, frame: Frame) -> None:
+        """Make `frame` the registration reference. The stack is emptied (its coordinates
+        change); the reference is not stacked by this call - `process` it to stack it."""
+        data = self._calibrate(frame)
+        stars, metrics = self._measure(data, frame)
+        self.reset()
+        self._ref = self._make_reference(frame, stars, metrics)
+
+    def process(self, frame: Frame) -> FrameResult:
+        t0 = time.perf_counter()
+        s = self.settings
+        path = frame.meta.path
+        data = self._calibrate(frame)
+        stars, metrics = self._measure(data, frame)
+        n_stars = int(metrics.n_stars)
+        fwhm, ecc, bkg = _num(metrics.fwhm_px), _num(metrics.eccentricity), _num(metrics.background)
+
+        def result(accepted: bool, reason: str | None, **kw) -> FrameResult:
+            if not accepted:
+                self.n_rejected += 1
+            return FrameResult(
+                path=path, accepted=accepted, reason=reason, stars=n_stars, fwhm_px=fwhm,
+                eccentricity=ecc, background=bkg, processing_ms=(time.perf_counter() - t0) * 1e3,
+                **{"dx": None, "dy": None, "rotation_deg": None, "weight": 0.0, **kw},
+            )
+
+        just_set = self._ref is None
+        if just_set:
+            if n_stars < max(s.min_stars, 1):
+                return result(False, f"clouds: only {n_stars} stars, not enough for a reference "
+                                     f"(minimum {s.min_stars})")
+            self._ref = self._make_reference(frame, stars, metrics)
+        ref = self._ref
+        if data.shape != ref.frame_shape or frame.meta.bayer != ref.bayer:
+            return result(False, f"frame {data.shape[1]}x{data.shape[0]} {frame.meta.bayer or 'mono'} does not "
+                                 f"match the reference {ref.frame_shape[1]}x{ref.frame_shape[0]} {ref.bayer or 'mono'}")
+
+        if just_set:
+            matrix, reg_ok, reg_reason, dx, dy, rot = np.eye(3), True, None, 0.0, 0.0, 0.0
+        else:
+            reg = register(stars, ref.stars, model=s.registration_model)
+            matrix, reg_ok, reg_reason = reg.matrix, bool(reg.ok), reg.reason
+            dx, dy, rot = _num(reg.dx), _num(reg.dy), _num(reg.rotation_deg)
+
+        verdict = assess(
+            n_stars=n_stars, fwhm_px=fwhm, eccentricity=ecc, background=bkg,
+            ref_stars=ref.n_stars, ref_noise=ref.noise, history=self._history,
+            settings=s.quality_settings, registration_ok=reg_ok, registration_reason=reg_reason,
+        )
+        if not verdict.accepted:
+            return result(False, verdict.reason, dx=dx, dy=dy, rotation_deg=rot)
+
+        weight = self._weight(metrics, stars)
+        img, matrix = self._debayer(data, frame.meta.bayer, matrix, owned=data is not frame.data)
+        del data  # the calibrated mosaic: freed before the warp allocates its output
+        registered = self._warp(img, matrix)
+        del img
+        sky = self._sky(registered)
+        if self._stack is None:
+            ref.sky = sky
+            shape = registered.shape
+            stack = RunningStack(shape, s.stack_settings)
+        else:
+            stack = self._stack
+        if s.normalize_background:
+            offset = np.asarray(ref.sky, np.float32) - np.asarray(sky, np.float32)
+            if registered.ndim == 2:
+                registered += offset[0]
+            else:
+                registered += offset
+        with self._lock:
+            rejected = stack.add(registered, weight)
+            self._stack = stack
+            self.n_stacked += 1
+            exposure = float(frame.meta.exposure_s or 0.0)
+            self.total_exposure_s += exposure
+            self._provenance.append({
+                "path": path, "weight": weight,
+                "date_obs": frame.meta.date_obs.isoformat() if frame.meta.date_obs else None,
+                "exposure_s": exposure, "dx": dx, "dy": dy, "rotation_deg": rot,
+                "stars": n_stars, "fwhm_px": fwhm,
+            })
+        self._history.accept(fwhm, bkg, s.history)
+        return result(True, None, dx=dx, dy=dy, rotation_deg=rot, weight=weight,
+                      registered=registered, rejected_pixels=rejected)
+
+    def stack_image(self) -> np.ndarray | None:
+        """The current stack, (H, W) or (H, W, 3) float32, NaN where nothing is stacked yet.
+        A read-only view (a copy would cost 300 MB on a 26 Mpx colour sensor), valid until the
+        next `process`/`reset`: copy it to keep it across frames."""
+        with self._lock:
+            return None if self._stack is None else self._stack.image()
+
+    def provenance(self) -> list[dict]:
+        """Per stacked frame: path, weight, date_obs (ISO), exposure_s, dx, dy, rotation_deg,
+        stars, fwhm_px."""
+        with self._lock:
+            return [dict(p) for p in self._provenance]
+
+    @property
+    def reference_path(self) -> str | None:
+        return None if self._ref is None else self._ref.path
+
+    @property
+    def rejection_settings(self) -> dict:
+        """The settings that shaped the stack, for the FITS header."""
+        return dataclasses.asdict(self.settings)
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict:
+        """Flat dict: values are numpy arrays or JSON-able; keys with a dot are arrays of
+        the stack ("stack.mean") or the reference stars ("ref_stars.x")."""
+        with self._lock:
+            st: dict[str, Any] = {
+                "version": 1,
+                "n_stacked": self.n_stacked,
+                "total_exposure_s": self.total_exposure_s,
+                "n_rejected": self.n_rejected,
+                "provenance": [dict(p) for p in self._provenance],
+                "history": dataclasses.asdict(self._history),
+                "reference": None,
+            }
+            if self._ref is not None:
+                r = self._ref
+                st["reference"] = {
+                    "path": r.path, "n_stars": r.n_stars, "noise": r.noise, "snr": r.snr,
+                    "frame_shape": list(r.frame_shape), "bayer": r.bayer, "sky": list(r.sky),
+                    "stars_arrays": [], "stars_values": {},
+                }
+                for f in dataclasses.fields(r.stars):
+                    if f.name.startswith("_"):
+                        continue  # caches (e.g. registration's pattern index) are rebuilt
+                    value = getattr(r.stars, f.name)
+                    if isinstance(value, np.ndarray):
+                        st["reference"]["stars_arrays"].append(f.name)
+                        st[f"ref_stars.{f.name}"] = value
+                    else:
+                        st["reference"]["stars_values"][f.name] = list(value) if isinstance(value, tuple) else value
+            if self._stack is not None:
+                for key, value in self._stack.state().items():
+                    st[f"stack.{key}"] = value
+            return st
+
+    @classmethod
+    def from_state(cls, state: dict, settings: LiveSettings | None = None,
+                   masters: Masters | None = None) -> "LivePipeline":
+        pipe = cls(settings, masters)
+        pipe.n_stacked = int(state["n_stacked"])
+        pipe.total_exposure_s = float(state["total_exposure_s"])
+        pipe.n_rejected = int(state.get("n_rejected", 0))
+        pipe._provenance = [dict(p) for p in state["provenance"]]
+        pipe._history = QualityHistory(**state["history"])
+        ref = state.get("reference")
+        if ref is not None:
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in ref["stars_values"].items()}
+            stars = Stars(**{name: np.asarray(state[f"ref_stars.{name}"]) for name in ref["stars_arrays"]}, **values)
+            pipe._ref = _Reference(
+                path=ref["path"], stars=stars, n_stars=int(ref["n_stars"]), noise=ref["noise"],
+                snr=ref["snr"], frame_shape=tuple(ref["frame_shape"]), bayer=ref["bayer"], sky=list(ref["sky"]),
+            )
+        stack_keys = {k[len("stack."):]: v for k, v in state.items() if k.startswith("stack.")}
+        if stack_keys:
+            pipe._stack = RunningStack.from_state(stack_keys, pipe.settings.stack_settings)
+        return pipe
+
+    # ------------------------------------------------------------------ stages
+    def _calibrate(self, frame: Frame) -> np.ndarray:
+        if self.masters is None:
+            return np.asarray(frame.data, dtype=np.float32)
+        return calibrate(frame.data, float(frame.meta.exposure_s or 0.0), self.masters)
+
+    def _measure(self, data: np.ndarray, frame: Frame):
+        return measure(data, bayer=frame.meta.bayer, plate_scale=frame.meta.plate_scale_arcsec)
+
+    def _make_reference(self, frame: Frame, stars, metrics) -> _Reference:
+        return _Reference(
+            path=frame.meta.path, stars=stars, n_stars=int(metrics.n_stars), noise=_num(metrics.noise),
+            snr=_snr(stars, metrics), frame_shape=tuple(frame.data.shape), bayer=frame.meta.bayer,
+        )
+
+    def _weight(self, metrics, stars) -> float:
+        """Relative weight (reference = 1): inverse noise variance or squared star SNR."""
+        ref = self._ref
+        if self.settings.weighting == "noise" and ref.noise and metrics.noise:
+            return float((ref.noise / float(metrics.noise)) ** 2)
+        if self.settings.weighting == "snr" and ref.snr:
+            snr = _snr(stars, metrics)
+            if snr:
+                return float((snr / ref.snr) ** 2)
+        return 1.0
+
+    def debayer_method(self, shape: tuple[int, ...]) -> str:
+        """The debayer method used for frames of this (mosaic) shape."""
+        if self.settings.debayer != "auto":
+            return self.settings.debayer
+        return "superpixel" if shape[0] * shape[1] > AUTO_SUPERPIXEL_PIXELS else "bilinear"
+
+    def _debayer(self, data: np.ndarray, bayer: str | None, matrix: np.ndarray,
+                 owned: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Colour mosaic -> RGB (and the matrix in its pixel grid); mono passes through.
+        The result is always an array the pipeline may modify (owned=False: a copy)."""
+        m = np.asarray(matrix, dtype=np.float64)
+        if not bayer:
+            return (data if owned else data.copy()), m
+        method = self.debayer_method(data.shape)
+        img = debayer(data, bayer, method=method)
+        if method == "superpixel":
+            # Superpixel (i, j) is centred on full-resolution (2i + 0.5, 2j + 0.5).
+            up = np.array([[2.0, 0, 0.5], [0, 2.0, 0.5], [0, 0, 1]])
+            m = np.linalg.inv(up) @ m @ up
+        return img, m
+
+    def _warp(self, img: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """Into the reference frame; NaN outside the frame. The identity needs no resampling."""
+        if np.allclose(m, np.eye(3)):
+            return img
+        return warp(img, m, img.shape[:2], interpolation=self.settings.interpolation)
+
+    @staticmethod
+    def _sky(image: np.ndarray) -> list[float]:
+        """Per-plane sky level (ADU): median over a sparse grid of ~40k pixels."""
+        h, w = image.shape[:2]
+        step = max(1, int(np.sqrt(h * w / 40000)))
+        sub = image[::step, ::step]
+        if sub.ndim == 2:
+            sub = sub[..., None]
+        return [float(np.nanmedian(sub[..., c])) for c in range(sub.shape[-1])]
+
+
+def _snr(stars, metrics) -> float | None:
+    """Star signal-to-noise proxy: median flux of the 20 brightest stars over (noise x FWHM)."""
+    try:
+        flux = np.sort(np.asarray(stars.flux, dtype=np.float64))[::-1][:20]
+    except AttributeError:
+        return None
+    noise, fwhm = _num(metrics.noise), _num(metrics.fwhm_px)
+    if flux.size == 0 or not noise or not fwhm:
+        return None
+    return float(np.median(flux) / (noise * fwhm))

@@ -1,0 +1,113 @@
+"""On-disk spool of registered frames, for the final re-stack and for resuming a session.
+
+Each accepted frame, already warped into the reference and background-normalised, is kept
+as a float16 `.npy` (half the size of float32; ~0.05 % precision, far below shot noise)
+that the re-stack reads back as a memmap in row bands. Values beyond float16's range
+(> 65504 ADU after flat division) are scaled by a power of two recorded in the index.
+`index.json` lists the frames in stacking order with their weights and provenance; it is
+rewritten atomically after each frame file is fsynced, so a crash leaves either the old or
+the new index, never one that names a half-written frame.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+_F16_MAX = 60000.0
+INDEX = "index.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """A directory of spooled frames plus index.json. Not thread-safe (one writer)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.entries: list[dict] = []
+        index = self.dir / INDEX
+        if index.exists():
+            try:
+                data = json.loads(index.read_text())
+                self.entries = list(data["frames"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"spool index {index} is unreadable: {exc}") from exc
+            # Frames whose file went missing cannot be re-stacked: drop them from the index.
+            self.entries = [e for e in self.entries if (self.dir / e["file"]).exists()]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, path: str) -> bool:
+        return any(e.get("path") == path for e in self.entries)
+
+    def append(self, image: np.ndarray, *, weight: float, path: str | None = None, **meta) -> dict:
+        """Spool one registered frame (H, W) or (H, W, C) with its weight and provenance
+        (JSON-able keyword values: date_obs, exposure_s, ...)."""
+        peak = max(float(np.nanmax(image)), -float(np.nanmin(image))) if image.size else 0.0  # no abs() copy
+        if not np.isfinite(peak):
+            peak = 0.0  # an all-NaN frame
+        scale = 1.0
+        while peak * scale > _F16_MAX:
+            scale /= 2.0
+        seq = (max((e["seq"] for e in self.entries), default=0) + 1)
+        name = f"frame_{seq:06d}.npy"
+        tmp = self.dir / (name + ".tmp")
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=image.shape)
+        rows = max(1, (8 << 20) // max(1, image[0].size * 2))
+        for r0 in range(0, image.shape[0], rows):  # convert in bands: no full-size temporary
+            block = image[r0:r0 + rows]
+            arr[r0:r0 + rows] = block * np.float32(scale) if scale != 1.0 else block
+        arr.flush()
+        del arr
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.dir / name)
+        entry = {"seq": seq, "file": name, "path": path, "weight": float(weight), "scale": 1.0 / scale,
+                 "shape": list(image.shape), **meta}
+        self.entries.append(entry)
+        self._write_index()
+        return entry
+
+    def frames(self) -> Iterator[np.ndarray]:
+        for e in self.entries:
+            yield self.open(e)
+
+    def open(self, entry: dict) -> np.ndarray:
+        """The stored frame as a read-only float16 memmap (multiply by entry['scale'])."""
+        return np.load(self.dir / entry["file"], mmap_mode="r")
+
+    def restack_inputs(self) -> tuple[list[np.ndarray], list[float], list[float]]:
+        """(frames, weights, scales) for daemon.pipeline.restack.restack."""
+        return ([self.open(e) for e in self.entries], [e["weight"] for e in self.entries],
+                [e["scale"] for e in self.entries])
+
+    def clear(self) -> None:
+        """Delete every spooled frame (a new session or target)."""
+        for e in self.entries:
+            (self.dir / e["file"]).unlink(missing_ok=True)
+        self.entries = []
+        self._write_index()
+        for stray in self.dir.glob("frame_*.npy*"):
+            stray.unlink()
+
+    def _write_index(self) -> None:
+        tmp = self.dir / (INDEX + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"version": 1, "frames": self.entries}, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.dir / INDEX)
+        _fsync_dir(self.dir)

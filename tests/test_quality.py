@@ -1,0 +1,61 @@
+"""Quality gate: each kind of bad frame is rejected with the reason that names its cause.
+
+The gate's inputs here are metrics; tests/test_live.py drives it with real simulated frames
+(cloud, trailing) through star detection and registration.
+"""
+
+from daemon.pipeline.quality import QualityHistory, QualitySettings, assess
+
+GOOD = dict(n_stars=140, fwhm_px=3.0, eccentricity=0.3, background=100.0)
+REF = dict(ref_stars=140, ref_noise=10.0)
+
+
+def history():
+    h = QualityHistory()
+    for f, b in [(3.0, 100.0), (3.1, 102.0), (2.9, 98.0)]:
+        h.accept(f, b, keep=10)
+    return h
+
+
+def judge(**kw):
+    args = {**GOOD, **REF, "history": history(), **kw}
+    return assess(**args)
+
+
+def test_good_frame_passes():
+    v = judge()
+    assert v.accepted and v.reason is None
+
+
+def test_cloud_is_named_with_star_counts():
+    v = judge(n_stars=30)
+    assert not v.accepted and v.check == "clouds"
+    assert v.reason == "clouds: 30 of 140 reference stars"
+
+
+def test_trailing_fwhm_background_and_registration():
+    v = judge(eccentricity=0.8)
+    assert (v.accepted, v.check) == (False, "trailing") and "0.80" in v.reason
+    v = judge(fwhm_px=5.0)
+    assert (v.accepted, v.check) == (False, "fwhm") and "session median 3.00" in v.reason
+    v = assess(**{**GOOD, **REF, "history": history(), "fwhm_px": 3.2},
+               settings=QualitySettings(max_fwhm_px=3.1))
+    assert v.check == "fwhm" and "limit 3.10" in v.reason
+    v = judge(background=400.0)
+    assert (v.accepted, v.check) == (False, "background") and "recent 100.0" in v.reason
+    v = judge(registration_ok=False, registration_reason="only 2 matches")
+    assert v.check == "registration" and "only 2 matches" in v.reason
+
+
+def test_slow_drift_is_not_a_jump_and_thresholds_switch_off():
+    h = QualityHistory()
+    bg = 100.0
+    for _ in range(30):  # sky brightening 3 % per frame: accepted all along
+        v = assess(**{**GOOD, **REF, "background": bg, "history": h})
+        assert v.accepted, v.reason
+        h.accept(3.0, bg, keep=10)
+        bg *= 1.03
+    off = QualitySettings(min_star_fraction=0, min_stars=0, fwhm_factor=0, max_eccentricity=0,
+                          background_jump=0)
+    assert assess(**{**GOOD, **REF, "n_stars": 1, "eccentricity": 0.99, "fwhm_px": 50.0,
+                     "background": 1e4, "history": history()}, settings=off).accepted

@@ -1,0 +1,68 @@
+"""Final re-stack over the spool: winsorized sigma clipping in row bands, against ground truth."""
+
+import numpy as np
+import pytest
+
+from daemon.pipeline.restack import RestackSettings, restack
+from daemon.spool import Spool
+from daemon.simulate import render_trail
+from tests.test_stack import SHAPE, TRAIL, frames, stack_of
+
+
+def spooled(tmp_path, images, weights=None):
+    spool = Spool(tmp_path)
+    for i, im in enumerate(images):
+        spool.append(im, weight=1.0 if weights is None else weights[i], path=f"f{i}.fits", exposure_s=10.0)
+    return Spool(tmp_path)  # reopened from its index, as after a restart
+
+
+@pytest.mark.parametrize("trail_frame", [0, 6])
+def test_trail_keeps_under_one_percent_after_final_restack(tmp_path, trail_frame):
+    clean = restack(*spooled(tmp_path / "c", frames(10)).restack_inputs()).image
+    dirty_frames = frames(10, trail_at={trail_frame})
+    dirty = restack(*spooled(tmp_path / "d", dirty_frames).restack_inputs()).image
+    trail = render_trail(SHAPE, TRAIL)
+    mask = trail > 1.0
+    unrejected = trail[mask].sum() / 10
+    kept = (dirty - clean)[mask].sum()
+    assert abs(kept) < 0.01 * unrejected, kept / unrejected
+    # at least as good as the live stack, on the trail and on the background noise
+    live = stack_of(dirty_frames).image() - stack_of(frames(10)).image()
+    assert abs(kept) <= abs(live[mask].sum()) + 0.002 * unrejected
+    sky = np.s_[70:, 100:]  # a star-poor corner
+    assert np.std(clean[sky]) <= 1.02 * np.std(stack_of(frames(10)).image()[sky])
+
+
+def test_noise_and_band_size_do_not_change_the_answer():
+    rng = np.random.default_rng(4)
+    imgs = [rng.normal(100.0, 10.0, (60, 50, 3)).astype(np.float32) for _ in range(16)]
+    imgs[3][10:20] = np.nan  # no data there in frame 3
+    big = restack(imgs)
+    tiny = restack(imgs, settings=RestackSettings(band_bytes=1))  # one row per band
+    np.testing.assert_array_equal(big.image, tiny.image)
+    assert np.std(big.image) == pytest.approx(10 / 4, rel=0.05)
+    assert big.rejected_high + big.rejected_low < 0.02 * 16 * 60 * 50 * 3
+
+
+def test_weights_are_applied_when_nothing_is_clipped():
+    a = np.full((4, 4), 10.0, np.float32)
+    b = np.full((4, 4), 20.0, np.float32)
+    r = restack([a, b], [3.0, 1.0])
+    np.testing.assert_allclose(r.image, 12.5)
+
+
+def test_spool_scales_big_values_and_survives_reopen(tmp_path):
+    img = np.linspace(-50, 90000, 400, dtype=np.float32).reshape(20, 20)
+    img[0, 0] = np.nan
+    sp = Spool(tmp_path)
+    sp.append(img, weight=0.5, path="/x/a.fits", date_obs="2026-11-24T21:00:00")
+    sp2 = Spool(tmp_path)
+    assert len(sp2) == 1 and "/x/a.fits" in sp2
+    frames_, weights, scales = sp2.restack_inputs()
+    back = frames_[0].astype(np.float32) * scales[0]
+    assert np.isnan(back[0, 0]) and weights == [0.5]
+    np.testing.assert_allclose(back[1:], img[1:], rtol=2e-3, atol=0.05)
+    (tmp_path / sp2.entries[0]["file"]).unlink()  # a lost frame file is dropped from the index
+    assert len(Spool(tmp_path)) == 0
+    sp2.clear()
+    assert not list(tmp_path.glob("frame_*"))
