@@ -1,0 +1,265 @@
+"""TOML configuration -> frozen dataclasses, validated once at start.
+
+Why: the daemon runs unattended all night, so a typo in a key must stop it *at start* with a
+message naming the key and the file, not three hours later. Every key can be overridden from
+the command line (`--set section.key=value`, the value parsed as TOML, else taken as a string).
+
+Sections [stack] and [quality] are passed through as dicts: their keys belong to the live
+pipeline's LiveSettings and are validated against it by `daemon.service.live_settings`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Any
+
+DEFAULT_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fz", "*.cr2", "*.cr3", "*.nef", "*.arw", "*.dng", "*.raf", "*.orf")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file and the `section.key`."""
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    dir: Path
+    recursive: bool = False
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    #: Size-stable fallback (file systems without close-after-write events): seconds unchanged.
+    settle_s: float = 2.0
+    #: Poll the folder instead of inotify: for network mounts (NFS/SMB client) written by
+    #: another machine, where the kernel sees no events; completion is then size-stable.
+    poll: bool = False
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: Path
+    #: 0 = checkpoint after every frame; otherwise at most this often (s) and at shutdown.
+    checkpoint_every_s: float = 0.0
+    #: Where stacks (FITS) and previews go; default: <state.dir>/output.
+    output_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    rig: str = "default"
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    discovery: bool = False
+    keepalive_s: int = 30
+    #: Longest edge of the preview JPEG (px) and the minimum seconds between previews.
+    preview_max_edge: int = 1280
+    preview_interval_s: float = 5.0
+    #: Frame events kept while the broker is unreachable (oldest dropped beyond this).
+    buffer: int = 1000
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    bias: Path | None = None
+    dark: Path | None = None
+    flat: Path | None = None
+    darkflat: Path | None = None
+
+
+@dataclass(frozen=True)
+class IndiConfig:
+    host: str = "127.0.0.1"
+    port: int = 7624
+    drivers: tuple[str, ...] = ()
+    camera: str = "CCD Simulator"
+    mount: str = "Telescope Simulator"
+    filter_wheel: str = ""
+    focuser: str = ""
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    cooler_c: float | None = None
+    gain: float | None = None
+    offset: float | None = None
+    binning: int = 1
+    upload_prefix: str = "light"
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    target: str
+    ra: float | str | None = None  # deg, or sexagesimal "19h59m36s"; see ra_deg
+    dec: float | str | None = None  # deg, or "+22d43m16s"; see dec_deg
+    filter: str | None = None
+    exposure_s: float = 10.0
+    count: int = 0
+    until: str | None = None
+    dither_every: int = 0
+    dither_px: float = 10.0
+    settle_s: float = 2.0
+    frame_type: str = "light"
+
+    @property
+    def ra_deg(self) -> float | None:
+        return _angle_deg(self.ra, hours=True)
+
+    @property
+    def dec_deg(self) -> float | None:
+        return _angle_deg(self.dec, hours=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    capture: CaptureConfig
+    state: StateConfig
+    mqtt: MqttConfig | None = None
+    calibration: CalibrationConfig = CalibrationConfig()
+    stack: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    indi: IndiConfig | None = None
+    camera: CameraConfig = CameraConfig()
+    plan: PlanConfig | None = None
+    source: str = "<config>"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.state.output_dir or self.state.dir / "output"
+
+
+_SECTIONS: dict[str, type] = {
+    "capture": CaptureConfig,
+    "state": StateConfig,
+    "mqtt": MqttConfig,
+    "calibration": CalibrationConfig,
+    "indi": IndiConfig,
+    "camera": CameraConfig,
+    "plan": PlanConfig,
+}
+_PASSTHROUGH = ("stack", "quality")
+
+
+def _angle_deg(value: float | str | None, *, hours: bool) -> float | None:
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    from astropy.coordinates import Angle
+
+    text = value.strip()
+    unit = "hourangle" if hours and "h" in text.lower() else "deg"
+    return float(Angle(text, unit=unit).deg)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value); value is TOML if it parses, else a string."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key.strip(), value
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert one TOML value against a dataclass field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and NoneType in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is NoneType:
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(v, item, where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a path, got {value!r}")
+        return Path(value).expanduser()
+    raise ConfigError(f"{where}: unsupported type {hint!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, section: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{source}: [{section}] {key}"
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], where)
+    for name, f in known.items():
+        if name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{source}: [{section}] {name}: required key missing")
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+    """Validate a parsed TOML document; errors name `source` and the key."""
+    kwargs: dict[str, Any] = {"source": source}
+    for section, value in raw.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {section}: expected a [section], got {value!r}")
+        if section in _PASSTHROUGH:
+            kwargs[section] = dict(value)
+        elif section in _SECTIONS:
+            kwargs[section] = _build(_SECTIONS[section], value, section, source)
+        else:
+            known = sorted([*_SECTIONS, *_PASSTHROUGH])
+            raise ConfigError(f"{source}: [{section}]: unknown section (known: {', '.join(known)})")
+    for required in ("capture", "state"):
+        if required not in kwargs:
+            raise ConfigError(f"{source}: [{required}] section missing (needs at least 'dir')")
+    return Config(**kwargs)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read and validate a TOML file, applying `section.key=value` overrides first."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{path}: --set {text!r}: {section} is not a section")
+        raw[section][key] = value
+    return config_from_dict(raw, source=str(path))

@@ -1,0 +1,199 @@
+"""MQTT link (aiomqtt): publishes status, frame events and previews; receives commands.
+
+Why it looks like this: the broker may be down, restarting or unreachable for hours, and that
+must never stall stacking. So the service never awaits the network: it drops messages into
+this object (`event`, `set_status`, `set_preview`) and returns at once. A single connection
+task drains them whenever a broker is reachable and reconnects with back-off otherwise.
+- Status and preview are *latest-value* slots (retained on the broker): only the newest is
+  sent, and both are re-sent on every (re)connection, so the broker catches up.
+- Frame events and command results go through a bounded FIFO (oldest dropped beyond
+  `mqtt.buffer`, counted in `dropped`); a message is removed only after the broker acked it.
+- `availability` is `online` on connect (retained); `offline` is the last will and is also
+  published on a clean shutdown.
+Topics are documented in docs/mqtt.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+
+from daemon.config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 10.0
+
+
+def topic_prefix(rig: str) -> str:
+    return f"lightbucket/{rig}/"
+
+
+@dataclass
+class _Message:
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+def _json(payload: dict) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), default=str).encode()
+
+
+class MqttLink:
+    def __init__(self, cfg: MqttConfig, *, reconnect_max_s: float = 5.0):
+        self.cfg = cfg
+        self.prefix = topic_prefix(cfg.rig)
+        self.commands: asyncio.Queue[bytes] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self.dropped = 0
+        self._fifo: collections.deque[_Message] = collections.deque()
+        self._status: bytes | None = None
+        self._preview: tuple[bytes, bytes] | None = None
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._reconnect_max_s = reconnect_max_s
+        self._client: aiomqtt.Client | None = None
+
+    # ------------------------------------------------------------ called by the service
+    def event(self, subtopic: str, payload: dict) -> None:
+        """Queue a JSON event on <prefix><subtopic> (not retained); never blocks."""
+        if len(self._fifo) >= self.cfg.buffer:
+            self._fifo.popleft()
+            self.dropped += 1
+        self._fifo.append(_Message(self.prefix + subtopic, _json(payload)))
+        self._wake.set()
+
+    def set_status(self, status: dict) -> None:
+        self._status = _json(status)
+        self._dirty.add("status")
+        self._wake.set()
+
+    def set_preview(self, jpeg: bytes, meta: dict) -> None:
+        self._preview = (jpeg, _json(meta))
+        self._dirty.add("preview")
+        self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._fifo)
+
+    # ------------------------------------------------------------ connection task
+    def _make_client(self) -> aiomqtt.Client:
+        tls = None
+        if self.cfg.tls:
+            tls = aiomqtt.TLSParameters(ca_certs=str(self.cfg.ca_file) if self.cfg.ca_file else None)
+        return aiomqtt.Client(
+            self.cfg.host, self.cfg.port,
+            username=self.cfg.username, password=self.cfg.password,
+            identifier=f"lightbucket-{self.cfg.rig}",
+            will=aiomqtt.Will(self.prefix + "availability", b"offline", qos=1, retain=True),
+            keepalive=self.cfg.keepalive_s, tls_params=tls, timeout=PUBLISH_TIMEOUT_S,
+        )
+
+    async def run(self) -> None:
+        """Connect, publish, receive commands; reconnect forever (until cancelled)."""
+        delay = 0.5
+        while True:
+            try:
+                async with self._make_client() as client:
+                    self._client = client
+                    await client.publish(self.prefix + "availability", b"online", qos=1, retain=True)
+                    await client.subscribe(self.prefix + "cmd", qos=1)
+                    if self.cfg.discovery:
+                        await self._discovery(client)
+                    self._dirty.update(k for k, v in (("status", self._status), ("preview", self._preview)) if v)
+                    self._wake.set()
+                    self.connected.set()
+                    log.info("MQTT connected to %s:%d", self.cfg.host, self.cfg.port)
+                    delay = 0.5
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._sender(client))
+                        tg.create_task(self._receiver(client))
+            except* (aiomqtt.MqttError, OSError) as group:
+                exc = group.exceptions[0]
+                if self.connected.is_set():
+                    log.warning("MQTT connection lost (%s); queued: %d", exc, len(self._fifo))
+                else:
+                    log.debug("MQTT connect to %s:%d failed: %s", self.cfg.host, self.cfg.port, exc)
+            except* Exception as group:  # noqa: BLE001 - never let the link die: log and retry
+                log.error("MQTT link error: %r; reconnecting", group.exceptions[0])
+            finally:
+                self._client = None
+                self.connected.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._reconnect_max_s)
+
+    async def _sender(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # FIFO first so that the status that follows already counts these frames.
+            while self._fifo:
+                msg = self._fifo[0]
+                await client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain)
+                if self._fifo and self._fifo[0] is msg:
+                    self._fifo.popleft()
+            if "preview" in self._dirty and self._preview:
+                self._dirty.discard("preview")
+                jpeg, meta = self._preview
+                try:
+                    await client.publish(self.prefix + "preview", jpeg, qos=1, retain=True)
+                    await client.publish(self.prefix + "preview/meta", meta, qos=1, retain=True)
+                except aiomqtt.MqttError:
+                    self._dirty.add("preview")
+                    raise
+            if "status" in self._dirty and self._status:
+                self._dirty.discard("status")
+                try:
+                    await client.publish(self.prefix + "status", self._status, qos=1, retain=True)
+                except aiomqtt.MqttError:
+                    self._dirty.add("status")
+                    raise
+
+    async def _receiver(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            if isinstance(payload, str):
+                payload = payload.encode()
+            self.commands.put_nowait(bytes(payload or b""))
+
+    async def close(self) -> None:
+        """Publish `offline` (a clean disconnect does not fire the will); best effort."""
+        client = self._client
+        if client is not None:
+            try:
+                await client.publish(self.prefix + "availability", b"offline", qos=1, retain=True, timeout=2)
+            except aiomqtt.MqttError:
+                pass
+
+    async def _discovery(self, client: aiomqtt.Client) -> None:
+        """Home Assistant MQTT discovery: sensors read from the retained status JSON."""
+        rig = self.cfg.rig
+        device = {"identifiers": [f"lightbucket_{rig}"], "name": f"lightbucket {rig}", "manufacturer": "lightbucket"}
+        sensors: dict[str, dict[str, Any]] = {
+            "state": {"name": "State", "value_template": "{{ value_json.state }}"},
+            "target": {"name": "Target", "value_template": "{{ value_json.target }}"},
+            "stacked": {"name": "Frames stacked", "value_template": "{{ value_json.frames.stacked }}"},
+            "rejected": {"name": "Frames rejected", "value_template": "{{ value_json.frames.rejected }}"},
+            "queue": {"name": "Queue", "value_template": "{{ value_json.queue }}"},
+            "exposure": {"name": "Total exposure", "value_template": "{{ value_json.total_exposure_s }}",
+                         "unit_of_measurement": "s", "device_class": "duration"},
+            "fwhm": {"name": "FWHM", "unit_of_measurement": "px",
+                     "value_template": "{{ value_json.last_frame.fwhm_px if value_json.last_frame else none }}"},
+        }
+        for obj, extra in sensors.items():
+            conf = {
+                "unique_id": f"lightbucket_{rig}_{obj}", "state_topic": self.prefix + "status",
+                "availability_topic": self.prefix + "availability", "device": device, **extra,
+            }
+            await client.publish(f"homeassistant/sensor/lightbucket_{rig}/{obj}/config", _json(conf), qos=1, retain=True)
+        camera = {"unique_id": f"lightbucket_{rig}_preview", "name": "Preview", "topic": self.prefix + "preview",
+                  "availability_topic": self.prefix + "availability", "device": device}
+        await client.publish(f"homeassistant/camera/lightbucket_{rig}/preview/config", _json(camera), qos=1, retain=True)

@@ -1,0 +1,709 @@
+"""The daemon: watcher -> queue -> live pipeline (worker thread) -> checkpoint, products, MQTT.
+
+Threads and ownership (why it cannot race): the event loop owns the queue, the MQTT link and
+the status; ONE worker thread owns the pipelines and the ledger. Everything that touches a
+pipeline (process, reset, set_reference, state for the checkpoint, the preview) runs in that
+thread, one job at a time, so a checkpoint always sees a stack and a ledger that agree.
+
+A stack per (target, filter, exposure, binning): a frame of another target or filter goes to
+its own stack. The "current" stack is the one that received the last frame.
+
+Commands arrive as JSON on <prefix>cmd; each gets a reply on <prefix>cmd/result with the same
+id. A command that does not validate is refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from daemon import checkpoint
+from daemon.config import Config
+from daemon.ledger import Ledger
+from daemon.sdnotify import Notifier, watchdog_interval_s
+from daemon.watcher import FolderWatcher, backlog
+
+log = logging.getLogger("lightbucket")
+
+ACTIONS = {
+    # action: {parameter: (type, required)}
+    "start": {},
+    "stop": {},
+    "pause": {},
+    "resume": {},
+    "reset": {"stack": (str, False)},
+    "restack": {"stack": (str, False)},
+    "set_reference": {"path": (str, True)},
+}
+
+
+class CommandError(ValueError):
+    pass
+
+
+class PipelineFactory(Protocol):
+    """Makes the per-stack pipelines: the real LivePipeline in production, fakes in tests."""
+
+    def new(self) -> Any: ...
+
+    def restore(self, state: dict) -> Any: ...
+
+
+class LivePipelineFactory:
+    """LivePipeline with LiveSettings from [stack]/[quality] and masters from [calibration]."""
+
+    def __init__(self, config: Config):
+        from daemon.pipeline.live import LiveSettings
+
+        try:
+            self.settings = LiveSettings.from_config(config.stack, config.quality)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{config.source}: {exc}") from exc
+        cal = config.calibration
+        self.masters = None
+        if any((cal.bias, cal.dark, cal.flat, cal.darkflat)):
+            from daemon.masters import load_masters
+
+            self.masters = load_masters(bias=cal.bias, dark=cal.dark, flat=cal.flat, darkflat=cal.darkflat)
+
+    def new(self):
+        from daemon.pipeline.live import LivePipeline
+
+        return LivePipeline(self.settings, self.masters)
+
+    def restore(self, state: dict):
+        from daemon.pipeline.live import LivePipeline
+
+        return LivePipeline.from_state(state, self.settings, self.masters)
+
+
+def default_loader(path: Path):
+    from daemon.io.load import load_frame
+
+    return load_frame(path)
+
+
+@dataclass(frozen=True)
+class StackKey:
+    target: str
+    filter: str
+    exposure_s: float
+    binning: int
+
+    @property
+    def name(self) -> str:
+        """File-system safe: 'M27_L_300s_bin1'."""
+        exp = f"{self.exposure_s:g}s"
+        raw = f"{self.target}_{self.filter}_{exp}_bin{self.binning}"
+        return re.sub(r"[^A-Za-z0-9_.+-]+", "-", raw)
+
+    @classmethod
+    def of(cls, meta) -> "StackKey":
+        binning = meta.binning[0] if isinstance(meta.binning, (tuple, list)) else int(meta.binning or 1)
+        return cls(meta.target or "unknown", meta.filter or "none", float(meta.exposure_s or 0.0), int(binning))
+
+
+@dataclass
+class Stack:
+    key: StackKey
+    pipeline: Any
+
+
+@dataclass
+class Outcome:
+    """What happened to one file, built in the worker thread for the loop to publish."""
+
+    path: Path
+    outcome: str  # "stacked" | "rejected" | "error" | "skipped"
+    stack: str | None = None
+    key: StackKey | None = None
+    result: Any = None
+    reason: str | None = None
+    n_stacked: int = 0
+    total_exposure_s: float = 0.0
+
+
+def validate_command(raw: bytes) -> dict:
+    """Parse and check a command; raises CommandError with a specific message (id kept)."""
+    try:
+        cmd = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CommandError(f"not valid JSON: {exc}") from None
+    if not isinstance(cmd, dict):
+        raise CommandError("a command must be a JSON object")
+    if "id" not in cmd or not isinstance(cmd["id"], (str, int)) or isinstance(cmd["id"], bool):
+        raise CommandError("missing or invalid 'id' (string or integer)")
+    action = cmd.get("action")
+    if action not in ACTIONS:
+        raise CommandError(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
+    params = ACTIONS[action]
+    for key, value in cmd.items():
+        if key in ("id", "action"):
+            continue
+        if key not in params:
+            raise CommandError(f"{action}: unknown parameter {key!r}")
+        if not isinstance(value, params[key][0]):
+            raise CommandError(f"{action}: parameter {key!r} must be {params[key][0].__name__}")
+    for key, (_, required) in params.items():
+        if required and key not in cmd:
+            raise CommandError(f"{action}: parameter {key!r} required")
+    return cmd
+
+
+def _result_fields(result: Any) -> dict:
+    keys = ("accepted", "reason", "stars", "fwhm_px", "eccentricity", "dx", "dy", "rotation_deg",
+            "background", "weight", "processing_ms")
+    return {k: getattr(result, k, None) for k in keys}
+
+
+class Service:
+    def __init__(self, config: Config, *, factory: PipelineFactory | None = None,
+                 loader: Callable[[Path], Any] = default_loader, notifier: Notifier | None = None,
+                 force_polling: bool = False):
+        self.config = config
+        self.factory = factory if factory is not None else LivePipelineFactory(config)
+        self.loader = loader
+        self.notifier = notifier or Notifier()
+        self.force_polling = force_polling
+        self.capture_dir = Path(config.capture.dir)
+        self.state_dir = Path(config.state.dir)
+        self.output_dir = config.output_dir
+        self.ledger = Ledger(self.capture_dir)
+        self.stacks: dict[str, Stack] = {}
+        self._spools: dict[str, Any] = {}
+        self.current: str | None = None
+        self.session = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.state = "starting"
+        #: Files dealt with since the session began (the ledger's view; restored with it).
+        self.counts = {"stacked": 0, "rejected": 0, "errors": 0}
+        self.last_frame: dict | None = None
+        self.mqtt = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        self._queue: asyncio.Queue[Path] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._stop = asyncio.Event()
+        self._running = asyncio.Event()
+        self._in_hand = 0  # 1 while a frame is in the worker
+        self._changed = asyncio.Event()  # queue or state changed: wakes the processing loop
+        self._last_checkpoint = time.monotonic()
+        self._unsaved = False  # frames dealt with since the last checkpoint
+        self._last_products = 0.0
+        self._products_dirty = False
+        self._acq_task: asyncio.Task | None = None
+        self._acq_stop: asyncio.Event | None = None
+
+    # ----------------------------------------------------------------- worker-thread side
+    async def _in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _restore(self) -> None:
+        state = checkpoint.load(self.state_dir)
+        if state is None:
+            return
+        self.ledger = Ledger.from_json(state["ledger"], self.capture_dir)
+        self.session = state.get("session", self.session)
+        self.counts.update(state.get("counts", {}))
+        self.current = state.get("current")
+        for name, st in state.get("stacks", {}).items():
+            self.stacks[name] = Stack(StackKey(**st["key"]), self.factory.restore(st["pipeline"]))
+        log.info("resumed session %s from checkpoint: %s", self.session,
+                 ", ".join(f"{n}: {s.pipeline.n_stacked} frames" for n, s in self.stacks.items()) or "no stacks")
+
+    def _checkpoint(self) -> None:
+        state = {
+            "version": 1,
+            "session": self.session,
+            "counts": dict(self.counts),
+            "current": self.current,
+            "ledger": self.ledger.to_json(),
+            "stacks": {n: {"key": s.key.__dict__, "pipeline": s.pipeline.state()} for n, s in self.stacks.items()},
+        }
+        checkpoint.save(self.state_dir, state)
+        self._last_checkpoint = time.monotonic()
+        self._unsaved = False
+
+    def _checkpoint_if_unsaved(self) -> None:
+        if self._unsaved:
+            self._try_checkpoint()
+
+    def _try_checkpoint(self) -> None:
+        """Checkpoint from the frame path: a full or failing disk is logged and retried with
+        the next frame; stacking goes on (the stack in memory is intact)."""
+        try:
+            self._checkpoint()
+        except OSError as exc:
+            self._unsaved = True
+            log.error("checkpoint to %s failed: %s (stacking goes on; retried)", self.state_dir, exc)
+
+    def _stack_for(self, key: StackKey) -> Stack:
+        stack = self.stacks.get(key.name)
+        if stack is None:
+            stack = self.stacks[key.name] = Stack(key, self.factory.new())
+            log.info("new stack %s", key.name)
+        return stack
+
+    def _process(self, path: Path, checkpoint_now: bool) -> Outcome:
+        """Load, stack, record in the ledger and (if due) checkpoint one file."""
+        out = self._process_one(path, checkpoint_now)
+        if out.outcome != "skipped" and not checkpoint_now:
+            self._unsaved = True
+        return out
+
+    def _process_one(self, path: Path, checkpoint_now: bool) -> Outcome:
+        if self.ledger.done(path):
+            return Outcome(path, "skipped")
+        if not path.exists():
+            return Outcome(path, "skipped", reason="file vanished")
+        try:
+            frame = self.loader(path)
+        except (ValueError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            self.ledger.record(path, "error", reason=reason)
+            self.counts["errors"] += 1
+            if checkpoint_now:
+                self._try_checkpoint()
+            return Outcome(path, "error", reason=reason)
+        key = StackKey.of(frame.meta)
+        stack = self._stack_for(key)
+        try:
+            result = stack.pipeline.process(frame)
+        except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the night
+            log.exception("pipeline failed on %s", path)
+            reason = f"pipeline error: {type(exc).__name__}: {exc}"
+            self.ledger.record(path, "error", stack=key.name, reason=reason)
+            self.counts["errors"] += 1
+            if checkpoint_now:
+                self._try_checkpoint()
+            return Outcome(path, "error", stack=key.name, key=key, reason=reason)
+        outcome = "stacked" if result.accepted else "rejected"
+        if result.accepted and getattr(result, "registered", None) is not None:
+            self._spool(key.name, path, result, frame)
+        self.ledger.record(path, outcome, stack=key.name, reason=result.reason)
+        self.counts[outcome] += 1
+        self.current = key.name
+        self._products_dirty = True
+        if checkpoint_now:
+            self._try_checkpoint()
+        return Outcome(path, outcome, key.name, key, result, result.reason,
+                       stack.pipeline.n_stacked, stack.pipeline.total_exposure_s)
+
+    def _spool(self, name: str, path: Path, result: Any, frame: Any) -> None:
+        """Keep the registered frame for the final re-stack. Written before the checkpoint, so
+        after a crash the frame may already be spooled: the spool is keyed by path."""
+        from daemon.spool import Spool
+
+        try:
+            if name not in self._spools:
+                self._spools[name] = Spool(self.state_dir / "spool" / name)
+            spool = self._spools[name]
+            if str(path) in spool:
+                return
+            date_obs = frame.meta.date_obs.isoformat() if frame.meta.date_obs else None
+            spool.append(result.registered, weight=result.weight, path=str(path), date_obs=date_obs,
+                         exposure_s=frame.meta.exposure_s)
+        except (OSError, ValueError) as exc:  # the live stack has the frame; only restack misses it
+            log.error("spooling %s for the final re-stack failed: %s", path, exc)
+
+    def _masters_used(self) -> dict[str, str | None]:
+        cal = self.config.calibration
+        return {k: str(v) if v else None for k, v in
+                (("bias", cal.bias), ("dark", cal.dark), ("flat", cal.flat), ("darkflat", cal.darkflat))}
+
+    def _products(self, max_edge: int) -> tuple[bytes, dict] | None:
+        """Write the current stack FITS (+ preview.jpg) and return the preview for MQTT."""
+        self._products_dirty = False
+        stack = self.stacks.get(self.current or "")
+        if stack is None or stack.pipeline.n_stacked == 0:
+            return None
+        try:
+            from daemon.products import preview_jpeg, write_stack
+        except ImportError as exc:
+            log.warning("products not available: %s", exc)
+            return None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_stack(self.output_dir / f"{stack.key.name}.fits", stack.pipeline, masters=self._masters_used())
+        image = stack.pipeline.stack_image()
+        if image is None:
+            return None
+        jpeg = preview_jpeg(image, max_edge=max_edge)
+        tmp = self.output_dir / ".preview.jpg.tmp"
+        tmp.write_bytes(jpeg)
+        tmp.replace(self.output_dir / "preview.jpg")
+        meta = {
+            "stack": stack.key.name, "target": stack.key.target, "filter": stack.key.filter,
+            "exposure_s": stack.key.exposure_s, "frames": stack.pipeline.n_stacked,
+            "total_exposure_s": stack.pipeline.total_exposure_s, "width": int(image.shape[1]),
+            "height": int(image.shape[0]), "bytes": len(jpeg), "format": "jpeg",
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return jpeg, meta
+
+    # ----------------------------------------------------------------- event-loop side
+    def enqueue(self, path: Path) -> None:
+        key = str(path)
+        if key in self._queued:
+            return
+        self._queued.add(key)
+        self._queue.put_nowait(path)
+        self._changed.set()
+        self.publish_status()
+
+    def status(self) -> dict:
+        stack = self.stacks.get(self.current or "")
+        try:
+            disk_free = shutil.disk_usage(self.output_dir if self.output_dir.exists() else self.state_dir).free
+        except OSError:
+            disk_free = None
+        return {
+            "state": self.state,
+            "session": self.session,
+            "stack": stack.key.name if stack else None,
+            "target": stack.key.target if stack else None,
+            "filter": stack.key.filter if stack else None,
+            "exposure_s": stack.key.exposure_s if stack else None,
+            "frames": {"received": sum(self.counts.values()) + self._queue.qsize() + self._in_hand, **self.counts},
+            "stacked_current": stack.pipeline.n_stacked if stack else 0,
+            "total_exposure_s": stack.pipeline.total_exposure_s if stack else 0.0,
+            "stacks": {n: s.pipeline.n_stacked for n, s in self.stacks.items()},
+            "queue": self._queue.qsize(),
+            "last_frame": self.last_frame,
+            "disk_free_bytes": disk_free,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def publish_status(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.set_status(self.status())
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        (self._running.set if state == "running" else self._running.clear)()
+        self._changed.set()
+        self.notifier.status(f"{state}; {self.counts['stacked']} stacked, queue {self._queue.qsize()}")
+        self.publish_status()
+
+    async def _next_path(self) -> Path | None:
+        """The next queued file once running, or None when shutting down. Files left in the
+        queue at shutdown are not in the ledger, so the backlog scan finds them again."""
+        while not self._stop.is_set():
+            self._changed.clear()
+            if self._running.is_set() and not self._queue.empty():
+                path = self._queue.get_nowait()
+                self._queued.discard(str(path))
+                return path
+            changed = asyncio.ensure_future(self._changed.wait())
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({changed, stop}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            stop.cancel()
+        return None
+
+    async def _process_loop(self) -> None:
+        every = self.config.state.checkpoint_every_s
+        while True:
+            path = await self._next_path()
+            if path is None:
+                return
+            due = every <= 0 or time.monotonic() - self._last_checkpoint >= every
+            self._in_hand = 1
+            try:
+                out = await self._in_worker(self._process, path, due)
+            finally:
+                self._in_hand = 0
+            self._report(out)
+            await self._maybe_products()
+
+    def _report(self, out: Outcome) -> None:
+        if out.outcome == "skipped":
+            return
+        name = str(out.path)
+        if out.outcome == "error":
+            log.warning("frame %s: not stacked: %s", name, out.reason)
+            event = {"path": name, "accepted": False, "error": True, "reason": out.reason, "stack": out.stack}
+        else:
+            r = out.result
+            event = {"path": name, **_result_fields(r), "stack": out.stack}
+            metrics = f"stars={r.stars} fwhm={_fmt(r.fwhm_px)}px dx={_fmt(r.dx)} dy={_fmt(r.dy)} {r.processing_ms:.0f}ms"
+            if r.accepted:
+                log.info("frame %s: stacked #%d in %s (%s)", name, out.n_stacked, out.stack, metrics)
+            else:
+                log.info("frame %s: rejected: %s (%s)", name, r.reason, metrics)
+        event["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.last_frame = event
+        if self.mqtt is not None:
+            self.mqtt.event("frame", event)
+        self.notifier.status(f"{self.state}; {self.counts['stacked']} stacked, queue {self._queue.qsize()}")
+        self.publish_status()
+
+    async def _maybe_products(self, force: bool = False) -> None:
+        interval = self.config.mqtt.preview_interval_s if self.config.mqtt else 5.0
+        if not self._products_dirty:
+            return
+        if not force and not self._queue.empty() and time.monotonic() - self._last_products < interval:
+            return  # coalesced: frames are waiting, the preview can wait too
+        self._last_products = time.monotonic()
+        max_edge = self.config.mqtt.preview_max_edge if self.config.mqtt else 1280
+        try:
+            preview = await self._in_worker(self._products, max_edge)
+        except Exception:  # noqa: BLE001 - a failed preview/FITS must not stop stacking
+            log.exception("writing products failed")
+            return
+        if preview and self.mqtt is not None:
+            self.mqtt.set_preview(*preview)
+
+    # ----------------------------------------------------------------- commands
+    async def _command_loop(self) -> None:
+        while True:
+            raw = await self.mqtt.commands.get()
+            reply = await self.handle_command(raw)
+            self.mqtt.event("cmd/result", reply)
+
+    async def handle_command(self, raw: bytes) -> dict:
+        cmd_id = None
+        try:
+            try:
+                loose = json.loads(raw)
+                if isinstance(loose, dict) and isinstance(loose.get("id"), (str, int)):
+                    cmd_id = loose["id"]
+            except (ValueError, UnicodeDecodeError):
+                pass
+            cmd = validate_command(raw)
+            detail = await self._execute(cmd)
+            log.info("command %s (id %s): ok", cmd["action"], cmd_id)
+            return {"id": cmd_id, "ok": True, "action": cmd["action"], **(detail or {})}
+        except CommandError as exc:
+            log.warning("command refused (id %s): %s", cmd_id, exc)
+            return {"id": cmd_id, "ok": False, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a failing command must not end the command loop
+            log.exception("command failed (id %s)", cmd_id)
+            return {"id": cmd_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def _named_stack(self, name: str | None) -> Stack:
+        name = name or self.current
+        if name not in self.stacks:
+            raise CommandError(f"no stack named {name!r} (stacks: {', '.join(self.stacks) or 'none'})")
+        return self.stacks[name]
+
+    async def _execute(self, cmd: dict) -> dict | None:
+        action = cmd["action"]
+        if action in ("pause", "resume"):
+            if action == "resume" and self.state == "stopped":
+                raise CommandError("resume: stacking is stopped; use start")
+            self._set_state("paused" if action == "pause" else "running")
+        elif action == "start":
+            self._set_state("running")
+            self._start_acquisition()
+        elif action == "stop":
+            await self._stop_acquisition()
+            self._set_state("stopped")
+            await self._maybe_products(force=True)
+        elif action == "reset":
+            stack = self._named_stack(cmd.get("stack"))
+            await self._in_worker(self._reset, stack)
+            self.publish_status()
+            return {"stack": stack.key.name}
+        elif action == "set_reference":
+            path = Path(cmd["path"])
+            path = path if path.is_absolute() else self.capture_dir / path
+            name, again = await self._in_worker(self._set_reference, path)
+            for p in sorted(again, key=lambda p: (p.stat().st_mtime if p.exists() else 0, str(p))):
+                self.enqueue(p)
+            self.publish_status()
+            return {"stack": name, "requeued": len(again)}
+        elif action == "restack":
+            stack = self._named_stack(cmd.get("stack"))
+            out = await self._in_worker(self._restack, stack)
+            return {"stack": stack.key.name, "path": str(out)}
+        return None
+
+    def _reset(self, stack: Stack) -> None:
+        stack.pipeline.reset()
+        self._clear_spool(stack.key.name)
+        self._checkpoint()
+
+    def _set_reference(self, path: Path) -> tuple[str, list[Path]]:
+        """New reference for the frame's stack. The pipeline empties that stack (coordinates
+        change), so its frames are taken out of the ledger and returned for re-processing
+        against the new reference; the spool (old coordinates) is cleared."""
+        try:
+            frame = self.loader(path)
+        except (ValueError, OSError) as exc:
+            raise CommandError(f"set_reference: cannot load {path}: {getattr(exc, 'reason', None) or exc}") from None
+        stack = self._stack_for(StackKey.of(frame.meta))
+        stack.pipeline.set_reference(frame)
+        self._clear_spool(stack.key.name)
+        again = []
+        for key, entry in list(self.ledger.entries.items()):
+            if entry.stack == stack.key.name and entry.outcome in ("stacked", "rejected"):
+                del self.ledger.entries[key]
+                self.counts[entry.outcome] -= 1
+                again.append(self.capture_dir / key)
+        self._checkpoint()
+        return stack.key.name, again
+
+    def _clear_spool(self, name: str) -> None:
+        spool_dir = self.state_dir / "spool" / name
+        self._spools.pop(name, None)
+        if spool_dir.exists():
+            from daemon.spool import Spool
+
+            Spool(spool_dir).clear()
+
+    def _restack(self, stack: Stack) -> Path:
+        """Final winsorized sigma-clipped combine of the spooled frames -> <stack>_final.fits."""
+        from daemon.pipeline.restack import restack
+        from daemon.products import write_stack
+        from daemon.spool import Spool
+
+        spool_dir = self.state_dir / "spool" / stack.key.name
+        spool = Spool(spool_dir) if spool_dir.exists() else None
+        if spool is None or len(spool) == 0:
+            raise CommandError(f"restack: no spooled frames for stack {stack.key.name}")
+        # Only frames the ledger has as stacked here (a frame spooled just before a crash and
+        # rejected when processed again after it is left out).
+        stacked = {str((self.capture_dir / k).resolve()) for k, e in self.ledger.entries.items()
+                   if e.outcome == "stacked" and e.stack == stack.key.name}
+        entries = [e for e in spool.entries if e.get("path") and str(Path(e["path"]).resolve()) in stacked]
+        if not entries:
+            raise CommandError(f"restack: no spooled frames for stack {stack.key.name}")
+        result = restack([spool.open(e) for e in entries], [e["weight"] for e in entries],
+                         [e["scale"] for e in entries])
+        out = self.output_dir / f"{stack.key.name}_final.fits"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        provenance = [{k: e.get(k) for k in ("path", "weight", "date_obs", "exposure_s")} for e in entries]
+        write_stack(out, result.image, provenance, method="final", masters=self._masters_used(),
+                    reference=getattr(stack.pipeline, "reference_path", None),
+                    rejected={"low": result.rejected_low, "high": result.rejected_high})
+        log.info("restack of %s: %d frames -> %s", stack.key.name, result.n_frames, out)
+        return out
+
+    # ----------------------------------------------------------------- acquisition
+    def _start_acquisition(self) -> None:
+        if self.config.indi is None or (self._acq_task and not self._acq_task.done()):
+            return
+        if self.config.plan is None:
+            log.warning("%s: [indi] without [plan]: nothing to acquire, watching only", self.config.source)
+            return
+        from daemon.acquisition import run_acquisition
+
+        self._acq_stop = asyncio.Event()
+        service = self
+
+        class Events:
+            async def publish(self, kind: str, payload: dict) -> None:
+                if service.mqtt is not None:
+                    service.mqtt.event("acquisition", {"event": kind, **payload})
+
+        async def run() -> None:
+            try:
+                summary = await run_acquisition(self.config, Events(), self._acq_stop)
+                log.info("acquisition %s: %s frames", summary.get("state"), summary.get("frames"))
+                if self.mqtt is not None:
+                    self.mqtt.event("acquisition", {"event": "finished", **summary})
+            except Exception as exc:  # noqa: BLE001 - stacking of what arrives goes on
+                log.exception("acquisition failed")
+                if self.mqtt is not None:
+                    self.mqtt.event("acquisition", {"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+
+        self._acq_task = asyncio.create_task(run())
+
+    async def _stop_acquisition(self) -> None:
+        if self._acq_task and not self._acq_task.done():
+            self._acq_stop.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._acq_task), 30)
+            except asyncio.TimeoutError:
+                self._acq_task.cancel()
+
+    # ----------------------------------------------------------------- lifecycle
+    async def _heartbeat(self) -> None:
+        """Watchdog pings from the event loop itself (a blocked loop stops them, and systemd
+        restarts us), and a status refresh every 30 s (disk_free_bytes, time)."""
+        interval = watchdog_interval_s()
+        period = min(interval or 30.0, 30.0)
+        last_status = time.monotonic()
+        while True:
+            if interval:
+                self.notifier.watchdog()
+            await asyncio.sleep(period)
+            if time.monotonic() - last_status >= 30.0:
+                last_status = time.monotonic()
+                self.publish_status()
+
+    async def _periodic_checkpoint(self, every: float) -> None:
+        """With checkpoint_every_s > 0: save frames stacked since the last checkpoint once
+        `every` seconds have passed, also when no further frame arrives to trigger it. A task
+        of its own: waiting for the busy worker must never delay the watchdog pings."""
+        while True:
+            await asyncio.sleep(max(every / 4, 0.5))
+            if self._unsaved and time.monotonic() - self._last_checkpoint >= every:
+                await self._in_worker(self._checkpoint_if_unsaved)
+
+    def request_stop(self) -> None:
+        log.info("stop requested: finishing the frame in hand")
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._in_worker(self._restore)
+        tasks: list[asyncio.Task] = []
+        if self.config.mqtt is not None:
+            from daemon.mqtt import MqttLink
+
+            self.mqtt = MqttLink(self.config.mqtt)
+            tasks.append(asyncio.create_task(self.mqtt.run(), name="mqtt"))
+            tasks.append(asyncio.create_task(self._command_loop(), name="commands"))
+        watcher = FolderWatcher(self.capture_dir, self.enqueue, patterns=self.config.capture.patterns,
+                                recursive=self.config.capture.recursive, settle_s=self.config.capture.settle_s,
+                                force_polling=self.force_polling or self.config.capture.poll)
+        watcher.start()
+        self.watcher = watcher
+        for path in backlog(self.capture_dir, self.config.capture.patterns, self.config.capture.recursive):
+            if not self.ledger.done(path):
+                self.enqueue(path)
+        log.info("backlog: %d frames to process", self._queue.qsize())
+        self._set_state("running")
+        tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        if self.config.state.checkpoint_every_s > 0:
+            tasks.append(asyncio.create_task(self._periodic_checkpoint(self.config.state.checkpoint_every_s)))
+        self._start_acquisition()
+        self.notifier.ready(f"running; {self.counts['stacked']} stacked, queue {self._queue.qsize()}")
+        try:
+            await self._process_loop()  # returns on SIGTERM after the frame in hand
+        finally:
+            self.notifier.stopping()
+            self.state = "stopped"
+            watcher.stop()
+            await self._stop_acquisition()
+            await self._in_worker(self._checkpoint)
+            await self._maybe_products(force=True)
+            self.publish_status()
+            if self.mqtt is not None and self.mqtt.connected.is_set():
+                # Give queued events a moment to go out; a down broker does not hold us up.
+                deadline = time.monotonic() + 2.0
+                while (self.mqtt.backlog or self.mqtt._dirty) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                await self.mqtt.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._executor.shutdown(wait=True)
+            log.info("stopped: %d stacked, %d rejected, %d errors", self.counts["stacked"],
+                     self.counts["rejected"], self.counts["errors"])
+        return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"

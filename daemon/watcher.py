@@ -1,0 +1,136 @@
+"""Capture folder -> a callback on the event loop for each complete frame file.
+
+A frame is handed on only once its writer is done with it:
+- on Linux (inotify) when the file is closed after writing (watchdog's FileClosedEvent) or
+  renamed into place (FileMovedEvent: the usual temp-then-rename of capture programs);
+- elsewhere (polling/other observers, network shares) once its size and mtime have stayed
+  unchanged for `settle_s` seconds.
+Temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) are ignored, and
+only names matching the configured patterns (case-insensitive) count. `backlog()` lists files
+already present at start. Duplicates are possible (a file closed twice); the ledger decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+log = logging.getLogger(__name__)
+
+TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
+
+
+def is_candidate(path: str | os.PathLike, patterns: tuple[str, ...]) -> bool:
+    """True for a frame name worth processing: matches a pattern and is no temp/partial name."""
+    name = Path(path).name
+    low = name.lower()
+    if name.startswith((".", "~")) or low.endswith(TEMP_SUFFIXES):
+        return False
+    return any(fnmatch.fnmatch(low, p.lower()) for p in patterns)
+
+
+def backlog(root: Path, patterns: tuple[str, ...], recursive: bool) -> list[Path]:
+    """Frames already in the folder, oldest first (mtime), hidden sub-folders skipped."""
+    root = Path(root)
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        found += [Path(dirpath) / f for f in filenames if is_candidate(f, patterns)]
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    return sorted(found, key=lambda p: (mtime(p), str(p)))
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: "FolderWatcher"):
+        self.w = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        if isinstance(event, FileMovedEvent):
+            self.w._from_thread(os.fsdecode(event.dest_path), complete=True)
+        elif isinstance(event, FileClosedEvent):
+            self.w._from_thread(os.fsdecode(event.src_path), complete=True)
+        elif event.event_type in ("created", "modified"):
+            self.w._from_thread(os.fsdecode(event.src_path), complete=False)
+
+
+class FolderWatcher:
+    """Runs a watchdog observer thread and calls `on_file(path)` on the loop per complete file."""
+
+    def __init__(self, root: Path, on_file: Callable[[Path], None], *, patterns: tuple[str, ...],
+                 recursive: bool = False, settle_s: float = 2.0, force_polling: bool = False):
+        self.root = Path(root)
+        self.on_file = on_file
+        self.patterns = patterns
+        self.recursive = recursive
+        self.settle_s = settle_s
+        if force_polling:
+            from watchdog.observers.polling import PollingObserver
+
+            self._observer = PollingObserver(timeout=0.5)
+        else:
+            self._observer = Observer()
+        #: inotify reports close-after-write; other observers need the size-stable fallback.
+        self.close_events = type(self._observer).__name__.startswith("Inotify")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[str, asyncio.Task] = {}
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._observer.schedule(_Handler(self), str(self.root), recursive=self.recursive)
+        self._observer.start()
+        log.info("watching %s (%s)", self.root,
+                 "close-after-write events" if self.close_events else f"size stable {self.settle_s} s")
+
+    def stop(self) -> None:
+        for task in self._pending.values():
+            task.cancel()
+        self._observer.stop()
+        self._observer.join(timeout=5)
+
+    def _from_thread(self, path: str, complete: bool) -> None:
+        if not is_candidate(path, self.patterns) or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._on_event, path, complete)
+
+    def _on_event(self, path: str, complete: bool) -> None:
+        if complete:
+            task = self._pending.pop(path, None)
+            if task:
+                task.cancel()
+            self.on_file(Path(path))
+        elif not self.close_events and path not in self._pending:
+            self._pending[path] = asyncio.ensure_future(self._settle(path))
+
+    async def _settle(self, path: str) -> None:
+        """Fallback: hand the file on once size and mtime stop changing for settle_s."""
+        last = None
+        try:
+            while True:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    return
+                now = (st.st_size, st.st_mtime_ns)
+                if now == last and st.st_size > 0:
+                    self.on_file(Path(path))
+                    return
+                last = now
+                await asyncio.sleep(self.settle_s)
+        finally:
+            self._pending.pop(path, None)

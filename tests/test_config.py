@@ -1,0 +1,80 @@
+"""Config: TOML -> validated dataclasses; errors name the file and the key; --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "lb.toml"
+    p.write_text(text)
+    return p
+
+
+def test_example_watch_config_loads_and_builds_live_settings():
+    cfg = load_config(ROOT / "config" / "watch.toml")
+    assert cfg.capture.dir == Path("/srv/lightbucket/capture") and cfg.capture.recursive is False
+    assert "*.fits" in cfg.capture.patterns and cfg.mqtt.port == 1883 and cfg.mqtt.rig == "default"
+    assert cfg.indi is None and cfg.plan is None
+    assert cfg.output_dir == Path("/var/lib/lightbucket/output")
+    from daemon.pipeline.live import LiveSettings
+
+    assert LiveSettings.from_config(cfg.stack, cfg.quality).max_eccentricity == 0.6
+
+
+def test_overrides_are_typed_and_create_sections(tmp_path):
+    p = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n')
+    cfg = load_config(p, ["mqtt.port=1999", "mqtt.rig=pier 2", "capture.recursive=true",
+                          "capture.patterns=['*.fits']", "stack.kappa=2.5", "state.dir=/other"])
+    assert cfg.mqtt.port == 1999 and cfg.mqtt.rig == "pier 2" and cfg.mqtt.host == "127.0.0.1"
+    assert cfg.capture.recursive is True and cfg.capture.patterns == ("*.fits",)
+    assert cfg.stack == {"kappa": 2.5} and cfg.state.dir == Path("/other")
+    assert load_config(p).mqtt is None  # no [mqtt]: logs only
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ('[capture]\ndir = "/c"\n[state]\ndir = "/s"\n[mqtt]\nprot = 1\n', [], r"\[mqtt\] prot: unknown key"),
+    ('[capture]\ndir = "/c"\n[state]\ndir = "/s"\n', ["mqtt.port=abc"], r"\[mqtt\] port: expected an integer"),
+    ('[capture]\ndir = "/c"\n[state]\ndir = "/s"\n', ["capture.recursive=1"], r"\[capture\] recursive: expected true"),
+    ('[capture]\ndir = "/c"\n', [], r"\[state\] section missing"),
+    ('[capture]\nrecursive = true\n[state]\ndir = "/s"\n', [], r"\[capture\] dir: required key missing"),
+    ('[capture]\ndir = "/c"\n[state]\ndir = "/s"\n[camra]\n', [], r"\[camra\]: unknown section"),
+    ('[capture\n', [], "not valid TOML"),
+    ('[capture]\ndir = "/c"\n[state]\ndir = "/s"\n', ["mqttport=1"], "expected section.key=value"),
+])
+def test_errors_name_file_and_key(tmp_path, text, overrides, message):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(p, overrides)
+    if "section.key" not in message:
+        assert str(p) in str(err.value)
+
+
+def test_plan_coordinates_sexagesimal_or_degrees(tmp_path):
+    p = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n'
+                        '[plan]\ntarget = "M27"\nra = "19h59m36s"\ndec = "+22d43m16s"\nexposure_s = 30\n')
+    plan = load_config(p).plan
+    assert plan.ra_deg == pytest.approx(299.9, abs=1e-6)
+    assert plan.dec_deg == pytest.approx(22 + 43 / 60 + 16 / 3600, abs=1e-6)
+    assert plan.exposure_s == 30.0
+    p2 = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n[plan]\ntarget = "X"\nra = 10.5\n')
+    assert load_config(p2).plan.ra_deg == 10.5
+
+
+def test_parse_override_keeps_strings():
+    assert parse_override("mqtt.host=broker.local") == ("mqtt", "host", "broker.local")
+    assert parse_override("mqtt.port = 1884") == ("mqtt", "port", 1884)
+
+
+def test_unknown_stack_key_is_refused_at_start(tmp_path):
+    from daemon.service import LivePipelineFactory
+
+    p = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n[stack]\nkapa = 3\n')
+    with pytest.raises(ValueError, match=r"lb.toml.*stack.kapa"):
+        LivePipelineFactory(load_config(p))
