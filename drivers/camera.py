@@ -1,0 +1,184 @@
+"""INDI camera: cooling, gain/offset, binning, frame type, exposure with local upload, abort.
+
+Why a staging folder: INDI drivers write the upload file in place (fopen/fwrite/fclose of the final
+name, checked on indi 1.9.9), so a watcher could see a half-written FITS. We let the driver write into
+`<capture>/.incoming/` (hidden, same file system) and, once CCD_EXPOSURE reports Ok (the driver has
+closed the file by then: its "Image saved" message precedes the state change), we rename it
+atomically into the capture folder under our own name. The watcher only ever sees complete files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from drivers.indi_client import IndiAlert, IndiClient, IndiError, IndiTimeout
+
+log = logging.getLogger(__name__)
+
+FRAME_TYPES = {"light": "FRAME_LIGHT", "dark": "FRAME_DARK", "bias": "FRAME_BIAS",
+               "flat": "FRAME_FLAT", "darkflat": "FRAME_DARK"}
+STAGING = ".incoming"
+
+
+@dataclass(frozen=True)
+class CameraSettings:
+    """Config [camera]. cooler_c: set-point in deg C (None: leave the cooler alone)."""
+
+    cooler_c: float | None = None
+    gain: float | None = None
+    offset: float | None = None
+    binning: int = 1
+    upload_prefix: str = "light"
+
+
+class ExposureTimeout(IndiTimeout):
+    """An exposure did not complete in time (it has been aborted)."""
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_+.-]+", "-", str(text)).strip("-") or "x"
+
+
+class Camera:
+    #: How long to wait for an optional property (binning, gain) the driver may define late (s).
+    define_wait_s = 3.0
+
+    def __init__(self, client: IndiClient, device: str):
+        self.client, self.device = client, device
+        self.staging: Path | None = None
+        self.capture_dir: Path | None = None
+        self._seq = 0
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        await self.client.connect_device(self.device, timeout)
+        for name in ("CCD_EXPOSURE", "CCD_FRAME_TYPE", "UPLOAD_MODE", "UPLOAD_SETTINGS"):
+            await self.client.wait_for(self.device, name, timeout=timeout,
+                                       what=f"camera property {name} defined")
+
+    async def _set_number(self, name: str, values: dict, timeout: float = 5.0) -> None:
+        gen = self.client.send_number(self.device, name, values)
+        await self.client.wait_for(self.device, name, lambda p: p.state != "Busy", timeout, gen,
+                                   f"{name} = {values}")
+        if self.client.prop(self.device, name).state == "Alert":
+            raise IndiAlert(f"{self.device} refused {name} = {values}")
+
+    async def _set_switch(self, name: str, on: str, timeout: float = 5.0) -> None:
+        snap = self.client.prop(self.device, name)
+        if snap is not None and snap.values.get(on) is True and snap.state != "Alert":
+            return
+        gen = self.client.send_switch(self.device, name, [on])
+        await self.client.wait_state(self.device, name, gen, timeout, f"{name} {on}")
+
+    async def configure(self, settings: CameraSettings, capture_dir: str | Path,
+                        target: str = "") -> None:
+        """Binning, gain, offset, local upload into <capture_dir>/.incoming, FITS object name."""
+        c, d = self.client, self.device
+        self.capture_dir = Path(capture_dir)
+        self.staging = self.capture_dir / STAGING
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        b = int(settings.binning)
+        if await c.wait_defined(d, ["CCD_BINNING"], 0 if b == 1 else self.define_wait_s):
+            await self._set_number("CCD_BINNING", {"HOR_BIN": b, "VER_BIN": b})
+        elif b != 1:
+            raise IndiError(f"{d} has no CCD_BINNING ([camera] binning = {b})")
+        for key, value in (("GAIN", settings.gain), ("OFFSET", settings.offset)):
+            if value is None:
+                continue
+            found = await c.wait_defined(d, [f"CCD_{key}", "CCD_CONTROLS"], self.define_wait_s)
+            if found == f"CCD_{key}":
+                await self._set_number(f"CCD_{key}", {key: value})
+            elif found and key.title() in c.prop(d, found).values:
+                await self._set_number("CCD_CONTROLS", {key.title(): value})
+            else:
+                raise IndiError(f"{d} has neither CCD_{key} nor CCD_CONTROLS.{key.title()} "
+                                f"([camera] {key.lower()} = {value})")
+        gen = c.send_text(d, "UPLOAD_SETTINGS", {"UPLOAD_DIR": str(self.staging),
+                                                 "UPLOAD_PREFIX": "frame_XXX"})
+        await c.wait_state(d, "UPLOAD_SETTINGS", gen, 5.0, "upload folder")
+        await self._set_switch("UPLOAD_MODE", "UPLOAD_LOCAL")
+        if target and c.prop(d, "FITS_HEADER"):
+            try:
+                c.send_text(d, "FITS_HEADER", {"FITS_OBJECT": target})
+            except IndiError as exc:  # not essential: file names carry the target too
+                log.info("FITS_HEADER not set: %s", exc)
+
+    async def cool(self, set_c: float, tolerance_c: float = 0.5, timeout: float = 600.0) -> float:
+        """Cooler on (when the camera has one), set-point, wait until within tolerance; returns
+        the sensor temperature in deg C."""
+        c, d = self.client, self.device
+        cooler = c.prop(d, "CCD_COOLER")
+        if cooler and not (cooler.values.get("COOLER_ON") and cooler.state != "Alert"):
+            # Busy is a valid answer here: many drivers keep the cooler Busy while cooling.
+            gen = c.send_switch(d, "CCD_COOLER", ["COOLER_ON"])
+            snap = await c.wait_for(d, "CCD_COOLER", lambda p: p.values.get("COOLER_ON")
+                                    or p.state == "Alert", 10.0, gen, "cooler on")
+            if snap.state == "Alert":
+                raise IndiAlert(f"{d} refused to switch the cooler on")
+        if not c.prop(d, "CCD_TEMPERATURE"):
+            raise IndiError(f"{d} has no CCD_TEMPERATURE: cannot cool to {set_c} C")
+        gen = c.send_number(d, "CCD_TEMPERATURE", {"CCD_TEMPERATURE_VALUE": set_c})
+        snap = await c.wait_for(
+            d, "CCD_TEMPERATURE",
+            lambda p: p.state == "Alert"
+            or abs(p.values["CCD_TEMPERATURE_VALUE"] - set_c) <= tolerance_c,
+            timeout, gen, f"sensor at {set_c} C")
+        if snap.state == "Alert":
+            raise IndiAlert(f"{d} cooler reports Alert at {snap.values}")
+        return snap.values["CCD_TEMPERATURE_VALUE"]
+
+    def min_exposure_s(self) -> float:
+        """Shortest exposure the camera accepts (s): what bias frames use."""
+        snap = self.client.prop(self.device, "CCD_EXPOSURE")
+        low = snap.limits.get("CCD_EXPOSURE_VALUE", (0.0, 0.0))[0] if snap else 0.0
+        return max(low, 0.0)
+
+    def temperature(self) -> float | None:
+        snap = self.client.prop(self.device, "CCD_TEMPERATURE")
+        return snap.values.get("CCD_TEMPERATURE_VALUE") if snap else None
+
+    async def set_frame_type(self, frame_type: str) -> None:
+        try:
+            element = FRAME_TYPES[frame_type]
+        except KeyError:
+            raise ValueError(f"frame type {frame_type!r}: expected one of {sorted(FRAME_TYPES)}")
+        await self._set_switch("CCD_FRAME_TYPE", element)
+
+    async def expose(self, seconds: float, name: str, timeout: float | None = None) -> Path:
+        """One exposure; returns the complete FITS in the capture folder named `name`-<seq>.fits.
+
+        Raises ExposureTimeout (after aborting) when the camera does not finish within
+        `timeout` (default: exposure + 30 s for download), IndiAlert when it reports failure.
+        """
+        if self.staging is None:
+            raise IndiError("camera not configured (call configure first)")
+        for old in self.staging.iterdir():  # leftovers of an interrupted exposure
+            old.unlink(missing_ok=True)
+        limit = timeout if timeout is not None else seconds + 30.0
+        gen = self.client.send_number(self.device, "CCD_EXPOSURE", {"CCD_EXPOSURE_VALUE": seconds})
+        try:
+            await self.client.wait_state(self.device, "CCD_EXPOSURE", gen, limit,
+                                         f"{seconds:g} s exposure")
+        except IndiTimeout as exc:
+            await self.abort()
+            raise ExposureTimeout(str(exc)) from None
+        files = sorted(self.staging.iterdir(), key=lambda p: p.stat().st_mtime)
+        if not files:
+            raise IndiError(f"{self.device}: exposure done but no file in {self.staging} "
+                            "(is UPLOAD_MODE local and the folder writable by the driver?)")
+        self._seq += 1
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        dest = self.capture_dir / f"{_safe(name)}_{stamp}_{self._seq:04d}{files[-1].suffix}"
+        os.replace(files[-1], dest)
+        return dest
+
+    async def abort(self) -> None:
+        try:
+            self.client.send_switch(self.device, "CCD_ABORT_EXPOSURE", ["ABORT"])
+        except IndiError as exc:
+            log.warning("could not abort exposure on %s: %s", self.device, exc)

@@ -1,0 +1,158 @@
+"""INDI mount: unpark, slew-and-track to J2000 coordinates, sync, park, abort, pier side.
+
+INDI mounts take EQUATORIAL_EOD_COORD in JNow (RA in hours, Dec in degrees); config gives J2000,
+converted here with astropy's FK5 at the equinox of date.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime, timezone
+
+from drivers.indi_client import IndiClient, IndiError, IndiTimeout
+
+log = logging.getLogger(__name__)
+
+
+class SlewTimeout(IndiTimeout):
+    """A slew (or park) did not finish in time; the mount has been told to abort."""
+
+
+def j2000_to_jnow(ra_deg: float, dec_deg: float, when: datetime | None = None) -> tuple[float, float]:
+    """(RA hours, Dec deg) of date for J2000 (RA deg, Dec deg)."""
+    from astropy import units as u
+    from astropy.coordinates import FK5, SkyCoord
+    from astropy.time import Time
+
+    t = Time(when or datetime.now(timezone.utc))
+    c = SkyCoord(ra_deg * u.deg, dec_deg * u.deg, frame=FK5(equinox="J2000"))
+    now = c.transform_to(FK5(equinox=t))
+    return float(now.ra.hour), float(now.dec.deg)
+
+
+def jnow_to_j2000(ra_hours: float, dec_deg: float, when: datetime | None = None) -> tuple[float, float]:
+    """(RA deg, Dec deg) J2000 for coordinates of date (RA hours, Dec deg)."""
+    from astropy import units as u
+    from astropy.coordinates import FK5, SkyCoord
+    from astropy.time import Time
+
+    t = Time(when or datetime.now(timezone.utc))
+    c = SkyCoord(ra_hours * u.hourangle, dec_deg * u.deg, frame=FK5(equinox=t))
+    j = c.transform_to(FK5(equinox="J2000"))
+    return float(j.ra.deg), float(j.dec.deg)
+
+
+class Mount:
+    def __init__(self, client: IndiClient, device: str):
+        self.client, self.device = client, device
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        await self.client.connect_device(self.device, timeout)
+        await self.client.wait_for(self.device, "EQUATORIAL_EOD_COORD", timeout=timeout,
+                                   what="mount coordinates")
+
+    def _switch_on(self, name: str) -> list[str]:
+        snap = self.client.prop(self.device, name)
+        return snap.on() if snap else []
+
+    @property
+    def parked(self) -> bool:
+        return "PARK" in self._switch_on("TELESCOPE_PARK")
+
+    def pier_side(self) -> str | None:
+        """"east" / "west", or None when the mount does not say."""
+        on = self._switch_on("TELESCOPE_PIER_SIDE")
+        return on[0].removeprefix("PIER_").lower() if on else None
+
+    def position_jnow(self) -> tuple[float, float] | None:
+        snap = self.client.prop(self.device, "EQUATORIAL_EOD_COORD")
+        return (snap.values["RA"], snap.values["DEC"]) if snap else None
+
+    def focal_length_mm(self) -> float | None:
+        snap = self.client.prop(self.device, "TELESCOPE_INFO")
+        value = snap.values.get("TELESCOPE_FOCAL_LENGTH") if snap else None
+        return value or None
+
+    async def unpark(self, timeout: float = 60.0) -> None:
+        if not self.client.prop(self.device, "TELESCOPE_PARK") or not self.parked:
+            return
+        gen = self.client.send_switch(self.device, "TELESCOPE_PARK", ["UNPARK"])
+        await self.client.wait_state(self.device, "TELESCOPE_PARK", gen, timeout, "unpark")
+
+    async def park(self, timeout: float = 120.0) -> None:
+        gen = self.client.send_switch(self.device, "TELESCOPE_PARK", ["PARK"])
+        try:
+            await self.client.wait_for(self.device, "TELESCOPE_PARK",
+                                       lambda p: p.state in ("Ok", "Alert") and p.values.get("PARK"),
+                                       timeout, gen, "parked")
+        except IndiTimeout as exc:
+            await self.abort()
+            raise SlewTimeout(str(exc)) from None
+
+    async def abort(self) -> None:
+        try:
+            self.client.send_switch(self.device, "TELESCOPE_ABORT_MOTION", ["ABORT"])
+        except IndiError as exc:
+            log.warning("could not abort %s: %s", self.device, exc)
+
+    async def _goto(self, ra_deg: float, dec_deg: float, action: str, timeout: float) -> None:
+        ra_h, dec = j2000_to_jnow(ra_deg, dec_deg)
+        if self.client.prop(self.device, "ON_COORD_SET"):
+            gen = self.client.send_switch(self.device, "ON_COORD_SET", [action])
+            await self.client.wait_for(self.device, "ON_COORD_SET", lambda p: True, 5.0, gen)
+        gen = self.client.send_number(self.device, "EQUATORIAL_EOD_COORD", {"RA": ra_h, "DEC": dec})
+        what = f"{action.lower()} to RA {ra_deg:.4f} Dec {dec_deg:+.4f}"
+
+        def arrived(p) -> bool:  # within 2 arcsec of the target
+            dra = (p.values["RA"] - ra_h + 12.0) % 24.0 - 12.0
+            return abs(dra) * 15.0 * 3600.0 < 2.0 and abs(p.values["DEC"] - dec) * 3600.0 < 2.0
+
+        # Why two phases: a tracking mount republishes its (old) position with state Ok several
+        # times a second, so the first Ok after our request may predate it. First see the request
+        # taken (Busy) or the mount already there; then wait for the move to end.
+        try:
+            snap = await self.client.wait_for(
+                self.device, "EQUATORIAL_EOD_COORD",
+                lambda p: p.state in ("Busy", "Alert") or arrived(p), min(timeout, 10.0), gen,
+                f"{what} to start")
+            if snap.state == "Busy":
+                snap = await self.client.wait_state(self.device, "EQUATORIAL_EOD_COORD",
+                                                    snap.generation, timeout, what)
+        except IndiTimeout as exc:
+            await self.abort()
+            raise SlewTimeout(str(exc)) from None
+        if snap.state == "Alert":
+            raise IndiError(f"{self.device} refused {what}")
+
+    def error_arcsec(self, ra_deg: float, dec_deg: float) -> float | None:
+        """Distance (arcsec) between where the mount says it points and J2000 (ra_deg, dec_deg)."""
+        pos = self.position_jnow()
+        if pos is None:
+            return None
+        ra_h, dec = j2000_to_jnow(ra_deg, dec_deg)
+        dra = ((pos[0] - ra_h + 12.0) % 24.0 - 12.0) * 15.0 * math.cos(math.radians(dec))
+        return math.hypot(dra, pos[1] - dec) * 3600.0
+
+    async def slew(self, ra_deg: float, dec_deg: float, timeout: float = 180.0,
+                   tolerance_arcsec: float = 5.0, corrections: int = 2) -> None:
+        """Slew to J2000 (deg) and track; raises SlewTimeout (after abort) when not there in time.
+
+        Why corrections: some mounts (INDI's telescope simulator among them: it lands off by the
+        slew's duration in RA) end a long slew beside the target; short re-slews converge.
+        """
+        await self.unpark()
+        for _ in range(1 + corrections):
+            await self._goto(ra_deg, dec_deg, "TRACK", timeout)
+            err = self.error_arcsec(ra_deg, dec_deg)
+            if err is None or err <= tolerance_arcsec:
+                break
+            log.info("%s: %.1f arcsec from target after slew, correcting", self.device, err)
+        if self.client.prop(self.device, "TELESCOPE_TRACK_STATE") and \
+                "TRACK_ON" not in self._switch_on("TELESCOPE_TRACK_STATE"):
+            gen = self.client.send_switch(self.device, "TELESCOPE_TRACK_STATE", ["TRACK_ON"])
+            await self.client.wait_state(self.device, "TELESCOPE_TRACK_STATE", gen, 10.0, "tracking")
+
+    async def sync(self, ra_deg: float, dec_deg: float, timeout: float = 10.0) -> None:
+        """Tell the mount it is pointing at J2000 (ra_deg, dec_deg)."""
+        await self._goto(ra_deg, dec_deg, "SYNC", timeout)
