@@ -1,0 +1,1 @@
+"""Benchmark of the live pipeline against a naive astroalign baseline (see bench/run.py)."""

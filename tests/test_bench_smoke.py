@@ -1,0 +1,45 @@
+"""Smoke run of the benchmark so it does not rot: the real pipeline and the real naive
+baseline over a tiny synthetic session, in subprocesses, as `bench.run --quick` runs them.
+No timing is asserted (speed lives in bench/); only that every stage was measured and the
+comparison came out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.run import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_produces_full_table(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--sizes", "320x240", "--frames", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    table = out.with_suffix(".md").read_text()
+    assert res["table"] == table and table in proc.stdout
+    assert res["machine"]["cores"] >= 1 and res["machine"]["cpu"]
+    # Header row of the per-stage table names every stage.
+    header = next(line for line in table.splitlines() if line.startswith("| size | mode | pipeline"))
+    assert [c.strip() for c in header.strip("|").split("|")][3:-1] == list(STAGES)
+    assert {(r["size"], r["mode"]) for r in res["results"]} == {("320x240", "mono"), ("320x240", "osc")}
+    for r in res["results"]:
+        live, naive = r["live"], r["naive"]
+        assert live["n_timed"] == 2 and naive["n_timed"] == 2
+        # Every frame was stacked by both (reference + 2), so the timings are of real work.
+        assert live["n_stacked"] == 3 and naive["n_stacked"] == 3
+        for stage in ("load", "calibrate", "detect", "match", "warp", "reject+stack", "spool", "preview"):
+            assert live["stages"][stage] > 0, (r["mode"], stage)
+        assert (live["stages"]["debayer"] or 0) > 0 if r["mode"] == "osc" else live["stages"]["debayer"] is None
+        assert naive["stages"]["match"] > 0 and naive["stages"]["warp"] > 0
+        assert r["ratio"] > 0 and live["peak_rss"] > 10e6 and naive["peak_rss"] > 10e6
+        # The live pipeline registered the dithered frames (not an identity warp of everything).
+        dxs = [f["dx"] for f in r["live_raw"]["frames"][1:]]
+        assert all(d is not None and abs(d) > 0.5 for d in dxs), dxs
