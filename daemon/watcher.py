@@ -6,8 +6,10 @@ A frame is handed on only once its writer is done with it:
 - elsewhere (polling/other observers, network shares) once its size and mtime have stayed
   unchanged for `settle_s` seconds.
 Temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) are ignored, and
-only names matching the configured patterns (case-insensitive) count. `backlog()` lists files
-already present at start. Duplicates are possible (a file closed twice); the ledger decides.
+only names matching the configured patterns (case-insensitive) count. Hidden sub-folders (the
+INDI camera's `.incoming/`, where frames are written before their rename) and `calibration/`
+(calibration plans' darks, bias and flats, which become masters, not lights) are never watched,
+recursive or not. `backlog()` lists files already present at start. Duplicates are possible (a file closed twice); the ledger decides.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from watchdog.observers import Observer
 log = logging.getLogger(__name__)
 
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
+#: Sub-folders of the capture folder that never hold lights (see the module docstring).
+SKIPPED_DIRS = ("calibration",)
+
+
+def _skipped_dir(name: str) -> bool:
+    return name.startswith(".") or name in SKIPPED_DIRS
 
 
 def is_candidate(path: str | os.PathLike, patterns: tuple[str, ...]) -> bool:
@@ -41,7 +49,7 @@ def backlog(root: Path, patterns: tuple[str, ...], recursive: bool) -> list[Path
     root = Path(root)
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        dirnames[:] = sorted(d for d in dirnames if not _skipped_dir(d)) if recursive else []
         found += [Path(dirpath) / f for f in filenames if is_candidate(f, patterns)]
 
     def mtime(p: Path) -> float:
@@ -103,8 +111,15 @@ class FolderWatcher:
         self._observer.stop()
         self._observer.join(timeout=5)
 
+    def _in_skipped_dir(self, path: str) -> bool:
+        try:
+            parts = Path(path).relative_to(self.root).parts[:-1]
+        except ValueError:
+            return True  # not under the watched folder at all
+        return any(_skipped_dir(p) for p in parts)
+
     def _from_thread(self, path: str, complete: bool) -> None:
-        if not is_candidate(path, self.patterns) or self._loop is None:
+        if not is_candidate(path, self.patterns) or self._loop is None or self._in_skipped_dir(path):
             return
         self._loop.call_soon_threadsafe(self._on_event, path, complete)
 

@@ -75,6 +75,11 @@ def test_candidate_names_and_backlog(tmp_path):
         os.utime(tmp_path / name, (1000 + i, 1000 + i))
     assert [p.name for p in backlog(tmp_path, PATTERNS, recursive=False)] == ["b.fits", "a.fits"]
     assert [p.name for p in backlog(tmp_path, PATTERNS, recursive=True)] == ["b.fits", "a.fits", "c.fits"]
+    # The camera's .incoming/ and calibration plans' folders never hold lights.
+    for sub in (".incoming", "calibration/dark"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "x.fits").write_bytes(b"x")
+    assert [p.name for p in backlog(tmp_path, PATTERNS, recursive=True)] == ["b.fits", "a.fits", "c.fits"]
 
 
 async def _collect(watcher_kwargs, root: Path, writer):
@@ -109,6 +114,23 @@ def test_inotify_close_after_write_and_rename_into_place(tmp_path):
     names = [n for _, n in got]
     assert sorted(set(names)) == ["moved.fits", "slow.fits"]
     assert min(t for t, n in got if n == "slow.fits") >= closed_at
+
+
+def test_recursive_watch_ignores_incoming_and_calibration_folders(tmp_path):
+    """The INDI camera writes into .incoming/ and renames into place; calibration plans write
+    into calibration/<type>/: only the renamed light and a light in a sub-folder count."""
+    for sub in (".incoming", "calibration/dark", "night2"):
+        (tmp_path / sub).mkdir(parents=True)
+
+    async def writer():
+        (tmp_path / "calibration/dark/dark_1.fits").write_bytes(b"d" * 100)
+        (tmp_path / ".incoming/light_1.fits").write_bytes(b"l" * 100)
+        os.rename(tmp_path / ".incoming/light_1.fits", tmp_path / "light_1.fits")
+        (tmp_path / "night2/light_2.fits").write_bytes(b"l" * 100)
+        return time.monotonic()
+
+    got, _, _ = asyncio.run(_collect({"recursive": True}, tmp_path, writer))
+    assert sorted({n for _, n in got}) == ["light_1.fits", "light_2.fits"]
 
 
 def test_size_stable_fallback_waits_for_the_writer(tmp_path):
