@@ -213,7 +213,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {hint!r}")  # pragma: no cover
 
 
-def _build(cls: type, data: dict, section: str, source: str) -> Any:
+def build_section(cls: type, data: dict, section: str, source: str) -> Any:
+    """One section (or a command shaped like one) -> its dataclass; errors name source and key."""
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
@@ -237,7 +238,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
         if section in _PASSTHROUGH:
             kwargs[section] = dict(value)
         elif section in _SECTIONS:
-            kwargs[section] = _build(_SECTIONS[section], value, section, source)
+            kwargs[section] = build_section(_SECTIONS[section], value, section, source)
         else:
             known = sorted([*_SECTIONS, *_PASSTHROUGH])
             raise ConfigError(f"{source}: [{section}]: unknown section (known: {', '.join(known)})")

@@ -10,12 +10,19 @@ its own stack. The "current" stack is the one that received the last frame.
 
 Commands arrive as JSON on <prefix>cmd; each gets a reply on <prefix>cmd/result with the same
 id. A command that does not validate is refused before anything changes.
+
+Acquisition (with [indi]): one plan at a time, the config's [plan] at start or one sent with the
+`plan` command. Its frames reach the stacks only through the watcher, like any other program's.
+A calibration plan (dark, bias, flat, darkflat) ends in a master built from its frames; from then
+on that master calibrates every new stack (and any stack still empty), and the checkpoint keeps
+it, so a restart calibrates the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import re
@@ -28,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from daemon import checkpoint
-from daemon.config import Config
+from daemon.config import Config, ConfigError, PlanConfig, build_section
 from daemon.ledger import Ledger
 from daemon.sdnotify import Notifier, watchdog_interval_s
 from daemon.watcher import FolderWatcher, backlog
@@ -44,7 +51,11 @@ ACTIONS = {
     "reset": {"stack": (str, False)},
     "restack": {"stack": (str, False)},
     "set_reference": {"path": (str, True)},
+    # Every [plan] key (daemon.config.PlanConfig); those left out come from the config's [plan],
+    # so {"frame_type": "dark", "count": 20} takes darks matching the lights' exposure.
+    "plan": None,
 }
+MASTER_KINDS = ("bias", "dark", "flat", "darkflat")
 
 
 class CommandError(ValueError):
@@ -52,15 +63,15 @@ class CommandError(ValueError):
 
 
 class PipelineFactory(Protocol):
-    """Makes the per-stack pipelines: the real LivePipeline in production, fakes in tests."""
+    """Makes the per-stack pipelines, calibrated with the given master files ({kind: path})."""
 
-    def new(self) -> Any: ...
+    def new(self, masters: dict[str, str]) -> Any: ...
 
-    def restore(self, state: dict) -> Any: ...
+    def restore(self, state: dict, masters: dict[str, str]) -> Any: ...
 
 
 class LivePipelineFactory:
-    """LivePipeline with LiveSettings from [stack]/[quality] and masters from [calibration]."""
+    """LivePipeline with LiveSettings from [stack]/[quality]; masters loaded once per set of files."""
 
     def __init__(self, config: Config):
         from daemon.pipeline.live import LiveSettings
@@ -69,22 +80,31 @@ class LivePipelineFactory:
             self.settings = LiveSettings.from_config(config.stack, config.quality)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{config.source}: {exc}") from exc
+        self._loaded: dict[tuple, Any] = {}
         cal = config.calibration
-        self.masters = None
-        if any((cal.bias, cal.dark, cal.flat, cal.darkflat)):
+        self.masters_for({k: str(getattr(cal, k)) for k in MASTER_KINDS if getattr(cal, k)})  # fail at start
+
+    def masters_for(self, paths: dict[str, str]):
+        """The loaded Masters of these files (None for none). Raises FrameError/MasterError
+        (ValueError) when a file is unreadable or they do not fit together."""
+        key = tuple(sorted(paths.items()))
+        if not key:
+            return None
+        if key not in self._loaded:
             from daemon.masters import load_masters
 
-            self.masters = load_masters(bias=cal.bias, dark=cal.dark, flat=cal.flat, darkflat=cal.darkflat)
+            self._loaded[key] = load_masters(**paths)
+        return self._loaded[key]
 
-    def new(self):
+    def new(self, masters: dict[str, str]):
         from daemon.pipeline.live import LivePipeline
 
-        return LivePipeline(self.settings, self.masters)
+        return LivePipeline(self.settings, self.masters_for(masters))
 
-    def restore(self, state: dict):
+    def restore(self, state: dict, masters: dict[str, str]):
         from daemon.pipeline.live import LivePipeline
 
-        return LivePipeline.from_state(state, self.settings, self.masters)
+        return LivePipeline.from_state(state, self.settings, self.masters_for(masters))
 
 
 def default_loader(path: Path):
@@ -117,6 +137,8 @@ class StackKey:
 class Stack:
     key: StackKey
     pipeline: Any
+    #: Master files ({kind: path}) this stack is calibrated with: those in use when it began.
+    masters: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,6 +169,8 @@ def validate_command(raw: bytes) -> dict:
     if action not in ACTIONS:
         raise CommandError(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
     params = ACTIONS[action]
+    if params is None:  # plan: checked against [plan]'s own keys by plan_from_command
+        return cmd
     for key, value in cmd.items():
         if key in ("id", "action"):
             continue
@@ -160,6 +184,29 @@ def validate_command(raw: bytes) -> dict:
     return cmd
 
 
+def plan_from_command(cmd: dict, default: PlanConfig | None) -> PlanConfig:
+    """The PlanConfig of a `plan` command: its keys over the config's [plan] (when there is one).
+    Raises CommandError naming the key, as a config error would."""
+    from daemon.acquisition import AcquisitionError, parse_dec, parse_ra
+
+    given = {k: v for k, v in cmd.items() if k not in ("id", "action")}
+    base = dataclasses.asdict(default) if default is not None else {}
+    if given.get("frame_type", "light") != "light":
+        base.setdefault("target", "")
+        base.update(count=10, until=None, dither_every=0)  # no slews, no dithers
+    try:
+        plan = build_section(PlanConfig, {**base, **given}, "plan", "plan command")
+        if plan.ra is not None:
+            parse_ra(plan.ra)
+        if plan.dec is not None:
+            parse_dec(plan.dec)
+    except (ConfigError, AcquisitionError) as exc:
+        raise CommandError(str(exc)) from None
+    if plan.frame_type not in ("light", *MASTER_KINDS):
+        raise CommandError(f"plan: frame_type {plan.frame_type!r}: expected light, {', '.join(MASTER_KINDS)}")
+    return plan
+
+
 def _result_fields(result: Any) -> dict:
     keys = ("accepted", "reason", "stars", "fwhm_px", "eccentricity", "dx", "dy", "rotation_deg",
             "background", "weight", "processing_ms")
@@ -169,12 +216,14 @@ def _result_fields(result: Any) -> dict:
 class Service:
     def __init__(self, config: Config, *, factory: PipelineFactory | None = None,
                  loader: Callable[[Path], Any] = default_loader, notifier: Notifier | None = None,
-                 force_polling: bool = False):
+                 force_polling: bool = False, acquire_at_start: bool = True):
         self.config = config
         self.factory = factory if factory is not None else LivePipelineFactory(config)
         self.loader = loader
         self.notifier = notifier or Notifier()
         self.force_polling = force_polling
+        #: False: [plan] waits for a `start` command (or run_plan), e.g. to take darks first.
+        self.acquire_at_start = acquire_at_start
         self.capture_dir = Path(config.capture.dir)
         self.state_dir = Path(config.state.dir)
         self.output_dir = config.output_dir
@@ -201,6 +250,9 @@ class Service:
         self._products_dirty = False
         self._acq_task: asyncio.Task | None = None
         self._acq_stop: asyncio.Event | None = None
+        #: Master files in use, by kind: the config's [calibration], then those built here.
+        cal = config.calibration
+        self.masters: dict[str, str] = {k: str(getattr(cal, k)) for k in MASTER_KINDS if getattr(cal, k)}
 
     # ----------------------------------------------------------------- worker-thread side
     async def _in_worker(self, fn, *args):
@@ -214,8 +266,11 @@ class Service:
         self.session = state.get("session", self.session)
         self.counts.update(state.get("counts", {}))
         self.current = state.get("current")
+        self.masters = dict(state.get("masters", self.masters))
         for name, st in state.get("stacks", {}).items():
-            self.stacks[name] = Stack(StackKey(**st["key"]), self.factory.restore(st["pipeline"]))
+            masters = st.get("masters", self.masters)
+            self.stacks[name] = Stack(StackKey(**st["key"]), self.factory.restore(st["pipeline"], masters),
+                                      dict(masters))
         log.info("resumed session %s from checkpoint: %s", self.session,
                  ", ".join(f"{n}: {s.pipeline.n_stacked} frames" for n, s in self.stacks.items()) or "no stacks")
 
@@ -225,8 +280,10 @@ class Service:
             "session": self.session,
             "counts": dict(self.counts),
             "current": self.current,
+            "masters": dict(self.masters),
             "ledger": self.ledger.to_json(),
-            "stacks": {n: {"key": s.key.__dict__, "pipeline": s.pipeline.state()} for n, s in self.stacks.items()},
+            "stacks": {n: {"key": s.key.__dict__, "masters": s.masters, "pipeline": s.pipeline.state()}
+                       for n, s in self.stacks.items()},
         }
         checkpoint.save(self.state_dir, state)
         self._last_checkpoint = time.monotonic()
@@ -248,7 +305,7 @@ class Service:
     def _stack_for(self, key: StackKey) -> Stack:
         stack = self.stacks.get(key.name)
         if stack is None:
-            stack = self.stacks[key.name] = Stack(key, self.factory.new())
+            stack = self.stacks[key.name] = Stack(key, self.factory.new(self.masters), dict(self.masters))
             log.info("new stack %s", key.name)
         return stack
 
@@ -314,10 +371,34 @@ class Service:
         except (OSError, ValueError) as exc:  # the live stack has the frame; only restack misses it
             log.error("spooling %s for the final re-stack failed: %s", path, exc)
 
-    def _masters_used(self) -> dict[str, str | None]:
-        cal = self.config.calibration
-        return {k: str(v) if v else None for k, v in
-                (("bias", cal.bias), ("dark", cal.dark), ("flat", cal.flat), ("darkflat", cal.darkflat))}
+
+    def _build_master(self, plan: PlanConfig, paths: list[str]) -> Path:
+        """Combine a calibration plan's frames into a master under <state>/masters and use it
+        for new stacks (and stacks still empty). Dark and flat masters have the bias (or, for
+        flats, the dark-flat) in use subtracted, so darks scale with exposure."""
+        from daemon.masters import build_master
+
+        kind = plan.frame_type
+        exposure = f"_{plan.exposure_s:g}s" if kind in ("dark", "darkflat") else ""
+        filt = f"_{plan.filter}" if kind in ("flat", "darkflat") and plan.filter else ""
+        name = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{kind}{filt}{exposure}_{self.session}")
+        out = self.state_dir / "masters" / f"{name}.fits"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sub = {}
+        if kind in ("dark", "flat") and "bias" in self.masters:
+            sub["bias"] = self.masters["bias"]
+        if kind == "flat" and "darkflat" in self.masters:
+            sub = {"darkflat": self.masters["darkflat"]}
+        build_master(kind, paths, out, **sub)
+        masters = {**self.masters, kind: str(out)}
+        self.factory.new(masters)  # raises (and changes nothing) if they do not load or fit together
+        fresh = {n: self.factory.new(masters) for n, s in self.stacks.items() if s.pipeline.n_stacked == 0}
+        self.masters = masters
+        for name, pipeline in fresh.items():
+            self.stacks[name].pipeline, self.stacks[name].masters = pipeline, dict(masters)
+        self._checkpoint()
+        log.info("master %s from %d frames: %s (used for new stacks)", kind, len(paths), out)
+        return out
 
     def _products(self, max_edge: int) -> tuple[bytes, dict] | None:
         """Write the current stack FITS (+ preview.jpg) and return the preview for MQTT."""
@@ -331,7 +412,7 @@ class Service:
             log.warning("products not available: %s", exc)
             return None
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_stack(self.output_dir / f"{stack.key.name}.fits", stack.pipeline, masters=self._masters_used())
+        write_stack(self.output_dir / f"{stack.key.name}.fits", stack.pipeline, masters=stack.masters)
         image = stack.pipeline.stack_image()
         if image is None:
             return None
@@ -503,6 +584,16 @@ class Service:
         elif action == "start":
             self._set_state("running")
             self._start_acquisition()
+        elif action == "plan":
+            if self.config.indi is None:
+                raise CommandError("plan: no [indi] section in the config: nothing to acquire with")
+            if self._acq_task is not None and not self._acq_task.done():
+                raise CommandError("plan: a plan is running; send stop first")
+            plan = plan_from_command(cmd, self.config.plan)
+            if self.state != "running":
+                self._set_state("running")
+            self._start_acquisition(plan)
+            return {"plan": dataclasses.asdict(plan)}
         elif action == "stop":
             await self._stop_acquisition()
             self._set_state("stopped")
@@ -581,41 +672,79 @@ class Service:
         out = self.output_dir / f"{stack.key.name}_final.fits"
         self.output_dir.mkdir(parents=True, exist_ok=True)
         provenance = [{k: e.get(k) for k in ("path", "weight", "date_obs", "exposure_s")} for e in entries]
-        write_stack(out, result.image, provenance, method="final", masters=self._masters_used(),
+        write_stack(out, result.image, provenance, method="final", masters=stack.masters,
                     reference=getattr(stack.pipeline, "reference_path", None),
                     rejected={"low": result.rejected_low, "high": result.rejected_high})
         log.info("restack of %s: %d frames -> %s", stack.key.name, result.n_frames, out)
         return out
 
     # ----------------------------------------------------------------- acquisition
-    def _start_acquisition(self) -> None:
+    def _start_acquisition(self, plan: PlanConfig | None = None) -> asyncio.Task | None:
+        """Run `plan` (default: the config's [plan]) as a task, unless one is running."""
         if self.config.indi is None or (self._acq_task and not self._acq_task.done()):
-            return
-        if self.config.plan is None:
+            return None
+        plan = plan or self.config.plan
+        if plan is None:
             log.warning("%s: [indi] without [plan]: nothing to acquire, watching only", self.config.source)
-            return
+            return None
         from daemon.acquisition import run_acquisition
 
         self._acq_stop = asyncio.Event()
         service = self
+        config = dataclasses.replace(self.config, plan=plan)
 
         class Events:
             async def publish(self, kind: str, payload: dict) -> None:
                 if service.mqtt is not None:
                     service.mqtt.event("acquisition", {"event": kind, **payload})
 
-        async def run() -> None:
+        async def run() -> dict:
             try:
-                summary = await run_acquisition(self.config, Events(), self._acq_stop)
-                log.info("acquisition %s: %s frames", summary.get("state"), summary.get("frames"))
-                if self.mqtt is not None:
-                    self.mqtt.event("acquisition", {"event": "finished", **summary})
+                summary = await run_acquisition(config, Events(), self._acq_stop)
             except Exception as exc:  # noqa: BLE001 - stacking of what arrives goes on
                 log.exception("acquisition failed")
+                error = f"{type(exc).__name__}: {exc}"
                 if self.mqtt is not None:
-                    self.mqtt.event("acquisition", {"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+                    self.mqtt.event("acquisition", {"event": "error", "error": error})
+                return {"state": "failed", "frames": 0, "paths": [], "error": error}
+            log.info("acquisition %s: %s frames", summary.get("state"), summary.get("frames"))
+            if self.mqtt is not None:
+                self.mqtt.event("acquisition", {"event": "finished", **summary})
+            paths = summary.get("paths") or []
+            if plan.frame_type != "light" and (summary.get("state") == "done" or len(paths) >= 3) and paths:
+                try:
+                    out = await self._in_worker(self._build_master, plan, paths)
+                    summary["master"] = str(out)
+                    if self.mqtt is not None:
+                        self.mqtt.event("acquisition", {"event": "master", "kind": plan.frame_type,
+                                                        "path": str(out), "frames": len(paths)})
+                except (ValueError, OSError) as exc:
+                    log.error("master %s from %d frames not built: %s", plan.frame_type, len(paths), exc)
+                    summary["error"] = f"master not built: {exc}"
+                    if self.mqtt is not None:
+                        self.mqtt.event("acquisition", {"event": "error", "error": summary["error"]})
+            return summary
 
         self._acq_task = asyncio.create_task(run())
+        return self._acq_task
+
+    async def run_plan(self, plan: PlanConfig) -> dict:
+        """Run one plan to its end and return its summary (state, frames, paths, master)."""
+        if self._acq_task is not None and not self._acq_task.done():
+            raise RuntimeError("a plan is already running")
+        task = self._start_acquisition(plan)
+        if task is None:
+            raise RuntimeError("no [indi] section: nothing to acquire with")
+        return await task
+
+    async def wait_processed(self, paths: list[str | Path], timeout: float) -> bool:
+        """Wait until every one of `paths` is in the ledger (stacked, rejected or error)."""
+        deadline = time.monotonic() + timeout
+        while not all(self.ledger.done(Path(p)) for p in paths):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     async def _stop_acquisition(self) -> None:
         if self._acq_task and not self._acq_task.done():
@@ -678,7 +807,8 @@ class Service:
         tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         if self.config.state.checkpoint_every_s > 0:
             tasks.append(asyncio.create_task(self._periodic_checkpoint(self.config.state.checkpoint_every_s)))
-        self._start_acquisition()
+        if self.acquire_at_start:
+            self._start_acquisition()
         self.notifier.ready(f"running; {self.counts['stacked']} stacked, queue {self._queue.qsize()}")
         try:
             await self._process_loop()  # returns on SIGTERM after the frame in hand

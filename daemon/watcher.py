@@ -3,6 +3,10 @@
 A frame is handed on only once its writer is done with it:
 - on Linux (inotify) when the file is closed after writing (watchdog's FileClosedEvent) or
   renamed into place (FileMovedEvent: the usual temp-then-rename of capture programs);
+- a file moved in from a folder that is not watched (INDI's `.incoming/`, another program's
+  temp folder) arrives as a bare "created" with no close to follow: it is handed on once its
+  size has stayed unchanged for `settle_s`, unless it gets written to (then its close event
+  decides, however long the writer pauses);
 - elsewhere (polling/other observers, network shares) once its size and mtime have stayed
   unchanged for `settle_s` seconds.
 Temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) are ignored, and
@@ -69,11 +73,11 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             return
         if isinstance(event, FileMovedEvent):
-            self.w._from_thread(os.fsdecode(event.dest_path), complete=True)
+            self.w._from_thread(os.fsdecode(event.dest_path), "complete")
         elif isinstance(event, FileClosedEvent):
-            self.w._from_thread(os.fsdecode(event.src_path), complete=True)
+            self.w._from_thread(os.fsdecode(event.src_path), "complete")
         elif event.event_type in ("created", "modified"):
-            self.w._from_thread(os.fsdecode(event.src_path), complete=False)
+            self.w._from_thread(os.fsdecode(event.src_path), event.event_type)
 
 
 class FolderWatcher:
@@ -118,18 +122,23 @@ class FolderWatcher:
             return True  # not under the watched folder at all
         return any(_skipped_dir(p) for p in parts)
 
-    def _from_thread(self, path: str, complete: bool) -> None:
+    def _from_thread(self, path: str, kind: str) -> None:
         if not is_candidate(path, self.patterns) or self._loop is None or self._in_skipped_dir(path):
             return
-        self._loop.call_soon_threadsafe(self._on_event, path, complete)
+        self._loop.call_soon_threadsafe(self._on_event, path, kind)
 
-    def _on_event(self, path: str, complete: bool) -> None:
-        if complete:
+    def _on_event(self, path: str, kind: str) -> None:
+        """kind: "complete" (closed after writing, renamed into place), "created", "modified"."""
+        if kind == "complete":
             task = self._pending.pop(path, None)
             if task:
                 task.cancel()
             self.on_file(Path(path))
-        elif not self.close_events and path not in self._pending:
+        elif self.close_events and kind == "modified":
+            task = self._pending.pop(path, None)  # being written: its close event will come
+            if task:
+                task.cancel()
+        elif path not in self._pending and (kind == "created" or not self.close_events):
             self._pending[path] = asyncio.ensure_future(self._settle(path))
 
     async def _settle(self, path: str) -> None:

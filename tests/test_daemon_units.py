@@ -107,13 +107,19 @@ def test_inotify_close_after_write_and_rename_into_place(tmp_path):
             t = time.monotonic()
         (tmp_path / "moved.fits.part").write_bytes(b"c" * 100)
         os.rename(tmp_path / "moved.fits.part", tmp_path / "moved.fits")
+        # Moved in from a folder nobody watches (INDI's .incoming/): no close event follows.
+        (tmp_path / ".incoming").mkdir()
+        (tmp_path / ".incoming" / "indi.fits").write_bytes(b"d" * 100)
+        os.rename(tmp_path / ".incoming" / "indi.fits", tmp_path / "indi.fits")
+        await asyncio.sleep(1.5)  # > settle_s: the size-stable check hands it on
         return t
 
-    got, closed_at, w = asyncio.run(_collect({}, tmp_path, writer))
+    got, closed_at, w = asyncio.run(_collect({"settle_s": 0.5}, tmp_path, writer))
     assert w.close_events  # Linux: inotify observer
     names = [n for _, n in got]
-    assert sorted(set(names)) == ["moved.fits", "slow.fits"]
+    assert sorted(set(names)) == ["indi.fits", "moved.fits", "slow.fits"]
     assert min(t for t, n in got if n == "slow.fits") >= closed_at
+    assert names.count("slow.fits") == 1  # the pause mid-write did not hand it on early
 
 
 def test_recursive_watch_ignores_incoming_and_calibration_folders(tmp_path):
