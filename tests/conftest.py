@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,20 @@ def shared_set(name: str) -> Path:
     return path
 
 
+def require_tools(*tools: str) -> None:
+    """Fail (never skip) when a system tool the project installs is missing: a skip here would
+    let a green run hide a missing install step. ./scripts/test installs them (bootstrap.sh)."""
+    missing = [t for t in tools if shutil.which(t) is None and not Path(t).is_file()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed; ./scripts/test installs it "
+                    "(Debian: apt install indi-bin mosquitto)", pytrace=False)
+
+
+@pytest.fixture
+def indi_installed() -> None:
+    require_tools("indiserver", "indi_simulator_ccd", "indi_simulator_telescope")
+
+
 @pytest.fixture
 def als_m27() -> Path:
     """Six colour (RGGB) frames of M27 from ALS's samples."""
@@ -28,3 +43,15 @@ def als_m27() -> Path:
 def jocular_arp145() -> Path:
     """Seventeen mono Lodestar frames of Arp 145 with Jocular's quirky headers."""
     return shared_set("jocular_arp145")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real mosquitto of the test's own on a free port (never the system's on 1883)."""
+    from tests.mqtt_broker import MOSQUITTO, Broker
+
+    require_tools(MOSQUITTO)
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()

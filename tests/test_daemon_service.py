@@ -20,7 +20,7 @@ from daemon import checkpoint
 from daemon.config import config_from_dict
 from daemon.service import CommandError, Service, validate_command
 from daemon.simulate import Exposure, expose, fits_header, random_star_field, transform_matrix
-from tests.test_mqtt import Subscriber, broker  # noqa: F401 - fixture
+from tests.mqtt_broker import Subscriber
 
 SHAPE = (160, 160)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -177,3 +179,40 @@ def test_systemd_unit_is_notify_watchdog_hardened_and_verifies(tmp_path):
         copy.write_text(text.replace("/opt/lightbucket/.venv/bin/lightbucket", "/bin/true"))
         out = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
         assert out.returncode == 0 and "lightbucket.service" not in out.stderr, out.stderr
+
+
+def test_plan_command_takes_defaults_from_the_config_and_refuses_bad_keys(tmp_path):
+    from daemon.config import config_from_dict
+    from daemon.service import CommandError, Service, plan_from_command, validate_command
+
+    cfg = config_from_dict({
+        "capture": {"dir": str(tmp_path / "c")}, "state": {"dir": str(tmp_path / "s")},
+        "indi": {"drivers": []},
+        "plan": {"target": "M 27", "ra": "19h59m36s", "dec": "+22d43m16s", "filter": "L",
+                 "exposure_s": 120.0, "count": 30, "dither_every": 3}})
+
+    def plan(**given):
+        return plan_from_command(validate_command(
+            json.dumps({"id": 1, "action": "plan", **given}).encode()), cfg.plan)
+
+    darks = plan(frame_type="dark", count=20)  # darks matching the lights
+    assert (darks.frame_type, darks.exposure_s, darks.count, darks.dither_every) == ("dark", 120.0, 20, 0)
+    assert plan(frame_type="bias").count == 10  # calibration default, not the lights' 30
+    other = plan(target="M 31", ra=10.68, dec=41.27, count=5)
+    assert (other.target, other.ra, other.exposure_s, other.dither_every) == ("M 31", 10.68, 120.0, 3)
+    for given, message in (({"exposure": 5}, "[plan] exposure: unknown key"),
+                           ({"count": "many"}, "[plan] count: expected an integer"),
+                           ({"dec": "+95d"}, "outside -90..+90"),
+                           ({"ra": "noon"}, "not an angle"),
+                           ({"frame_type": "sky"}, "frame_type 'sky'")):
+        with pytest.raises(CommandError, match=re.escape(message)):
+            plan(**given)
+    with pytest.raises(CommandError, match="target: required key missing"):
+        plan_from_command({"id": 1, "action": "plan", "ra": 1.0}, None)  # no [plan] to fill in from
+
+    # Through the service: refused without [indi], and nothing starts.
+    watch_only = config_from_dict({"capture": {"dir": str(tmp_path / "c")}, "state": {"dir": str(tmp_path / "s")}})
+    service = Service(watch_only)
+    reply = asyncio.run(service.handle_command(b'{"id": "p", "action": "plan", "target": "x"}'))
+    assert reply == {"id": "p", "ok": False, "error": "plan: no [indi] section in the config: nothing to acquire with"}
+    assert service._acq_task is None

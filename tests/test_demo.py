@@ -5,7 +5,6 @@ final re-stack and preview. --synthetic: the watch-folder path with generated fr
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def check_products(out: Path, stack_name: str, n: int) -> fits.Header:
     return live
 
 
-@pytest.mark.skipif(shutil.which("indi_simulator_ccd") is None, reason="indi-bin not installed")
+@pytest.mark.usefixtures("indi_installed")
 def test_demo_with_indi_simulators(tmp_path):
     stdout = run_demo(tmp_path, "--frames", "4", "--darks", "2", "--exposure", "1")
     assert "4 stacked, 0 rejected, 0 errors" in stdout

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,9 @@ from astropy.io import fits
 from daemon.config import config_from_dict
 from daemon.service import Service
 from drivers.indiserver import free_port
-from tests.test_mqtt import Subscriber, broker  # noqa: F401 - fixture
+from tests.mqtt_broker import Subscriber
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("indi_simulator_ccd") is None,
-                                 reason="indi-bin (indiserver, simulators) not installed")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("indi_installed")]
 
 RIG = "sim-e2e"
 

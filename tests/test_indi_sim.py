@@ -9,7 +9,6 @@ Milky Way, so the field is rich and slews are short).
 from __future__ import annotations
 
 import asyncio
-import shutil
 import types
 from pathlib import Path
 
@@ -25,9 +24,7 @@ from drivers.indi_client import IndiClient
 from drivers.indiserver import IndiServer, free_port
 from drivers.mount import Mount
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("indi_simulator_ccd") is None,
-                                 reason="indi-bin (indiserver, simulators) not installed")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("indi_installed")]
 
 DRIVERS = ["indi_simulator_telescope", "indi_simulator_ccd"]
 RA, DEC = 10.0, 70.0
