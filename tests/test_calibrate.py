@@ -150,6 +150,76 @@ def test_defect_repair_uses_same_colour_neighbours():
     assert repair_defects(np.where(hole, 1e6, mono), hole, None)[2, 2] == 12.0
 
 
+def _reference_calibration(light, exposure, m: Masters) -> np.ndarray:
+    """The calibration formula written out in numpy (the implementation before the fused
+    in-place kernel), with the defect repair done by the plain per-pixel rule."""
+    out = np.array(light, dtype=np.float32, copy=True)
+    if m.bias is not None:
+        out -= m.bias
+    if m.dark is not None:
+        scale = exposure / m.dark_exposure_s if (m.bias is not None and m.dark_exposure_s) else 1.0
+        out -= m.dark if scale == 1.0 else m.dark * np.float32(scale)
+    if m.flat is not None:
+        np.divide(out, m.flat, out=out, where=m.flat > 0)
+    if m.defects is not None:
+        src = out.copy()
+        h, w = out.shape
+        step = 2 if m.bayer else 1
+        for y, x in zip(*np.nonzero(m.defects)):
+            for reach in (step, 2 * step):
+                vals = [src[y + dy, x + dx] for dy in (-reach, 0, reach) for dx in (-reach, 0, reach)
+                        if (dy or dx) and 0 <= y + dy < h and 0 <= x + dx < w and not m.defects[y + dy, x + dx]]
+                if vals:
+                    out[y, x] = np.median(np.asarray(vals, np.float32))
+                    break
+    return out
+
+
+@pytest.mark.parametrize("bayer", ["RGGB", None])
+@pytest.mark.parametrize("exposure", [DARK_S, 45.0])
+def test_fused_in_place_calibration_equals_the_formula(bayer, exposure):
+    rng = np.random.default_rng(5)
+    shape = (64, 80)
+    defects = rng.random(shape) < 0.03
+    defects[:3, :3] = True  # a corner block: some need the 2-step reach, one has no neighbour
+    flat = rng.uniform(0.6, 1.3, shape).astype(np.float32)
+    flat[7, 9] = 0.0  # never divided by
+    m = Masters(bias=rng.normal(500, 3, shape).astype(np.float32), dark=rng.gamma(2, 3, shape).astype(np.float32),
+                dark_exposure_s=DARK_S, flat=flat, defects=defects, bayer=bayer)
+    light = rng.normal(1500, 40, shape).astype(np.float32)
+    truth = _reference_calibration(light, exposure, m)
+    copy = calibrate(light, exposure, m)
+    assert copy is not light
+    np.testing.assert_allclose(copy, truth, rtol=1e-6, atol=1e-4)  # float32 rounding at most
+    frame = light.copy()
+    inplace = calibrate(frame, exposure, m, in_place=True)
+    assert inplace is frame
+    np.testing.assert_array_equal(inplace, copy)
+    # Not float32 (or not contiguous): a new array even when in place is asked for.
+    as64 = light.astype(np.float64)
+    out = calibrate(as64, exposure, m, in_place=True)
+    assert out is not as64 and out.dtype == np.float32
+    np.testing.assert_array_equal(out, copy)
+    # The repair plan is cached on the masters and rebuilt for a new map.
+    plan = m.defect_repair()
+    assert m.defect_repair() is plan
+    m.defects = np.zeros(shape, bool)
+    assert m.defect_repair() is not plan
+
+
+def test_live_pipeline_calibrates_the_loaded_frame_once():
+    from daemon.pipeline.frame import Frame
+    from daemon.pipeline.live import LivePipeline
+
+    masters = Masters(bias=np.full(SHAPE, 100.0, np.float32))
+    raw = np.full(SHAPE, 400.0, np.float32)
+    frame = Frame(raw, FrameMeta(path="/x.fits", exposure_s=1.0))
+    pipe = LivePipeline(masters=masters)
+    first = pipe._calibrate(frame)
+    assert first is raw and frame.calibrated and float(first[0, 0]) == 300.0
+    assert float(pipe._calibrate(frame)[0, 0]) == 300.0  # not calibrated twice
+
+
 def test_size_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="master bias is 4x3 px but the light is 5x3 px"):
         calibrate(np.zeros((3, 5)), 1.0, Masters(bias=np.zeros((3, 4), np.float32)))

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from daemon.pipeline.cfa import cfa_planes
-from daemon.pipeline.defects import repair_defects
+from daemon.pipeline.defects import DefectRepair
 from daemon.pipeline.frame import FrameMeta
 
 #: Normalised flat values below this are not a real response (dead pixel, dust speck core).
@@ -33,7 +34,11 @@ TEMP_TOLERANCE_C = 2.0
 
 @dataclass
 class Masters:
-    """Calibration masters, all float32 arrays of the lights' shape (ADU; flat relative)."""
+    """Calibration masters, all float32 arrays of the lights' shape (ADU; flat relative).
+
+    Treat the arrays as read-only once the masters are in use: `calibrate` caches the defect
+    repair plan built from `defects` (rebuilt only if `defects` is replaced by another array).
+    """
 
     bias: np.ndarray | None = None
     dark: np.ndarray | None = None
@@ -43,6 +48,8 @@ class Masters:
     bayer: str | None = None
     #: Metadata of each master file by kind ("bias", "dark", "flat"), for mismatch warnings.
     sources: dict[str, FrameMeta] = field(default_factory=dict)
+    #: (defects array it was built from, its DefectRepair): built on first use.
+    _repair: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -57,6 +64,14 @@ class Masters:
             parts.append(f"{int(self.defects.sum())} defects")
         return ", ".join(parts) or "none"
 
+    def defect_repair(self) -> DefectRepair | None:
+        """The repair plan of `defects` (built once, ~35 ms at 26 MP), None without a map."""
+        if self.defects is None:
+            return None
+        if self._repair is None or self._repair[0] is not self.defects:
+            self._repair = (self.defects, DefectRepair(self.defects, self.bayer))
+        return self._repair[1]
+
 
 def dark_scale(exposure_s: float | None, masters: Masters) -> float:
     """Factor applied to the master dark for a light of `exposure_s` seconds."""
@@ -65,29 +80,63 @@ def dark_scale(exposure_s: float | None, masters: Masters) -> float:
     return float(exposure_s) / float(masters.dark_exposure_s)
 
 
-def calibrate(data: np.ndarray, exposure_s: float | None, masters: Masters | None) -> np.ndarray:
-    """Calibrated copy of a light (float32 ADU). Raises ValueError on a size mismatch."""
-    out = np.array(data, dtype=np.float32, copy=True)
+_NONE2D = np.zeros((1, 1), np.float32)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _calibrate_rows(src, out, bias, dark, scale, flat, has_bias, has_dark, has_flat):  # pragma: no cover - numba
+    """out = ((src - bias) - dark * scale) / flat (where flat > 0), one pass, parallel over
+    rows; the same float32 operations in the same order as the numpy expression, so the
+    result is bit-identical to it. `out` may be `src` (in place)."""
+    h, w = src.shape
+    for i in numba.prange(h):
+        for j in range(w):
+            v = src[i, j]
+            if has_bias:
+                v = v - bias[i, j]
+            if has_dark:
+                v = v - dark[i, j] * scale
+            if has_flat:
+                f = flat[i, j]
+                if f > 0:
+                    v = v / f
+            out[i, j] = v
+
+
+def calibrate(data: np.ndarray, exposure_s: float | None, masters: Masters | None, *,
+              in_place: bool = False) -> np.ndarray:
+    """Calibrated light (float32 ADU): a new array, or `data` itself with `in_place=True`
+    (only when `data` is a writeable C-contiguous float32 array; otherwise a new array
+    anyway: check `result is data`). Raises ValueError on a size mismatch.
+
+    One fused pass (bias, scaled dark, flat) with no full-size temporaries, then the defect
+    repair on the defects only (its plan is cached on `masters`).
+    """
+    src = np.asarray(data)
+    can = (in_place and src.dtype == np.float32 and src.ndim == 2 and src.flags.c_contiguous
+           and src.flags.writeable)
     if masters is None:
-        return out
+        return src if can else np.array(src, dtype=np.float32, copy=True)
     for name in ("bias", "dark", "flat", "defects"):
         arr = getattr(masters, name)
-        if arr is not None and arr.shape != out.shape:
+        if arr is not None and arr.shape != src.shape:
             raise ValueError(
                 f"master {name} is {arr.shape[1]}x{arr.shape[0]} px but the light is "
-                f"{out.shape[1]}x{out.shape[0]} px (different camera, binning or ROI)")
-    if masters.bias is not None:
-        out -= masters.bias
-    if masters.dark is not None:
-        scale = dark_scale(exposure_s, masters)
-        if scale == 1.0:
-            out -= masters.dark
-        else:
-            out -= masters.dark * np.float32(scale)
-    if masters.flat is not None:
-        np.divide(out, masters.flat, out=out, where=masters.flat > 0)
-    if masters.defects is not None:
-        out = repair_defects(out, masters.defects, masters.bayer)
+                f"{src.shape[1]}x{src.shape[0]} px (different camera, binning or ROI)")
+    if src.ndim != 2:
+        raise ValueError(f"calibrate needs a 2-D frame, got shape {src.shape}")
+    out = src if can else np.empty(src.shape, dtype=np.float32)
+    src32 = src if src.dtype == np.float32 else src.astype(np.float32)
+
+    def arg(a: np.ndarray | None) -> np.ndarray:
+        return _NONE2D if a is None else np.ascontiguousarray(a, dtype=np.float32)
+
+    _calibrate_rows(src32, out, arg(masters.bias), arg(masters.dark), np.float32(dark_scale(exposure_s, masters)),
+                    arg(masters.flat), masters.bias is not None, masters.dark is not None,
+                    masters.flat is not None)
+    repair = masters.defect_repair()
+    if repair is not None:
+        repair.apply(out)
     return out
 
 

@@ -57,32 +57,78 @@ def defects_from_flat(flat: np.ndarray, bayer: str | None, tolerance: float = FL
     return out
 
 
+class DefectRepair:
+    """A defect map turned into a repair plan once, applied to every light in place.
+
+    Finding the defects (`np.nonzero` of a 26 MP map) and their valid same-colour neighbours
+    costs ~70 ms per frame; both depend on the map only, so they are done here once (per
+    `Masters`). `apply` then gathers at most 8 neighbour values per defect and writes the
+    medians back: microseconds for the usual few thousand defects.
+
+    Same result as the rule in `repair_defects`: each defect becomes the median of its valid
+    (in-frame, non-defect) same-colour neighbours at 1 step (1 px mono, 2 px CFA), else at
+    2 steps; with none at either it is left as it is.
+    """
+
+    def __init__(self, defects: np.ndarray, bayer: str | None):
+        defects = np.asarray(defects, dtype=bool)
+        self.shape: tuple[int, int] = tuple(defects.shape)  # type: ignore[assignment]
+        h, w = self.shape
+        ys, xs = np.nonzero(defects)
+        step = 2 if bayer else 1
+        targets, tables = [], []
+        pending = np.arange(ys.size)
+        for reach in (step, 2 * step):
+            if pending.size == 0:
+                break
+            offs = [(dy, dx) for dy in (-reach, 0, reach) for dx in (-reach, 0, reach) if dy or dx]
+            py, px = ys[pending], xs[pending]
+            nbr = np.full((py.size, len(offs)), -1, dtype=np.int64)
+            for k, (dy, dx) in enumerate(offs):
+                ny, nx = py + dy, px + dx
+                ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+                ok[ok] &= ~defects[ny[ok], nx[ok]]
+                nbr[ok, k] = ny[ok] * w + nx[ok]
+            have = (nbr >= 0).any(axis=1)
+            targets.append(py[have].astype(np.int64) * w + px[have])
+            tables.append(nbr[have])
+            pending = pending[~have]
+        #: Flat (row-major) index of each repairable defect, and of its valid neighbours
+        #: (-1 = none), one row of 8 per defect.
+        self.targets = np.concatenate(targets) if targets else np.zeros(0, np.int64)
+        nbr = np.concatenate(tables) if tables else np.zeros((0, 8), np.int64)
+        self._valid = nbr >= 0
+        self._count = self._valid.sum(axis=1)
+        self._nbr = np.where(self._valid, nbr, 0)
+        self.n_defects = int(ys.size)
+
+    def apply(self, data: np.ndarray) -> np.ndarray:
+        """Repair `data` (float32, C-contiguous, the map's shape) in place; returns it."""
+        if data.shape != self.shape:
+            raise ValueError(f"defect map is {self.shape[1]}x{self.shape[0]} px, the frame "
+                             f"{data.shape[1]}x{data.shape[0]} px")
+        if self.targets.size == 0:
+            return data
+        flat = data.reshape(-1)  # a view for a contiguous array: writes reach `data`
+        if not np.shares_memory(flat, data):
+            raise ValueError("DefectRepair.apply needs a C-contiguous array")
+        vals = flat[self._nbr]
+        vals[~self._valid] = np.nan
+        vals = np.sort(vals, axis=1)  # NaN (no neighbour) sorts last
+        rows = np.arange(vals.shape[0])
+        lo = vals[rows, (self._count - 1) // 2]
+        hi = vals[rows, self._count // 2]
+        # As np.nanmedian: the middle value, or the mean of the two middle ones.
+        flat[self.targets] = np.where(lo == hi, lo, (lo + hi) * np.float32(0.5))
+        return data
+
+
 def repair_defects(data: np.ndarray, defects: np.ndarray, bayer: str | None) -> np.ndarray:
     """Copy of `data` with each defect replaced by the median of valid same-colour neighbours.
 
     Defects with no valid neighbour at distance 1 step are tried at 2 steps; if still none
-    (a large dead block), the value is left as it is.
+    (a large dead block), the value is left as it is. For many frames with one map, build a
+    `DefectRepair` once and `apply` it in place instead.
     """
-    out = np.array(data, dtype=np.float32, copy=True)
-    ys, xs = np.nonzero(defects)
-    if ys.size == 0:
-        return out
-    h, w = out.shape
-    step = 2 if bayer else 1
-    pending = np.arange(ys.size)
-    for reach in (step, 2 * step):
-        offs = [(dy, dx) for dy in (-reach, 0, reach) for dx in (-reach, 0, reach) if dy or dx]
-        py, px = ys[pending], xs[pending]
-        vals = np.full((py.size, len(offs)), np.nan, dtype=np.float32)
-        for k, (dy, dx) in enumerate(offs):
-            ny, nx = py + dy, px + dx
-            ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-            ok[ok] &= ~defects[ny[ok], nx[ok]]
-            vals[ok, k] = data[ny[ok], nx[ok]]
-        have = np.isfinite(vals).any(axis=1)
-        if have.any():
-            out[py[have], px[have]] = np.nanmedian(vals[have], axis=1)
-        pending = pending[~have]
-        if pending.size == 0:
-            break
-    return out
+    out = np.array(data, dtype=np.float32, copy=True, order="C")
+    return DefectRepair(defects, bayer).apply(out)

@@ -65,7 +65,12 @@ class FrameMeta:
 
 @dataclass
 class Frame:
-    """Pixels as float32 ADU, 2-D (a CFA mosaic for colour sensors), and their metadata."""
+    """Pixels as float32 ADU, 2-D (a CFA mosaic for colour sensors), and their metadata.
+
+    `calibrated` is set by `LivePipeline` when it has calibrated `data` in place (saving a
+    full-size copy per frame): the pixels are then calibrated ADU and are not calibrated again.
+    """
 
     data: np.ndarray
     meta: FrameMeta
+    calibrated: bool = False

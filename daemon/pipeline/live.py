@@ -216,9 +216,10 @@ class LivePipeline:
             return result(False, verdict.reason, dx=dx, dy=dy, rotation_deg=rot)
 
         weight = self._weight(metrics, stars)
-        img, matrix = self._debayer(data, frame.meta.bayer, matrix, owned=data is not frame.data)
+        img, matrix = self._debayer(data, frame.meta.bayer, matrix)
+        owned = img is not frame.data  # the frame's own pixels are never modified past calibration
         del data  # the calibrated mosaic: freed before the warp allocates its output
-        registered = self._warp(img, matrix)
+        registered = self._warp(img, matrix, owned)
         del img
         sky = self._sky(registered)
         if self._stack is None:
@@ -330,9 +331,15 @@ class LivePipeline:
 
     # ------------------------------------------------------------------ stages
     def _calibrate(self, frame: Frame) -> np.ndarray:
-        if self.masters is None:
+        """The calibrated mosaic. Calibrated in place in `frame.data` when that is a writeable
+        float32 array (as `load_frame` returns), and the frame marked `calibrated`, so a frame
+        given twice (set_reference then process, a re-run) is calibrated once; else a new array."""
+        if self.masters is None or frame.calibrated:
             return np.asarray(frame.data, dtype=np.float32)
-        return calibrate(frame.data, float(frame.meta.exposure_s or 0.0), self.masters)
+        data = calibrate(frame.data, float(frame.meta.exposure_s or 0.0), self.masters, in_place=True)
+        if data is frame.data:
+            frame.calibrated = True
+        return data
 
     def _measure(self, data: np.ndarray, frame: Frame):
         return measure(data, bayer=frame.meta.bayer, plate_scale=frame.meta.plate_scale_arcsec)
@@ -360,13 +367,12 @@ class LivePipeline:
             return self.settings.debayer
         return "superpixel" if shape[0] * shape[1] > AUTO_SUPERPIXEL_PIXELS else "bilinear"
 
-    def _debayer(self, data: np.ndarray, bayer: str | None, matrix: np.ndarray,
-                 owned: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Colour mosaic -> RGB (and the matrix in its pixel grid); mono passes through.
-        The result is always an array the pipeline may modify (owned=False: a copy)."""
+    def _debayer(self, data: np.ndarray, bayer: str | None, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Colour mosaic -> RGB (and the matrix in its pixel grid); mono passes through
+        (the same array, no copy)."""
         m = np.asarray(matrix, dtype=np.float64)
         if not bayer:
-            return (data if owned else data.copy()), m
+            return data, m
         method = self.debayer_method(data.shape)
         img = debayer(data, bayer, method=method)
         if method == "superpixel":
@@ -375,10 +381,11 @@ class LivePipeline:
             m = np.linalg.inv(up) @ m @ up
         return img, m
 
-    def _warp(self, img: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """Into the reference frame; NaN outside the frame. The identity needs no resampling."""
+    def _warp(self, img: np.ndarray, m: np.ndarray, owned: bool = True) -> np.ndarray:
+        """Into the reference frame; NaN outside the frame; always an array the pipeline may
+        modify. The identity needs no resampling (a copy only if `img` is not `owned`)."""
         if np.allclose(m, np.eye(3)):
-            return img
+            return img if owned else img.copy()
         return warp(img, m, img.shape[:2], interpolation=self.settings.interpolation)
 
     @staticmethod
