@@ -146,3 +146,26 @@ def test_crowded_blurred_field_keeps_size_and_roundness():
     _, m = measure(data)
     assert m.fwhm_px == pytest.approx(6.5, rel=0.07)
     assert m.eccentricity < 0.45
+
+
+@pytest.mark.parametrize("bayer", [None, "RGGB"])
+def test_subsampled_background_matches_the_full_background(monkeypatch, bayer):
+    """Large detection images take the sky map from every other row and column: the stars,
+    their positions and the frame metrics must be those of the full-resolution map."""
+    import daemon.pipeline.stars as st
+
+    shape = (1500, 1600) if bayer is None else (3000, 3000)  # >= 2 Mpx detection image
+    field = random_star_field(shape, 700, seed=4, margin=-0.03, flux_range=(300.0, 20000.0))
+    data = expose(shape, field, Exposure(fwhm_px=3.0, seed=4, sky_adu_s=10.0), Sensor(bayer=bayer, vignetting=0.3))
+    data = data.astype(np.float32)
+    fast, mf = measure(data, bayer=bayer, bin_factor=1)
+    monkeypatch.setattr(st, "SUBSAMPLE_BACKGROUND_PIXELS", 10**12)
+    full, mfull = measure(data, bayer=bayer, bin_factor=1)
+    assert abs(mf.n_stars - mfull.n_stars) <= 0.01 * mfull.n_stars + 1
+    assert mf.background == pytest.approx(mfull.background, rel=0.002)
+    assert mf.noise == pytest.approx(mfull.noise, rel=0.01)
+    assert mf.fwhm_px == pytest.approx(mfull.fwhm_px, rel=0.01)
+    # Same stars at the same positions (re-measured on the full frame either way).
+    d, _ = cKDTree(full.xy).query(fast.xy)
+    assert np.mean(d < 0.01) > 0.95
+    assert np.median(_position_errors(fast, field, 200)) < 0.1

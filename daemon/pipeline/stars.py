@@ -106,6 +106,8 @@ def detect_stars(
     reduction_factor: int = 1,
     background_box: int = 64,
     _return_bkg: bool = False,
+    _owned: bool = False,
+    _windowed: bool = True,
 ):
     """Stars in a 2-D image (ADU) with a sep background map, brightest first.
 
@@ -114,23 +116,33 @@ def detect_stars(
     to full-resolution pixels. Only the brightest `max_stars` get the (costlier) windowed
     centroid and half-flux radius; `Stars.n_total` counts all that passed.
 
+    `image` is not modified (`_owned=True`: the caller gives it up, and it is used as the
+    background-subtracted scratch image, saving a full-size copy). `_windowed=False` leaves
+    the isophotal positions (for `measure`, which re-centres on the full frame anyway) and
+    `_return_bkg` then also returns a function giving the windowed positions of a subset.
+
     Rejected as not-a-star: objects sharper than any PSF (peak holding most of the flux: hot
     pixels, cosmic rays), objects flagged truncated at the image edge, non-positive flux.
     """
     data = np.ascontiguousarray(image, dtype=np.float32)
+    owned = _owned or not np.may_share_memory(data, image)
     k = int(reduction_factor)
     full_shape = (data.shape[0] * k, data.shape[1] * k)
-    finite = np.isfinite(data)
     mask = None
-    if not finite.all():
+    if not np.isfinite(np.add.reduce(data, axis=None)):  # a NaN/inf anywhere: no full-size mask otherwise
+        finite = np.isfinite(data)
         mask = ~finite
-        data = np.where(finite, data, 0.0).astype(np.float32)
+        data = np.where(finite, data, np.float32(0.0))
+        owned = True
     box = max(16, int(background_box // k))
-    bkg = sep.Background(data, mask=mask, bw=box, bh=box, fw=3, fh=3)
-    sub = data - bkg.back()
+    # Background subtracted in place (no full-size background map): on the caller's image
+    # only through a copy.
+    sub = data if owned else data.copy()
+    del data
+    bkg = _subtract_background(sub, mask, box)
     rms = float(bkg.globalrms) or 1.0
     objs = _extract(sub, thresh, rms, mask, minarea)
-    h, w = data.shape
+    h, w = sub.shape
     ok = (objs["flux"] > 0) & (objs["a"] > 0) & (objs["npix"] >= minarea)
     # Sharpness: a Gaussian PSF of FWHM >= 1 detection pixel puts at most ~55 % of its flux
     # in one pixel; a hot pixel or cosmic-ray hit puts most of it there.
@@ -138,10 +150,9 @@ def detect_stars(
     # Clumps of defects (hot pixel next to a cosmic-ray hit, ...) pass that test; but in the
     # 3x3 median a star's peak keeps >= ~10 % of its height (measured on undersampled real
     # stars, als_m27 superpixels: 0.10..0.6), a clump of isolated spikes < 1 %.
-    med = cv2.medianBlur(sub.astype(np.float32, copy=False), 3)
     yp = np.clip(objs["ypeak"], 0, h - 1)
     xp = np.clip(objs["xpeak"], 0, w - 1)
-    ok &= med[yp, xp] > 0.05 * sub[yp, xp]
+    ok &= _median3x3_at(sub, yp, xp) > 0.05 * sub[yp, xp]
     # Stars cut by the frame edge have biased centroids.
     ok &= (objs["xmin"] > 0) & (objs["ymin"] > 0) & (objs["xmax"] < w - 1) & (objs["ymax"] < h - 1)
     objs = objs[ok]
@@ -150,7 +161,7 @@ def detect_stars(
     objs = objs[order[:max_stars]]
     if objs.size == 0:
         stars = Stars.empty(full_shape)
-        return (stars, bkg, rms) if _return_bkg else stars
+        return (stars, bkg, rms, None) if _return_bkg else stars
 
     x, y = objs["x"].astype(np.float64), objs["y"].astype(np.float64)
     a = objs["a"].astype(np.float64)
@@ -158,10 +169,18 @@ def detect_stars(
     hfr, fr_flag = sep.flux_radius(sub, x, y, rmax, 0.5, subpix=5)
     hfr = np.where(np.isfinite(hfr) & (hfr > 0), hfr, a * 1.1774)
     sig = np.clip(2.0 * hfr / _FWHM_PER_SIGMA, 0.5, 20.0)
-    xw, yw, wflag = sep.winpos(sub, x, y, sig)
-    good = (wflag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - x, yw - y) < 2.0)
-    x = np.where(good, xw, x)
-    y = np.where(good, yw, y)
+
+    def windowed(sel) -> tuple[np.ndarray, np.ndarray]:
+        """Windowed centroids (detection-image px) of stars `sel`; isophotal where it fails."""
+        xs, ys = x[sel], y[sel]
+        if xs.size == 0:
+            return xs, ys
+        xw, yw, wflag = sep.winpos(sub, xs, ys, sig[sel])
+        good = (wflag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - xs, yw - ys) < 2.0)
+        return np.where(good, xw, xs), np.where(good, yw, ys)
+
+    if _windowed:
+        x, y = windowed(slice(None))
 
     # Back to full-resolution pixels. Size: undo the extra pixel-box blur of binning
     # (a box of k pixels adds (k^2 - 1)/12 px^2 of variance relative to 1-px pixels).
@@ -179,7 +198,67 @@ def detect_stars(
         shape=full_shape,
         n_total=n_total,
     )
-    return (stars, bkg, rms) if _return_bkg else stars
+    if not _return_bkg:
+        return stars
+
+    def windowed_full(sel) -> tuple[np.ndarray, np.ndarray]:
+        wx, wy = windowed(sel)
+        return wx * k + (k - 1) / 2.0, wy * k + (k - 1) / 2.0
+
+    return stars, bkg, rms, windowed_full
+
+
+#: Detection images of at least this many pixels get their sky background from every other
+#: row and column (a quarter of the pixels, same per-pixel noise statistics): sep.Background
+#: costs ~8 ns per pixel, the largest part of detection, and the sky is smooth on the scale
+#: of its mesh (`background_box`), so the map interpolated back is the same to a small
+#: fraction of the noise (tests/test_stars.py measures it).
+SUBSAMPLE_BACKGROUND_PIXELS = 2_000_000
+
+
+class _Background:
+    """What detection keeps of the sky estimate: global level and noise (ADU)."""
+
+    def __init__(self, globalback: float, globalrms: float):
+        self.globalback = globalback
+        self.globalrms = globalrms
+
+
+def _subtract_background(data: np.ndarray, mask: np.ndarray | None, box: int) -> _Background:
+    """Subtract sep's background map from `data` in place (float32, C-contiguous); returns its
+    global level and noise. Large images: the map is estimated on the 2x-subsampled image with
+    a mesh of the same sky area, then resampled back (bilinear, exact pixel mapping) in row
+    bands, so no full-size map is ever allocated."""
+    h, w = data.shape
+    if h * w < SUBSAMPLE_BACKGROUND_PIXELS or min(h, w) < 8 * box:
+        bkg = sep.Background(data, mask=mask, bw=box, bh=box, fw=3, fh=3)
+        bkg.subfrom(data)
+        return _Background(float(bkg.globalback), float(bkg.globalrms))
+    small = np.ascontiguousarray(data[::2, ::2])
+    smask = None if mask is None else np.ascontiguousarray(mask[::2, ::2])
+    half = max(8, box // 2)
+    bkg = sep.Background(small, mask=smask, bw=half, bh=half, fw=3, fh=3)
+    back = bkg.back()  # small: a quarter of the detection image
+    rows = max(1, (4 << 20) // (4 * w))  # ~4 MB bands
+    band = np.empty((rows, w), np.float32)
+    for r0 in range(0, h, rows):
+        n = min(rows, h - r0)
+        # Full-image pixel (x, y) is subsampled pixel (x / 2, y / 2).
+        m = np.array([[0.5, 0.0, 0.0], [0.0, 0.5, 0.5 * r0]])
+        cv2.warpAffine(back, m, (w, n), dst=band[:n], flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_REPLICATE)
+        data[r0:r0 + n] -= band[:n]
+    return _Background(float(bkg.globalback), float(bkg.globalrms))
+
+
+def _median3x3_at(img: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """3x3 median of `img` around each (y, x), edges replicated: `cv2.medianBlur(img, 3)[y, x]`
+    without filtering the whole image."""
+    h, w = img.shape
+    d = np.array([-1, 0, 1])
+    ys = np.clip(np.asarray(y)[:, None, None] + d[None, :, None], 0, h - 1)
+    xs = np.clip(np.asarray(x)[:, None, None] + d[None, None, :], 0, w - 1)
+    return np.median(img[ys, xs].reshape(len(ys), 9), axis=1)
 
 
 def _extract(sub: np.ndarray, thresh: float, rms: float, mask, minarea: int) -> np.ndarray:
@@ -374,10 +453,11 @@ def measure(
         bin_factor = auto_bin(image.shape[:2], bayer)
     k = reduction(bayer, bin_factor)
     lum = luminance(image, bayer, bin_factor)
-    stars, bkg, rms = detect_stars(lum, thresh=thresh, max_stars=max_stars,
-                                   reduction_factor=k, _return_bkg=True)
+    refining = k > 1 or refine
+    stars, bkg, rms, windowed = detect_stars(lum, thresh=thresh, max_stars=max_stars, reduction_factor=k,
+                                             _return_bkg=True, _owned=lum is not image, _windowed=not refining)
     stars.shape = tuple(image.shape[:2])
-    if len(stars) and (k > 1 or refine):
+    if len(stars) and refining:
         # Positions and sizes from the full-resolution pixels: on a reduced image a small
         # star is undersampled, its FWHM comes out 5-20 % too big (measured, k = 2).
         full = np.asarray(image)
@@ -386,8 +466,13 @@ def measure(
         g1 = np.nanmedian(rf) if np.isfinite(rf).any() else g0
         if abs(g1 / g0 - 1.0) > 0.15:  # the reduced image misjudged the size: redo with it
             rx, ry, rf, re = refine_fullres(full, stars.x, stars.y, bayer, np.where(np.isfinite(rf), rf, g1))
-        stars.x = np.where(np.isfinite(rx), rx, stars.x)
-        stars.y = np.where(np.isfinite(ry), ry, stars.y)
+        # Where the full frame gives no centroid (edge, no profile): the windowed one of the
+        # detection image, computed for those stars only.
+        miss = ~(np.isfinite(rx) & np.isfinite(ry))
+        if miss.any():
+            rx, ry = rx.copy(), ry.copy()
+            rx[miss], ry[miss] = windowed(miss)
+        stars.x, stars.y = rx, ry
         stars.fwhm = np.where(np.isfinite(rf), rf, stars.fwhm)
         stars.hfr = stars.fwhm / 2.0
         stars.ellipticity = np.where(np.isfinite(re), re, stars.ellipticity)
