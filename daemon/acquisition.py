@@ -56,13 +56,13 @@ class PlanSettings:
     count frames (0: until `until`, an ISO time, or until stopped); frame_type light|dark|bias|flat|darkflat.
     """
 
-    target: str = ""
+    target: str
     ra: float | str | None = None
     dec: float | str | None = None
-    filter: str | None = ""
-    exposure_s: float = 1.0
-    count: int = 1
-    until: str | datetime | None = None
+    filter: str | None = None
+    exposure_s: float = 10.0
+    count: int = 0
+    until: str | None = None
     dither_every: int = 0
     dither_px: float = 10.0
     settle_s: float = 2.0

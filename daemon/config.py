@@ -17,6 +17,10 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any
 
+# [indi], [camera] and [plan] are the settings of the code that uses them.
+from daemon.acquisition import IndiSettings, PlanSettings
+from drivers.camera import CameraSettings
+
 DEFAULT_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fz", "*.cr2", "*.cr3", "*.nef", "*.arw", "*.dng", "*.raf", "*.orf")
 
 
@@ -72,49 +76,6 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
-class IndiConfig:
-    host: str = "127.0.0.1"
-    port: int = 7624
-    drivers: tuple[str, ...] = ()
-    camera: str = "CCD Simulator"
-    mount: str = "Telescope Simulator"
-    filter_wheel: str = ""
-    focuser: str = ""
-
-
-@dataclass(frozen=True)
-class CameraConfig:
-    cooler_c: float | None = None
-    gain: float | None = None
-    offset: float | None = None
-    binning: int = 1
-    upload_prefix: str = "light"
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    target: str
-    ra: float | str | None = None  # deg, or sexagesimal "19h59m36s"; see ra_deg
-    dec: float | str | None = None  # deg, or "+22d43m16s"; see dec_deg
-    filter: str | None = None
-    exposure_s: float = 10.0
-    count: int = 0
-    until: str | None = None
-    dither_every: int = 0
-    dither_px: float = 10.0
-    settle_s: float = 2.0
-    frame_type: str = "light"
-
-    @property
-    def ra_deg(self) -> float | None:
-        return _angle_deg(self.ra, hours=True)
-
-    @property
-    def dec_deg(self) -> float | None:
-        return _angle_deg(self.dec, hours=False)
-
-
-@dataclass(frozen=True)
 class Config:
     capture: CaptureConfig
     state: StateConfig
@@ -122,9 +83,9 @@ class Config:
     calibration: CalibrationConfig = CalibrationConfig()
     stack: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
-    indi: IndiConfig | None = None
-    camera: CameraConfig = CameraConfig()
-    plan: PlanConfig | None = None
+    indi: IndiSettings | None = None
+    camera: CameraSettings = CameraSettings()
+    plan: PlanSettings | None = None
     source: str = "<config>"
 
     @property
@@ -137,21 +98,11 @@ _SECTIONS: dict[str, type] = {
     "state": StateConfig,
     "mqtt": MqttConfig,
     "calibration": CalibrationConfig,
-    "indi": IndiConfig,
-    "camera": CameraConfig,
-    "plan": PlanConfig,
+    "indi": IndiSettings,
+    "camera": CameraSettings,
+    "plan": PlanSettings,
 }
 _PASSTHROUGH = ("stack", "quality")
-
-
-def _angle_deg(value: float | str | None, *, hours: bool) -> float | None:
-    if value is None or isinstance(value, (int, float)):
-        return None if value is None else float(value)
-    from astropy.coordinates import Angle
-
-    text = value.strip()
-    unit = "hourangle" if hours and "h" in text.lower() else "deg"
-    return float(Angle(text, unit=unit).deg)
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -245,6 +196,16 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     for required in ("capture", "state"):
         if required not in kwargs:
             raise ConfigError(f"{source}: [{required}] section missing (needs at least 'dir')")
+    plan = kwargs.get("plan")
+    if plan is not None:
+        from daemon.acquisition import AcquisitionError, parse_dec, parse_ra
+
+        try:
+            for value, parse in ((plan.ra, parse_ra), (plan.dec, parse_dec)):
+                if value is not None:
+                    parse(value)
+        except AcquisitionError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     return Config(**kwargs)
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from daemon import checkpoint
-from daemon.config import Config, ConfigError, PlanConfig, build_section
+from daemon.acquisition import PlanSettings
+from daemon.config import Config, ConfigError, build_section
 from daemon.ledger import Ledger
 from daemon.sdnotify import Notifier, watchdog_interval_s
 from daemon.watcher import FolderWatcher, backlog
@@ -51,7 +52,7 @@ ACTIONS = {
     "reset": {"stack": (str, False)},
     "restack": {"stack": (str, False)},
     "set_reference": {"path": (str, True)},
-    # Every [plan] key (daemon.config.PlanConfig); those left out come from the config's [plan],
+    # Every [plan] key (daemon.acquisition.PlanSettings); those left out come from the config's [plan],
     # so {"frame_type": "dark", "count": 20} takes darks matching the lights' exposure.
     "plan": None,
 }
@@ -184,8 +185,8 @@ def validate_command(raw: bytes) -> dict:
     return cmd
 
 
-def plan_from_command(cmd: dict, default: PlanConfig | None) -> PlanConfig:
-    """The PlanConfig of a `plan` command: its keys over the config's [plan] (when there is one).
+def plan_from_command(cmd: dict, default: PlanSettings | None) -> PlanSettings:
+    """The PlanSettings of a `plan` command: its keys over the config's [plan] (when there is one).
     Raises CommandError naming the key, as a config error would."""
     from daemon.acquisition import AcquisitionError, parse_dec, parse_ra
 
@@ -195,7 +196,7 @@ def plan_from_command(cmd: dict, default: PlanConfig | None) -> PlanConfig:
         base.setdefault("target", "")
         base.update(count=10, until=None, dither_every=0)  # no slews, no dithers
     try:
-        plan = build_section(PlanConfig, {**base, **given}, "plan", "plan command")
+        plan = build_section(PlanSettings, {**base, **given}, "plan", "plan command")
         if plan.ra is not None:
             parse_ra(plan.ra)
         if plan.dec is not None:
@@ -372,7 +373,7 @@ class Service:
             log.error("spooling %s for the final re-stack failed: %s", path, exc)
 
 
-    def _build_master(self, plan: PlanConfig, paths: list[str]) -> Path:
+    def _build_master(self, plan: PlanSettings, paths: list[str]) -> Path:
         """Combine a calibration plan's frames into a master under <state>/masters and use it
         for new stacks (and stacks still empty). Dark and flat masters have the bias (or, for
         flats, the dark-flat) in use subtracted, so darks scale with exposure."""
@@ -679,7 +680,7 @@ class Service:
         return out
 
     # ----------------------------------------------------------------- acquisition
-    def _start_acquisition(self, plan: PlanConfig | None = None) -> asyncio.Task | None:
+    def _start_acquisition(self, plan: PlanSettings | None = None) -> asyncio.Task | None:
         """Run `plan` (default: the config's [plan]) as a task, unless one is running."""
         if self.config.indi is None or (self._acq_task and not self._acq_task.done()):
             return None
@@ -728,7 +729,7 @@ class Service:
         self._acq_task = asyncio.create_task(run())
         return self._acq_task
 
-    async def run_plan(self, plan: PlanConfig) -> dict:
+    async def run_plan(self, plan: PlanSettings) -> dict:
         """Run one plan to its end and return its summary (state, frames, paths, master)."""
         if self._acq_task is not None and not self._acq_task.done():
             raise RuntimeError("a plan is already running")

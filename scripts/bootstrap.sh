@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything lightbucket needs on Debian 12 / Raspberry Pi OS (bookworm):
-# the Debian packages, then a .venv in the project with the project and its extras.
+# the Debian packages, then a .venv in the project with the project and its extras
+# (LIGHTBUCKET_EXTRAS, default "test,bench"; empty for the daemon alone, as on a Pi).
 # Idempotent and quick when nothing changed. Sourced by scripts/demo and scripts/test.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,6 +35,7 @@ fi
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     echo "bootstrap: installing lightbucket[$EXTRAS] into $VENV" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]" >&2
+    spec="$ROOT"; [ -n "$EXTRAS" ] && spec="$ROOT[$EXTRAS]"
+    "$VENV/bin/python" -m pip install -q -e "$spec" >&2
     echo "$want" > "$STAMP"
 fi

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.acquisition import parse_dec, parse_ra
 from daemon.config import ConfigError, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +61,15 @@ def test_plan_coordinates_sexagesimal_or_degrees(tmp_path):
     p = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n'
                         '[plan]\ntarget = "M27"\nra = "19h59m36s"\ndec = "+22d43m16s"\nexposure_s = 30\n')
     plan = load_config(p).plan
-    assert plan.ra_deg == pytest.approx(299.9, abs=1e-6)
-    assert plan.dec_deg == pytest.approx(22 + 43 / 60 + 16 / 3600, abs=1e-6)
+    assert parse_ra(plan.ra) == pytest.approx(299.9, abs=1e-6)
+    assert parse_dec(plan.dec) == pytest.approx(22 + 43 / 60 + 16 / 3600, abs=1e-6)
     assert plan.exposure_s == 30.0
     p2 = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n[plan]\ntarget = "X"\nra = 10.5\n')
-    assert load_config(p2).plan.ra_deg == 10.5
+    assert parse_ra(load_config(p2).plan.ra) == 10.5
+    # A coordinate that is no angle stops the daemon at start, naming the file and the key.
+    p3 = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n[plan]\ntarget = "X"\ndec = "+95d"\n')
+    with pytest.raises(ConfigError, match=r"lb.toml: \[plan\] dec = '\+95d': outside -90..\+90"):
+        load_config(p3)
 
 
 def test_parse_override_keeps_strings():

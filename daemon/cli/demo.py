@@ -99,7 +99,7 @@ async def write_synthetic_frames(capture: Path, n: int, exposure_s: float) -> li
 
 
 async def session(config, args, indi: bool) -> dict:
-    from daemon.config import PlanConfig
+    from daemon.acquisition import PlanSettings
     from daemon.service import Service
 
     service = Service(config, acquire_at_start=False)
@@ -111,7 +111,7 @@ async def session(config, args, indi: bool) -> dict:
                 return {"error": f"the daemon stopped: {runner.result()}"}
             await asyncio.sleep(0.1)
         if indi:
-            darks = await service.run_plan(PlanConfig(**{**config.plan.__dict__, "frame_type": "dark",
+            darks = await service.run_plan(PlanSettings(**{**config.plan.__dict__, "frame_type": "dark",
                                                          "count": args.darks, "dither_every": 0}))
             summary["darks"] = darks
             if darks.get("state") != "done":
