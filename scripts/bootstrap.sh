@@ -5,7 +5,7 @@
 # Idempotent and quick when nothing changed. Sourced by scripts/demo and scripts/test.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-EXTRAS="${LIGHTBUCKET_EXTRAS:-test,bench}"
+EXTRAS="${LIGHTBUCKET_EXTRAS-test,bench}"
 
 # indi-bin: indiserver and the CCD/telescope simulators. mosquitto: the MQTT broker the
 # tests (and the demo) start on a free port. libdbus-1-dev, libglib2.0-dev, pkg-config and
