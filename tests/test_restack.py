@@ -74,7 +74,7 @@ def test_spool_file_is_exactly_the_float16_array(tmp_path):
     rng = np.random.default_rng(3)
     img = rng.normal(300.0, 10.0, (700, 900, 3)).astype(np.float32)
     img[0, :3] = np.nan
-    img[1, :4] = [1e-7, -3e-5, 0.0, -250.0]
+    img[1, :4, 0] = [1e-7, -3e-5, 0.0, -250.0]
     spool = Spool(tmp_path / "s")
     e = spool.append(img, weight=1.0, path="a")
     np.save(tmp_path / "ref.npy", img.astype(np.float16))
