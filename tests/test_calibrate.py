@@ -207,6 +207,36 @@ def test_fused_in_place_calibration_equals_the_formula(bayer, exposure):
     assert m.defect_repair() is not plan
 
 
+@pytest.mark.parametrize("exposure", [DARK_S, 45.0, 120.0])
+def test_compact_masters_calibrate_as_the_full_ones(exposure):
+    rng = np.random.default_rng(8)
+    shape = (64, 80)
+    defects = rng.random(shape) < 0.03
+    dark = rng.gamma(2, 20, shape).astype(np.float32)  # dark current, ~40 ADU
+    m = Masters(bias=rng.normal(500, 3, shape).astype(np.float32), dark=dark, dark_exposure_s=DARK_S,
+                flat=rng.uniform(0.6, 1.3, shape).astype(np.float32), defects=defects, bayer="RGGB")
+    light = rng.normal(1500, 40, shape).astype(np.float32)
+    full = calibrate(light, exposure, m)
+    summary, scale = m.summary(), dark_scale(exposure, m)
+    m.compact()
+    assert m.bias is None and m.dark is None and m.flat is None and m.defects is None  # released
+    assert m.summary() == summary and m.shape == shape and dark_scale(exposure, m) == scale
+    compact = calibrate(light, exposure, m)
+    # float32 rounding, plus float16 rounding of the dark current times |t / t_dark - 1|.
+    tol = 2e-3 + abs(scale - 1.0) * float(dark.max()) * 2.0 ** -11 / 0.6  # flat >= 0.6; repairs mix neighbours
+    assert np.all(np.abs(compact - full) <= tol)
+    if exposure == DARK_S:
+        np.testing.assert_allclose(compact, full, rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="masters are 80x64 px but the light is 81x64 px"):
+        calibrate(np.zeros((64, 81), np.float32), exposure, m)
+    # Unscaled dark (no bias) and a lone flat compact too.
+    for kw in (dict(dark=dark + 500), dict(flat=m._compact.flat)):
+        m2 = Masters(**kw, dark_exposure_s=DARK_S)
+        ref = calibrate(light, exposure, m2)
+        m2.compact()
+        np.testing.assert_allclose(calibrate(light, exposure, m2), ref, rtol=0, atol=1e-3)
+
+
 def test_live_pipeline_calibrates_the_loaded_frame_once():
     from daemon.pipeline.frame import Frame
     from daemon.pipeline.live import LivePipeline

@@ -38,6 +38,9 @@ class Masters:
 
     Treat the arrays as read-only once the masters are in use: `calibrate` caches the defect
     repair plan built from `defects` (rebuilt only if `defects` is replaced by another array).
+    `compact()` (what the live pipeline does) folds them into a smaller form and releases
+    the arrays; `shape`, `summary`, `dark_scale`, `mismatch_warnings` and `calibrate` keep
+    working on compacted masters.
     """
 
     bias: np.ndarray | None = None
@@ -50,22 +53,68 @@ class Masters:
     sources: dict[str, FrameMeta] = field(default_factory=dict)
     #: (defects array it was built from, its DefectRepair): built on first use.
     _repair: tuple | None = field(default=None, repr=False, compare=False)
+    #: Set by `compact()`.
+    _compact: _CompactMasters | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int] | None:
+        if self._compact is not None:
+            return self._compact.shape
         for arr in (self.bias, self.dark, self.flat, self.defects):
             if arr is not None:
                 return tuple(arr.shape)  # type: ignore[return-value]
         return None
 
+    def has(self, kind: str) -> bool:
+        """Whether a master of `kind` ("bias", "dark", "flat", "defects") is in use."""
+        if self._compact is not None:
+            return kind in self._compact.kinds
+        return getattr(self, kind) is not None
+
     def summary(self) -> str:
-        parts = [name for name in ("bias", "dark", "flat") if getattr(self, name) is not None]
-        if self.defects is not None:
-            parts.append(f"{int(self.defects.sum())} defects")
+        parts = [name for name in ("bias", "dark", "flat") if self.has(name)]
+        if self.has("defects"):
+            n = self._compact.repair.n_defects if self._compact is not None else int(self.defects.sum())
+            parts.append(f"{n} defects")
         return ", ".join(parts) or "none"
+
+    def compact(self) -> None:
+        """Fold the masters into what calibrating many lights needs, and free the rest
+        (26 Mpx: 338 MB -> 260 MB). Idempotent.
+
+        - bias + dark current (a scalable dark) -> one float32 pedestal `bias + dark` for
+          lights of the dark's exposure (exact to float32 rounding), plus the dark current
+          as float16 for the `(t_light / t_dark - 1) * dark` of other exposures. float16
+          keeps 11 significant bits: a rounding error <= 0.025 % of the dark current (0.01
+          ADU on 40 ADU), far under a master dark's own noise (read noise / sqrt(n frames)).
+          Dark current beyond float16's range (> 65504 ADU) is a saturated hot pixel: clipped.
+        - the flat stays float32 (its relative precision matters as much as the light's).
+        - the defect map -> its repair plan (`DefectRepair`), the boolean map freed.
+        """
+        if self._compact is not None:
+            return
+        shape = self.shape
+        kinds = tuple(k for k in ("bias", "dark", "flat", "defects") if getattr(self, k) is not None)
+        scalable = self.bias is not None and self.dark is not None and bool(self.dark_exposure_s)
+        dark16 = None
+        if self.bias is not None and self.dark is not None:
+            pedestal = np.add(self.bias, self.dark, dtype=np.float32)
+            if scalable:
+                dark16 = np.clip(self.dark, -65504.0, 65504.0).astype(np.float16)
+        elif self.bias is not None or self.dark is not None:
+            pedestal = np.ascontiguousarray(self.bias if self.bias is not None else self.dark, dtype=np.float32)
+        else:
+            pedestal = None
+        flat = None if self.flat is None else np.ascontiguousarray(self.flat, dtype=np.float32)
+        self._compact = _CompactMasters(shape=shape, kinds=kinds, scalable=scalable, pedestal=pedestal,
+                                        dark16=dark16, flat=flat, repair=self.defect_repair())
+        self.bias = self.dark = self.flat = self.defects = None
+        self._repair = None
 
     def defect_repair(self) -> DefectRepair | None:
         """The repair plan of `defects` (built once, ~35 ms at 26 MP), None without a map."""
+        if self._compact is not None:
+            return self._compact.repair
         if self.defects is None:
             return None
         if self._repair is None or self._repair[0] is not self.defects:
@@ -73,9 +122,22 @@ class Masters:
         return self._repair[1]
 
 
+@dataclass
+class _CompactMasters:
+    """Masters as `Masters.compact` folds them (see there). Arrays of the lights' shape."""
+
+    shape: tuple[int, int] | None
+    kinds: tuple[str, ...]
+    scalable: bool
+    pedestal: np.ndarray | None  # float32 ADU: bias + dark current at dark_exposure_s (or one of them)
+    dark16: np.ndarray | None  # float16 ADU: dark current at dark_exposure_s (scalable darks only)
+    flat: np.ndarray | None  # float32, relative
+    repair: DefectRepair | None
+
+
 def dark_scale(exposure_s: float | None, masters: Masters) -> float:
     """Factor applied to the master dark for a light of `exposure_s` seconds."""
-    if masters.bias is None or not exposure_s or not masters.dark_exposure_s:
+    if not masters.has("bias") or not exposure_s or not masters.dark_exposure_s:
         return 1.0
     return float(exposure_s) / float(masters.dark_exposure_s)
 
@@ -103,6 +165,32 @@ def _calibrate_rows(src, out, bias, dark, scale, flat, has_bias, has_dark, has_f
             out[i, j] = v
 
 
+#: float16 bits -> float32, for reading the compact dark in the numba kernel (256 kB).
+with np.errstate(invalid="ignore"):
+    _HALF_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+_NONE2D_U16 = np.zeros((1, 1), np.uint16)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _calibrate_compact(src, out, pedestal, has_pedestal, dark16, extra, has_extra, flat, has_flat,
+                       table):  # pragma: no cover - numba
+    """out = (src - pedestal - dark16 * extra) / flat (where flat > 0), one pass, parallel
+    over rows; dark16 are float16 bits decoded through `table`. `out` may be `src`."""
+    h, w = src.shape
+    for i in numba.prange(h):
+        for j in range(w):
+            v = src[i, j]
+            if has_pedestal:
+                v = v - pedestal[i, j]
+            if has_extra:
+                v = v - table[dark16[i, j]] * extra
+            if has_flat:
+                f = flat[i, j]
+                if f > 0:
+                    v = v / f
+            out[i, j] = v
+
+
 def calibrate(data: np.ndarray, exposure_s: float | None, masters: Masters | None, *,
               in_place: bool = False) -> np.ndarray:
     """Calibrated light (float32 ADU): a new array, or `data` itself with `in_place=True`
@@ -117,6 +205,11 @@ def calibrate(data: np.ndarray, exposure_s: float | None, masters: Masters | Non
            and src.flags.writeable)
     if masters is None:
         return src if can else np.array(src, dtype=np.float32, copy=True)
+    compact = masters._compact
+    if compact is not None and compact.shape is not None and compact.shape != src.shape:
+        raise ValueError(
+            f"masters are {compact.shape[1]}x{compact.shape[0]} px but the light is "
+            f"{src.shape[1]}x{src.shape[0]} px (different camera, binning or ROI)")
     for name in ("bias", "dark", "flat", "defects"):
         arr = getattr(masters, name)
         if arr is not None and arr.shape != src.shape:
@@ -131,9 +224,16 @@ def calibrate(data: np.ndarray, exposure_s: float | None, masters: Masters | Non
     def arg(a: np.ndarray | None) -> np.ndarray:
         return _NONE2D if a is None else np.ascontiguousarray(a, dtype=np.float32)
 
-    _calibrate_rows(src32, out, arg(masters.bias), arg(masters.dark), np.float32(dark_scale(exposure_s, masters)),
-                    arg(masters.flat), masters.bias is not None, masters.dark is not None,
-                    masters.flat is not None)
+    if compact is not None:
+        extra = np.float32(dark_scale(exposure_s, masters) - 1.0) if compact.scalable else np.float32(0.0)
+        _calibrate_compact(src32, out, arg(compact.pedestal), compact.pedestal is not None,
+                           _NONE2D_U16 if compact.dark16 is None else compact.dark16.view(np.uint16),
+                           extra, compact.dark16 is not None and extra != 0, arg(compact.flat),
+                           compact.flat is not None, _HALF_TO_F32)
+    else:
+        _calibrate_rows(src32, out, arg(masters.bias), arg(masters.dark),
+                        np.float32(dark_scale(exposure_s, masters)), arg(masters.flat),
+                        masters.bias is not None, masters.dark is not None, masters.flat is not None)
     repair = masters.defect_repair()
     if repair is not None:
         repair.apply(out)
@@ -186,7 +286,7 @@ def mismatch_warnings(light: FrameMeta, masters: Masters) -> list[str]:
             if abs(src.sensor_temp_c - light.sensor_temp_c) > TEMP_TOLERANCE_C:
                 notes.append(f"dark at {src.sensor_temp_c:.1f} C, light at {light.sensor_temp_c:.1f} C: "
                              "dark current differs")
-    if masters.dark is not None and masters.bias is None and masters.dark_exposure_s and light.exposure_s \
+    if masters.has("dark") and not masters.has("bias") and masters.dark_exposure_s and light.exposure_s \
             and abs(masters.dark_exposure_s - light.exposure_s) > 1e-3 * light.exposure_s:
         notes.append(f"dark of {masters.dark_exposure_s:g} s used unscaled for a {light.exposure_s:g} s light: "
                      "give a bias so the dark can be scaled")
