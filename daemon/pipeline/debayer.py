@@ -14,6 +14,7 @@ per channel of the channel's sparse samples; OpenCV's default border (reflect-10
 from __future__ import annotations
 
 import cv2
+import numba
 import numpy as np
 
 from daemon.pipeline.frame import BAYER_PATTERNS
@@ -114,10 +115,23 @@ def bin_mean(img: np.ndarray, k: int) -> np.ndarray:
     """k x k block mean (float32), dropping the incomplete last row/column blocks."""
     h, w = (img.shape[0] // k) * k, (img.shape[1] // k) * k
     if k == 2:
-        # Four strided views summed: about 3x faster than reshape().mean() on big frames.
-        out = img[0:h:2, 0:w:2] + img[1:h:2, 0:w:2]
-        out += img[0:h:2, 1:w:2]
-        out += img[1:h:2, 1:w:2]
-        out *= 0.25
-        return out.astype(np.float32, copy=False)
+        # One pass, parallel over rows, same float32 operations in the same order as summing
+        # the four strided views (bit-identical): ~3x faster than the numpy passes at 26 Mpx.
+        out = np.empty((h // 2, w // 2), np.float32)
+        _bin2(np.asarray(img, dtype=np.float32), out)
+        return out
     return img[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3), dtype=np.float32)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _bin2(img, out):  # pragma: no cover - numba
+    """out[i, j] = (((a + b) + c) + d) * 0.25 of the 2x2 block (a, b: first column, rows 2i
+    and 2i + 1; c, d: second column), in float32."""
+    h2, w2 = out.shape
+    q = np.float32(0.25)
+    for i in numba.prange(h2):
+        for j in range(w2):
+            v = img[2 * i, 2 * j] + img[2 * i + 1, 2 * j]
+            v += img[2 * i, 2 * j + 1]
+            v += img[2 * i + 1, 2 * j + 1]
+            out[i, j] = v * q
