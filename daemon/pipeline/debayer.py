@@ -60,10 +60,9 @@ def debayer(cfa: np.ndarray, pattern: str, method: str = "bilinear") -> np.ndarr
         (r0, c0), = offs["R"]
         (b0, d0), = offs["B"]
         (g0, e0), (g1, e1) = offs["G"]
-        out[..., 0] = data[r0 : 2 * h2 : 2, c0 : 2 * w2 : 2]
-        np.add(data[g0 : 2 * h2 : 2, e0 : 2 * w2 : 2], data[g1 : 2 * h2 : 2, e1 : 2 * w2 : 2], out=out[..., 1])
-        out[..., 1] *= 0.5
-        out[..., 2] = data[b0 : 2 * h2 : 2, d0 : 2 * w2 : 2]
+        # One parallel pass (numpy's four strided passes cost ~3x at 26 Mpx); green is
+        # (g0 + g1) * 0.5 in float32 as before.
+        _superpixel(data, out, r0, c0, g0, e0, g1, e1, b0, d0)
         return out
     if method != "bilinear":
         raise ValueError(f"unknown debayer method {method!r}; expected one of {', '.join(DEBAYER_METHODS)}")
@@ -135,3 +134,17 @@ def _bin2(img, out):  # pragma: no cover - numba
             v += img[2 * i, 2 * j + 1]
             v += img[2 * i + 1, 2 * j + 1]
             out[i, j] = v * q
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _superpixel(cfa, out, r0, c0, g0, e0, g1, e1, b0, d0):  # pragma: no cover - numba
+    """out[i, j] = (R, (G1 + G2) / 2, B) of 2x2 cell (i, j); offsets inside the cell."""
+    h2, w2 = out.shape[0], out.shape[1]
+    half = np.float32(0.5)
+    for i in numba.prange(h2):
+        y = 2 * i
+        for j in range(w2):
+            x = 2 * j
+            out[i, j, 0] = cfa[y + r0, x + c0]
+            out[i, j, 1] = (cfa[y + g0, x + e0] + cfa[y + g1, x + e1]) * half
+            out[i, j, 2] = cfa[y + b0, x + d0]
