@@ -52,6 +52,7 @@ class Camera:
         self.client, self.device = client, device
         self.staging: Path | None = None
         self.capture_dir: Path | None = None
+        self.settings: CameraSettings | None = None
         self._seq = 0
 
     async def connect(self, timeout: float = 10.0) -> None:
@@ -60,12 +61,32 @@ class Camera:
             await self.client.wait_for(self.device, name, timeout=timeout,
                                        what=f"camera property {name} defined")
 
-    async def _set_number(self, name: str, values: dict, timeout: float = 5.0) -> None:
+    async def _set_number(self, name: str, values: dict, timeout: float = 5.0,
+                          confirm: bool = False) -> None:
+        """Set a number property and wait for the driver's answer. confirm: wait until the
+        driver reports exactly these values (not just any idle update: a device that has just
+        reconnected re-defines its properties with their defaults, which would pass for one)."""
+        def done(p) -> bool:
+            if p.state == "Alert":
+                return True
+            return p.state != "Busy" and (not confirm or all(p.values.get(k) == v for k, v in values.items()))
+
         gen = self.client.send_number(self.device, name, values)
-        await self.client.wait_for(self.device, name, lambda p: p.state != "Busy", timeout, gen,
-                                   f"{name} = {values}")
+        await self.client.wait_for(self.device, name, done, timeout, gen, f"{name} = {values}")
         if self.client.prop(self.device, name).state == "Alert":
             raise IndiAlert(f"{self.device} refused {name} = {values}")
+
+    async def _ensure_binning(self) -> None:
+        """Binning as configured, checked before every exposure: a camera that was switched off
+        and on again (or a restarted driver) comes back at 1x1, and its frames would go to
+        another stack at another scale."""
+        b = int(getattr(self.settings, "binning", 1) or 1)
+        snap = self.client.prop(self.device, "CCD_BINNING")
+        if snap is None or (snap.values.get("HOR_BIN"), snap.values.get("VER_BIN")) == (b, b):
+            return
+        log.warning("%s is binned %gx%g, not %dx%d: setting it again", self.device,
+                    snap.values.get("HOR_BIN"), snap.values.get("VER_BIN"), b, b)
+        await self._set_number("CCD_BINNING", {"HOR_BIN": b, "VER_BIN": b}, confirm=True)
 
     async def _set_switch(self, name: str, on: str, timeout: float = 5.0) -> None:
         snap = self.client.prop(self.device, name)
@@ -84,7 +105,7 @@ class Camera:
         self.settings = settings
         b = int(settings.binning)
         if await c.wait_defined(d, ["CCD_BINNING"], 0 if b == 1 else self.define_wait_s):
-            await self._set_number("CCD_BINNING", {"HOR_BIN": b, "VER_BIN": b})
+            await self._set_number("CCD_BINNING", {"HOR_BIN": b, "VER_BIN": b}, confirm=True)
         elif b != 1:
             raise IndiError(f"{d} has no CCD_BINNING ([camera] binning = {b})")
         for key, value in (("GAIN", settings.gain), ("OFFSET", settings.offset)):
@@ -159,6 +180,7 @@ class Camera:
             raise IndiError("camera not configured (call configure first)")
         for old in self.staging.iterdir():  # leftovers of an interrupted exposure
             old.unlink(missing_ok=True)
+        await self._ensure_binning()
         limit = timeout if timeout is not None else seconds + 30.0
         gen = self.client.send_number(self.device, "CCD_EXPOSURE", {"CCD_EXPOSURE_VALUE": seconds})
         try:

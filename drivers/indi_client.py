@@ -84,6 +84,14 @@ def _snapshot(prop) -> PropSnapshot | None:
                         limits=limits if kind == "number" else {})
 
 
+#: Listeners that have been disconnected, kept alive for the life of the process. Why: when
+#: the last Python reference to a pyindi-client BaseClient goes, its C++ object is destroyed
+#: at once, while libindiclient's listener thread may still be delivering a last callback
+#: (serverDisconnected, a property) into it; that thread then aborts the whole process
+#: (seen here about one run in four of the indiserver-killed test). A few KB per reconnect.
+_RETIRED: list["_Listener"] = []
+
+
 class _Listener(PyIndi.BaseClient):
     """The pyindi-client subclass: every callback goes straight to the loop."""
 
@@ -146,6 +154,7 @@ class IndiClient:
         listener.setConnectionTimeout(int(timeout), 0)
         ok = await asyncio.to_thread(listener.connectServer)
         if not ok:
+            _RETIRED.append(listener)
             raise IndiDisconnected(f"no indiserver answering at {self.host}:{self.port}")
         self._listener = listener
         self.connected = True
@@ -155,6 +164,7 @@ class IndiClient:
         listener, self._listener = self._listener, None
         self.connected = False
         if listener is not None:
+            _RETIRED.append(listener)  # never destroyed: see _RETIRED
             await asyncio.to_thread(listener.disconnectServer)
         self._wake()
 
