@@ -113,14 +113,14 @@ def _similarity_batch(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """
     ms, md = src.mean(axis=1, keepdims=True), dst.mean(axis=1, keepdims=True)
     s0, d0 = src - ms, dst - md
-    cov = np.einsum("kpi,kpj->kij", d0, s0) / src.shape[1]
+    cov = np.matmul(d0.transpose(0, 2, 1), s0) / src.shape[1]  # sum_p d0[p, i] s0[p, j]
     u, sv, vt = np.linalg.svd(cov)
     r = u @ vt
     var = (s0**2).sum(axis=(1, 2)) / src.shape[1]
     scale = sv.sum(axis=1) / np.where(var > 0, var, 1.0)
     m = np.zeros((src.shape[0], 3, 3))
     m[:, :2, :2] = scale[:, None, None] * r
-    m[:, :2, 2] = md[:, 0] - np.einsum("kij,kj->ki", m[:, :2, :2], ms[:, 0])
+    m[:, :2, 2] = md[:, 0] - np.matmul(m[:, :2, :2], ms[:, 0, :, None])[..., 0]
     m[:, 2, 2] = 1.0
     return m
 
@@ -248,14 +248,16 @@ def register(
         keep = (sc >= scale_range[0]) & (sc <= scale_range[1])
         # The three vertices themselves must fit (a proposal from a shape coincidence of
         # a mirrored triangle with a different orientation does not).
-        res = np.einsum("kij,kpj->kpi", mats[:, :2, :2], src) + mats[:, None, :2, 2] - dst
+        # (batched matmul rather than einsum: the same sums, up to 30x faster for thousands
+        # of proposals)
+        res = np.matmul(src, mats[:, :2, :2].transpose(0, 2, 1)) + mats[:, None, :2, 2] - dst
         keep &= np.sqrt((res**2).sum(axis=2)).max(axis=1) < match_tol_px
         mats = mats[keep]
         if len(mats) == 0:
             continue
         # Score every proposal on the frame's brightest stars.
         probe = fxy[: max(n_pat, 60)]
-        pts = np.einsum("kij,pj->kpi", mats[:, :2, :2], probe) + mats[:, None, :2, 2]
+        pts = np.matmul(probe[None], mats[:, :2, :2].transpose(0, 2, 1)) + mats[:, None, :2, 2]
         d, _ = ref_tree.query(pts.reshape(-1, 2), distance_upper_bound=match_tol_px)
         d = d.reshape(len(mats), len(probe))
         hits = np.isfinite(d)
