@@ -712,6 +712,8 @@ class Service:
             if self.mqtt is not None:
                 self.mqtt.event("acquisition", {"event": "finished", **summary})
             paths = summary.get("paths") or []
+            if plan.frame_type == "light" and summary.get("state") == "done" and paths:
+                summary["final"] = await self._final_restack(paths)
             if plan.frame_type != "light" and (summary.get("state") == "done" or len(paths) >= 3) and paths:
                 try:
                     out = await self._in_worker(self._build_master, plan, paths)
@@ -728,6 +730,25 @@ class Service:
 
         self._acq_task = asyncio.create_task(run())
         return self._acq_task
+
+    async def _final_restack(self, paths: list[str], timeout_s: float = 600.0) -> str | None:
+        """The session-end product of a light plan that ran to its end: once its frames are all
+        processed, the final re-stack of their stack (what `restack` does on demand)."""
+        if not await self.wait_processed(paths, timeout_s):
+            log.warning("final re-stack skipped: frames of the plan still unprocessed after %g s", timeout_s)
+            return None
+        entry = self.ledger.entries.get(self.ledger.key(paths[-1]))
+        stack = self.stacks.get(entry.stack if entry else "")
+        if stack is None:
+            return None
+        try:
+            out = await self._in_worker(self._restack, stack)
+        except (CommandError, ValueError, OSError) as exc:
+            log.error("final re-stack of %s not written: %s", stack.key.name, exc)
+            return None
+        if self.mqtt is not None:
+            self.mqtt.event("acquisition", {"event": "final", "stack": stack.key.name, "path": str(out)})
+        return str(out)
 
     async def run_plan(self, plan: PlanSettings) -> dict:
         """Run one plan to its end and return its summary (state, frames, paths, master)."""

@@ -109,6 +109,10 @@ def test_dithered_plan_stacks_round_stars_and_dark_plan_by_command_builds_a_mast
     stack_path = tmp_path / "state" / "output" / "NGC-7789_Luminance_1s_bin1.fits"
     header = fits.getheader(stack_path)
     assert header["NCOMBINE"] == 8
+    # The plan ran to its end: the final re-stack was written by itself, and announced.
+    final = tmp_path / "state" / "output" / "NGC-7789_Luminance_1s_bin1_final.fits"
+    assert lights["final"] == str(final) and fits.getheader(final)["NCOMBINE"] == 8
+    assert {"event": "final", "stack": "NGC-7789_Luminance_1s_bin1", "path": str(final)} in sub.json("acquisition")
     single_fwhm, single_ell, _ = shape_of_stars(fits.getdata(files[0]))
     stack_fwhm, stack_ell, n = shape_of_stars(fits.getdata(stack_path))
     assert n >= 30
