@@ -67,6 +67,8 @@ class PlanSettings:
     dither_px: float = 10.0
     settle_s: float = 2.0
     frame_type: str = "light"
+    #: Park the mount when the plan ends (done or stopped): the last plan of the night.
+    park: bool = False
 
 
 __all__ = ["IndiSettings", "CameraSettings", "PlanSettings", "AcquisitionError", "run_acquisition",
@@ -335,10 +337,26 @@ class PlanRunner:
                 if await self._sleep(delay):
                     break
         state = "done" if self._finished() else "stopped"
+        parked = await self._park() if self.plan.park and self.mount is not None else None
         await self._publish(state, paths=self.progress.paths if not self.light else None,
-                            folder=str(self.capture_dir))
+                            folder=str(self.capture_dir), parked=parked)
         return {"state": state, "frames": self.progress.done, "paths": list(self.progress.paths),
-                "faults": self.progress.faults, "folder": str(self.capture_dir)}
+                "faults": self.progress.faults, "folder": str(self.capture_dir), "parked": parked}
+
+    async def _park(self) -> bool:
+        """Park at the plan's end; a failure is reported, never raised (the frames are safe)."""
+        try:
+            if not self.client.connected:
+                await self.client.connect(timeout=self.connect_timeout_s)
+                await self.mount.connect(self.connect_timeout_s)
+            await self._publish("parking")
+            await self.mount.park(timeout=self.slew_timeout_s)
+            log.info("%s parked", self.indi.mount)
+            return True
+        except (IndiError, OSError, SlewTimeout) as exc:
+            log.error("%s not parked: %s", self.indi.mount, exc)
+            await self._publish("park failed", error=str(exc))
+            return False
 
 
 async def run_acquisition(config: Any, events: Events, stop: asyncio.Event, **runner_options) -> dict:

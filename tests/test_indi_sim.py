@@ -118,6 +118,23 @@ def test_connect_slew_track_and_expose_star_frames(server, tmp_path):
         assert matched >= 30 and abs(dx) < 0.5 and abs(dy) < 0.5  # tracking: same stars, same place
 
 
+def test_plan_parks_the_mount_at_its_end(server, tmp_path):
+    events = Recorder()
+    cfg = config(tmp_path, server.port, count=1, park=True)
+    summary = asyncio.run(asyncio.wait_for(run_acquisition(cfg, events, asyncio.Event()), 120))
+
+    async def park_state():
+        client = IndiClient("127.0.0.1", server.port)
+        await client.connect()
+        snap = await client.wait_for(SCOPE, "TELESCOPE_PARK")
+        await client.close()
+        return snap.on()
+
+    assert summary["state"] == "done" and summary["parked"] is True
+    assert [p["state"] for p in events.plan()][-2:] == ["parking", "done"]
+    assert asyncio.run(park_state()) == ["PARK"]  # the simulator itself says so
+
+
 def test_plan_of_eight_dithered_frames(tmp_path):
     """run_acquisition starts its own indiserver ([indi] drivers), 8 frames dithered every 2."""
     events, stop = Recorder(), asyncio.Event()
