@@ -237,6 +237,8 @@ class Service:
         #: Files dealt with since the session began (the ledger's view; restored with it).
         self.counts = {"stacked": 0, "rejected": 0, "errors": 0}
         self.last_frame: dict | None = None
+        #: The running (or last) plan's latest progress event, also in `status` as "plan".
+        self.plan_progress: dict | None = None
         self.mqtt = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         self._queue: asyncio.Queue[Path] = asyncio.Queue()
@@ -459,6 +461,7 @@ class Service:
             "stacks": {n: s.pipeline.n_stacked for n, s in self.stacks.items()},
             "queue": self._queue.qsize(),
             "last_frame": self.last_frame,
+            "plan": self.plan_progress,
             "disk_free_bytes": disk_free,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -696,6 +699,9 @@ class Service:
 
         class Events:
             async def publish(self, kind: str, payload: dict) -> None:
+                if kind == "plan":
+                    service.plan_progress = {k: v for k, v in payload.items() if k != "paths"}
+                    service.publish_status()
                 if service.mqtt is not None:
                     service.mqtt.event("acquisition", {"event": kind, **payload})
 

@@ -100,6 +100,10 @@ def test_dithered_plan_stacks_round_stars_and_dark_plan_by_command_builds_a_mast
     assert [e["frame"] for e in running] == list(range(1, 9))
     assert all(e["count"] == 8 for e in running) and running[0]["eta_s"] > 0 and running[-1]["eta_s"] == 0
     assert plan[-1]["state"] == "done"
+    in_status = [st["plan"] for st in sub.json("status") if (st.get("plan") or {}).get("target") == "NGC 7789"
+                 and st["plan"]["frame_type"] == "light"]
+    assert (in_status[-1]["state"], in_status[-1]["frame"]) == ("done", 8)  # retained status has it too
+    assert {p["frame"] for p in in_status if p["state"] == "running"} <= set(range(1, 9))
     dithers = [e["dither"] for e in running if "dither" in e]
     assert len(dithers) == 3  # before frames 3, 5 and 7
 
