@@ -76,11 +76,11 @@ class FitsImage:
         else:
             block = self._stored_rows(start, stop)
         wide = np.float64 if block.dtype.itemsize >= 4 and block.dtype.kind in "iu" else np.float32
-        out = np.asarray(block, dtype=wide)
-        if self._bscale != 1.0:
-            out = out * self._bscale
+        out = np.array(block, dtype=wide)  # our own copy (never the memory map): scaled in place,
+        if self._bscale != 1.0:            # no temporaries (a 26 Mpx frame: 104 MB each)
+            out *= self._bscale
         if self._bzero != 0.0:
-            out = out + self._bzero
+            out += self._bzero
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def read(self) -> np.ndarray:
