@@ -268,7 +268,7 @@ def test_periodic_checkpoint_saves_when_frames_stop_coming(tmp_path):
 
 
 def test_failing_checkpoint_disk_does_not_stop_stacking(tmp_path, monkeypatch):
-    cfg = make_config(tmp_path, None, "x")
+    cfg = make_config(tmp_path, None, "x", checkpoint_every_s=0)  # a checkpoint per frame
     real_save = checkpoint.save
     calls = {"n": 0}
 
