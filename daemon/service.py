@@ -241,6 +241,11 @@ class Service:
         self.plan_progress: dict | None = None
         self.mqtt = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        #: The spool writer: a frame's float16 copy is written while the next frame is processed
+        #: (on a Pi's SD card ~1 s per 26 Mpx frame). At most one write waits; the checkpoint,
+        #: and anything that reads or clears a spool, waits for it first (`_spool_drain`).
+        self._spooler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
+        self._spool_pending: list[concurrent.futures.Future] = []
         self._queue: asyncio.Queue[Path] = asyncio.Queue()
         self._queued: set[str] = set()
         self._stop = asyncio.Event()
@@ -278,6 +283,7 @@ class Service:
                  ", ".join(f"{n}: {s.pipeline.n_stacked} frames" for n, s in self.stacks.items()) or "no stacks")
 
     def _checkpoint(self) -> None:
+        self._spool_drain()  # every frame the ledger calls stacked is in its spool
         state = {
             "version": 1,
             "session": self.session,
@@ -358,21 +364,32 @@ class Service:
                        stack.pipeline.n_stacked, stack.pipeline.total_exposure_s)
 
     def _spool(self, name: str, path: Path, result: Any, frame: Any) -> None:
-        """Keep the registered frame for the final re-stack. Written before the checkpoint, so
-        after a crash the frame may already be spooled: the spool is keyed by path."""
+        """Keep the registered frame for the final re-stack, written by the spool thread. Every
+        frame a checkpoint records as stacked is in the spool (the checkpoint drains first);
+        after a crash a frame may already be spooled: the spool is keyed by path."""
+        self._spool_drain(keep=0)  # back-pressure: one write in flight at most
+        date_obs = frame.meta.date_obs.isoformat() if frame.meta.date_obs else None
+        self._spool_pending.append(self._spooler.submit(
+            self._spool_write, name, str(path), result.registered, result.weight, date_obs,
+            frame.meta.exposure_s))
+
+    def _spool_write(self, name: str, path: str, image: Any, weight: float, date_obs: str | None,
+                     exposure_s: float | None) -> None:
         from daemon.spool import Spool
 
         try:
             if name not in self._spools:
                 self._spools[name] = Spool(self.state_dir / "spool" / name)
             spool = self._spools[name]
-            if str(path) in spool:
-                return
-            date_obs = frame.meta.date_obs.isoformat() if frame.meta.date_obs else None
-            spool.append(result.registered, weight=result.weight, path=str(path), date_obs=date_obs,
-                         exposure_s=frame.meta.exposure_s)
+            if path not in spool:
+                spool.append(image, weight=weight, path=path, date_obs=date_obs, exposure_s=exposure_s)
         except (OSError, ValueError) as exc:  # the live stack has the frame; only restack misses it
             log.error("spooling %s for the final re-stack failed: %s", path, exc)
+
+    def _spool_drain(self, keep: int = 0) -> None:
+        """Wait until at most `keep` spool writes are in flight (worker thread)."""
+        while len(self._spool_pending) > keep:
+            self._spool_pending.pop(0).result()
 
 
     def _build_master(self, plan: PlanSettings, paths: list[str]) -> Path:
@@ -647,6 +664,7 @@ class Service:
         return stack.key.name, again
 
     def _clear_spool(self, name: str) -> None:
+        self._spool_drain()
         spool_dir = self.state_dir / "spool" / name
         self._spools.pop(name, None)
         if spool_dir.exists():
@@ -660,6 +678,7 @@ class Service:
         from daemon.products import write_stack
         from daemon.spool import Spool
 
+        self._spool_drain()
         spool_dir = self.state_dir / "spool" / stack.key.name
         spool = Spool(spool_dir) if spool_dir.exists() else None
         if spool is None or len(spool) == 0:
@@ -858,6 +877,7 @@ class Service:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._executor.shutdown(wait=True)
+            self._spooler.shutdown(wait=True)
             log.info("stopped: %d stacked, %d rejected, %d errors", self.counts["stacked"],
                      self.counts["rejected"], self.counts["errors"])
         return 0

@@ -212,6 +212,11 @@ def test_kill9_resume_exactly_sigterm_exit0(broker, tmp_path):
     pipe = st["stacks"][stack_name]["pipeline"]
     stacked_paths = [Path(p["path"]).name for p in pipe["provenance"]]
     assert sorted(stacked_paths) == accepted  # each accepted frame exactly once
+    # The spool for the final re-stack (written by its own thread) holds each of them once too.
+    from daemon.spool import Spool
+
+    spooled = [Path(e["path"]).name for e in Spool(state / "spool" / stack_name).entries]
+    assert sorted(spooled) == accepted
     header = fits.getheader(state / "output" / f"{stack_name}.fits")
     assert header["NCOMBINE"] == len(accepted) == pipe["n_stacked"]
     assert header["EXPTIME"] == pytest.approx(10.0 * len(accepted))
