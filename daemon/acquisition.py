@@ -242,6 +242,11 @@ class PlanRunner:
         if not self.client.connected:
             await self.client.connect(timeout=self.connect_timeout_s)
         await self.camera.connect(self.connect_timeout_s)
+        if self.progress.faults:
+            # After a fault an exposure may still run in the driver (the INDI CCD simulator keeps
+            # the one it was taking when it was switched off and on, and ends the next one with
+            # its short image): abort it before taking frames again.
+            await self.camera.abort()
         await self.camera.configure(self.cam_settings, self.capture_dir, self.plan.target)
         if self.plan.frame_type == "bias":
             self.exposure_s = self.camera.min_exposure_s()

@@ -1,10 +1,12 @@
 """INDI camera: cooling, gain/offset, binning, frame type, exposure with local upload, abort.
 
-Why a staging folder: INDI drivers write the upload file in place (fopen/fwrite/fclose of the final
-name, checked on indi 1.9.9), so a watcher could see a half-written FITS. We let the driver write into
-`<capture>/.incoming/` (hidden, same file system) and, once CCD_EXPOSURE reports Ok (the driver has
-closed the file by then: its "Image saved" message precedes the state change), we rename it
-atomically into the capture folder under our own name. The watcher only ever sees complete files.
+Why a hidden upload name: INDI drivers write the upload file in place (fopen/fwrite/fclose of the
+final name, checked on indi 1.9.9), so a watcher could see a half-written FITS. We let the driver
+write `<capture>/.lightbucket-upload_NNN.fits` (hidden: the watcher ignores it) and, once
+CCD_EXPOSURE reports Ok (the driver has closed the file by then: its "Image saved" message
+precedes the state change), we rename it atomically, in the same folder, to our own name. The
+watcher only ever sees complete files, and sees them at once: a rename within a watched folder
+is a move event, where a file moved in from another folder would need the size-stable wait.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 
 FRAME_TYPES = {"light": "FRAME_LIGHT", "dark": "FRAME_DARK", "bias": "FRAME_BIAS",
                "flat": "FRAME_FLAT", "darkflat": "FRAME_DARK"}
-STAGING = ".incoming"
+UPLOAD_PREFIX = ".lightbucket-upload_"
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,6 @@ class Camera:
 
     def __init__(self, client: IndiClient, device: str):
         self.client, self.device = client, device
-        self.staging: Path | None = None
         self.capture_dir: Path | None = None
         self.settings: CameraSettings | None = None
         self._seq = 0
@@ -97,11 +98,10 @@ class Camera:
 
     async def configure(self, settings: CameraSettings, capture_dir: str | Path,
                         target: str = "") -> None:
-        """Binning, gain, offset, local upload into <capture_dir>/.incoming, FITS object name."""
+        """Binning, gain, offset, local upload under a hidden name in capture_dir, FITS object name."""
         c, d = self.client, self.device
         self.capture_dir = Path(capture_dir)
-        self.staging = self.capture_dir / STAGING
-        self.staging.mkdir(parents=True, exist_ok=True)
+        self.capture_dir.mkdir(parents=True, exist_ok=True)
         self.settings = settings
         b = int(settings.binning)
         if await c.wait_defined(d, ["CCD_BINNING"], 0 if b == 1 else self.define_wait_s):
@@ -119,8 +119,8 @@ class Camera:
             else:
                 raise IndiError(f"{d} has neither CCD_{key} nor CCD_CONTROLS.{key.title()} "
                                 f"([camera] {key.lower()} = {value})")
-        gen = c.send_text(d, "UPLOAD_SETTINGS", {"UPLOAD_DIR": str(self.staging),
-                                                 "UPLOAD_PREFIX": "frame_XXX"})
+        gen = c.send_text(d, "UPLOAD_SETTINGS", {"UPLOAD_DIR": str(self.capture_dir),
+                                                 "UPLOAD_PREFIX": UPLOAD_PREFIX + "XXX"})
         await c.wait_state(d, "UPLOAD_SETTINGS", gen, 5.0, "upload folder")
         await self._set_switch("UPLOAD_MODE", "UPLOAD_LOCAL")
         if target and c.prop(d, "FITS_HEADER"):
@@ -176,9 +176,9 @@ class Camera:
         Raises ExposureTimeout (after aborting) when the camera does not finish within
         `timeout` (default: exposure + 30 s for download), IndiAlert when it reports failure.
         """
-        if self.staging is None:
+        if self.capture_dir is None:
             raise IndiError("camera not configured (call configure first)")
-        for old in self.staging.iterdir():  # leftovers of an interrupted exposure
+        for old in self._uploads():  # leftovers of an interrupted exposure
             old.unlink(missing_ok=True)
         await self._ensure_binning()
         limit = timeout if timeout is not None else seconds + 30.0
@@ -189,15 +189,18 @@ class Camera:
         except IndiTimeout as exc:
             await self.abort()
             raise ExposureTimeout(str(exc)) from None
-        files = sorted(self.staging.iterdir(), key=lambda p: p.stat().st_mtime)
+        files = sorted(self._uploads(), key=lambda p: p.stat().st_mtime)
         if not files:
-            raise IndiError(f"{self.device}: exposure done but no file in {self.staging} "
+            raise IndiError(f"{self.device}: exposure done but no {UPLOAD_PREFIX}* file in {self.capture_dir} "
                             "(is UPLOAD_MODE local and the folder writable by the driver?)")
         self._seq += 1
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         dest = self.capture_dir / f"{_safe(name)}_{stamp}_{self._seq:04d}{files[-1].suffix}"
         os.replace(files[-1], dest)
         return dest
+
+    def _uploads(self) -> list[Path]:
+        return list(self.capture_dir.glob(UPLOAD_PREFIX + "*"))
 
     async def abort(self) -> None:
         try:

@@ -63,8 +63,7 @@ def test_exposure_that_never_completes_times_out_and_aborts(tmp_path):
         c.put("Cam", "CCD_EXPOSURE", "number", "Idle", {"CCD_EXPOSURE_VALUE": 0})
         c.put("Cam", "CCD_ABORT_EXPOSURE", "switch", "Idle", {"ABORT": False})
         cam = Camera(c, "Cam")
-        cam.capture_dir, cam.staging = tmp_path, tmp_path / ".incoming"
-        cam.staging.mkdir()
+        cam.capture_dir = tmp_path
         with pytest.raises(ExposureTimeout, match="CCD_EXPOSURE"):
             await asyncio.wait_for(cam.expose(0.2, "light", timeout=0.3), 5)
         return c.sent
