@@ -3,17 +3,18 @@
 A frame is handed on only once its writer is done with it:
 - on Linux (inotify) when the file is closed after writing (watchdog's FileClosedEvent) or
   renamed into place (FileMovedEvent: the usual temp-then-rename of capture programs);
-- a file moved in from a folder that is not watched (INDI's `.incoming/`, another program's
-  temp folder) arrives as a bare "created" with no close to follow: it is handed on once its
+- a file moved in from a folder that is not watched (another program's temp or staging
+  folder) arrives as a bare "created" with no close to follow: it is handed on once its
   size has stayed unchanged for `settle_s`, unless it gets written to (then its close event
   decides, however long the writer pauses);
 - elsewhere (polling/other observers, network shares) once its size and mtime have stayed
   unchanged for `settle_s` seconds.
 Temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) are ignored, and
-only names matching the configured patterns (case-insensitive) count. Hidden sub-folders (the
-INDI camera's `.incoming/`, where frames are written before their rename) and `calibration/`
-(calibration plans' darks, bias and flats, which become masters, not lights) are never watched,
-recursive or not. `backlog()` lists files already present at start. Duplicates are possible (a file closed twice); the ledger decides.
+only names matching the configured patterns (case-insensitive) count. Hidden sub-folders
+(staging folders such as `.incoming/`, where frames are written before a rename) and
+`calibration/` (calibration plans' darks, bias and flats, which become masters, not lights)
+are never watched, recursive or not. `backlog()` lists files already present at start.
+Duplicates are possible (a file closed twice); the ledger decides.
 """
 
 from __future__ import annotations

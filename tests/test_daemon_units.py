@@ -77,7 +77,7 @@ def test_candidate_names_and_backlog(tmp_path):
         os.utime(tmp_path / name, (1000 + i, 1000 + i))
     assert [p.name for p in backlog(tmp_path, PATTERNS, recursive=False)] == ["b.fits", "a.fits"]
     assert [p.name for p in backlog(tmp_path, PATTERNS, recursive=True)] == ["b.fits", "a.fits", "c.fits"]
-    # The camera's .incoming/ and calibration plans' folders never hold lights.
+    # Hidden staging folders and calibration plans' folders never hold lights.
     for sub in (".incoming", "calibration/dark"):
         (tmp_path / sub).mkdir(parents=True)
         (tmp_path / sub / "x.fits").write_bytes(b"x")
@@ -109,7 +109,7 @@ def test_inotify_close_after_write_and_rename_into_place(tmp_path):
             t = time.monotonic()
         (tmp_path / "moved.fits.part").write_bytes(b"c" * 100)
         os.rename(tmp_path / "moved.fits.part", tmp_path / "moved.fits")
-        # Moved in from a folder nobody watches (INDI's .incoming/): no close event follows.
+        # Moved in from a folder nobody watches (a hidden staging folder): no close event follows.
         (tmp_path / ".incoming").mkdir()
         (tmp_path / ".incoming" / "indi.fits").write_bytes(b"d" * 100)
         os.rename(tmp_path / ".incoming" / "indi.fits", tmp_path / "indi.fits")
@@ -125,7 +125,7 @@ def test_inotify_close_after_write_and_rename_into_place(tmp_path):
 
 
 def test_recursive_watch_ignores_incoming_and_calibration_folders(tmp_path):
-    """The INDI camera writes into .incoming/ and renames into place; calibration plans write
+    """A capture program writes into .incoming/ and renames into place; calibration plans write
     into calibration/<type>/: only the renamed light and a light in a sub-folder count."""
     for sub in (".incoming", "calibration/dark", "night2"):
         (tmp_path / sub).mkdir(parents=True)
