@@ -102,11 +102,15 @@ def test_connect_slew_track_and_expose_star_frames(server, tmp_path):
         track = client.prop(SCOPE, "TELESCOPE_TRACK_STATE").on()
         await cam.set_frame_type("light")
         paths = [await cam.expose(1.0, "light_test") for _ in range(3)]
+        # Sync: the mount now believes it points 0.2 deg further east, without moving.
+        await mount.sync(RA + 0.2, DEC)
+        synced = mount.error_arcsec(RA + 0.2, DEC), mount.error_arcsec(RA, DEC)
         await client.close()
-        return err, track, mount.pier_side(), paths
+        return err, track, mount.pier_side(), paths, synced
 
-    err, track, pier, paths = asyncio.run(main())
+    err, track, pier, paths, (err_synced, err_old) = asyncio.run(main())
     assert err < 5.0 and track == ["TRACK_ON"] and pier in ("east", "west")
+    assert err_synced < 5.0 and err_old > 0.2 * 3600 * np.cos(np.radians(DEC)) - 5.0
     assert [p.parent for p in paths] == [tmp_path] * 3 and len(set(paths)) == 3
     assert list(tmp_path.glob(".lightbucket-upload_*")) == []  # nothing half-written left behind
     ref = stars(paths[0])
