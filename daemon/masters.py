@@ -36,6 +36,8 @@ KINDS = {"bias": FrameType.BIAS, "dark": FrameType.DARK, "flat": FrameType.FLAT,
 #: Cards that mark a master as built (and pre-processed) by lightbucket.
 BIASSUB, FLATNORM = "BIASSUB", "FLATNORM"
 DEFAULT_MEMORY_MB = 512
+#: A flat with more than this fraction of its pixels at its maximum value is saturated.
+SATURATED_FRACTION = 0.02
 #: Darks whose exposures differ by more than this fraction are refused in one master.
 EXPOSURE_TOLERANCE = 0.01
 
@@ -191,8 +193,15 @@ def _flat_level(src: _Source, pedestal: np.ndarray | None) -> float:
     """Median of ~64 rows spread over the frame, pedestal removed: the flat's brightness."""
     h = src.shape[0]
     picks = np.unique(np.linspace(0, h - 1, min(h, 64)).astype(int))
-    rows = np.concatenate([src.rows(r, r + 1) - (pedestal[r:r + 1] if pedestal is not None else 0)
-                           for r in picks])
+    raw = np.concatenate([src.rows(r, r + 1) for r in picks])
+    # Saturated flats (too long an exposure, too bright a panel) hold no vignetting or dust:
+    # a master from them would silently flatten nothing. A real flat has few pixels at its max.
+    top = float(raw.max())
+    clipped = float(np.mean(raw >= top)) if top > 0 else 0.0
+    if clipped > SATURATED_FRACTION:
+        raise MasterError(f"{src.meta.path}: flat is saturated ({100 * clipped:.0f} % of pixels at "
+                          f"{top:.0f} ADU): shorten the flat exposure or dim the panel")
+    rows = raw - (pedestal[picks] if pedestal is not None else 0)
     level = float(np.median(rows))
     if level <= 0:
         raise MasterError(f"{src.meta.path}: flat has no signal above the bias/dark flat "

@@ -156,3 +156,25 @@ def test_few_frames_still_reject_a_single_outlier():
     clean = np.delete(x, [2], axis=0)[:, 5, 5].mean()
     assert res.data[5, 5] == pytest.approx(clean, abs=3.0)
     assert np.abs(res.data[10] - 500).max() < 10
+
+
+def test_saturated_flats_are_refused_good_ones_kept(tmp_path):
+    """A flat exposed too long is clipped at the sensor's maximum: refused, naming the file,
+    instead of a master that flattens nothing. A bright but unclipped flat is fine."""
+    flat_hdr = {"IMAGETYP": "Flat Frame", "EXPTIME": 1.0}
+    good, truth = _write_set(tmp_path, 3, level=40000.0, name="good", header=flat_hdr)
+    summary = build_master("flat", good, tmp_path / "flat.fits")
+    assert summary["n_frames"] == 3
+    master = fits.getdata(tmp_path / "flat.fits")
+    # The master keeps the pixel-to-pixel pattern of the truth (normalised), not a flat 1.0.
+    assert np.corrcoef(master.ravel(), truth.ravel())[0, 1] > 0.9
+    clipped = []
+    ramp = np.linspace(1.0, 2.0, truth.shape[1])[None, :]  # a gradient across the panel
+    for i in range(3):  # a third of the sensor at full well, as a too-long flat looks
+        data = np.clip(truth * ramp + RNG.normal(0, 5, truth.shape), 0, 65535).astype(np.uint16)
+        clipped.append(tmp_path / f"clipped{i:03d}.fits")
+        fits.PrimaryHDU(data, header=fits.Header(list(flat_hdr.items()))).writeto(clipped[-1])
+    assert 0.2 < np.mean(fits.getdata(clipped[0]) == 65535) < 0.5
+    with pytest.raises(MasterError, match=r"clipped000\.fits: flat is saturated \(\d+ % of pixels at 65535 ADU\)"):
+        build_master("flat", clipped, tmp_path / "bad.fits")
+    assert not (tmp_path / "bad.fits").exists()
