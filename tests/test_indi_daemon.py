@@ -69,13 +69,16 @@ def test_dithered_plan_stacks_round_stars_and_dark_plan_by_command_builds_a_mast
             await until(lambda: any(r["id"] == "d1" for r in sub.json("cmd/result")), 20)
             await until(lambda: service._acq_task is not None and service._acq_task.done(), 60)
             darks = service._acq_task.result()
+            # 2b. Flats: 0.01 s (the simulator's flat field saturates at 0.5 s).
+            flats = await service.run_plan(service.config.plan.__class__(
+                target="", filter="Luminance", exposure_s=0.01, count=3, frame_type="flat"))
             # 3. A short second light plan: a new stack, calibrated with the new master dark.
             more = await service.run_plan(
                 service.config.plan.__class__(**{**service.config.plan.__dict__, "target": "NGC 7789 b",
                                                  "count": 2, "dither_every": 0}))
             assert await service.wait_processed(more["paths"], 60)
             await service._maybe_products(force=True)
-            return {"lights": lights, "darks": darks, "more": more}
+            return {"lights": lights, "darks": darks, "flats": flats, "more": more}
         finally:
             service.request_stop()
             await asyncio.wait_for(runner, 60)
@@ -136,6 +139,14 @@ def test_dithered_plan_stacks_round_stars_and_dark_plan_by_command_builds_a_mast
     assert [e for e in sub.json("acquisition") if e.get("event") == "master"][0]["path"] == str(master)
     second_path = tmp_path / "state" / "output" / "NGC-7789-b_Luminance_1s_bin1.fits"
     assert fits.getheader(second_path)["DARKFRM"] == str(master)  # provenance names the dark used
+    # The flat plan's master: the simulator's vignetting, normalised, and used by the new stack.
+    flats = out["flats"]
+    assert flats["state"] == "done" and flats["frames"] == 3 and Path(flats["master"]).parent == master.parent
+    mflat = fits.getdata(flats["master"])
+    h, w = mflat.shape
+    assert np.median(mflat) == pytest.approx(1.0, abs=0.05)
+    assert np.median(mflat[:h // 8, :w // 8]) < 0.85 * np.median(mflat[3 * h // 8:5 * h // 8, 3 * w // 8:5 * w // 8])
+    assert fits.getheader(second_path)["FLATFRM"] == flats["master"]
     assert "DARKFRM" not in header  # the first stack was taken before the master existed
     # ... and the dark was really subtracted: the sky of the same field drops by the dark level.
     dark_level = float(np.median(fits.getdata(master)))
