@@ -17,8 +17,9 @@ import pytest
 from astropy.io import fits
 
 from daemon import checkpoint
+from daemon.commands import CommandError, validate_command
 from daemon.config import config_from_dict
-from daemon.service import CommandError, Service, validate_command
+from daemon.service import Service
 from daemon.simulate import Exposure, expose, fits_header, random_star_field, transform_matrix
 from tests.mqtt_broker import Subscriber
 

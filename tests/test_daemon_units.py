@@ -182,8 +182,9 @@ def test_systemd_unit_is_notify_watchdog_hardened_and_verifies(tmp_path):
 
 
 def test_plan_command_takes_defaults_from_the_config_and_refuses_bad_keys(tmp_path):
+    from daemon.commands import CommandError, plan_from_command, validate_command
     from daemon.config import config_from_dict
-    from daemon.service import CommandError, Service, plan_from_command, validate_command
+    from daemon.service import Service
 
     cfg = config_from_dict({
         "capture": {"dir": str(tmp_path / "c")}, "state": {"dir": str(tmp_path / "s")},
