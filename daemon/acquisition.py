@@ -115,6 +115,14 @@ def parse_dec(value: float | str) -> float:
     return deg
 
 
+def check_coordinates(plan: PlanSettings) -> None:
+    """Raise AcquisitionError naming the key when ra or dec (if given) is no angle."""
+    if plan.ra is not None:
+        parse_ra(plan.ra)
+    if plan.dec is not None:
+        parse_dec(plan.dec)
+
+
 def _parse_until(value: str | datetime | None) -> datetime | None:
     if value in (None, ""):
         return None

@@ -52,7 +52,8 @@ def _join(obj: Any, arrays: Any) -> Any:
     return obj
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (the directory entry, not only the file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -79,7 +80,7 @@ def save(state_dir: Path, state: dict) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        _fsync_dir(state_dir)
+        fsync_dir(state_dir)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

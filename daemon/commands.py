@@ -66,7 +66,7 @@ def validate_command(raw: bytes) -> dict:
 def plan_from_command(cmd: dict, default: PlanSettings | None) -> PlanSettings:
     """The PlanSettings of a `plan` command: its keys over the config's [plan] (when there is one).
     Raises CommandError naming the key, as a config error would."""
-    from daemon.acquisition import AcquisitionError, parse_dec, parse_ra
+    from daemon.acquisition import AcquisitionError, check_coordinates
 
     given = {k: v for k, v in cmd.items() if k not in ("id", "action")}
     base = dataclasses.asdict(default) if default is not None else {}
@@ -75,10 +75,7 @@ def plan_from_command(cmd: dict, default: PlanSettings | None) -> PlanSettings:
         base.update(count=10, until=None, dither_every=0)  # no slews, no dithers
     try:
         plan = build_section(PlanSettings, {**base, **given}, "plan", "plan command")
-        if plan.ra is not None:
-            parse_ra(plan.ra)
-        if plan.dec is not None:
-            parse_dec(plan.dec)
+        check_coordinates(plan)
     except (ConfigError, AcquisitionError) as exc:
         raise CommandError(str(exc)) from None
     if plan.frame_type not in ("light", *MASTER_KINDS):

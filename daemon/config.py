@@ -201,12 +201,10 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
             raise ConfigError(f"{source}: [{required}] section missing (needs at least 'dir')")
     plan = kwargs.get("plan")
     if plan is not None:
-        from daemon.acquisition import AcquisitionError, parse_dec, parse_ra
+        from daemon.acquisition import AcquisitionError, check_coordinates
 
         try:
-            for value, parse in ((plan.ra, parse_ra), (plan.dec, parse_dec)):
-                if value is not None:
-                    parse(value)
+            check_coordinates(plan)
         except AcquisitionError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     return Config(**kwargs)

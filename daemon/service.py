@@ -106,8 +106,7 @@ class StackKey:
     def name(self) -> str:
         """File-system safe: 'M27_L_300s_bin1'."""
         exp = f"{self.exposure_s:g}s"
-        raw = f"{self.target}_{self.filter}_{exp}_bin{self.binning}"
-        return re.sub(r"[^A-Za-z0-9_.+-]+", "-", raw)
+        return _safe_name(f"{self.target}_{self.filter}_{exp}_bin{self.binning}")
 
     @classmethod
     def of(cls, meta) -> "StackKey":
@@ -296,7 +295,7 @@ class Service:
         """Keep the registered frame for the final re-stack, written by the spool thread. Every
         frame a checkpoint records as stacked is in the spool (the checkpoint drains first);
         after a crash a frame may already be spooled: the spool is keyed by path."""
-        self._spool_drain(keep=0)  # back-pressure: one write in flight at most
+        self._spool_drain()  # back-pressure: one write in flight at most
         date_obs = frame.meta.date_obs.isoformat() if frame.meta.date_obs else None
         self._spool_pending.append(self._spooler.submit(
             self._spool_write, name, str(path), result.registered, result.weight, date_obs,
@@ -315,9 +314,9 @@ class Service:
         except (OSError, ValueError) as exc:  # the live stack has the frame; only restack misses it
             log.error("spooling %s for the final re-stack failed: %s", path, exc)
 
-    def _spool_drain(self, keep: int = 0) -> None:
-        """Wait until at most `keep` spool writes are in flight (worker thread)."""
-        while len(self._spool_pending) > keep:
+    def _spool_drain(self) -> None:
+        """Wait for the spool writes in flight (worker thread)."""
+        while self._spool_pending:
             self._spool_pending.pop(0).result()
 
 
@@ -330,7 +329,7 @@ class Service:
         kind = plan.frame_type
         exposure = f"_{plan.exposure_s:g}s" if kind in ("dark", "darkflat") else ""
         filt = f"_{plan.filter}" if kind in ("flat", "darkflat") and plan.filter else ""
-        name = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{kind}{filt}{exposure}_{self.session}")
+        name = _safe_name(f"{kind}{filt}{exposure}_{self.session}")
         out = self.state_dir / "masters" / f"{name}.fits"
         out.parent.mkdir(parents=True, exist_ok=True)
         sub = {}
@@ -340,8 +339,10 @@ class Service:
             sub = {"darkflat": self.masters["darkflat"]}
         build_master(kind, paths, out, **sub)
         masters = {**self.masters, kind: str(out)}
-        self.factory.new(masters)  # raises (and changes nothing) if they do not load or fit together
+        # new() raises (and nothing has changed yet) if the masters do not load or fit together.
         fresh = {n: self.factory.new(masters) for n, s in self.stacks.items() if s.pipeline.n_stacked == 0}
+        if not fresh:
+            self.factory.new(masters)
         self.masters = masters
         for name, pipeline in fresh.items():
             self.stacks[name].pipeline, self.stacks[name].masters = pipeline, dict(masters)
@@ -810,6 +811,11 @@ class Service:
             log.info("stopped: %d stacked, %d rejected, %d errors", self.counts["stacked"],
                      self.counts["rejected"], self.counts["errors"])
         return 0
+
+
+def _safe_name(text: str) -> str:
+    """File-system safe: runs of anything but letters, digits and _.+- become '-'."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", text)
 
 
 def _fmt(v: float | None) -> str:

@@ -19,16 +19,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from daemon.checkpoint import fsync_dir
+
 _F16_MAX = 60000.0
 INDEX = "index.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -120,4 +114,4 @@ class Spool:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.dir / INDEX)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)

@@ -295,16 +295,19 @@ class IndiClient:
         if missing:
             raise IndiError(f"{device}.{name} has no element(s) {missing}; has {sorted(known)}")
 
-    def send_number(self, device: str, name: str, values: dict[str, float]) -> int:
-        """Send new numbers; returns the generation to pass to wait_state as `after`."""
-        prop = self._live(device, name, "getNumber")
+    def _send_values(self, device: str, name: str, values: dict, kind: str, setter) -> int:
+        prop = self._live(device, name, f"get{kind}")
         self._check(device, name, prop, values)
         for w in prop:
             if w.getName() in values:
-                w.setValue(float(values[w.getName()]))
+                setter(w, values[w.getName()])
         gen = self._generation
-        self._listener.sendNewNumber(prop)
+        getattr(self._listener, f"sendNew{kind}")(prop)
         return gen
+
+    def send_number(self, device: str, name: str, values: dict[str, float]) -> int:
+        """Send new numbers; returns the generation to pass to wait_state as `after`."""
+        return self._send_values(device, name, values, "Number", lambda w, v: w.setValue(float(v)))
 
     def send_switch(self, device: str, name: str, on: Iterable[str], off: Iterable[str] = ()) -> int:
         """Turn switches `on` On; for one-of-many rules the others go Off."""
@@ -322,14 +325,7 @@ class IndiClient:
         return gen
 
     def send_text(self, device: str, name: str, values: dict[str, str]) -> int:
-        prop = self._live(device, name, "getText")
-        self._check(device, name, prop, values)
-        for w in prop:
-            if w.getName() in values:
-                w.setText(str(values[w.getName()]))
-        gen = self._generation
-        self._listener.sendNewText(prop)
-        return gen
+        return self._send_values(device, name, values, "Text", lambda w, v: w.setText(str(v)))
 
     async def connect_device(self, device: str, timeout: float = 10.0) -> None:
         """Switch CONNECTION on and wait until the driver reports it connected."""

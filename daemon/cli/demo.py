@@ -131,7 +131,6 @@ async def session(config, args, indi: bool) -> dict:
             summary["restack"] = reply
         summary["stack"] = service.stacks.get(service.current or "")
         summary["counts"] = dict(service.counts)
-        summary["events"] = [e for e in [service.last_frame] if e]
         return summary
     finally:
         service.request_stop()

@@ -59,15 +59,15 @@ class LiveSettings:
     interpolation: str = "bicubic"
     normalize_background: bool = True
     registration_model: str = "similarity"
-    # [quality]
-    min_star_fraction: float = 0.5
-    min_stars: int = 8
-    max_fwhm_px: float = 0.0
-    fwhm_factor: float = 1.5
-    max_eccentricity: float = 0.6
-    background_jump: float = 0.5
-    background_jump_noise: float = 10.0
-    history: int = 10
+    # [quality]: the fields of QualitySettings, with its defaults (one source for them)
+    min_star_fraction: float = QualitySettings.min_star_fraction
+    min_stars: int = QualitySettings.min_stars
+    max_fwhm_px: float = QualitySettings.max_fwhm_px
+    fwhm_factor: float = QualitySettings.fwhm_factor
+    max_eccentricity: float = QualitySettings.max_eccentricity
+    background_jump: float = QualitySettings.background_jump
+    background_jump_noise: float = QualitySettings.background_jump_noise
+    history: int = QualitySettings.history
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
