@@ -39,6 +39,8 @@ def test_quick_benchmark_produces_full_table(tmp_path):
             assert live["stages"][stage] > 0, (r["mode"], stage)
         assert (live["stages"]["debayer"] or 0) > 0 if r["mode"] == "osc" else live["stages"]["debayer"] is None
         assert naive["stages"]["match"] > 0 and naive["stages"]["warp"] > 0
+        # The spool thread wrote every stacked frame once, as the service's does.
+        assert r["live_raw"]["n_spooled"] == live["n_stacked"] and live["spool_write_median_s"] > 0
         assert r["ratio"] > 0 and live["peak_rss"] > 10e6 and naive["peak_rss"] > 10e6
         # The live pipeline registered the dithered frames (not an identity warp of everything).
         dxs = [f["dx"] for f in r["live_raw"]["frames"][1:]]
