@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
@@ -75,6 +76,10 @@ class FitsImage:
             block = self._stored_rows(h - stop, h - start)[::-1]
         else:
             block = self._stored_rows(start, stop)
+        if block.dtype == _BE_INT16:  # the common case (every 16-bit camera): one fused pass
+            out = np.empty(block.shape, np.float32)
+            _be16_to_float32(block.view(np.uint16), out, self._bscale, self._bzero)
+            return out
         wide = np.float64 if block.dtype.itemsize >= 4 and block.dtype.kind in "iu" else np.float32
         out = np.array(block, dtype=wide)  # our own copy (never the memory map): scaled in place,
         if self._bscale != 1.0:            # no temporaries (a 26 Mpx frame: 104 MB each)
@@ -85,6 +90,29 @@ class FitsImage:
 
     def read(self) -> np.ndarray:
         return self.rows(0, self.shape[0])
+
+
+_BE_INT16 = np.dtype(">i2")
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _be16_to_float32(raw: np.ndarray, out: np.ndarray, bscale: float, bzero: float) -> None:
+    """Big-endian int16 FITS pixels (as raw uint16 words) -> float32 ADU, `raw * bscale +
+    bzero`, in one parallel pass: numpy's byte swap, conversion and BZERO add are three
+    single-threaded passes (33 -> ~6 ms for a 12 Mpx frame on 2 cores). Exact for 16-bit
+    data: every int16 + 32768 is a float32 integer."""
+    scale, zero = np.float32(bscale), np.float32(bzero)
+    exact = bscale == 1.0
+    for i in numba.prange(raw.shape[0]):
+        for j in range(raw.shape[1]):
+            u = np.int32(raw[i, j])
+            v = ((u & 0xFF) << 8) | (u >> 8)
+            if v >= 32768:
+                v -= 65536
+            if exact:
+                out[i, j] = np.float32(v) + zero
+            else:
+                out[i, j] = np.float32(np.float64(v) * bscale + bzero)
 
 
 def _image_hdu_index(hdul: fits.HDUList) -> int | None:
