@@ -17,6 +17,7 @@ measurable over bicubic at 3x its cost. Bilinear stays available for the tightes
 from __future__ import annotations
 
 import cv2
+import numba
 import numpy as np
 
 INTERPOLATIONS = {
@@ -102,14 +103,20 @@ def _nan_outside_affine(out: np.ndarray, inv: np.ndarray, src_shape: tuple[int, 
         x1, x2 = (lo_s - base) / a, (hi_s - base) / a
         lo = np.maximum(lo, np.minimum(x1, x2))
         hi = np.minimum(hi, np.maximum(x1, x2))
-    first = np.clip(np.ceil(lo), 0, w).astype(int)
-    last = np.clip(np.floor(hi), -1, w - 1).astype(int)
-    for r in range(h):
-        f, l = first[r], last[r]
-        if l < f:
-            out[r] = np.nan
-            continue
-        if f > 0:
-            out[r, :f] = np.nan
-        if l < w - 1:
-            out[r, l + 1 :] = np.nan
+    first = np.clip(np.ceil(lo), 0, w).astype(np.int64)
+    last = np.clip(np.floor(hi), -1, w - 1).astype(np.int64)
+    planes = out.shape[2] if out.ndim == 3 else 1
+    _nan_outside_columns(out.reshape(h, w * planes), first * planes, (last + 1) * planes)
+
+
+@numba.njit(cache=True, nogil=True)
+def _nan_outside_columns(out: np.ndarray, start: np.ndarray, stop: np.ndarray) -> None:
+    """NaN in each row of `out` outside the values [start, stop) (a Python loop over the
+    rows cost 2-7 ms per frame)."""
+    nan = np.float32(np.nan)
+    for r in range(out.shape[0]):
+        a, b = start[r], max(stop[r], start[r])
+        for j in range(a):
+            out[r, j] = nan
+        for j in range(b, out.shape[1]):
+            out[r, j] = nan
