@@ -216,11 +216,13 @@ class RunningStack:
         out = np.zeros(self._planes, np.float32)
         if not good.any():
             return out
-        var = self.m2[::step, ::step][good] * (n[good] / ((n[good] - 1) * ws[good]))[:, None]
-        med = np.median(var, axis=0)
+        factor = n[good] / ((n[good] - 1) * ws[good])
+        m2 = self.m2[::step, ::step]
         for c in range(self._planes):
-            vc = var[:, c]
-            out[c] = np.sqrt(vc[vc <= 4 * med[c]].mean()) if med[c] > 0 else 0.0
+            # One contiguous plane at a time: a median along axis 0 of an (N, 3) array costs 4x.
+            vc = m2[..., c][good] * factor
+            med = np.median(vc)
+            out[c] = np.sqrt(vc[vc <= 4 * med].mean()) if med > 0 else 0.0
         return out
 
 
