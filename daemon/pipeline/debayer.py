@@ -4,24 +4,20 @@ Pure numpy/OpenCV on float32; no I/O. The CFA pattern names the 2x2 cell at arra
 (see `daemon.pipeline.frame.BAYER_PATTERNS`), after the loader has applied ROWORDER and the
 Bayer offsets.
 
-Why bilinear by kernel convolution rather than `cv2.cvtColor(..., COLOR_Bayer*)`: OpenCV's
+Why our own bilinear kernel rather than `cv2.cvtColor(..., COLOR_Bayer*)`: OpenCV's
 demosaicing accepts only 8/16-bit integers, while calibrated frames are float32 and may hold
-negative values after dark subtraction. Bilinear demosaicing is exactly one 3x3 convolution
-per channel of the channel's sparse samples; OpenCV's default border (reflect-101) keeps the
-2x2 parity at the edges, so the borders are interpolated from the right colour too.
+negative values after dark subtraction. Bilinear demosaicing is one 3x3 convolution per
+channel of the channel's sparse samples; `_bilinear` computes exactly those sums in one pass,
+with the borders mirrored as reflect-101, which keeps the 2x2 parity at the edges, so the
+borders are interpolated from the right colour too.
 """
 
 from __future__ import annotations
 
-import cv2
 import numba
 import numpy as np
 
 from daemon.pipeline.frame import BAYER_PATTERNS
-
-#: Bilinear kernels: red/blue have samples on one pixel in four, green on one in two.
-_K_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float32) / 4.0
-_K_G = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], dtype=np.float32) / 4.0
 
 DEBAYER_METHODS = ("bilinear", "superpixel")
 
@@ -66,18 +62,40 @@ def debayer(cfa: np.ndarray, pattern: str, method: str = "bilinear") -> np.ndarr
         return out
     if method != "bilinear":
         raise ValueError(f"unknown debayer method {method!r}; expected one of {', '.join(DEBAYER_METHODS)}")
-    # Contiguous scratch planes and explicit dst= buffers: OpenCV allocating its own
-    # outputs and interleaving through numpy views both cost several times the filtering.
-    sparse = np.empty(data.shape, dtype=np.float32)
-    planes = [np.empty(data.shape, dtype=np.float32) for _ in range(3)]
-    for ch, (name, kernel) in enumerate((("R", _K_RB), ("G", _K_G), ("B", _K_RB))):
-        sparse.fill(0.0)
-        for r, c in offs[name]:
-            sparse[r::2, c::2] = data[r::2, c::2]
-        cv2.filter2D(sparse, cv2.CV_32F, kernel, dst=planes[ch], borderType=cv2.BORDER_REFLECT_101)
+    if min(data.shape) < 2:
+        raise ValueError(f"a Bayer mosaic needs at least 2x2 pixels, got shape {data.shape}")
+    colour = np.array(["RGB".index(c) for c in pattern], dtype=np.int64)
     out = np.empty(data.shape + (3,), dtype=np.float32)
-    cv2.merge(planes, dst=out)
+    _bilinear(data, out, colour)
     return out
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _bilinear(data: np.ndarray, out: np.ndarray, colour: np.ndarray) -> None:
+    """Bilinear demosaicing in one parallel pass, (H, W) -> (H, W, 3): each missing sample is
+    the mean of its nearest same-colour neighbours (the two beside or above/below it, or the
+    four diagonal ones), measured samples kept exactly; borders mirrored without repeating the
+    edge (OpenCV's reflect-101), which keeps the 2x2 colour parity. The same result as one 3x3
+    convolution per colour plane (to float32 rounding) at ~1/5 of the time: no sparse planes,
+    no merge. `colour`: 0/1/2 (R/G/B) of the 2x2 cell, row-major."""
+    h, w = data.shape
+    for i in numba.prange(h):
+        up = i - 1 if i > 0 else 1
+        dn = i + 1 if i < h - 1 else h - 2
+        for j in range(w):
+            lf = j - 1 if j > 0 else 1
+            rt = j + 1 if j < w - 1 else w - 2
+            c = colour[(i & 1) * 2 + (j & 1)]
+            v = data[i, j]
+            if c == 1:  # green site: red/blue beside it on one axis, the other on the other axis
+                ch = colour[(i & 1) * 2 + ((j + 1) & 1)]
+                out[i, j, 1] = v
+                out[i, j, ch] = (data[i, lf] + data[i, rt]) * np.float32(0.5)
+                out[i, j, 2 - ch] = (data[up, j] + data[dn, j]) * np.float32(0.5)
+            else:  # red or blue site: green on the 4 sides, the other colour on the 4 diagonals
+                out[i, j, c] = v
+                out[i, j, 1] = (data[i, lf] + data[i, rt] + data[up, j] + data[dn, j]) * np.float32(0.25)
+                out[i, j, 2 - c] = (data[up, lf] + data[up, rt] + data[dn, lf] + data[dn, rt]) * np.float32(0.25)
 
 
 def luminance(data: np.ndarray, bayer: str | None, bin_factor: int = 1) -> np.ndarray:
