@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from daemon.pipeline.stars import Stars, auto_bin, detect_stars, measure
+from daemon.pipeline.stars import Stars, auto_bin, detect_stars, measure, refine_fullres
 from daemon.simulate import Exposure, Sensor, expose, random_star_field
 
 SHAPE = (400, 600)
@@ -169,3 +169,57 @@ def test_subsampled_background_matches_the_full_background(monkeypatch, bayer):
     d, _ = cKDTree(full.xy).query(fast.xy)
     assert np.mean(d < 0.01) > 0.95
     assert np.median(_position_errors(fast, field, 200)) < 0.1
+
+
+def _gaussian_stars(shape, x, y, fwhm, *, elongation=1.0, angle_deg=0.0, seed=0):
+    """Point-sampled Gaussian stars (peak 5000 ADU) on a 600 ADU sky with 3 ADU noise: the
+    FWHM the pixels sample is exactly `fwhm` (the equal-area one when elongated)."""
+    s = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    sa, sb = s * np.sqrt(elongation), s / np.sqrt(elongation)
+    t = np.radians(angle_deg)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
+    img = 600.0 + np.random.default_rng(seed).normal(0.0, 3.0, shape)
+    for cx, cy in zip(x, y):
+        u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
+        v = -(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)
+        img += 5000.0 * np.exp(-0.5 * ((u / sa) ** 2 + (v / sb) ** 2))
+    return img.astype(np.float32)
+
+
+@pytest.mark.parametrize("bayer", [None, "RGGB", "GRBG"])
+def test_refine_fullres_recovers_known_gaussian_stars(bayer):
+    """Centroid to 0.02 px and FWHM to 2 % on the full frame; a mosaic's red and blue pixels
+    (here scaled as a star's colour would) must not enter."""
+    x, y = np.array([30.3, 70.65, 52.1]), np.array([25.8, 40.2, 62.45])
+    img = _gaussian_stars((90, 100), x, y, 3.0)
+    if bayer is not None:
+        rows, cols = np.indices(img.shape)
+        green = (rows + cols) % 2 == (1 if bayer[1] == "G" else 0)
+        img = np.where(green, img, 0.4 * img)
+    # Detection positions are off by up to ~0.5 px; the guess from the detection image too.
+    rx, ry, rf, re = refine_fullres(img, np.round(x), np.round(y), bayer, np.full(3, 3.5))
+    assert np.abs(rx - x).max() < 0.02 and np.abs(ry - y).max() < 0.02
+    assert rf == pytest.approx(np.full(3, 3.0), rel=0.02)
+    assert re.max() < 0.03
+
+
+def test_refine_fullres_measures_elongation():
+    x, y = np.array([40.4, 80.7]), np.array([35.2, 60.9])
+    img = _gaussian_stars((100, 120), x, y, 3.5, elongation=1.8, angle_deg=30.0)
+    rx, ry, rf, re = refine_fullres(img, x + 0.4, y - 0.3, None, np.full(2, 3.5))
+    assert np.abs(rx - x).max() < 0.02 and np.abs(ry - y).max() < 0.02
+    assert re == pytest.approx(np.full(2, 1.0 - 1.0 / 1.8), abs=0.02)
+    assert rf == pytest.approx(np.full(2, 3.5), rel=0.02)
+
+
+def test_refine_fullres_leaves_non_finite_pixels_out_of_the_sky():
+    """A star boxed in by masked (NaN) defect rows and columns that cover most of its sky
+    ring but not its aperture: the sky comes from the finite ring pixels (counted as 0 ADU,
+    they pulled the sky to 0 and the FWHM to 4.4 px)."""
+    img = _gaussian_stars((80, 100), [40.3], [30.6], 3.0)
+    img[:, :35] = np.nan
+    img[:25] = np.nan
+    img[37:] = np.nan
+    rx, ry, rf, _ = refine_fullres(img, np.array([40.0]), np.array([31.0]), None, np.array([3.0]))
+    assert abs(rx[0] - 40.3) < 0.02 and abs(ry[0] - 30.6) < 0.02
+    assert rf[0] == pytest.approx(3.0, rel=0.02)
