@@ -223,3 +223,19 @@ def test_refine_fullres_leaves_non_finite_pixels_out_of_the_sky():
     rx, ry, rf, _ = refine_fullres(img, np.array([40.0]), np.array([31.0]), None, np.array([3.0]))
     assert abs(rx[0] - 40.3) < 0.02 and abs(ry[0] - 30.6) < 0.02
     assert rf[0] == pytest.approx(3.0, rel=0.02)
+
+
+def test_detection_sizes_on_demand_equal_those_of_the_full_list():
+    """`measure` gets detection sizes for a sample of the stars (its size guess) and later
+    for the few the full frame cannot measure: each star's size and windowed centroid must
+    be those `detect_stars` gives when it measures every star."""
+    _, data = _frame(n=300)
+    full = detect_stars(data)
+    lazy, _, _, sizes = detect_stars(data, _return_bkg=True, _windowed=False)
+    assert len(lazy) == len(full) > 200 and np.isfinite(lazy.fwhm).sum() == 100
+    sel = np.array([3, 150, len(full) - 1])
+    assert np.array_equal(sizes.fwhm(sel), full.fwhm[sel])
+    wx, wy = sizes.windowed(sel)
+    assert np.array_equal(wx, full.x[sel]) and np.array_equal(wy, full.y[sel])
+    sampled = np.isfinite(lazy.fwhm)
+    assert np.array_equal(lazy.fwhm[sampled], full.fwhm[sampled])
