@@ -148,13 +148,12 @@ def test_crowded_blurred_field_keeps_size_and_roundness():
     assert m.eccentricity < 0.45
 
 
-@pytest.mark.parametrize("bayer", [None, "RGGB"])
-def test_subsampled_background_matches_the_full_background(monkeypatch, bayer):
-    """Large detection images take the sky map from every other row and column: the stars,
-    their positions and the frame metrics must be those of the full-resolution map."""
+@pytest.mark.parametrize("bayer, shape", [(None, (1024, 1280)), (None, (1500, 1600)), ("RGGB", (3000, 3000))])
+def test_subsampled_background_matches_the_full_background(monkeypatch, bayer, shape):
+    """Large detection images (>= 1 Mpx) take the sky map from every other row and column:
+    the stars, their positions and the frame metrics must be those of the full-resolution map."""
     import daemon.pipeline.stars as st
 
-    shape = (1500, 1600) if bayer is None else (3000, 3000)  # >= 2 Mpx detection image
     field = random_star_field(shape, 700, seed=4, margin=-0.03, flux_range=(300.0, 20000.0))
     data = expose(shape, field, Exposure(fwhm_px=3.0, seed=4, sky_adu_s=10.0), Sensor(bayer=bayer, vignetting=0.3))
     data = data.astype(np.float32)
