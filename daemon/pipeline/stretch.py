@@ -11,9 +11,12 @@ neutralise the background so the sky comes out grey rather than tinted.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import cv2
+import numba
 import numpy as np
 
 
@@ -37,15 +40,89 @@ class StretchSettings:
 
 
 def downscale(image: np.ndarray, max_edge: int) -> np.ndarray:
-    """Area-average down to a long edge of `max_edge` px. An output pixel whose area holds a
-    NaN (no data) is NaN: the unstacked border grows by about one preview pixel, and no
-    full-size temporary is needed to avoid that."""
+    """Area-average down to a long edge of `max_edge` px: the weights of OpenCV's INTER_AREA
+    (same result to float rounding), in one numba pass that sums the input rows of an output
+    row with contiguous (vectorised) loads first and then sums along the row; OpenCV sums
+    along every input row first, through an index table: 1.7x (4144x2822x3) to 3x (6248x4176)
+    slower. An output pixel whose area holds a NaN (no data) is NaN: the unstacked border
+    grows by about one preview pixel, and no full-size temporary is needed to avoid that."""
     h, w = image.shape[:2]
     f = max_edge / max(h, w)
     if f >= 1:
         return image.astype(np.float32, copy=False)
-    size = (max(1, round(w * f)), max(1, round(h * f)))
-    return cv2.resize(np.ascontiguousarray(image, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
+    dh, dw = max(1, round(h * f)), max(1, round(w * f))
+    src = np.ascontiguousarray(image, dtype=np.float32)
+    c = 1 if src.ndim == 2 else src.shape[2]
+    out = np.empty((dh, dw * c), np.float32)
+    xi, xw = _area_weights(w, dw)
+    _area_kernel(src.reshape(h, w * c), out, *_area_weights(h, dh), xi * c, xw)
+    return out.reshape((dh, dw) + src.shape[2:])
+
+
+@functools.lru_cache(maxsize=16)
+def _area_weights(n: int, dn: int) -> tuple[np.ndarray, np.ndarray]:
+    """INTER_AREA along one axis, n -> dn <= n px, as OpenCV computes it: output pixel d
+    covers input [d * n / dn, (d + 1) * n / dn), each input pixel weighted by the fraction
+    of it covered (below 1e-3 of a pixel: left out), normalised to sum to 1. Returned as
+    (dn, K) input indices and weights (float32), rows padded with index n and weight 0.
+    Cached: the preview has the same size frame after frame."""
+    scale = n / dn
+    rows = []
+    for d in range(dn):
+        f1 = d * scale
+        f2 = f1 + scale
+        cell = min(scale, n - f1)
+        s2 = min(math.floor(f2), n - 1)
+        s1 = min(math.ceil(f1), s2)
+        taps = [(s1 - 1, (s1 - f1) / cell)] if s1 - f1 > 1e-3 else []
+        taps += [(s, 1.0 / cell) for s in range(s1, s2)]
+        if f2 - s2 > 1e-3:
+            taps.append((s2, min(f2 - s2, 1.0, cell) / cell))
+        rows.append(taps)
+    k = max(len(t) for t in rows)
+    idx, wt = np.full((dn, k), n, np.int64), np.zeros((dn, k), np.float32)
+    for d, taps in enumerate(rows):
+        idx[d, :len(taps)], wt[d, :len(taps)] = zip(*taps)
+    return idx, wt
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _area_kernel(src, dst, yi, yw, xi, xw):  # pragma: no cover - numba
+    """dst (h, w * C) = area average of src (H, W * C), C channels interleaved, float32.
+    yi, yw: (h, Ky) rows and weights per output row (weight 0 = padding, the rest follow);
+    xi, xw: (w, Kx) element offsets of pixels (index * C) and weights per output column,
+    padded with offset W * C: a zero pixel appended to the row buffer, so the padding adds
+    0 * 0 and never a NaN. A fixed Kx keeps the inner loop free of mispredicted branches."""
+    h, wc = dst.shape
+    w, kx = xi.shape
+    c = wc // w
+    n = src.shape[1]
+    for i in numba.prange(h):
+        buf = np.zeros(n + c, np.float32)
+        for k in range(yi.shape[1]):
+            a = yw[i, k]
+            if a == 0:
+                break
+            row = src[yi[i, k]]
+            for t in range(n):
+                buf[t] += a * row[t]
+        out = dst[i]
+        if c == 3:  # three accumulators: the channel loop inside the tap loop is ~1.5x slower
+            for j in range(w):
+                r = g = b = np.float32(0)
+                for k in range(kx):
+                    o, a = xi[j, k], xw[j, k]
+                    r += a * buf[o]
+                    g += a * buf[o + 1]
+                    b += a * buf[o + 2]
+                out[3 * j], out[3 * j + 1], out[3 * j + 2] = r, g, b
+        else:
+            for j in range(w):
+                for ch in range(c):
+                    v = np.float32(0)
+                    for k in range(kx):
+                        v += xw[j, k] * buf[xi[j, k] + ch]
+                    out[j * c + ch] = v
 
 
 def mtf(m: float | np.ndarray, x: np.ndarray) -> np.ndarray:
