@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon.pipeline.stretch import StretchSettings, background_model, mtf, midtones_for, stretch
+from daemon.pipeline.stretch import StretchSettings, background_model, downscale, mtf, midtones_for, stretch
 from daemon.products import preview_jpeg
 
 
@@ -49,6 +49,7 @@ def test_preview_is_capped_nan_safe_and_encodes():
     img = sky((600, 900))
     img[:20] = np.nan  # unstacked border
     before = img.copy()
+    img.setflags(write=False)  # as LivePipeline.stack_image() hands it out
     data = preview_jpeg(img, max_edge=300)
     np.testing.assert_array_equal(np.isnan(img), np.isnan(before))  # input untouched
     dec = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -62,7 +63,26 @@ def test_uint8_lookup_path_matches_the_float_stretch():
 
     img = sky()
     img[:5] = np.nan
-    for s in (StretchSettings(), StretchSettings(linked=True, neutralize=False)):
-        a = to_uint8(stretch(img, s)).astype(int)
-        b = stretch_uint8(img, s).astype(int)
+    faint = img.copy()
+    faint[60, 80] = 1e6  # a white point far above the sky: a steep MTF (m ~ 3e-5) in the shadows
+    for im, s in ((img, StretchSettings()), (img, StretchSettings(linked=True, neutralize=False)),
+                  (img, StretchSettings(gradient=True, max_edge=150)), (faint, StretchSettings())):
+        a = to_uint8(stretch(im, s)).astype(int)
+        b = stretch_uint8(im, s).astype(int)
         assert np.abs(a - b).max() <= 1
+        assert (b[:2] == 0).all()  # no data: black
+
+
+def test_downscale_is_opencv_area_average_with_nan_footprint():
+    rng = np.random.default_rng(1)
+    for shape, edge in (((1000, 1517), 300), ((411, 290, 3), 128), ((64, 48), 32), ((9, 700, 3), 50)):
+        img = rng.normal(100, 10, shape).astype(np.float32)
+        img[: shape[0] // 7] = np.nan
+        img[:, -3:] = np.nan
+        ours = downscale(img, edge)
+        h, w = shape[:2]
+        f = edge / max(h, w)
+        ref = cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
+        assert ours.shape == ref.shape and ours.dtype == np.float32
+        np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+        np.testing.assert_allclose(ours[~np.isnan(ref)], ref[~np.isnan(ref)], rtol=1e-5)
