@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon.pipeline.stretch import StretchSettings, background_model, downscale, mtf, midtones_for, stretch
+from daemon.pipeline.stretch import (StretchSettings, _median, background_model, downscale, mtf, midtones_for,
+                                     stretch)
 from daemon.products import preview_jpeg
 
 
@@ -86,3 +87,10 @@ def test_downscale_is_opencv_area_average_with_nan_footprint():
         assert ours.shape == ref.shape and ours.dtype == np.float32
         np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
         np.testing.assert_allclose(ours[~np.isnan(ref)], ref[~np.isnan(ref)], rtol=1e-5)
+
+
+def test_median_is_numpys():
+    rng = np.random.default_rng(2)
+    for n in (1, 2, 3, 4, 1001, 70_000):
+        for v in (rng.normal(800, 7, n).astype(np.float32), np.round(rng.normal(800, 2, n)).astype(np.float32)):
+            assert _median(v.copy()) == np.median(v)  # bit for bit: odd, even, ties
