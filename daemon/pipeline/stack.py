@@ -311,6 +311,12 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
               tracking, top1, top2, idx1, idx2, frame_no, weights, table, nc):
     """The body of `_add_frame`, `nc` planes (a constant where inlined with one).
 
+    Pixels that hold `warmup` samples (all pixels once the warm-up bookkeeping is over) are
+    "steady": no top-2 tracking, no re-check; they take `_steady_run`, written without
+    branches so that it vectorises (~3.5x faster). Pixels still in their warm-up (the dithered
+    border, early frames) then take the general per-pixel path. Both do the same float32 operations in the
+    same order: the result does not depend on which path a pixel took.
+
     Plain scalar indexing throughout: numba array views per pixel cost 4x."""
     h, wd = mean.shape[0], mean.shape[1]
     counts = np.zeros((h, 2), np.int64)
@@ -318,7 +324,22 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
         buf = np.empty(1, np.float32)
         bits = buf.view(np.uint32)
         sc = np.empty((_SCRATCH_ROWS, nc), np.float32)
+        # Steady pixels first, the whole row in one vectorised call (inside any inner loop
+        # LLVM no longer vectorises it: measured 3.5x slower); then those still in warm-up.
+        if nc == 1:
+            counts[i, 0] += _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
+                                          tracking, warmup)
+        elif nc == 3:
+            counts[i, 0] += _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
+                                          tracking, warmup)
+        else:
+            counts[i, 0] += _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
+                                        tracking, warmup, nc)
+        if not tracking:
+            continue
         for j in range(wd):
+            if count[i, j] >= warmup:
+                continue  # steady: done above
             ok = True
             key = np.float32(0.0)
             for c in range(nc):
@@ -377,6 +398,62 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
                 counts[i, 1] += _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2,
                                                weights, wkappa2, floor2, table, sc)
     return counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup):
+    """`_steady_run` of a mono stack, compiled on its own: inlined into `_add_rows`, or with
+    the number of planes unknown, LLVM does not vectorise it (measured 4x slower)."""
+    return _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup, 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup):
+    """`_steady_run` of an RGB stack (see `_steady_run_1`)."""
+    return _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup, 3)
+
+
+@numba.njit(inline="always")
+def _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup, nc):
+    """Row i's steady pixels (all, once the warm-up bookkeeping is over; else those holding
+    `warmup` samples): the rejection test and the weighted Welford update of `_add_rows`'
+    general path, as selects instead of branches so that it vectorises. Other pixels are
+    left as they are. Returns the number of samples rejected."""
+    nrej = 0
+    for j in range(mean.shape[1]):
+        n = count[i, j]
+        ws = wsum[i, j]
+        nf = np.float32(n)
+        steady = (not tracking) | (n >= warmup)
+        # The general path's expressions exactly (numba types them float64 there too).
+        scale = nf / (max(nf - 1, 1) * ws)
+        grow = kappa2 * (1 + 1 / max(nf, 1))
+        finite = True
+        bad = False
+        for c in range(nc):
+            val = x[i, j, c] + off[c]
+            finite &= math.isfinite(val)
+            var = max(m2[i, j, c] * scale, floor2[c])
+            d = val - mean[i, j, c]
+            bad |= d * d > grow * var
+        bad = bad & reject & (n >= 2)
+        finite = finite & steady
+        use = finite & (not bad)
+        nrej += finite & bad
+        ws_new = ws + w
+        r = w / ws_new
+        for c in range(nc):
+            val = x[i, j, c] + off[c]
+            mu = mean[i, j, c]
+            q = m2[i, j, c]
+            d = val - mu
+            new_mu = val if n == 0 else mu + d * r
+            new_q = np.float32(0.0) if n == 0 else np.float32(q + w * d * d * (1 - r))
+            mean[i, j, c] = new_mu if use else mu
+            m2[i, j, c] = new_q if use else q
+        wsum[i, j] = ws_new if use else ws
+        count[i, j] = n + 1 if use else n
+    return nrej
 
 
 # Rows of the per-row scratch array: the new sample, and for the warm-up re-check the two
