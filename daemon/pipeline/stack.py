@@ -350,37 +350,24 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
                 key += val
             if not ok:
                 continue
+            # In warm-up: no rejection test yet, the two brightest samples remembered.
             n = int(count[i, j])
             ws = wsum[i, j]
-            if reject and n >= 2 and (n >= warmup or not tracking):
-                nf = np.float32(n)
-                scale = nf / ((nf - 1) * ws)
-                grow = kappa2 * (1 + 1 / nf)  # x - mean has variance sigma^2 (1 + 1/n)
-                bad = False
+            k1 = np.float32(0.0)
+            k2 = np.float32(0.0)
+            for c in range(nc):
+                k1 += table[top1[i, j, c]]
+                k2 += table[top2[i, j, c]]
+            if idx1[i, j] == 255 or key > k1:
+                idx2[i, j] = idx1[i, j]
                 for c in range(nc):
-                    var = max(m2[i, j, c] * scale, floor2[c])
-                    d = sc[_V, c] - mean[i, j, c]
-                    if d * d > grow * var:
-                        bad = True
-                if bad:
-                    counts[i, 0] += 1
-                    continue
-            if tracking and n < warmup:
-                k1 = np.float32(0.0)
-                k2 = np.float32(0.0)
+                    top2[i, j, c] = top1[i, j, c]
+                    top1[i, j, c] = _to_half(sc[_V, c] * _HALF_SCALE, buf, bits)
+                idx1[i, j] = frame_no
+            elif idx2[i, j] == 255 or key > k2:
                 for c in range(nc):
-                    k1 += table[top1[i, j, c]]
-                    k2 += table[top2[i, j, c]]
-                if idx1[i, j] == 255 or key > k1:
-                    idx2[i, j] = idx1[i, j]
-                    for c in range(nc):
-                        top2[i, j, c] = top1[i, j, c]
-                        top1[i, j, c] = _to_half(sc[_V, c] * _HALF_SCALE, buf, bits)
-                    idx1[i, j] = frame_no
-                elif idx2[i, j] == 255 or key > k2:
-                    for c in range(nc):
-                        top2[i, j, c] = _to_half(sc[_V, c] * _HALF_SCALE, buf, bits)
-                    idx2[i, j] = frame_no
+                    top2[i, j, c] = _to_half(sc[_V, c] * _HALF_SCALE, buf, bits)
+                idx2[i, j] = frame_no
             ws_new = ws + w
             if n == 0:
                 for c in range(nc):
@@ -394,7 +381,7 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
                     m2[i, j, c] += w * d * d * (1 - r)  # West: w * d_old * (x - mean_new)
             wsum[i, j] = ws_new
             count[i, j] = n + 1
-            if tracking and n + 1 == warmup:
+            if n + 1 == warmup:
                 counts[i, 1] += _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2,
                                                weights, wkappa2, floor2, table, sc)
     return counts
