@@ -268,13 +268,11 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
     waits for the previous frame's write (zero when the write kept up); the write itself is
     timed on its thread ("spool_write_s") and is in the CPU time of the frames it overlaps.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from daemon.io.load import load_frame
     from daemon.pipeline.calibrate import Masters
     from daemon.pipeline.live import LivePipeline, LiveSettings
     from daemon.products import preview_jpeg
-    from daemon.spool import Spool
+    from daemon.spool import Spool, writer_thread
 
     timer = StageTimer()
     instrument_live(timer)
@@ -285,7 +283,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
     pipe = LivePipeline(LiveSettings(**settings_kw), masters)
     spool_dir = tempfile.TemporaryDirectory(prefix="lb-bench-spool-")
     spool = Spool(spool_dir.name)
-    spooler = ThreadPoolExecutor(1, thread_name_prefix="spool")
+    spooler = writer_thread()
     pending = None
     write_s: list[float] = []
 

@@ -172,7 +172,9 @@ class Service:
         #: The spool writer: a frame's float16 copy is written while the next frame is processed
         #: (on a Pi's SD card ~1 s per 26 Mpx frame). At most one write waits; the checkpoint,
         #: and anything that reads or clears a spool, waits for it first (`_spool_drain`).
-        self._spooler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
+        from daemon.spool import writer_thread
+
+        self._spooler = writer_thread()
         self._spool_pending: list[concurrent.futures.Future] = []
         self._queue: asyncio.Queue[Path] = asyncio.Queue()
         self._queued: set[str] = set()
