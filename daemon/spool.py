@@ -25,7 +25,8 @@ from daemon.checkpoint import fsync_dir
 
 _F16_MAX = 60000.0
 INDEX = "index.json"
-#: Nice value of the spool writer thread (Linux schedules threads by their own nice value).
+#: How many nice levels the spool writer thread runs below the process (Linux schedules
+#: threads by their own nice value).
 WRITER_NICE = 10
 
 
@@ -39,7 +40,8 @@ def writer_thread() -> ThreadPoolExecutor:
 
     def lower_priority() -> None:
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICE))
         except (OSError, AttributeError):  # not Linux, or not permitted: equal priority
             pass
 

@@ -84,3 +84,17 @@ def test_spool_file_is_exactly_the_float16_array(tmp_path):
     assert e["scale"] > 1.0
     stored = spool.open(e)
     np.testing.assert_array_equal(stored, (big / np.float32(e["scale"])).astype(np.float16))
+
+
+def test_spool_writer_thread_runs_below_the_stacking_threads_priority():
+    """The spool is background work: its thread must not compete with the live stack."""
+    import os
+    import threading
+
+    from daemon.spool import WRITER_NICE, writer_thread
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with writer_thread() as pool:
+        nice = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert nice == min(19, base + WRITER_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's own priority is untouched
