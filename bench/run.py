@@ -272,7 +272,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
     from daemon.pipeline.calibrate import Masters
     from daemon.pipeline.live import LivePipeline, LiveSettings
     from daemon.products import preview_jpeg
-    from daemon.spool import Spool, writer_thread
+    from daemon.spool import Spool, encode, writer_thread
 
     timer = StageTimer()
     instrument_live(timer)
@@ -287,9 +287,9 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
     pending = None
     write_s: list[float] = []
 
-    def spool_write(image, **kw) -> None:
+    def spool_write(holder: list, **kw) -> None:
         t = time.perf_counter()
-        spool.append(image, **kw)
+        spool.append(encode(holder.pop()), **kw)  # as the service: float32 dropped once encoded
         write_s.append(time.perf_counter() - t)
 
     rss_before = _rss_bytes()
@@ -306,7 +306,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
                 if pending is not None:
                     pending.result()
                 pending = spooler.submit(
-                    spool_write, result.registered, weight=result.weight, path=str(path),
+                    spool_write, [result.registered], weight=result.weight, path=str(path),
                     date_obs=frame.meta.date_obs.isoformat() if frame.meta.date_obs else None,
                     exposure_s=frame.meta.exposure_s)
         result.registered = None

@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -48,6 +49,38 @@ def writer_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="spool", initializer=lower_priority)
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A registered frame as the spool stores it: `data` (float16) times `scale` is ADU."""
+
+    data: np.ndarray
+    scale: float
+
+
+def encode(image: np.ndarray) -> Encoded:
+    """The float16 copy of a registered frame the spool keeps (half the bytes of float32; ~0.05 %
+    precision, far below shot noise). Frames with values beyond float16's range (> 65504 ADU
+    after flat division) are scaled down by a power of two. Converted in bands of ~8 MB by
+    OpenCV (vectorised, 3x numpy's astype, and rounds exactly as it does), no float32 temporary.
+    Writers encode first and drop the float32 frame before the slow write: on 2 cores that
+    frees it (78 MB at 26 Mpx colour) before the next frame's warp, the memory peak."""
+    peak = max(float(np.nanmax(image)), -float(np.nanmin(image))) if image.size else 0.0  # no abs() copy
+    if not np.isfinite(peak):
+        peak = 0.0  # an all-NaN frame
+    scale = 1.0
+    while peak * scale > _F16_MAX:
+        scale /= 2.0
+    shape = tuple(int(n) for n in image.shape)
+    width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    out = np.empty(shape, np.float16)
+    flat = out.reshape(-1, width) if out.size else out
+    rows = max(1, (8 << 20) // max(1, width * 4))
+    for r0 in range(0, shape[0] if shape else 0, rows):
+        block = np.ascontiguousarray(image[r0:r0 + rows], dtype=np.float32).reshape(-1, width)
+        cv2.multiply(block, scale, dst=flat[r0:r0 + block.shape[0]], dtype=cv2.CV_16F)
+    return Encoded(out, 1.0 / scale)
+
+
 class Spool:
     """A directory of spooled frames plus index.json. Not thread-safe (one writer)."""
 
@@ -71,39 +104,26 @@ class Spool:
     def __contains__(self, path: str) -> bool:
         return any(e.get("path") == path for e in self.entries)
 
-    def append(self, image: np.ndarray, *, weight: float, path: str | None = None, **meta) -> dict:
-        """Spool one registered frame (H, W) or (H, W, C) with its weight and provenance
-        (JSON-able keyword values: date_obs, exposure_s, ...)."""
-        peak = max(float(np.nanmax(image)), -float(np.nanmin(image))) if image.size else 0.0  # no abs() copy
-        if not np.isfinite(peak):
-            peak = 0.0  # an all-NaN frame
-        scale = 1.0
-        while peak * scale > _F16_MAX:
-            scale /= 2.0
+    def append(self, image: "np.ndarray | Encoded", *, weight: float, path: str | None = None, **meta) -> dict:
+        """Spool one registered frame (H, W) or (H, W, C), float32 ADU or already `encode`d,
+        with its weight and provenance (JSON-able keyword values: date_obs, exposure_s, ...)."""
+        enc = image if isinstance(image, Encoded) else encode(image)
+        del image
         seq = (max((e["seq"] for e in self.entries), default=0) + 1)
         name = f"frame_{seq:06d}.npy"
         tmp = self.dir / (name + ".tmp")
-        shape = tuple(int(n) for n in image.shape)
-        width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-        rows = max(1, (8 << 20) // max(1, width * 2))
-        buf = np.empty((min(rows, max(shape[0], 1)), width), np.float16)
         with open(tmp, "wb") as fh:
+            # A plain write of the float16 array (no memmap, whose written pages would count
+            # against the process's memory).
             np.lib.format.write_array_header_1_0(
                 fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
-                     "shape": shape})
-            # Convert in bands of ~8 MB and write them (no full-size temporary, and no memmap
-            # whose written pages would count against the process's memory). OpenCV's
-            # conversion is vectorised (3x numpy's) and rounds exactly as astype(float16).
-            for r0 in range(0, shape[0], rows):
-                block = np.ascontiguousarray(image[r0:r0 + rows], dtype=np.float32).reshape(-1, width)
-                out = buf[:block.shape[0]]
-                cv2.multiply(block, scale, dst=out, dtype=cv2.CV_16F)
-                fh.write(out.data)
+                     "shape": tuple(int(n) for n in enc.data.shape)})
+            fh.write(enc.data.data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.dir / name)
-        entry = {"seq": seq, "file": name, "path": path, "weight": float(weight), "scale": 1.0 / scale,
-                 "shape": list(image.shape), **meta}
+        entry = {"seq": seq, "file": name, "path": path, "weight": float(weight), "scale": enc.scale,
+                 "shape": list(enc.data.shape), **meta}
         self.entries.append(entry)
         self._write_index()
         return entry
