@@ -193,3 +193,30 @@ def test_plan_until_a_past_time_ends_at_once_without_devices(tmp_path):
     assert summary["state"] == "done" and summary["frames"] == 0
     assert [p["state"] for _, p in events.events] == ["starting", "done"]
     assert events.events[0][1]["eta_s"] == 0
+
+
+def test_slew_ignored_once_is_sent_again_not_a_fault():
+    """INDI's telescope simulator once left the first goto after connecting Idle: the slew is
+    sent once more (after unparking if needed) instead of failing the plan."""
+    from drivers.mount import j2000_to_jnow
+
+    ra_h, dec = j2000_to_jnow(10.0, 60.0)
+    gotos = []
+
+    def ignore_first(device, name, values):
+        if name == "EQUATORIAL_EOD_COORD":
+            gotos.append(values)
+            if len(gotos) == 1:
+                return [PropSnapshot(device, name, "number", "Idle", {"RA": 0.0, "DEC": 90.0})]
+            return [PropSnapshot(device, name, "number", "Busy", {"RA": 0.0, "DEC": 90.0}),
+                    PropSnapshot(device, name, "number", "Ok", {"RA": ra_h, "DEC": dec})]
+        return []
+
+    async def main():
+        c = FakeClient(ignore_first)
+        c.put("Mnt", "EQUATORIAL_EOD_COORD", "number", "Idle", {"RA": 0.0, "DEC": 90.0})
+        c.put("Mnt", "TELESCOPE_ABORT_MOTION", "switch", "Idle", {"ABORT": False})
+        await asyncio.wait_for(Mount(c, "Mnt").slew(10.0, 60.0, timeout=0.3), 5)
+
+    asyncio.run(main())
+    assert len(gotos) == 2
