@@ -72,14 +72,11 @@ class FitsImage:
         """Rows [start, stop) of the top-down image as a new float32 array (ADU)."""
         h = self.shape[0]
         start, stop = max(0, start), min(h, stop)
-        if self.bottom_up:
-            block = self._stored_rows(h - stop, h - start)[::-1]
-        else:
-            block = self._stored_rows(start, stop)
-        if block.dtype == _BE_INT16:  # the common case (every 16-bit camera): one fused pass
-            out = np.empty(block.shape, np.float32)
-            _be16_to_float32(block.view(np.uint16), out, self._bscale, self._bzero)
+        if self._is_be16:  # the common case (every 16-bit camera): one fused pass
+            out = np.empty((stop - start, self.shape[1]), np.float32)
+            self._decode16_into(start, stop, out)
             return out
+        block = self._top_down_rows(start, stop)
         wide = np.float64 if block.dtype.itemsize >= 4 and block.dtype.kind in "iu" else np.float32
         out = np.array(block, dtype=wide)  # our own copy (never the memory map): scaled in place,
         if self._bscale != 1.0:            # no temporaries (a 26 Mpx frame: 104 MB each)
@@ -93,15 +90,29 @@ class FitsImage:
         (~8 MB of raw words at a time) into the output: the raw image never exists whole
         beside it (52 MB less at the peak for a 26 Mpx frame)."""
         h, w = self.shape
-        if self._raw is not None or np.dtype(self._dtype) != _BE_INT16:
+        if not self._is_be16:
             return self.rows(0, h)
         out = np.empty((h, w), np.float32)
         band = max(1, (8 << 20) // (2 * w))
         for r0 in range(0, h, band):
             r1 = min(h, r0 + band)
-            block = self._stored_rows(h - r1, h - r0)[::-1] if self.bottom_up else self._stored_rows(r0, r1)
-            _be16_to_float32(block.view(np.uint16), out[r0:r1], self._bscale, self._bzero)
+            self._decode16_into(r0, r1, out[r0:r1])
         return out
+
+    @property
+    def _is_be16(self) -> bool:
+        """Stored as big-endian 16-bit integers in the file (not a decoded compressed HDU)."""
+        return self._raw is None and np.dtype(self._dtype) == _BE_INT16
+
+    def _top_down_rows(self, start: int, stop: int) -> np.ndarray:
+        """Stored rows for top-down rows [start, stop), in top-down order (a view)."""
+        h = self.shape[0]
+        return self._stored_rows(h - stop, h - start)[::-1] if self.bottom_up else self._stored_rows(start, stop)
+
+    def _decode16_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Top-down rows [start, stop) of a 16-bit file, as float32 ADU, into `out`."""
+        block = self._top_down_rows(start, stop)
+        _be16_to_float32(block.view(np.uint16), out, self._bscale, self._bzero)
 
 
 _BE_INT16 = np.dtype(">i2")

@@ -321,9 +321,6 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
     h, wd = mean.shape[0], mean.shape[1]
     counts = np.zeros((h, 2), np.int64)
     for i in numba.prange(h):
-        buf = np.empty(1, np.float32)
-        bits = buf.view(np.uint32)
-        sc = np.empty((_SCRATCH_ROWS, nc), np.float32)
         # Steady pixels first, the whole row in one vectorised call (inside any inner loop
         # LLVM no longer vectorises it: measured 3.5x slower); then those still in warm-up.
         if nc == 1:
@@ -337,6 +334,9 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
                                         tracking, warmup, nc)
         if not tracking:
             continue
+        buf = np.empty(1, np.float32)  # scratch of the warm-up path only
+        bits = buf.view(np.uint32)
+        sc = np.empty((_SCRATCH_ROWS, nc), np.float32)
         for j in range(wd):
             if count[i, j] >= warmup:
                 continue  # steady: done above
