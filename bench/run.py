@@ -313,7 +313,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
         with timer.stage("load"):
             frame = load_frame(str(path))
         with timer.stage("process"):
-            result = pipe.process(frame)
+            result = pipe.process(frame, consume=True)
         if result.accepted and result.registered is not None:
             with timer.stage("spool"):  # back-pressure: one write in flight, as in the service
                 if pending is not None:
@@ -600,7 +600,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         if args.worker == "live":
-            res = live_worker(args.session, args.worker_frames, json.loads(args.worker_settings))
+            # On a thread of its own, as the service runs the pipeline (its "pipeline" executor;
+            # glibc gives such a thread its own malloc arena).
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(1, thread_name_prefix="pipeline") as pipeline:
+                res = pipeline.submit(live_worker, args.session, args.worker_frames,
+                                      json.loads(args.worker_settings)).result()
         else:
             res = naive_worker(args.session, args.worker_frames)
         args.worker_out.write_text(json.dumps(res))

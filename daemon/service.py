@@ -272,7 +272,7 @@ class Service:
         key = StackKey.of(frame.meta)
         stack = self._stack_for(key)
         try:
-            result = stack.pipeline.process(frame)
+            result = stack.pipeline.process(frame, consume=True)
         except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the night
             log.exception("pipeline failed on %s", path)
             reason = f"pipeline error: {type(exc).__name__}: {exc}"

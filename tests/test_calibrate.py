@@ -222,19 +222,26 @@ def test_compact_masters_calibrate_as_the_full_ones(exposure):
     assert m.bias is None and m.dark is None and m.flat is None and m.defects is None  # released
     assert m.summary() == summary and m.shape == shape and dark_scale(exposure, m) == scale
     compact = calibrate(light, exposure, m)
+    # The flat as 16-bit fixed point: relative error <= step / 2 / flat, step = max / 65535.
+    step = m._compact.flat_step
+    assert m._compact.flat is None and m._compact.flat16.dtype == np.uint16 and step == pytest.approx(1.3 / 65535, rel=1e-3)
+    flat_rel = step / 2 / 0.6  # flat >= 0.6
     # float32 rounding, plus float16 rounding of the dark current times |t / t_dark - 1|.
-    tol = 2e-3 + abs(scale - 1.0) * float(dark.max()) * 2.0 ** -11 / 0.6  # flat >= 0.6; repairs mix neighbours
-    assert np.all(np.abs(compact - full) <= tol)
-    if exposure == DARK_S:
-        np.testing.assert_allclose(compact, full, rtol=0, atol=1e-3)
+    tol = 2e-3 + abs(scale - 1.0) * float(dark.max()) * 2.0 ** -11 / 0.6 + np.abs(full) * flat_rel
+    err = np.abs(compact - full)
+    assert np.all(err <= tol)  # repairs mix neighbours: the same bound holds for them
+    assert np.median(err / np.abs(full)) < 0.5 * flat_rel  # and rounding is not a bias
     with pytest.raises(ValueError, match="masters are 80x64 px but the light is 81x64 px"):
         calibrate(np.zeros((64, 81), np.float32), exposure, m)
-    # Unscaled dark (no bias) and a lone flat compact too.
-    for kw in (dict(dark=dark + 500), dict(flat=m._compact.flat)):
+    # Unscaled dark (no bias) and a lone flat compact too; a flat beyond FLAT16_MAX (not a
+    # real response) stays float32, exactly.
+    flat = rng.uniform(0.6, 1.3, shape).astype(np.float32)
+    for kw, rtol in ((dict(dark=dark + 500), 0.0), (dict(flat=flat), 1.3 / 65535 / 2 / 0.6 + 1e-7),
+                     (dict(flat=np.where(defects, 5.0, flat).astype(np.float32)), 0.0)):
         m2 = Masters(**kw, dark_exposure_s=DARK_S)
         ref = calibrate(light, exposure, m2)
         m2.compact()
-        np.testing.assert_allclose(calibrate(light, exposure, m2), ref, rtol=0, atol=1e-3)
+        np.testing.assert_allclose(calibrate(light, exposure, m2), ref, rtol=rtol, atol=1e-3)
 
 
 def test_live_pipeline_calibrates_the_loaded_frame_once():

@@ -193,3 +193,23 @@ def test_superpixel_stack_is_half_size_and_aligned():
         if 5 < tx[k] < lum.shape[1] - 5 and 5 < ty[k] < lum.shape[0] - 5:
             errors.append(np.hypot(found.x - tx[k], found.y - ty[k]).min())
     assert len(errors) > 15 and np.median(errors) < 0.15, np.median(errors)
+
+
+def test_consumed_colour_frames_stack_the_same_and_free_their_mosaic():
+    """process(frame, consume=True) (the service, the bench): a colour frame's mosaic is
+    dropped once debayered, the stack is the same bit for bit; a mono frame keeps its pixels
+    (they are the warp's input), and a rejected frame's too."""
+    frames = [make_frame(i, bayer="RGGB") for i in range(4)]
+    kept_pipe, _ = run([Frame(f.data.copy(), f.meta) for f in frames])
+    pipe = LivePipeline(LiveSettings())
+    for f in frames:
+        assert pipe.process(f, consume=True).accepted
+        assert f.data is None
+    np.testing.assert_array_equal(pipe.stack_image(), kept_pipe.stack_image())
+    mono = make_frame(1)
+    assert pipe.process(mono, consume=True).accepted is False  # mono vs a colour reference
+    assert mono.data is not None
+    mono_pipe = LivePipeline(LiveSettings())
+    for i in range(2):
+        f = make_frame(i)
+        assert mono_pipe.process(f, consume=True).accepted and f.data is not None

@@ -71,6 +71,6 @@ class Frame:
     full-size copy per frame): the pixels are then calibrated ADU and are not calibrated again.
     """
 
-    data: np.ndarray
+    data: np.ndarray  # None once `LivePipeline.process(frame, consume=True)` has used it
     meta: FrameMeta
     calibrated: bool = False

@@ -176,7 +176,15 @@ class LivePipeline:
         self.reset()
         self._ref = self._make_reference(frame, stars, metrics)
 
-    def process(self, frame: Frame) -> FrameResult:
+    def process(self, frame: Frame, *, consume: bool = False) -> FrameResult:
+        """Calibrate, measure, judge, register and stack one frame.
+
+        `consume=True`: the caller hands over the pixels and will not read `frame.data` again
+        (the service, the bench). A colour mosaic is then dropped (`frame.data = None`) as
+        soon as it is debayered, before the warp allocates its output: 104 MB less at the
+        peak of a 26 Mpx colour session (bench, 6248x4176: peak RSS 1.16-1.20 -> 1.11-1.12 GB).
+        A mono frame's pixels are the warp's input and are freed when the caller drops the
+        frame."""
         t0 = time.perf_counter()
         s = self.settings
         path = frame.meta.path
@@ -223,7 +231,9 @@ class LivePipeline:
         weight = self._weight(metrics, stars)
         img, matrix = self._debayer(data, frame.meta.bayer, matrix)
         owned = img is not frame.data  # the frame's own pixels are never modified past calibration
-        del data  # the calibrated mosaic: freed before the warp allocates its output
+        del data  # the calibrated mosaic: freed before the warp allocates its output ...
+        if consume and owned:
+            frame.data = None  # ... when nobody else holds it
         registered = self._warp(img, matrix, owned)
         del img
         sky = self._sky(registered)
