@@ -604,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
             # glibc gives such a thread its own malloc arena).
             from concurrent.futures import ThreadPoolExecutor
 
+            from daemon.memory import retain_freed_memory
+
+            retain_freed_memory()  # as the service does, before its threads start (daemon.memory)
             with ThreadPoolExecutor(1, thread_name_prefix="pipeline") as pipeline:
                 res = pipeline.submit(live_worker, args.session, args.worker_frames,
                                       json.loads(args.worker_settings)).result()

@@ -39,6 +39,7 @@ from daemon.acquisition import PlanSettings
 from daemon.commands import MASTER_KINDS, CommandError, plan_from_command, validate_command
 from daemon.config import Config
 from daemon.ledger import Ledger
+from daemon.memory import retain_freed_memory
 from daemon.sdnotify import Notifier, watchdog_interval_s
 from daemon.watcher import FolderWatcher, backlog
 
@@ -765,6 +766,7 @@ class Service:
         self._stop.set()
 
     async def run(self) -> int:
+        retain_freed_memory()  # before the pipeline thread starts: see daemon.memory
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
