@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from daemon.pipeline.half import to_half
+
 #: Frame index stored for "no warm-up sample here".
 _NONE = 255
 
@@ -241,39 +243,6 @@ with np.errstate(invalid="ignore"):  # the NaN bit patterns stay NaN
     _HALF_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32) * np.float32(1 / _HALF_SCALE)
 
 
-@numba.njit(inline="always")
-def _to_half(val, buf, bits):
-    """float32 -> IEEE 754 half bits, bit-exact with numpy's astype(float16) (round to
-    nearest even) except that overflow saturates at 65504 instead of giving inf. `buf`/`bits`: a 1-element float32 array and its uint32
-    view (numba has neither float16 nor scalar bit casts)."""
-    buf[0] = val
-    b = bits[0]
-    sign = (b >> 16) & 0x8000
-    e = (b >> 23) & 0xFF
-    mant = b & 0x7FFFFF
-    if e == 0xFF:
-        return np.uint16(sign | 0x7C00 | (0x200 if mant else 0))
-    e = e - 112  # rebias 127 -> 15
-    if e >= 31:
-        return np.uint16(sign | 0x7BFF)  # saturate at the largest finite half, never inf
-    if e <= 0:  # subnormal half
-        if e < -10:
-            return np.uint16(sign)
-        mant = mant | 0x800000
-        shift = 14 - e
-        h = mant >> shift
-        rem = mant & ((1 << shift) - 1)
-        half = 1 << (shift - 1)
-        if rem > half or (rem == half and (h & 1)):
-            h += 1
-        return np.uint16(sign | h)
-    h = (e << 10) | (mant >> 13)
-    rem = mant & 0x1FFF
-    if rem > 0x1000 or (rem == 0x1000 and (h & 1)):
-        h += 1  # a carry into the exponent is still the right rounding
-    return np.uint16(sign | min(h, 0x7BFF))
-
-
 def _add_frame(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
                tracking, top1, top2, idx1, idx2, frame_no, weights, table):
     """One frame into the stack, in place. Returns per row (samples rejected against the
@@ -314,8 +283,9 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
     Pixels that hold `warmup` samples (all pixels once the warm-up bookkeeping is over) are
     "steady": no top-2 tracking, no re-check; they take `_steady_run`, written without
     branches so that it vectorises (~3.5x faster). Pixels still in their warm-up (the dithered
-    border, early frames) then take the general per-pixel path. Both do the same float32 operations in the
-    same order: the result does not depend on which path a pixel took.
+    border, early frames) then take `_warmup_run`, and those that just reached `warmup`
+    samples the re-check. Both runs do the Welford update with the same float32 operations in
+    the same order: the result does not depend on which path a pixel took.
 
     Plain scalar indexing throughout: numba array views per pixel cost 4x."""
     h, wd = mean.shape[0], mean.shape[1]
@@ -334,56 +304,25 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
                                         tracking, warmup, nc)
         if not tracking:
             continue
-        buf = np.empty(1, np.float32)  # scratch of the warm-up path only
-        bits = buf.view(np.uint32)
-        sc = np.empty((_SCRATCH_ROWS, nc), np.float32)
-        for j in range(wd):
-            if count[i, j] >= warmup:
-                continue  # steady: done above
-            ok = True
-            key = np.float32(0.0)
-            for c in range(nc):
-                val = x[i, j, c] + off[c]
-                if not math.isfinite(val):
-                    ok = False
-                sc[_V, c] = val
-                key += val
-            if not ok:
-                continue
-            # In warm-up: no rejection test yet, the two brightest samples remembered.
-            n = int(count[i, j])
-            ws = wsum[i, j]
-            k1 = np.float32(0.0)
-            k2 = np.float32(0.0)
-            for c in range(nc):
-                k1 += table[top1[i, j, c]]
-                k2 += table[top2[i, j, c]]
-            if idx1[i, j] == 255 or key > k1:
-                idx2[i, j] = idx1[i, j]
-                for c in range(nc):
-                    top2[i, j, c] = top1[i, j, c]
-                    top1[i, j, c] = _to_half(sc[_V, c] * _HALF_SCALE, buf, bits)
-                idx1[i, j] = frame_no
-            elif idx2[i, j] == 255 or key > k2:
-                for c in range(nc):
-                    top2[i, j, c] = _to_half(sc[_V, c] * _HALF_SCALE, buf, bits)
-                idx2[i, j] = frame_no
-            ws_new = ws + w
-            if n == 0:
-                for c in range(nc):
-                    mean[i, j, c] = sc[_V, c]
-                    m2[i, j, c] = 0
-            else:
-                r = w / ws_new
-                for c in range(nc):
-                    d = sc[_V, c] - mean[i, j, c]
-                    mean[i, j, c] += d * r
-                    m2[i, j, c] += w * d * d * (1 - r)  # West: w * d_old * (x - mean_new)
-            wsum[i, j] = ws_new
-            count[i, j] = n + 1
-            if n + 1 == warmup:
-                counts[i, 1] += _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2,
-                                               weights, wkappa2, floor2, table, sc)
+        # Pixels in their warm-up: the same, vectorised where they are dense (see
+        # `_warmup_run`); then the end-of-warm-up re-check of those that just reached
+        # `warmup` samples (per pixel: it branches).
+        hit = np.empty(wd, np.bool_)
+        if nc == 1:
+            n_hit = _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
+                                  table, hit)
+        elif nc == 3:
+            n_hit = _warmup_run_3(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
+                                  table, hit)
+        else:
+            n_hit = _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
+                                table, hit, nc)
+        if n_hit:
+            sc = np.empty((_SCRATCH_ROWS, nc), np.float32)
+            for j in range(wd):
+                if hit[j]:
+                    counts[i, 1] += _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2,
+                                                   weights, wkappa2, floor2, table, sc)
     return counts
 
 
@@ -403,16 +342,16 @@ def _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, t
 @numba.njit(inline="always")
 def _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup, nc):
     """Row i's steady pixels (all, once the warm-up bookkeeping is over; else those holding
-    `warmup` samples): the rejection test and the weighted Welford update of `_add_rows`'
-    general path, as selects instead of branches so that it vectorises. Other pixels are
-    left as they are. Returns the number of samples rejected."""
+    `warmup` samples): the rejection test and the weighted Welford update, as selects
+    instead of branches so that it vectorises. Other pixels are left as they are. Returns the
+    number of samples rejected."""
     nrej = 0
     for j in range(mean.shape[1]):
         n = count[i, j]
         ws = wsum[i, j]
         nf = np.float32(n)
         steady = (not tracking) | (n >= warmup)
-        # The general path's expressions exactly (numba types them float64 there too).
+        # (numba types these two float64, as `_bright_outlier` does.)
         scale = nf / (max(nf - 1, 1) * ws)
         grow = kappa2 * (1 + 1 / max(nf, 1))
         finite = True
@@ -443,9 +382,100 @@ def _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tra
     return nrej
 
 
+@numba.njit(cache=True, nogil=True)
+def _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table, hit):
+    """`_warmup_run` of a mono stack, compiled on its own (see `_steady_run_1`)."""
+    return _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table, hit, 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _warmup_run_3(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table, hit):
+    """`_warmup_run` of an RGB stack (see `_steady_run_1`)."""
+    return _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table, hit, 3)
+
+
+@numba.njit(inline="always")
+def _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table, hit, nc):
+    """Row i's pixels that are still in their warm-up (fewer than `warmup` samples): see
+    `_warmup_pixels`. A row where many are (the first frames) goes through it as one
+    vectorised loop; a row with a few (the dithered border, pixels whose brightest sample
+    the re-check took out) pixel by pixel. Returns how many pixels have just reached
+    `warmup` samples, flagged in `hit`, for the caller to re-check."""
+    wd = mean.shape[1]
+    n_warm = 0
+    for j in range(wd):
+        n_warm += count[i, j] < warmup
+    if n_warm == 0:
+        return 0
+    if n_warm * 8 >= wd:
+        return _warmup_pixels(i, 0, wd, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2,
+                              frame_no, table, hit, nc)
+    n_hit = 0
+    for j in range(wd):
+        hit[j] = False
+        if count[i, j] < warmup:
+            n_hit += _warmup_pixels(i, j, j + 1, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2,
+                                    frame_no, table, hit, nc)
+    return n_hit
+
+
+@numba.njit(inline="always")
+def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table,
+                   hit, nc):
+    """Pixels j0..j1 of row i in their warm-up: no rejection test; the two brightest samples
+    (by the sum over planes) remembered as half floats with their frame index; the weighted
+    Welford update. Written as selects instead of branches so that it vectorises (the
+    per-pixel version with branches took 4-5x the steady pass at 4144x2822). Pixels not in
+    warm-up are left as they are. Flags in `hit[j]` the pixels that have just reached
+    `warmup` samples and returns their number."""
+    n_hit = 0
+    for j in range(j0, j1):
+        n = count[i, j]
+        finite = True
+        key = np.float32(0.0)
+        k1 = np.float32(0.0)
+        k2 = np.float32(0.0)
+        for c in range(nc):
+            val = x[i, j, c] + off[c]
+            finite &= math.isfinite(val)
+            key += val
+            k1 += table[top1[i, j, c]]
+            k2 += table[top2[i, j, c]]
+        use = finite & (n < warmup)
+        i1 = idx1[i, j]
+        i2 = idx2[i, j]
+        first = (i1 == _NONE) | (key > k1)  # the new brightest; the old one becomes second
+        second = (not first) & ((i2 == _NONE) | (key > k2))
+        ws = wsum[i, j]
+        ws_new = ws + w
+        r = w / ws_new
+        for c in range(nc):
+            val = x[i, j, c] + off[c]
+            h = to_half(val * _HALF_SCALE)
+            t1 = top1[i, j, c]
+            t2 = top2[i, j, c]
+            top1[i, j, c] = h if use & first else t1
+            top2[i, j, c] = (t1 if first else h) if use & (first | second) else t2
+            mu = mean[i, j, c]
+            q = m2[i, j, c]
+            d = val - mu
+            new_mu = val if n == 0 else mu + d * r
+            new_q = np.float32(0.0) if n == 0 else np.float32(q + w * d * d * (1 - r))
+            mean[i, j, c] = new_mu if use else mu
+            m2[i, j, c] = new_q if use else q
+        idx1[i, j] = frame_no if use & first else i1
+        idx2[i, j] = (i1 if first else frame_no) if use & (first | second) else i2
+        wsum[i, j] = ws_new if use else ws
+        count[i, j] = n + 1 if use else n
+        reached = use & (n + 1 == warmup)
+        hit[j] = reached
+        n_hit += reached
+    return n_hit
+
+
 # Rows of the per-row scratch array: the new sample, and for the warm-up re-check the two
 # brightest samples and the statistics without one (1) and without both (2) of them.
-_V, _X1, _M1, _Q1, _X2, _M2, _Q2, _SCRATCH_ROWS = 0, 1, 2, 3, 4, 5, 6, 7
+_X1, _M1, _Q1, _X2, _M2, _Q2, _SCRATCH_ROWS = 0, 1, 2, 3, 4, 5, 6
 
 
 @numba.njit(inline="always")
