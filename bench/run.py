@@ -276,9 +276,10 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
     """The live pipeline over the session, as the daemon runs it: load, process, spool, preview.
 
     The spool is written as the service writes it (`Service._spool`): on its own thread while
-    the next frame is processed, at most one write in flight. Stage "spool" is the time a frame
-    waits for the previous frame's write (zero when the write kept up); the write itself is
-    timed on its thread ("spool_write_s") and is in the CPU time of the frames it overlaps.
+    the next frame is processed, at most one write in flight. Stage "spool" is the float16
+    encoding (on this thread, as in the service) and the time a frame waits for the previous
+    frame's write (zero when the write kept up); the write itself is timed on its thread
+    ("spool_write_s") and is in the CPU time of the frames it overlaps.
     """
     from daemon.io.load import load_frame
     from daemon.pipeline.calibrate import Masters
@@ -299,9 +300,9 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
     pending = None
     write_s: list[float] = []
 
-    def spool_write(holder: list, **kw) -> None:
+    def spool_write(image, **kw) -> None:
         t = time.perf_counter()
-        spool.append(encode(holder.pop()), **kw)  # as the service: float32 dropped once encoded
+        spool.append(image, **kw)
         write_s.append(time.perf_counter() - t)
 
     rss_before = _rss_bytes()
@@ -315,13 +316,16 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
         with timer.stage("process"):
             result = pipe.process(frame, consume=True)
         if result.accepted and result.registered is not None:
-            with timer.stage("spool"):  # back-pressure: one write in flight, as in the service
+            with timer.stage("spool"):  # as the service: encoded here, written by the spool thread,
+                encoded = encode(result.registered)  # one write in flight
+                result.registered = None
                 if pending is not None:
                     pending.result()
                 pending = spooler.submit(
-                    spool_write, [result.registered], weight=result.weight, path=str(path),
+                    spool_write, encoded, weight=result.weight, path=str(path),
                     date_obs=frame.meta.date_obs.isoformat() if frame.meta.date_obs else None,
                     exposure_s=frame.meta.exposure_s)
+                del encoded
         result.registered = None
         del frame
         with timer.stage("preview"):
@@ -556,8 +560,9 @@ def markdown(results: list[dict], machine: dict, args_line: str, settings_line: 
             s = r[name]
             cells = " | ".join(_fmt_s(s["stages"][st]) for st in STAGES)
             lines.append(f"| {r['size']} | {r['mode']} | {name} | {cells} | {_fmt_s(s['median_s'])} |")
-    lines += ["", "Live \"spool\" is the wait for the previous frame's spool write; the write itself runs on "
-              "the spool thread, overlapping the next frame, as in the service (median write time: "
+    lines += ["", "Live \"spool\" is the float16 encoding and the wait for the previous frame's spool write; "
+              "the write itself runs on the spool thread, overlapping the next frame, as in the service "
+              "(median write time: "
               + ", ".join(f"{r['size']} {r['mode']} {_fmt_s(r['live'].get('spool_write_median_s'))}" for r in results)
               + ")."]
     return "\n".join(lines) + "\n"

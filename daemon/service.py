@@ -298,20 +298,22 @@ class Service:
         """Keep the registered frame for the final re-stack, written by the spool thread. Every
         frame a checkpoint records as stacked is in the spool (the checkpoint drains first);
         after a crash a frame may already be spooled: the spool is keyed by path."""
+        from daemon.spool import encode
+
+        # float16 here (parallel, ~3 ms at 12 Mpx), the float32 frame freed before the next
+        # one; the writer thread only writes (and waits for the disk).
+        image = encode(result.registered)
+        result.registered = None
         self._spool_drain()  # back-pressure: one write in flight at most
         date_obs = frame.meta.date_obs.isoformat() if frame.meta.date_obs else None
-        # The writer takes the only reference to the float32 frame and drops it once encoded.
-        holder = [result.registered]
-        result.registered = None
         self._spool_pending.append(self._spooler.submit(
-            self._spool_write, name, str(path), holder, result.weight, date_obs, frame.meta.exposure_s))
+            self._spool_write, name, str(path), image, result.weight, date_obs, frame.meta.exposure_s))
 
-    def _spool_write(self, name: str, path: str, holder: list, weight: float, date_obs: str | None,
+    def _spool_write(self, name: str, path: str, image: Any, weight: float, date_obs: str | None,
                      exposure_s: float | None) -> None:
-        from daemon.spool import Spool, encode
+        from daemon.spool import Spool
 
         try:
-            image = encode(holder.pop())  # the float32 frame is freed here, before the slow write
             if name not in self._spools:
                 self._spools[name] = Spool(self.state_dir / "spool" / name)
             spool = self._spools[name]

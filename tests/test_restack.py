@@ -1,5 +1,7 @@
 """Final re-stack over the spool: winsorized sigma clipping in row bands, against ground truth."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -88,7 +90,6 @@ def test_spool_file_is_exactly_the_float16_array(tmp_path):
 
 def test_spool_writer_thread_runs_below_the_stacking_threads_priority():
     """The spool is background work: its thread must not compete with the live stack."""
-    import os
     import threading
 
     from daemon.spool import WRITER_NICE, writer_thread
@@ -98,3 +99,40 @@ def test_spool_writer_thread_runs_below_the_stacking_threads_priority():
         nice = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
     assert nice == min(19, base + WRITER_NICE)
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's own priority is untouched
+
+
+def _cached_fraction(path) -> float:
+    """Fraction of a file's pages in the page cache (mincore on a read-only mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as fh:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fh.fileno(), 0)
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(ctypes.c_void_p(addr), size, vec) == 0, ctypes.get_errno()
+            return sum(v & 1 for v in vec) / pages
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="Linux page cache advice")
+def test_spooled_frames_leave_the_page_cache_once_on_disk(tmp_path):
+    """A spooled frame is fsync'ed, then dropped from the page cache (read again only by the
+    final re-stack); a file written the plain way stays cached (the control)."""
+    img = np.random.default_rng(5).normal(300.0, 10.0, (1024, 1280)).astype(np.float32)
+    entry = Spool(tmp_path / "s").append(img, weight=1.0, path="a")
+    plain = tmp_path / "plain.bin"
+    with open(plain, "wb") as fh:
+        fh.write(img.astype(np.float16).tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    assert _cached_fraction(plain) > 0.9
+    assert _cached_fraction(tmp_path / "s" / entry["file"]) < 0.1
