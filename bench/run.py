@@ -281,7 +281,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
     frame's write (zero when the write kept up); the write itself is timed on its thread
     ("spool_write_s") and is in the CPU time of the frames it overlaps.
     """
-    from daemon.io.load import load_frame
+    from daemon.io.load import FrameLoader
     from daemon.pipeline.calibrate import Masters
     from daemon.pipeline.live import LivePipeline, LiveSettings
     from daemon.products import preview_jpeg
@@ -294,6 +294,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
                       defects=m["defects"], bayer=m["bayer"])
     del m
     pipe = LivePipeline(LiveSettings(**settings_kw), masters)
+    load_frame = FrameLoader()
     spool_dir = tempfile.TemporaryDirectory(prefix="lb-bench-spool-")
     spool = Spool(spool_dir.name)
     spooler = writer_thread()
@@ -312,7 +313,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
         timer.reset()
         t0, c0 = time.perf_counter(), _cpu_s()
         with timer.stage("load"):
-            frame = load_frame(str(path))
+            frame = load_frame(str(path))  # as the service: a FrameLoader
         with timer.stage("process"):
             result = pipe.process(frame, consume=True)
         if result.accepted and result.registered is not None:

@@ -90,12 +90,6 @@ class LivePipelineFactory:
         return LivePipeline.from_state(state, self.settings, self.masters_for(masters))
 
 
-def default_loader(path: Path):
-    from daemon.io.load import load_frame
-
-    return load_frame(path)
-
-
 @dataclass(frozen=True)
 class StackKey:
     target: str
@@ -145,10 +139,14 @@ def _result_fields(result: Any) -> dict:
 
 class Service:
     def __init__(self, config: Config, *, factory: PipelineFactory | None = None,
-                 loader: Callable[[Path], Any] = default_loader, notifier: Notifier | None = None,
+                 loader: Callable[[Path], Any] | None = None, notifier: Notifier | None = None,
                  force_polling: bool = False, acquire_at_start: bool = True):
         self.config = config
         self.factory = factory if factory is not None else LivePipelineFactory(config)
+        if loader is None:
+            from daemon.io.load import FrameLoader
+
+            loader = FrameLoader()  # used by the pipeline thread only
         self.loader = loader
         self.notifier = notifier or Notifier()
         self.force_polling = force_polling

@@ -334,3 +334,33 @@ def test_tile_compressed_fits(tmp_path):
     frame = load_frame(path)
     np.testing.assert_array_equal(frame.data, data)
     assert frame.meta.exposure_s == 2.0 and frame.meta.bayer == "RGGB"
+
+
+def test_frame_loader_reuses_the_previous_frames_array_only_once_it_is_free(tmp_path):
+    """A stream of 16-bit frames (the service, the bench): frame n+1 is decoded into frame n's
+    array when the caller has let go of frame n, never while frame n is still held (its pixels
+    are untouched); the pixels are always those of the file."""
+    from daemon.io.load import FrameLoader
+
+    rng = np.random.default_rng(4)
+    paths = [_write(tmp_path / f"f{i}.fits", rng.integers(0, 65535, (40, 56)).astype(np.uint16)) for i in range(4)]
+    load = FrameLoader()
+
+    def address(frame) -> int:
+        return frame.data.__array_interface__["data"][0]
+
+    first = load(paths[0])
+    kept = first.data.copy()
+    second = load(paths[1])  # `first` still held: a new array
+    assert address(second) != address(first)
+    np.testing.assert_array_equal(first.data, kept)
+    at = address(second)
+    del second
+    third = load(paths[2])  # `second` dropped: its array again
+    assert address(third) == at
+    np.testing.assert_array_equal(third.data, load_frame(paths[2]).data)
+    view = third.data[::2]  # a view keeps the array alive too
+    del third
+    fourth = load(paths[3])
+    assert address(fourth) != at and view.base is not None
+    np.testing.assert_array_equal(fourth.data, load_frame(paths[3]).data)

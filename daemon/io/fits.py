@@ -85,14 +85,18 @@ class FitsImage:
             out += self._bzero
         return np.ascontiguousarray(out, dtype=np.float32)
 
-    def read(self) -> np.ndarray:
+    def read(self, out: np.ndarray | None = None) -> np.ndarray:
         """The whole top-down image as float32 ADU. A 16-bit file is decoded band by band
         (~8 MB of raw words at a time) into the output: the raw image never exists whole
-        beside it (52 MB less at the peak for a 26 Mpx frame)."""
+        beside it (52 MB less at the peak for a 26 Mpx frame). `out`: an array to decode a
+        16-bit file into (used when it is a writeable C-contiguous float32 array of the
+        image's shape; see `daemon.io.load.FrameLoader`)."""
         h, w = self.shape
         if not self._is_be16:
             return self.rows(0, h)
-        out = np.empty((h, w), np.float32)
+        if not (out is not None and out.shape == (h, w) and out.dtype == np.float32
+                and out.flags.c_contiguous and out.flags.writeable):
+            out = np.empty((h, w), np.float32)
         band = max(1, (8 << 20) // (2 * w))
         for r0 in range(0, h, band):
             r1 = min(h, r0 + band)
@@ -260,9 +264,9 @@ def _locate_data(path: str, hdul: fits.HDUList, index: int, header: fits.Header,
     return shape, _BITPIX_DTYPES[bitpix], offset, float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0))
 
 
-def read_fits_frame(path: str | os.PathLike) -> Frame:
+def read_fits_frame(path: str | os.PathLike, out: np.ndarray | None = None) -> Frame:
     image = open_fits_image(path)
-    return Frame(image.read(), image.meta)
+    return Frame(image.read(out), image.meta)
 
 
 def _header_from(header: Mapping[str, Any] | fits.Header | None) -> fits.Header:
