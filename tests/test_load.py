@@ -336,7 +336,7 @@ def test_tile_compressed_fits(tmp_path):
     assert frame.meta.exposure_s == 2.0 and frame.meta.bayer == "RGGB"
 
 
-def test_frame_loader_reuses_the_previous_frames_array_only_once_it_is_free(tmp_path):
+def test_frame_loader_reuses_the_previous_frames_array_only_once_it_is_free(tmp_path, monkeypatch):
     """A stream of 16-bit frames (the service, the bench): frame n+1 is decoded into frame n's
     array when the caller has let go of frame n, never while frame n is still held (its pixels
     are untouched); the pixels are always those of the file."""
@@ -364,3 +364,18 @@ def test_frame_loader_reuses_the_previous_frames_array_only_once_it_is_free(tmp_
     fourth = load(paths[3])
     assert address(fourth) != at and view.base is not None
     np.testing.assert_array_equal(fourth.data, load_frame(paths[3]).data)
+    # The loader keeps the last array alive for reuse, but not one above REUSE_MAX_BYTES:
+    # that memory goes back as soon as the caller drops the frame.
+    import weakref
+
+    import daemon.io.load as load_mod
+
+    kept_alive = weakref.ref(fourth.data)
+    del fourth
+    assert kept_alive() is not None
+    monkeypatch.setattr(load_mod, "REUSE_MAX_BYTES", kept.nbytes - 1)
+    fifth = load(paths[0])
+    np.testing.assert_array_equal(fifth.data, kept)
+    freed = weakref.ref(fifth.data)
+    del fifth
+    assert freed() is None
