@@ -369,17 +369,24 @@ def _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tra
         ws_new = ws + w
         r = w / ws_new
         for c in range(nc):
-            val = x[i, j, c] + off[c]
-            mu = mean[i, j, c]
-            q = m2[i, j, c]
-            d = val - mu
-            new_mu = val if n == 0 else mu + d * r
-            new_q = np.float32(0.0) if n == 0 else np.float32(q + w * d * d * (1 - r))
-            mean[i, j, c] = new_mu if use else mu
-            m2[i, j, c] = new_q if use else q
+            _welford(mean, m2, i, j, c, x[i, j, c] + off[c], n, w, r, use)
         wsum[i, j] = ws_new if use else ws
         count[i, j] = n + 1 if use else n
     return nrej
+
+
+@numba.njit(inline="always")
+def _welford(mean, m2, i, j, c, val, n, w, r, use):
+    """West's weighted Welford update of pixel (i, j), plane c, with sample `val` of weight
+    `w` (`r` = w / new weight sum) where `use`, as a select (vectorises). The one place both
+    runs update the statistics: the same float32 operations whichever run a pixel takes."""
+    mu = mean[i, j, c]
+    q = m2[i, j, c]
+    d = val - mu
+    new_mu = val if n == 0 else mu + d * r
+    new_q = np.float32(0.0) if n == 0 else np.float32(q + w * d * d * (1 - r))  # w * d_old * (x - mean_new)
+    mean[i, j, c] = new_mu if use else mu
+    m2[i, j, c] = new_q if use else q
 
 
 @numba.njit(cache=True, nogil=True)
@@ -456,13 +463,7 @@ def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, to
             t2 = top2[i, j, c]
             top1[i, j, c] = h if use & first else t1
             top2[i, j, c] = (t1 if first else h) if use & (first | second) else t2
-            mu = mean[i, j, c]
-            q = m2[i, j, c]
-            d = val - mu
-            new_mu = val if n == 0 else mu + d * r
-            new_q = np.float32(0.0) if n == 0 else np.float32(q + w * d * d * (1 - r))
-            mean[i, j, c] = new_mu if use else mu
-            m2[i, j, c] = new_q if use else q
+            _welford(mean, m2, i, j, c, val, n, w, r, use)
         idx1[i, j] = frame_no if use & first else i1
         idx2[i, j] = (i1 if first else frame_no) if use & (first | second) else i2
         wsum[i, j] = ws_new if use else ws
