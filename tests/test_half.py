@@ -31,3 +31,40 @@ def test_both_half_conversions_match_numpy_on_every_kind_of_float():
     for convert in (half.to_half_portable,) + ((half.to_half_native,) if half.has_half_instructions() else ()):
         np.testing.assert_array_equal(run(convert, vals), expect)
         assert np.isnan(run(convert, nan).view(np.float16)).all()  # no data stays no data
+
+
+def test_kernels_compiled_for_a_cpu_without_f16c_take_the_portable_conversion(tmp_path):
+    """Observatory mini PCs (Celeron/Atom without AVX) have no F16C: LLVM would call a helper
+    numba does not link (a segfault). Compiled for such a CPU (NUMBA_CPU_NAME=generic, in a
+    fresh interpreter and cache), the stack and the spool take the integer conversion and
+    give the same bits as here."""
+    import os
+    import subprocess
+    import sys
+
+    from daemon.pipeline.stack import RunningStack
+    from daemon.spool import encode
+
+    img = np.random.default_rng(2).normal(900.0, 300.0, (32, 40)).astype(np.float32)
+    img[0, :4] = [np.nan, 1e-7, 70000.0, -5.0]
+    probe = (
+        "import sys, numpy as np\n"
+        "from daemon.pipeline import half\n"
+        "from daemon.pipeline.stack import RunningStack\n"
+        "from daemon.spool import encode\n"
+        "img = np.load(sys.argv[1])\n"
+        "s = RunningStack(img.shape); s.add(img)\n"
+        "np.save(sys.argv[2], s.state()['top1']); np.save(sys.argv[3], encode(img).data)\n"
+        "print(half.to_half is half.to_half_portable)\n"
+    )
+    np.save(tmp_path / "img.npy", img)
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "img.npy"), str(tmp_path / "top.npy"),
+                          str(tmp_path / "spool.npy")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True"
+    here = RunningStack(img.shape)
+    here.add(img)
+    np.testing.assert_array_equal(np.load(tmp_path / "top.npy"), here.state()["top1"])
+    np.testing.assert_array_equal(np.load(tmp_path / "spool.npy").view(np.uint16)[~np.isnan(img)],
+                                  encode(img).data.view(np.uint16)[~np.isnan(img)])

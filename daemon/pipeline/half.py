@@ -43,6 +43,11 @@ def has_half_instructions() -> bool:
     `to_half_portable`."""
     if platform.machine().lower() in ("aarch64", "arm64"):
         return True
+    # numba compiles for the host's features unless told otherwise (NUMBA_CPU_NAME=generic or
+    # NUMBA_CPU_FEATURES, e.g. for portable caches): then only what it is told counts.
+    features = numba.config.CPU_FEATURES
+    if features is not None:
+        return "+f16c" in features.split(",")
     try:
         import llvmlite.binding as llvm
 
