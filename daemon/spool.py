@@ -35,10 +35,11 @@ WRITER_NICE = 10
 def writer_thread() -> ThreadPoolExecutor:
     """One background thread for `Spool.append`, at a lower CPU priority than the thread that
     stacks: the spool is only needed for the final re-stack, while the live stack and its
-    preview are what the observer waits for. At equal priority, the writer (float16
-    conversion, copying 23-52 MB into the page cache) slowed the next frame's parallel kernels
-    on 2 cores by ~100 ms per 12 Mpx frame (measured); niced, it runs in the gaps (sep holds
-    one core, waits on the disk) and still finishes long before the next exposure."""
+    preview are what the observer waits for. At equal priority, the writer (then also doing
+    the float16 conversion, now `encode` on the stacking thread; copying 23-52 MB into the page
+    cache) slowed the next frame's parallel kernels on 2 cores by ~100 ms per 12 Mpx frame
+    (measured); niced, it runs in the gaps (sep holds one core, waits on the disk) and still
+    finishes long before the next exposure."""
 
     def lower_priority() -> None:
         try:
@@ -92,6 +93,8 @@ def _peak_abs(rows: np.ndarray) -> float:  # pragma: no cover - numba
 
 @numba.njit(cache=True, nogil=True)
 def _row_peak(row: np.ndarray) -> np.float32:  # pragma: no cover - numba
+    """`_peak_abs` of one row (a function of its own: numba's parfor pass cannot analyse this
+    running maximum inside the prange loop)."""
     p = np.float32(0.0)
     for v in row:
         a = abs(v)
