@@ -6,7 +6,9 @@ conversion where the CPU has one (x86 F16C, every AArch64): one instruction per 
 that vectorises; elsewhere the same result in integer arithmetic. Round to nearest even,
 bit for bit numpy's `astype(np.float16)`, except that finite values beyond +-65504 saturate
 there instead of becoming inf (a saturated star core after flat division must stay finite).
-NaN stays NaN.
+NaN stays NaN. Checked on AArch64 too (Debian 12 arm64 under qemu-user, numba 0.68.1): the
+hardware path is taken, matches numpy, and a stack and a spooled frame come out bit-identical
+to x86's.
 """
 
 from __future__ import annotations
