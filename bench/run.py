@@ -294,7 +294,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
                       defects=m["defects"], bayer=m["bayer"])
     del m
     pipe = LivePipeline(LiveSettings(**settings_kw), masters)
-    load_frame = FrameLoader()
+    load = FrameLoader()  # as the service loads: into the previous frame's array when free
     spool_dir = tempfile.TemporaryDirectory(prefix="lb-bench-spool-")
     spool = Spool(spool_dir.name)
     spooler = writer_thread()
@@ -313,7 +313,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
         timer.reset()
         t0, c0 = time.perf_counter(), _cpu_s()
         with timer.stage("load"):
-            frame = load_frame(str(path))  # as the service: a FrameLoader
+            frame = load(str(path))
         with timer.stage("process"):
             result = pipe.process(frame, consume=True)
         if result.accepted and result.registered is not None:
