@@ -10,10 +10,11 @@ What it does, per sensor size and colour mode:
    vignetting, one satellite trail, Bayer mosaic for OSC) as uint16 FITS files carrying the
    headers INDI writes (`simulate.fits_header`), plus master bias/dark/flat. Sessions are
    cached in bench/results/sessions/ (git-ignored) and reused by later runs.
-2. Runs the live pipeline as the service does per frame (`daemon.io.load.load_frame` ->
-   `LivePipeline.process` -> `Spool.append` of the registered frame on the spool thread, as
-   the service does -> preview JPEG of the stack, made after every frame) over the frames in a *fresh subprocess*, so its peak RSS (`ru_maxrss`) is
-   its own. Stage times come from wrapping the pipeline's own stage functions (calibrate,
+2. Runs the live pipeline as the service does per frame (`daemon.io.load.FrameLoader` ->
+   `LivePipeline.process(consume=True)` -> `spool.encode` and `Spool.append` of the registered
+   frame on the spool thread -> preview JPEG of the stack, made after every frame), on a
+   thread of its own with the service's malloc settings (`daemon.memory`), over the frames in
+   a *fresh subprocess*, so its peak RSS (`ru_maxrss`) is its own. Stage times come from wrapping the pipeline's own stage functions (calibrate,
    measure, register, debayer, warp, RunningStack.add, preview_jpeg) with timers that count
    exclusive time (a stage called inside another is not counted twice). "other" is what
    `process` spends outside those (quality gate, sky level, weights, copies).
