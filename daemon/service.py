@@ -28,6 +28,7 @@ import logging
 import re
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +45,26 @@ from daemon.sdnotify import Notifier, watchdog_interval_s
 from daemon.watcher import FolderWatcher, backlog
 
 log = logging.getLogger("lightbucket")
+
+
+def ensure_dir(path: Path, setting: str, *, writable: bool = True) -> None:
+    """Create folder `path` if needed and, with `writable`, prove that a file can be made in it.
+
+    Why at start: a folder the service cannot write (another user's, a read-only mount, or
+    under systemd anything outside ReadWritePaths=, since ProtectSystem=strict) would otherwise
+    let it run and look healthy while every checkpoint, spool write and product fails. Raises
+    OSError naming the config setting.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if writable:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+    except OSError as exc:
+        raise OSError(f"{setting} = {str(path)!r}: cannot {'write to' if writable else 'create'} it "
+                      f"({exc.strerror or exc}); give the service's user write access, or under "
+                      f"systemd add it to ReadWritePaths= (docs/systemd.md)") from exc
+
 
 class PipelineFactory(Protocol):
     """Makes the per-stack pipelines, calibrated with the given master files ({kind: path})."""
@@ -155,6 +176,11 @@ class Service:
         self.capture_dir = Path(config.capture.dir)
         self.state_dir = Path(config.state.dir)
         self.output_dir = config.output_dir
+        for path, setting, write in ((self.state_dir, "state.dir", True),
+                                     (self.output_dir, "state.output_dir", True),
+                                     # its own camera's frames are written there
+                                     (self.capture_dir, "capture.dir", config.indi is not None)):
+            ensure_dir(path, setting, writable=write)
         self.ledger = Ledger(self.capture_dir)
         self.stacks: dict[str, Stack] = {}
         self._spools: dict[str, Any] = {}

@@ -295,6 +295,22 @@ def test_failing_checkpoint_disk_does_not_stop_stacking(tmp_path, monkeypatch):
     assert sorted(checkpoint.load(cfg.state.dir)["ledger"]["entries"]) == ["d0.fits", "d1.fits"]
 
 
+def test_unusable_state_or_output_folder_is_refused_at_start_naming_the_setting(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(OSError, match=r"state\.dir = '.*afile': cannot write to it"):
+        Service(config_from_dict({"capture": {"dir": str(tmp_path / "capture")},
+                                  "state": {"dir": str(tmp_path / "afile")}}, "t.toml"))
+    cfg = config_from_dict({"capture": {"dir": str(tmp_path / "capture")},
+                            "state": {"dir": str(tmp_path / "state"), "output_dir": str(tmp_path / "afile" / "out")}},
+                           "t.toml")
+    with pytest.raises(OSError, match=r"state\.output_dir = .*: cannot write to it"):
+        Service(cfg)
+    # Usable folders are created as needed.
+    Service(config_from_dict({"capture": {"dir": str(tmp_path / "new" / "capture")},
+                              "state": {"dir": str(tmp_path / "new" / "state")}}, "t.toml"))
+    assert (tmp_path / "new" / "state" / "output").is_dir() and (tmp_path / "new" / "capture").is_dir()
+
+
 def test_validate_command():
     assert validate_command(b'{"id": "a", "action": "set_reference", "path": "x.fits"}')["path"] == "x.fits"
     for raw, msg in [(b'{"id": true, "action": "stop"}', "id"), (b'{"id": 1, "action": "reset", "stack": 3}', "str"),
