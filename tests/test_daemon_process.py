@@ -83,8 +83,9 @@ class NotifySocket:
 
 
 def start_daemon(config: Path, notify: NotifySocket, log: Path) -> subprocess.Popen:
+    # As systemd starts it: notify socket, watchdog, output to the journal (JOURNAL_STREAM).
     env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000", "PYTHONUNBUFFERED": "1",
-           "PYTHONFAULTHANDLER": "1"}
+           "PYTHONFAULTHANDLER": "1", "JOURNAL_STREAM": "8:4242"}
     env.pop("WATCHDOG_PID", None)
     return subprocess.Popen([str(LIGHTBUCKET), "run", "--config", str(config)], env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
@@ -126,6 +127,9 @@ def test_notify_ready_watchdog_last_will_and_sigterm_exit0(broker, tmp_path):
         sub.close()
         notify.close()
     assert (state / "checkpoint.npz").exists()
+    # The journal time-stamps each line: no second time stamp of our own.
+    lines = log.read_text().splitlines()
+    assert any(line.startswith("INFO lightbucket: backlog: 0 frames") for line in lines), lines[:5]
 
 
 def test_bad_config_key_exits_2_naming_key_and_file(tmp_path):
@@ -226,3 +230,58 @@ def test_kill9_resume_exactly_sigterm_exit0(broker, tmp_path):
     print(f"processed again after kill -9 (not yet checkpointed): {twice}")
     meta = sub.json("preview/meta")[-1]
     assert meta["frames"] == len(accepted) and sub.raw("preview")[-1][:2] == b"\xff\xd8"  # JPEG
+
+
+def run_with_read_only(folders: list[Path], cmd: list[str], env: dict, timeout: float = 120):
+    """`cmd` in a private mount namespace where `folders` are read-only bind mounts, as
+    systemd's ProtectSystem=strict leaves all but ReadWritePaths= (unshare -rm: any user)."""
+    mounts = " && ".join(f'mount --bind -o ro "{f}" "{f}"' for f in folders)
+    return subprocess.run(["unshare", "-rm", "sh", "-c", mounts + ' && exec "$@"', "sh", *cmd], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _no_mount_namespaces() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=10).returncode != 0
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+
+
+needs_unshare = pytest.mark.skipif(_no_mount_namespaces(), reason="no user/mount namespaces (unshare -rm)")
+
+
+@needs_unshare
+def test_read_only_install_without_a_home_still_compiles_kernels(tmp_path):
+    """A root-owned install run by a system user without a home (`lightbucket run` by hand
+    next to the unit): numba can cache neither beside the code nor in ~/.cache and used to
+    refuse to define the kernels ("no locator available"). The CLI now points it at a private
+    temp folder, and the compiled kernel lands there."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(HOME="/proc/no-such-home", TMPDIR=str(tmp_path))
+    code = ("import os, numpy as np; from daemon.cli import ensure_numba_cache; ensure_numba_cache(); "
+            "from daemon.pipeline.debayer import debayer; debayer(np.ones((8, 8), np.float32), 'RGGB'); "
+            "print(os.environ['NUMBA_CACHE_DIR'])")
+    out = run_with_read_only([ROOT / "daemon"], [str(ROOT / ".venv" / "bin" / "python"), "-c", code], env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cache = Path(out.stdout.strip())
+    assert cache.parent == tmp_path and cache.stat().st_mode & 0o077 == 0
+    assert list(cache.rglob("debayer*.nbi")), sorted(cache.rglob("*"))
+    # Without it, the very import fails (the condition the fallback is for really holds here).
+    bare = run_with_read_only([ROOT / "daemon"], [str(ROOT / ".venv" / "bin" / "python"), "-c",
+                                                  "import daemon.pipeline.debayer"], env)
+    assert bare.returncode != 0 and "no locator available" in bare.stderr
+
+
+@needs_unshare
+def test_state_dir_not_writable_exits_2_before_ready(tmp_path):
+    """state.dir outside the unit's ReadWritePaths= (read-only): refused at start, naming the
+    setting, instead of a healthy-looking service whose checkpoints and spool all fail."""
+    state = tmp_path / "ro" / "state"
+    state.mkdir(parents=True)
+    config = tmp_path / "lb.toml"
+    config.write_text(f'[capture]\ndir = "{tmp_path / "capture"}"\n[state]\ndir = "{state}"\n')
+    out = run_with_read_only([tmp_path / "ro"], [str(LIGHTBUCKET), "run", "--config", str(config)],
+                             dict(os.environ), timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"state.dir = '{state}': cannot write to it (Read-only file system)" in out.stderr
+    assert "ReadWritePaths=" in out.stderr

@@ -32,7 +32,7 @@ def run(args) -> int:
     except (ValueError, OSError) as exc:  # settings or calibration masters refused
         print(f"lightbucket run: {exc}", file=sys.stderr)
         return 2
-    # One line per event on stdout/journald: systemd adds the time stamp itself.
+    # One line per event on stdout (under systemd, the journal: see `log_format`).
     root = logging.getLogger()
     for handler in root.handlers:
         handler.setStream(sys.stdout)
