@@ -8,10 +8,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS="${LIGHTBUCKET_EXTRAS-test,bench}"
 
 # indi-bin: indiserver and the CCD/telescope simulators. mosquitto: the MQTT broker the
-# tests (and the demo) start on a free port. libdbus-1-dev, libglib2.0-dev, pkg-config and
+# tests (and the demo) start on a free port; mosquitto-clients: mosquitto_sub/_pub, to watch
+# and command the daemon (docs/mqtt.md). libdbus-1-dev, libglib2.0-dev, pkg-config and
 # python3-dev: dbus-python (a dependency of pyindi-client) builds from source.
 DEBS=(python3 python3-venv python3-dev python3-pip build-essential pkg-config
-      libdbus-1-dev libglib2.0-dev indi-bin mosquitto)
+      libdbus-1-dev libglib2.0-dev indi-bin mosquitto mosquitto-clients)
 
 missing=()
 for p in "${DEBS[@]}"; do
@@ -39,3 +40,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q -e "$spec" >&2
     echo "$want" > "$STAMP"
 fi
+# Byte-compile the project now: under systemd the service cannot write beside its code
+# (ProtectSystem=strict), so Python would compile it again at every start. Quick when current.
+"$VENV/bin/python" -m compileall -q "$ROOT/daemon" "$ROOT/drivers" >&2
