@@ -169,6 +169,8 @@ def test_systemd_unit_is_notify_watchdog_hardened_and_verifies(tmp_path):
     svc = unit["Service"]
     assert svc["Type"] == "notify" and int(svc["WatchdogSec"]) > 0 and svc["Restart"] == "on-failure"
     assert "lightbucket run --config" in svc["ExecStart"]
+    # `lightbucket run` exits 2 for a refused config/folder (test_daemon_process): not retried.
+    assert svc["RestartPreventExitStatus"] == "2"
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "StateDirectory": "lightbucket"}.items():
         assert svc[key] == value, key
