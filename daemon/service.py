@@ -28,7 +28,6 @@ import logging
 import re
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,6 +38,7 @@ from daemon import checkpoint
 from daemon.acquisition import PlanSettings
 from daemon.commands import MASTER_KINDS, CommandError, plan_from_command, validate_command
 from daemon.config import Config
+from daemon.folders import ensure_writable
 from daemon.ledger import Ledger
 from daemon.memory import retain_freed_memory
 from daemon.sdnotify import Notifier, watchdog_interval_s
@@ -56,10 +56,10 @@ def ensure_dir(path: Path, setting: str, *, writable: bool = True) -> None:
     OSError naming the config setting.
     """
     try:
-        path.mkdir(parents=True, exist_ok=True)
         if writable:
-            with tempfile.TemporaryFile(dir=path):
-                pass
+            ensure_writable(path)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(f"{setting} = {str(path)!r}: cannot {'write to' if writable else 'create'} it "
                       f"({exc.strerror or exc}); give the service's user write access, or under "

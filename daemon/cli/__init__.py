@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from daemon import __version__
+from daemon.folders import ensure_writable
 
 COMMANDS = ("master", "calibrate", "register", "stack", "run", "demo")
 
@@ -36,9 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _writable(folder: Path) -> bool:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return True
+        ensure_writable(folder)
+        return True
     except OSError:
         return False
 
