@@ -38,32 +38,13 @@ from daemon import checkpoint
 from daemon.acquisition import PlanSettings
 from daemon.commands import MASTER_KINDS, CommandError, plan_from_command, validate_command
 from daemon.config import Config
-from daemon.folders import ensure_writable
+from daemon.folders import ensure_dir
 from daemon.ledger import Ledger
 from daemon.memory import retain_freed_memory
 from daemon.sdnotify import Notifier, watchdog_interval_s
 from daemon.watcher import FolderWatcher, backlog
 
 log = logging.getLogger("lightbucket")
-
-
-def ensure_dir(path: Path, setting: str, *, writable: bool = True) -> None:
-    """Create folder `path` if needed and, with `writable`, prove that a file can be made in it.
-
-    Why at start: a folder the service cannot write (another user's, a read-only mount, or
-    under systemd anything outside ReadWritePaths=, since ProtectSystem=strict) would otherwise
-    let it run and look healthy while every checkpoint, spool write and product fails. Raises
-    OSError naming the config setting.
-    """
-    try:
-        if writable:
-            ensure_writable(path)
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"{setting} = {str(path)!r}: cannot {'write to' if writable else 'create'} it "
-                      f"({exc.strerror or exc}); give the service's user write access, or under "
-                      f"systemd add it to ReadWritePaths= (docs/systemd.md)") from exc
 
 
 class PipelineFactory(Protocol):
