@@ -10,7 +10,8 @@ EXTRAS="${LIGHTBUCKET_EXTRAS-test,bench}"
 # indi-bin: indiserver and the CCD/telescope simulators. mosquitto: the MQTT broker the
 # tests (and the demo) start on a free port; mosquitto-clients: mosquitto_sub/_pub, to watch
 # and command the daemon (docs/mqtt.md). libdbus-1-dev, libglib2.0-dev, pkg-config and
-# python3-dev: dbus-python (a dependency of pyindi-client) builds from source.
+# python3-dev: dbus-python (a dependency of pyindi-client) builds from source, as does pidng
+# (the test extra) with build-essential.
 DEBS=(python3 python3-venv python3-dev python3-pip build-essential pkg-config
       libdbus-1-dev libglib2.0-dev indi-bin mosquitto mosquitto-clients)
 
