@@ -14,10 +14,11 @@ What it does, per sensor size and colour mode:
    `LivePipeline.process(consume=True)` -> `spool.encode` and `Spool.append` of the registered
    frame on the spool thread -> preview JPEG of the stack, made after every frame), on a
    thread of its own with the service's malloc settings (`daemon.memory`), over the frames in
-   a *fresh subprocess*, so its peak RSS (`ru_maxrss`) is its own. Stage times come from wrapping the pipeline's own stage functions (calibrate,
-   measure, register, debayer, warp, RunningStack.add, preview_jpeg) with timers that count
-   exclusive time (a stage called inside another is not counted twice). "other" is what
-   `process` spends outside those (quality gate, sky level, weights, copies).
+   a *fresh subprocess*, so its peak RSS (`ru_maxrss`) is its own. Stage times come from
+   wrapping the pipeline's own stage functions (calibrate, measure, register, debayer, warp,
+   RunningStack.add, preview_jpeg) with timers that count exclusive time (a stage called
+   inside another is not counted twice). "other" is what `process` spends outside those
+   (quality gate, sky level, weights, copies).
 3. Runs the naive baseline over the same files in another fresh subprocess (see `naive_worker`
    for exactly what it does).
 4. Prints and saves a Markdown table (median over the timed frames, after the warm-up) with the

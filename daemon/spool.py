@@ -35,11 +35,11 @@ WRITER_NICE = 10
 def writer_thread() -> ThreadPoolExecutor:
     """One background thread for `Spool.append`, at a lower CPU priority than the thread that
     stacks: the spool is only needed for the final re-stack, while the live stack and its
-    preview are what the observer waits for. At equal priority, the writer (then also doing
-    the float16 conversion, now `encode` on the stacking thread; copying 23-52 MB into the page
-    cache) slowed the next frame's parallel kernels on 2 cores by ~100 ms per 12 Mpx frame
-    (measured); niced, it runs in the gaps (sep holds one core, waits on the disk) and still
-    finishes long before the next exposure."""
+    preview are what the observer waits for. At equal priority, a writer copying 23-52 MB
+    into the page cache (and, as it once did, converting to float16) slowed the next frame's
+    parallel kernels on 2 cores by ~100 ms per 12 Mpx frame (measured); niced, it runs in the
+    gaps (sep holds one core, waits on the disk) and still finishes long before the next
+    exposure."""
 
     def lower_priority() -> None:
         try:
@@ -64,9 +64,9 @@ def encode(image: np.ndarray) -> Encoded:
     precision, far below shot noise). Frames with values beyond float16's range (> 65504 ADU
     after flat division) are scaled down by a power of two. The peak from numpy's reductions,
     the conversion in one parallel pass (`daemon.pipeline.half`), no float32 temporary: ~4 ms
-    for a 12 Mpx frame on 2 cores (OpenCV's conversion, single-threaded: 12-15 ms). Call it on the thread that stacks
-    (its kernels use numba's thread pool); the service does, then drops the float32 frame and
-    hands the writer thread only this."""
+    for a 12 Mpx frame on 2 cores (OpenCV's conversion, single-threaded: 12-15 ms). Call it
+    on the thread that stacks (its kernels use numba's thread pool); the service does, then
+    drops the float32 frame and hands the writer thread only this."""
     shape = tuple(int(n) for n in image.shape)
     if not image.size:
         return Encoded(np.empty(shape, np.float16), 1.0)
