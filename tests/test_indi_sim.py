@@ -208,8 +208,10 @@ def test_indiserver_killed_mid_plan_and_restarted(server, tmp_path):
     errors = [p["error"] for p in events.plan("retrying")]
     assert any("not connected" in e for e in errors)  # the server went away
     assert any("went away" in e for e in errors), errors  # the camera went away
-    for p in summary["paths"]:  # every frame whole, with stars: the restarted devices were set up again
-        assert fits.getdata(p).shape == (512, 640) and len(stars(Path(p))) >= 20
+    # Every frame whole, with stars: the restarted devices were set up again. A 0.5 s frame of
+    # this field holds 19-21 sources above 5 sigma (measured): half of that is the bar, not 20.
+    for p in summary["paths"]:
+        assert fits.getdata(p).shape == (512, 640) and len(stars(Path(p))) >= 10
 
 
 def test_example_config_runs_through_the_daemon_config(tmp_path):
