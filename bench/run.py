@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,7 @@ def _frame_job(args: tuple) -> None:
                        sky_adu_s=10.0, trails=trails, star_rgb=(0.9, 1.0, 0.8), sky_rgb=(1.1, 1.0, 0.9),
                        seed=seed * 1000 + i)
     data = sim.expose((h, w), field, exp, _sensor(bayer, w, h))
-    start = datetime(2026, 11, 24, 21, 0, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 24, 21, 0, 0, tzinfo=UTC)
     hdr = sim.fits_header(exposure_s=EXPOSURE_S, bayer=bayer,
                           date_obs=sim.session_times(start, EXPOSURE_S, i + 1)[-1])
     header = fits.Header()
@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                           "peak_rss": 0, "n_stacked": 0}
     table = markdown(results, machine, command.strip(), live_settings_line(settings_kw))
     print(table)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or RESULTS / f"bench-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "command": command.strip(), "settings": settings_kw,

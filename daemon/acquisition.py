@@ -21,7 +21,7 @@ import random
 import time
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -133,7 +133,7 @@ def _parse_until(value: str | datetime | None) -> datetime | None:
             t = datetime.fromisoformat(str(value))
         except ValueError:
             raise AcquisitionError(f"[plan] until = {value!r}: not an ISO time") from None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -191,11 +191,11 @@ class PlanRunner:
     def _finished(self) -> bool:
         if self.plan.count > 0 and self.progress.done >= self.plan.count:
             return True
-        return self.until is not None and datetime.now(timezone.utc) >= self.until
+        return self.until is not None and datetime.now(UTC) >= self.until
 
     def _eta_s(self) -> float | None:
         if self.until is not None and self.plan.count <= 0:
-            return max(0.0, (self.until - datetime.now(timezone.utc)).total_seconds())
+            return max(0.0, (self.until - datetime.now(UTC)).total_seconds())
         if self.plan.count <= 0:
             return None  # open-ended: runs until stopped
         left = self.plan.count - self.progress.done
@@ -224,7 +224,7 @@ class PlanRunner:
         try:
             await asyncio.wait_for(self.stop.wait(), seconds)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _until_stopped(self, coro):

@@ -65,5 +65,5 @@ class Ledger:
         return {"root": str(self.root), "entries": {k: asdict(v) for k, v in self.entries.items()}}
 
     @classmethod
-    def from_json(cls, data: dict, root: Path) -> "Ledger":
+    def from_json(cls, data: dict, root: Path) -> Ledger:
         return cls(root, {k: Entry(**v) for k, v in data.get("entries", {}).items()})

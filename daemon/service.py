@@ -29,10 +29,11 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from daemon import checkpoint
 from daemon.acquisition import PlanSettings
@@ -106,7 +107,7 @@ class StackKey:
         return _safe_name(f"{self.target}_{self.filter}_{exp}_bin{self.binning}")
 
     @classmethod
-    def of(cls, meta) -> "StackKey":
+    def of(cls, meta) -> StackKey:
         binning = meta.binning[0] if isinstance(meta.binning, (tuple, list)) else int(meta.binning or 1)
         return cls(meta.target or "unknown", meta.filter or "none", float(meta.exposure_s or 0.0), int(binning))
 
@@ -166,7 +167,7 @@ class Service:
         self.stacks: dict[str, Stack] = {}
         self._spools: dict[str, Any] = {}
         self.current: str | None = None
-        self.session = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.session = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         self.state = "starting"
         #: Files dealt with since the session began (the ledger's view; restored with it).
         self.counts = {"stacked": 0, "rejected": 0, "errors": 0}
@@ -388,7 +389,7 @@ class Service:
             "exposure_s": stack.key.exposure_s, "frames": stack.pipeline.n_stacked,
             "total_exposure_s": stack.pipeline.total_exposure_s, "width": int(image.shape[1]),
             "height": int(image.shape[0]), "bytes": len(jpeg), "format": "jpeg",
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         return jpeg, meta
 
@@ -423,7 +424,7 @@ class Service:
             "last_frame": self.last_frame,
             "plan": self.plan_progress,
             "disk_free_bytes": disk_free,
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
     def publish_status(self) -> None:
@@ -483,7 +484,7 @@ class Service:
                 log.info("frame %s: stacked #%d in %s (%s)", name, out.n_stacked, out.stack, metrics)
             else:
                 log.info("frame %s: rejected: %s (%s)", name, r.reason, metrics)
-        event["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        event["time"] = datetime.now(UTC).isoformat(timespec="seconds")
         self.last_frame = event
         if self.mqtt is not None:
             self.mqtt.event("frame", event)
@@ -741,7 +742,7 @@ class Service:
             self._acq_stop.set()
             try:
                 await asyncio.wait_for(asyncio.shield(self._acq_task), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._acq_task.cancel()
 
     # ----------------------------------------------------------------- lifecycle

@@ -14,7 +14,7 @@ the *frame*, so the registration of such a frame should recover its inverse.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -296,7 +296,7 @@ def fits_header(
     temperature_c: float | None = -10.0,
 ) -> dict:
     """FITS cards as INDI's CCD driver writes them, for frames written by tests and demo."""
-    date_obs = date_obs or datetime(2026, 11, 24, 21, 0, 0, tzinfo=timezone.utc)
+    date_obs = date_obs or datetime(2026, 11, 24, 21, 0, 0, tzinfo=UTC)
     hdr = {
         "EXPTIME": float(exposure_s),
         "IMAGETYP": f"{frame_type} Frame",

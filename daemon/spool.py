@@ -128,7 +128,7 @@ class Spool:
     def __contains__(self, path: str) -> bool:
         return any(e.get("path") == path for e in self.entries)
 
-    def append(self, image: "np.ndarray | Encoded", *, weight: float, path: str | None = None, **meta) -> dict:
+    def append(self, image: np.ndarray | Encoded, *, weight: float, path: str | None = None, **meta) -> dict:
         """Spool one registered frame (H, W) or (H, W, C), float32 ADU or already `encode`d,
         with its weight and provenance (JSON-able keyword values: date_obs, exposure_s, ...)."""
         enc = image if isinstance(image, Encoded) else encode(image)

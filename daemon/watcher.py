@@ -23,8 +23,8 @@ import asyncio
 import fnmatch
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -67,7 +67,7 @@ def backlog(root: Path, patterns: tuple[str, ...], recursive: bool) -> list[Path
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, watcher: "FolderWatcher"):
+    def __init__(self, watcher: FolderWatcher):
         self.w = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:

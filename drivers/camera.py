@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from drivers.indi_client import IndiAlert, IndiClient, IndiError, IndiTimeout
@@ -194,7 +194,7 @@ class Camera:
             raise IndiError(f"{self.device}: exposure done but no {UPLOAD_PREFIX}* file in {self.capture_dir} "
                             "(is UPLOAD_MODE local and the folder writable by the driver?)")
         self._seq += 1
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         dest = self.capture_dir / f"{_safe(name)}_{stamp}_{self._seq:04d}{files[-1].suffix}"
         os.replace(files[-1], dest)
         return dest

@@ -89,13 +89,13 @@ def _snapshot(prop) -> PropSnapshot | None:
 #: at once, while libindiclient's listener thread may still be delivering a last callback
 #: (serverDisconnected, a property) into it; that thread then aborts the whole process
 #: (seen here about one run in four of the indiserver-killed test). A few KB per reconnect.
-_RETIRED: list["_Listener"] = []
+_RETIRED: list[_Listener] = []
 
 
 class _Listener(PyIndi.BaseClient):
     """The pyindi-client subclass: every callback goes straight to the loop."""
 
-    def __init__(self, owner: "IndiClient"):
+    def __init__(self, owner: IndiClient):
         super().__init__()
         self._owner = owner
 
@@ -232,7 +232,7 @@ class IndiClient:
             self._waiters.append(entry)
             try:
                 await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 last = self._props.get((device, name))
                 raise IndiTimeout(
                     f"{device}.{name}: {what or 'expected state'} not reached in {timeout:g} s "
@@ -261,7 +261,7 @@ class IndiClient:
             self._waiters.append(entry)
             try:
                 await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return None
             finally:
                 self._waiters.remove(entry)

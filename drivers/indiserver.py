@@ -90,5 +90,5 @@ class IndiServer:
             return
         try:
             await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.kill()

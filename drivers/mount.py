@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from drivers.indi_client import IndiClient, IndiError, IndiTimeout
 
@@ -29,7 +29,7 @@ def j2000_to_jnow(ra_deg: float, dec_deg: float, when: datetime | None = None) -
     from astropy.coordinates import FK5, SkyCoord
     from astropy.time import Time
 
-    t = Time(when or datetime.now(timezone.utc))
+    t = Time(when or datetime.now(UTC))
     c = SkyCoord(ra_deg * u.deg, dec_deg * u.deg, frame=FK5(equinox="J2000"))
     now = c.transform_to(FK5(equinox=t))
     return float(now.ra.hour), float(now.dec.deg)
@@ -41,7 +41,7 @@ def jnow_to_j2000(ra_hours: float, dec_deg: float, when: datetime | None = None)
     from astropy.coordinates import FK5, SkyCoord
     from astropy.time import Time
 
-    t = Time(when or datetime.now(timezone.utc))
+    t = Time(when or datetime.now(UTC))
     c = SkyCoord(ra_hours * u.hourangle, dec_deg * u.deg, frame=FK5(equinox=t))
     j = c.transform_to(FK5(equinox="J2000"))
     return float(j.ra.deg), float(j.dec.deg)

@@ -12,8 +12,14 @@ EXTRAS="${LIGHTBUCKET_EXTRAS-test,bench}"
 # and command the daemon (docs/mqtt.md). libdbus-1-dev, libglib2.0-dev, pkg-config and
 # python3-dev: dbus-python (a dependency of pyindi-client) builds from source, as does pidng
 # (the test extra) with build-essential.
+# astrometry.net and its Tycho-2 index files: the offline plate solver (fields of about
+# 22 arcmin to several degrees). chromium and chromium-driver: the browser the web page's
+# tests drive headless (the system browser; nothing is downloaded).
 DEBS=(python3 python3-venv python3-dev python3-pip build-essential pkg-config
-      libdbus-1-dev libglib2.0-dev indi-bin mosquitto mosquitto-clients)
+      libdbus-1-dev libglib2.0-dev indi-bin mosquitto mosquitto-clients
+      astrometry.net astrometry-data-tycho2-07 astrometry-data-tycho2-08
+      astrometry-data-tycho2-09 astrometry-data-tycho2-10-19
+      chromium chromium-driver)
 
 missing=()
 for p in "${DEBS[@]}"; do

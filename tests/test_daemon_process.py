@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ N_FRAMES = 8
 def write_frames(stage: Path) -> list[Path]:
     """Mono 256x256 light frames of one field with known shifts (dx, dy) = (1.3 i, -0.8 i) px."""
     field = random_star_field(SHAPE, 120, seed=7, margin=0.1)
-    times = session_times(datetime(2026, 11, 24, 21, tzinfo=timezone.utc), 10.0, N_FRAMES)
+    times = session_times(datetime(2026, 11, 24, 21, tzinfo=UTC), 10.0, N_FRAMES)
     paths = []
     for i in range(N_FRAMES):
         exp = Exposure(exposure_s=10.0, matrix=transform_matrix(1.3 * i, -0.8 * i), seed=100 + i)

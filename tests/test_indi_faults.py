@@ -11,8 +11,7 @@ import types
 
 import pytest
 
-from daemon.acquisition import (AcquisitionError, IndiSettings, PlanSettings, parse_dec, parse_ra,
-                                run_acquisition)
+from daemon.acquisition import AcquisitionError, IndiSettings, PlanSettings, parse_dec, parse_ra, run_acquisition
 from drivers.camera import Camera, CameraSettings, ExposureTimeout
 from drivers.indi_client import IndiClient, IndiDisconnected, PropSnapshot
 from drivers.indiserver import free_port

@@ -3,7 +3,7 @@ registration, debayering and warping (issue 3's stages), the quality gate and th
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -11,13 +11,21 @@ import pytest
 from daemon.pipeline.frame import Frame, FrameMeta
 from daemon.pipeline.live import LivePipeline, LiveSettings
 from daemon.pipeline.restack import restack
-from daemon.simulate import (Exposure, Sensor, Trail, expose, random_star_field, render_trail,
-                             session_times, transform_matrix)
+from daemon.simulate import (
+    Exposure,
+    Sensor,
+    Trail,
+    expose,
+    random_star_field,
+    render_trail,
+    session_times,
+    transform_matrix,
+)
 
 SHAPE = (240, 320)
 FIELD = random_star_field(SHAPE, 220, seed=11, margin=0.1, flux_range=(300.0, 30000.0))
 TRAIL = Trail(-10, 40, 340, 200, adu_per_px=1500.0, width_px=2.5)
-TIMES = session_times(datetime(2026, 11, 24, 21, 0, tzinfo=timezone.utc), 10.0, 40)
+TIMES = session_times(datetime(2026, 11, 24, 21, 0, tzinfo=UTC), 10.0, 40)
 SENSOR = Sensor(bias_adu=0.0, dark_current_adu_s=0.0, read_noise_adu=3.0)
 
 

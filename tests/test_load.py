@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -214,13 +214,13 @@ def test_write_fits_roundtrip_atomic_and_rgb(tmp_path):
     data = RNG.normal(100, 5, (6, 8)).astype(np.float32)
     out = tmp_path / "w.fits"
     write_fits(out, data, {"EXPTIME": (12.5, "seconds"), "BAYERPAT": "GBRG", "OBJECT": "M 27", "NAXIS1": 99,
-                           "DATE-OBS": datetime(2026, 11, 24, 21, 0, 1, 500000, tzinfo=timezone.utc),
+                           "DATE-OBS": datetime(2026, 11, 24, 21, 0, 1, 500000, tzinfo=UTC),
                            "FWHM": float("nan"), "SRCDIR": tmp_path, "NSTARS": np.int64(42)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.fits"]  # no temporary left behind
     frame = load_frame(out)
     np.testing.assert_array_equal(frame.data, data)
     assert (frame.meta.exposure_s, frame.meta.bayer, frame.meta.target) == (12.5, "GBRG", "M 27")
-    assert frame.meta.date_obs == datetime(2026, 11, 24, 21, 0, 1, 500000, tzinfo=timezone.utc)
+    assert frame.meta.date_obs == datetime(2026, 11, 24, 21, 0, 1, 500000, tzinfo=UTC)
     hdr = fits.getheader(out)
     assert "FWHM" not in hdr and hdr["SRCDIR"] == str(tmp_path) and hdr["NSTARS"] == 42
     assert fits.getheader(out)["BITPIX"] == -32

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from daemon.pipeline.restack import RestackSettings, restack
-from daemon.spool import Spool
 from daemon.simulate import render_trail
+from daemon.spool import Spool
 from tests.test_stack import SHAPE, TRAIL, frames, stack_of
 
 

@@ -4,8 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon.pipeline.stretch import (StretchSettings, _median, background_model, downscale, mtf, midtones_for,
-                                     stretch)
+from daemon.pipeline.stretch import StretchSettings, _median, background_model, downscale, midtones_for, mtf, stretch
 from daemon.products import preview_jpeg
 
 

@@ -23,7 +23,7 @@ import json
 import logging
 import shutil
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger("lightbucket.demo")
@@ -73,12 +73,20 @@ async def write_synthetic_frames(capture: Path, n: int, exposure_s: float) -> li
     import numpy as np
     from astropy.io import fits
 
-    from daemon.simulate import (Exposure, Sensor, Trail, expose, fits_header, random_star_field,
-                                 session_times, transform_matrix)
+    from daemon.simulate import (
+        Exposure,
+        Sensor,
+        Trail,
+        expose,
+        fits_header,
+        random_star_field,
+        session_times,
+        transform_matrix,
+    )
 
     shape = (768, 1024)
     field = random_star_field(shape, 400, seed=42, margin=0.05)
-    times = session_times(datetime.now(timezone.utc), exposure_s, n)
+    times = session_times(datetime.now(UTC), exposure_s, n)
     rng = np.random.default_rng(7)
     paths = []
     for i in range(n):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from daemon.pipeline.frame import BAYER_PATTERNS, FrameMeta, FrameType
@@ -92,7 +92,7 @@ def parse_date(value: Any) -> datetime | None:
         dt = datetime.fromisoformat(f"{date}T{time}{frac}")
     except ValueError:
         return None
-    return dt.replace(tzinfo=timezone.utc)
+    return dt.replace(tzinfo=UTC)
 
 
 def parse_angle(value: Any, *, hours: bool) -> float | None:

@@ -9,7 +9,7 @@ calibration and stacking need.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -79,9 +79,9 @@ def _meta(path: str, pattern: str, other, frame_type: FrameType) -> FrameMeta:
         # Cameras record their clock without a zone: taken as UTC (set camera clocks to UTC).
         if isinstance(ts, datetime):
             if ts.year > 1970:  # LibRaw reports "unknown" as the epoch
-                date_obs = ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+                date_obs = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
         elif ts:
-            date_obs = datetime.fromtimestamp(int(ts), tz=timezone.utc)
+            date_obs = datetime.fromtimestamp(int(ts), tz=UTC)
     tiff = _tiff_fields(path)
     camera = tiff.get("camera")
     iso = iso if iso is not None else tiff.get("iso")
@@ -117,7 +117,7 @@ def _tiff_fields(path: str) -> dict:
     stamp = tags.get("DateTimeOriginal") or tags.get("DateTime")
     if isinstance(stamp, str):
         try:
-            out["date_obs"] = datetime.strptime(stamp.strip("\x00 "), "%Y:%m:%d %H:%M:%S").replace(tzinfo=timezone.utc)
+            out["date_obs"] = datetime.strptime(stamp.strip("\x00 "), "%Y:%m:%d %H:%M:%S").replace(tzinfo=UTC)
         except ValueError:
             pass
     return out

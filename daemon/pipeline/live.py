@@ -91,7 +91,7 @@ class LiveSettings:
         return QualitySettings(**{n: getattr(self, n) for n in names})
 
     @classmethod
-    def from_config(cls, stack: dict | None = None, quality: dict | None = None) -> "LiveSettings":
+    def from_config(cls, stack: dict | None = None, quality: dict | None = None) -> LiveSettings:
         """Build from the [stack] and [quality] config tables; unknown keys are an error
         naming the key."""
         qual_names = {f.name for f in dataclasses.fields(QualitySettings)}
@@ -328,7 +328,7 @@ class LivePipeline:
 
     @classmethod
     def from_state(cls, state: dict, settings: LiveSettings | None = None,
-                   masters: Masters | None = None) -> "LivePipeline":
+                   masters: Masters | None = None) -> LivePipeline:
         pipe = cls(settings, masters)
         pipe.n_stacked = int(state["n_stacked"])
         pipe.total_exposure_s = float(state["total_exposure_s"])

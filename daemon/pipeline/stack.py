@@ -166,7 +166,7 @@ class RunningStack:
         return st
 
     @classmethod
-    def from_state(cls, state: dict, settings: StackSettings | None = None) -> "RunningStack":
+    def from_state(cls, state: dict, settings: StackSettings | None = None) -> RunningStack:
         """Resume from `state()`. `settings` (default: the saved ones) may differ, e.g. a
         changed kappa in the config: they apply from the next frame on."""
         stack = cls(tuple(state["shape"]), settings or StackSettings(**state["settings"]))

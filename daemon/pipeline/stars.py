@@ -61,12 +61,12 @@ class Stars:
         return np.column_stack([self.x, self.y]).astype(np.float64)
 
     @classmethod
-    def empty(cls, shape: tuple[int, int] | None = None) -> "Stars":
+    def empty(cls, shape: tuple[int, int] | None = None) -> Stars:
         z = np.zeros(0, dtype=np.float64)
         return cls(z, z.copy(), z.copy(), z.copy(), z.copy(), z.copy(), shape=shape, n_total=0)
 
     @classmethod
-    def from_xy(cls, x, y, flux=None, shape=None) -> "Stars":
+    def from_xy(cls, x, y, flux=None, shape=None) -> Stars:
         """Stars from bare positions (e.g. a catalogue); sorted brightest first if flux given."""
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
