@@ -71,6 +71,20 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The phone page and HTTP API (daemon.web). Without [web] nothing listens.
+    host: address to listen on (0.0.0.0: the phone is on the LAN). port: TCP port.
+    password: needed for every command; without one the page is view-only.
+    cert_file, key_file: PEM files for HTTPS (both or neither)."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    password: str | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     bias: Path | None = None
     dark: Path | None = None
@@ -83,6 +97,7 @@ class Config:
     capture: CaptureConfig
     state: StateConfig
     mqtt: MqttConfig | None = None
+    web: WebConfig | None = None
     calibration: CalibrationConfig = CalibrationConfig()
     stack: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +115,7 @@ _SECTIONS: dict[str, type] = {
     "capture": CaptureConfig,
     "state": StateConfig,
     "mqtt": MqttConfig,
+    "web": WebConfig,
     "calibration": CalibrationConfig,
     "indi": IndiSettings,
     "camera": CameraSettings,
@@ -199,6 +215,9 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     for required in ("capture", "state"):
         if required not in kwargs:
             raise ConfigError(f"{source}: [{required}] section missing (needs at least 'dir')")
+    web = kwargs.get("web")
+    if web is not None and (web.cert_file is None) != (web.key_file is None):
+        raise ConfigError(f"{source}: [web] cert_file and key_file: give both (HTTPS) or neither")
     plan = kwargs.get("plan")
     if plan is not None:
         from daemon.acquisition import AcquisitionError, check_coordinates

@@ -286,3 +286,38 @@ def _stretch_kernel(src, a, b, m, u, dst):  # pragma: no cover - numba
 def to_uint8(screen: np.ndarray) -> np.ndarray:
     """[0, 1] float -> uint8 (rounded)."""
     return (np.clip(screen, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class ScreenTransfer:
+    """The preview's per-channel transfer, kept to stretch full-resolution crops the same way:
+    the screen value of pixel x in channel c is mtf(m[c], clip(a[c] * x + b[c], 0, 1)).
+    a, b, m: (C,) float32 (C = 1 for mono, 3 for colour)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    m: np.ndarray
+
+
+def screen_transfer(image: np.ndarray, settings: StretchSettings = StretchSettings()) -> ScreenTransfer:
+    """The transfer `stretch_uint8` applies to `image` ((H, W) or (H, W, 3) float32, NaN = no
+    data), measured on the whole image at the preview's scale (`settings.max_edge`), so a crop
+    stretched with it looks like that part of the preview at full resolution. Reads `image`,
+    never writes it."""
+    _, a, b, m = _prepare(image, settings)
+    return ScreenTransfer(a.astype(np.float32), b.astype(np.float32), np.asarray(m, np.float32))
+
+
+def apply_transfer(crop: np.ndarray, transfer: ScreenTransfer) -> np.ndarray:
+    """A full-resolution crop ((h, w) or (h, w, C) float32) -> uint8 screen image of the same
+    shape, with the transfer of `screen_transfer`; NaN is black. Raises ValueError when the
+    crop's channels do not match the transfer's."""
+    planes = crop[..., None] if crop.ndim == 2 else crop
+    h, w, n = planes.shape
+    if n != transfer.a.size:
+        raise ValueError(f"crop has {n} channels, the transfer {transfer.a.size}")
+    out = np.empty((h, w * n), np.uint8)
+    src = np.ascontiguousarray(planes, dtype=np.float32).reshape(h, w * n)
+    m = transfer.m
+    _stretch_kernel(src, transfer.a, transfer.b, m, (1 - m).astype(np.float32), out)
+    return out.reshape(h, w) if crop.ndim == 2 else out.reshape(h, w, n)

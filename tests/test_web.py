@@ -1,0 +1,214 @@
+"""The web server's handlers against a fake daemon: auth, API shape, live channel, tiles.
+(The real daemon and a real browser: tests/test_web_browser.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+from aiohttp.test_utils import TestClient, TestServer
+
+from daemon.config import WebConfig
+from daemon.pipeline.stretch import StretchSettings, apply_transfer, stretch_uint8
+from daemon.web.auth import RateLimiter
+from daemon.web.server import make_app
+from daemon.web.tiles import crop_for_tile, tile_jpeg
+
+
+class FakeDaemon:
+    """Implements daemon.web.server.Daemon; records the commands it runs."""
+
+    def __init__(self):
+        self.state = "running"
+        self.commands: list[dict] = []
+        self.listeners = []
+
+    def status(self) -> dict:
+        return {"state": self.state, "stack": "M27_L_300s_bin1", "stacks": {"M27_L_300s_bin1": 3},
+                "stacked_current": 3, "frames": {"stacked": 3, "rejected": 1}}
+
+    async def command(self, payload: dict) -> dict:
+        self.commands.append(payload)
+        if payload.get("action") == "pause":
+            self.state = "paused"
+            self.emit("status", self.status())
+        return {"id": payload.get("id"), "ok": True, "action": payload.get("action")}
+
+    def subscribe(self, callback):
+        self.listeners.append(callback)
+        return lambda: self.listeners.remove(callback)
+
+    def emit(self, kind, payload):
+        for cb in list(self.listeners):
+            cb(kind, payload)
+
+    def preview(self):
+        return b"\xff\xd8fakejpeg", {"stack": "M27_L_300s_bin1", "width": 100, "height": 80}
+
+    async def tile(self, stack, x, y, size):
+        if stack != "M27_L_300s_bin1":
+            raise KeyError(f"no stack named {stack!r}")
+        return b"\xff\xd8tile"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _client(daemon, password="s3cret"):
+    app = make_app(daemon, WebConfig(port=0, password=password))
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+def test_reading_is_open_and_matches_the_daemon():
+    async def go():
+        d = FakeDaemon()
+        c = await _client(d)
+        try:
+            r = await c.get("/api/status")
+            assert r.status == 200 and await r.json() == d.status()
+            d.emit("frame", {"path": "/c/a.fits", "accepted": True, "fwhm_px": 2.5})
+            d.emit("frame", {"path": "/c/b.fits", "accepted": False, "reason": "clouds"})
+            frames = (await (await c.get("/api/frames")).json())["frames"]
+            assert [f["path"] for f in frames] == ["/c/a.fits", "/c/b.fits"]
+            assert (await (await c.get("/api/frames?n=1")).json())["frames"][0]["reason"] == "clouds"
+            r = await c.get("/api/preview.jpg")
+            assert r.content_type == "image/jpeg" and await r.read() == b"\xff\xd8fakejpeg"
+            assert (await c.get("/api/stack/M27_L_300s_bin1/tile?x=10&y=10")).status == 200
+            assert (await c.get("/api/stack/nope/tile?x=10&y=10")).status == 404
+            assert (await c.get("/api/stack/M27_L_300s_bin1/tile?y=10")).status == 400
+            page = await c.get("/")
+            assert page.status == 200 and "app.js" in await page.text()
+            assert (await c.get("/static/app.js")).status == 200
+            assert (await c.get("/static/../server.py")).status in (403, 404)
+        finally:
+            await c.close()
+    run(go())
+
+
+def test_commands_need_the_password():
+    async def go():
+        d = FakeDaemon()
+        c = await _client(d)
+        try:
+            cmd = json.dumps({"id": 1, "action": "pause"})
+            r = await c.post("/api/cmd", data=cmd)
+            assert r.status == 401 and (await r.json())["ok"] is False
+            r = await c.post("/api/cmd", data=cmd, headers={"Authorization": "Bearer wrong"})
+            assert r.status == 401
+            assert d.commands == [] and d.state == "running"  # nothing changed
+            r = await c.post("/api/cmd", data=cmd, headers={"Authorization": "Bearer s3cret"})
+            assert r.status == 200 and await r.json() == {"id": 1, "ok": True, "action": "pause"}
+            assert d.state == "paused"
+            r = await c.post("/api/cmd", data=b"[1]", headers={"Authorization": "Bearer s3cret"})
+            assert r.status == 400 and len(d.commands) == 1
+        finally:
+            await c.close()
+    run(go())
+
+
+def test_page_session_is_csrf_safe():
+    async def go():
+        d = FakeDaemon()
+        c = await _client(d)
+        try:
+            cmd = json.dumps({"id": "a", "action": "pause"})
+            assert (await c.post("/api/login", json={"password": "nope"})).status == 401
+            r = await c.post("/api/login", json={"password": "s3cret"})
+            body = await r.json()
+            assert r.status == 200 and body["ok"]
+            cookie = r.cookies["lb_session"]
+            assert cookie["httponly"] and cookie["samesite"] == "Strict"
+            # the cookie alone (what a cross-site form would carry) is not enough
+            assert (await c.post("/api/cmd", data=cmd)).status == 401
+            # a foreign page's script with the token is refused by its Origin
+            r = await c.post("/api/cmd", data=cmd, headers={"X-CSRF-Token": body["csrf"],
+                                                            "Origin": "http://evil.example"})
+            assert r.status == 401 and d.commands == []
+            r = await c.post("/api/cmd", data=cmd, headers={"X-CSRF-Token": body["csrf"]})
+            assert r.status == 200 and d.state == "paused"
+            s = await (await c.get("/api/session")).json()
+            assert s == {"password_set": True, "logged_in": True, "csrf": body["csrf"]}
+            await c.post("/api/logout")
+            assert (await c.post("/api/cmd", data=cmd, headers={"X-CSRF-Token": body["csrf"]})).status == 401
+        finally:
+            await c.close()
+    run(go())
+
+
+def test_login_attempts_are_rate_limited():
+    async def go():
+        c = await _client(FakeDaemon())
+        try:
+            codes = [(await c.post("/api/login", json={"password": f"guess{i}"})).status for i in range(5)]
+            assert codes == [401] * 5
+            r = await c.post("/api/login", json={"password": "s3cret"})  # right, but too soon
+            assert r.status == 429 and int(r.headers["Retry-After"]) > 0
+            r = await c.post("/api/cmd", data="{}", headers={"Authorization": "Bearer s3cret"})
+            assert r.status == 429  # the same budget for Bearer guesses
+        finally:
+            await c.close()
+    run(go())
+    lim = RateLimiter(max_failures=2, window_s=10)
+    lim.failed("a", now=0)
+    lim.failed("a", now=1)
+    assert lim.retry_after_s("a", now=2) == 8 and lim.retry_after_s("b", now=2) == 0
+    assert lim.retry_after_s("a", now=10.5) == 0  # the first failure has left the window
+
+
+def test_without_password_the_page_is_view_only():
+    async def go():
+        d = FakeDaemon()
+        c = await _client(d, password=None)
+        try:
+            r = await c.post("/api/cmd", data=json.dumps({"id": 1, "action": "pause"}),
+                             headers={"Authorization": "Bearer "})
+            assert r.status == 403 and "no [web] password" in (await r.json())["error"]
+            assert (await c.post("/api/login", json={"password": ""})).status == 403
+            assert (await (await c.get("/api/session")).json())["password_set"] is False
+            assert d.commands == []
+        finally:
+            await c.close()
+    run(go())
+
+
+def test_live_channel_pushes_status_and_frames():
+    async def go():
+        d = FakeDaemon()
+        c = await _client(d)
+        try:
+            ws = await c.ws_connect("/api/live")
+            first = json.loads((await ws.receive()).data)
+            assert first == {"kind": "status", "data": d.status()}
+            d.emit("frame", {"path": "/c/x.fits", "accepted": True})
+            await c.post("/api/cmd", data=json.dumps({"id": 2, "action": "pause"}),
+                         headers={"Authorization": "Bearer s3cret"})
+            got = [json.loads((await ws.receive(timeout=5)).data) for _ in range(2)]
+            assert got[0] == {"kind": "frame", "data": {"path": "/c/x.fits", "accepted": True}}
+            assert got[1]["kind"] == "status" and got[1]["data"]["state"] == "paused"
+            await ws.close()
+        finally:
+            await c.close()
+        assert d.listeners == []  # unsubscribed when the server stopped
+    run(go())
+
+
+def test_tile_is_the_full_resolution_preview_stretch():
+    """A crop stretched with the whole stack's transfer equals that region of the full-size
+    stretch (an image under the preview's max edge is stretched at full resolution)."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(1000, 20, (300, 400, 3)).astype(np.float32)
+    image[100:110, 200:210] += 5000  # a star
+    image[0:5, 0:5] = np.nan  # not stacked yet
+    full = stretch_uint8(image, StretchSettings(max_edge=1280))
+    tile = crop_for_tile(image, 205, 105, 64)
+    assert (tile.x0, tile.y0) == (173, 73) and tile.pixels.shape == (64, 64, 3)
+    assert not tile.pixels.flags.writeable and not np.shares_memory(tile.pixels, image)
+    assert np.array_equal(apply_transfer(tile.pixels, tile.transfer), full[73:137, 173:237])
+    edge = crop_for_tile(image, 0, 0, 64)  # shifted inside, NaN black
+    assert (edge.x0, edge.y0) == (0, 0)
+    assert (apply_transfer(edge.pixels, edge.transfer)[0:5, 0:5] == 0).all()
+    assert tile_jpeg(tile)[:2] == b"\xff\xd8"
