@@ -19,9 +19,8 @@ from typing import Any
 
 # [indi], [camera] and [plan] are the settings of the code that uses them.
 from daemon.acquisition import IndiSettings, PlanSettings
+from daemon.io.formats import DEFAULT_PATTERNS
 from drivers.camera import CameraSettings
-
-DEFAULT_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fz", "*.cr2", "*.cr3", "*.nef", "*.arw", "*.dng", "*.raf", "*.orf")
 
 
 class ConfigError(ValueError):
@@ -38,6 +37,17 @@ class CaptureConfig:
     #: Poll the folder instead of inotify: for network mounts (NFS/SMB client) written by
     #: another machine, where the kernel sees no events; completion is then size-stable.
     poll: bool = False
+    #: Decode limit (bytes of float32 pixels): a frame declaring more is refused before it is
+    #: decoded. Default: the machine's physical memory / 8 (daemon.io.limits).
+    max_frame_bytes: int | None = None
+    #: CFA pattern (RGGB, BGGR, GRBG, GBRG) of TIFF frames whose sidecar names none; unset: mono.
+    tiff_bayer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tiff_bayer is not None and self.tiff_bayer.upper() not in ("RGGB", "BGGR", "GRBG", "GBRG"):
+            raise ConfigError(f"[capture] tiff_bayer: {self.tiff_bayer!r} is not one of RGGB, BGGR, GRBG, GBRG")
+        if self.max_frame_bytes is not None and self.max_frame_bytes <= 0:
+            raise ConfigError(f"[capture] max_frame_bytes: {self.max_frame_bytes} must be > 0")
 
 
 @dataclass(frozen=True)

@@ -147,9 +147,9 @@ class Service:
         self.config = config
         self.factory = factory if factory is not None else LivePipelineFactory(config)
         if loader is None:
-            from daemon.io.load import FrameLoader
+            from daemon.io.load import FrameLoader, LoadOptions
 
-            loader = FrameLoader()  # used by the pipeline thread only
+            loader = FrameLoader(LoadOptions(config.capture.max_frame_bytes, config.capture.tiff_bayer))
         self.loader = loader
         self.notifier = notifier or Notifier()
         self.force_polling = force_polling

@@ -190,7 +190,7 @@ def test_half_written_header_is_refused(tmp_path):
 @pytest.mark.parametrize("content,name,words", [
     (b"", "empty.fits", ("empty",)),
     (b"hello, this is not an image\n" * 10, "text.fits", ("not a readable fits",)),
-    (b"\xff\xd8\xff\xe0 jpeg", "photo.jpg", ("unknown file type",)),
+    (b"\xff\xd8\xff\xe0 jpeg", "photo.jpg", ("unsupported file type (.jpg)",)),
     (b"II*\x00 garbage that is not a raw", "broken.cr2", ("not a readable camera raw",)),
 ])
 def test_non_images_are_refused(tmp_path, content, name, words):

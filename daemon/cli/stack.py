@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".fits", ".fit", ".fts", ".fz", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".pef"}
+from daemon.io.formats import ALL_SUFFIXES
 
 
 def add_parser(sub) -> None:
@@ -45,7 +45,8 @@ def _expand(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(ALL_SUFFIXES)
+                              and not f.name.startswith(".")))
         else:
             out.append(p)
     return out

@@ -13,3 +13,7 @@ class FrameError(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class FrameTooLarge(FrameError):
+    """A frame whose declared size exceeds the decode limit: refused before any pixel is decoded."""

@@ -8,14 +8,24 @@ which is what master building needs to stay within memory. Plain reads, not a me
 mapped pages of 50 inputs would stay resident and count against the service's memory.
 
 Orientation: arrays handed out are *top-down* (row 0 = first row the camera read out).
-A file marked ROWORDER='BOTTOM-UP' is flipped and its Bayer pattern adjusted; files without
-ROWORDER are taken as stored, which is what INDI, NINA, SharpCap and ASIAIR mean.
+A file marked ROWORDER='BOTTOM-UP' is flipped and its Bayer pattern and WCS adjusted; files
+without ROWORDER are taken as stored, which is what INDI, NINA, SharpCap and ASIAIR mean.
+Stacks are written BOTTOM-UP (`write_fits(..., bottom_up=True)`, the FITS standard's order):
+viewers that ignore ROWORDER (DS9, Siril, ASTAP, imshow(origin="lower")) then show them as the
+preview does.
+
+A gzip stream (`.fits.gz`, or a gzip file named `.fits`) is decompressed into memory, its
+declared size checked first against the decode limit (daemon.io.limits) from the header at the
+stream's start; a tile-compressed image (fpack) is checked from its header before decoding.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,11 +38,16 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 
 from daemon.io.errors import FrameError
+from daemon.io.formats import FITS_SUFFIXES
 from daemon.io.header import flip_rows_pattern, meta_from_header
+from daemon.io.limits import check_frame_size, default_max_frame_bytes
 from daemon.io.sidecar import jocular_fields
+from daemon.io.wcs import frame_wcs, wcs_cards
+from daemon.names import ascii_safe
 from daemon.pipeline.frame import Frame, FrameMeta
 
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fz", ".fits.gz", ".fit.gz")
+__all__ = ["FITS_SUFFIXES", "FitsImage", "open_fits_image", "read_fits_frame", "write_fits", "header_values"]
+_GZIP_MAGIC = b"\x1f\x8b"
 _BITPIX_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 #: Cards astropy writes itself from the data; never copied from a caller's header.
 _STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "BZERO",
@@ -149,21 +164,33 @@ def _image_hdu_index(hdul: fits.HDUList) -> int | None:
     return None
 
 
-def open_fits_image(path: str | os.PathLike) -> FitsImage:
-    """Open the primary or first image HDU of a FITS file for reading; FrameError if unusable."""
+def open_fits_image(path: str | os.PathLike, *, max_bytes: int | None = None) -> FitsImage:
+    """Open the primary or first image HDU of a FITS file for reading; FrameError if unusable.
+
+    Parameters
+    ----------
+    path : the file (plain, tile-compressed, or a gzip stream whatever its name).
+    max_bytes : int or None
+        Decode limit in bytes of float32 pixels (None: `default_max_frame_bytes()`): a larger
+        declared image raises FrameTooLarge before anything is decoded.
+    """
     path = str(path)
+    limit = default_max_frame_bytes() if max_bytes is None else int(max_bytes)
     try:
         size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
     except OSError as exc:
         raise FrameError(path, f"cannot read file: {exc.strerror or exc}") from None
     if size == 0:
         raise FrameError(path, "empty file (0 bytes)")
+    buf = _gunzip(path, limit) if magic == _GZIP_MAGIC else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AstropyWarning)
         try:
-            hdul = fits.open(path, memmap=False, lazy_load_hdus=False, do_not_scale_image_data=True,
-                             ignore_missing_simple=True, output_verify="ignore")
-        except Exception as exc:  # astropy raises OSError, ValueError, TypeError, IndexError...
+            hdul = fits.open(io.BytesIO(buf) if buf is not None else path, memmap=False, lazy_load_hdus=False,
+                             do_not_scale_image_data=True, ignore_missing_simple=True, output_verify="ignore")
+        except Exception as exc:  # noqa: BLE001 - astropy raises OSError, ValueError, TypeError, IndexError...
             raise FrameError(path, f"not a readable FITS file ({exc})") from None
         try:
             index = _image_hdu_index(hdul)
@@ -173,17 +200,24 @@ def open_fits_image(path: str | os.PathLike) -> FitsImage:
             header = hdu.header.copy()
             if isinstance(hdu, fits.CompImageHDU):  # tile-compressed: astropy decodes it whole
                 header = fits.Header(hdu.header)
+                naxes = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, int(header.get("NAXIS", 0)) + 1)]
+                if len(naxes) >= 2:  # checked from the header, before the decode allocates
+                    check_frame_size(path, naxes[0], naxes[1], int(np.prod(naxes[2:])) if naxes[2:] else 1, limit)
                 try:
                     raw = np.asarray(hdu.data)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - any decoder fault is this file's fault
                     raise FrameError(path, f"compressed image cannot be decoded ({exc})") from None
                 # Opened with do_not_scale_image_data: the stored integers, scaled in rows().
                 bscale, bzero = float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0))
                 dtype, offset = ">f4", 0
                 shape = raw.shape
             else:
+                shape, dtype, offset, bscale, bzero = _locate_data(path, hdul, index, header,
+                                                                   len(buf) if buf is not None else size)
+                check_frame_size(path, shape[-1], shape[-2], shape[0] if len(shape) == 3 else 1, limit)
                 raw = None
-                shape, dtype, offset, bscale, bzero = _locate_data(path, hdul, index, header, size)
+                if buf is not None:  # a view of the decompressed stream, scaled in rows()
+                    raw = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
         finally:
             hdul.close()
     if len(shape) == 3:
@@ -200,8 +234,53 @@ def open_fits_image(path: str | os.PathLike) -> FitsImage:
     bottom_up = str(header.get("ROWORDER", "")).strip().upper() == "BOTTOM-UP"
     if bottom_up and meta.bayer:
         meta = _replace(meta, bayer=flip_rows_pattern(meta.bayer, shape[0]))
+    wcs = frame_wcs(header, int(shape[0]), bottom_up)
+    if wcs is not None:
+        meta = _replace(meta, wcs=wcs_cards(wcs))
     return FitsImage(path, header, meta, (int(shape[0]), int(shape[1])), bottom_up, raw, bscale, bzero,
                      dtype, offset)
+
+
+def _gunzip(path: str, limit: int) -> bytes:
+    """A gzip stream's content, bounded: the primary header at its start is read first and
+    its declared image checked against `limit`; the stream is then decompressed in pieces and
+    refused once it exceeds what an image within the limit can take (8 bytes a pixel at
+    most, float64, plus headers), so a decompression bomb never gets further."""
+    try:
+        with gzip.open(path, "rb") as gz:
+            head = b""
+            while len(head) < 2880 * 36:
+                block = gz.read(2880)
+                if len(block) < 2880:
+                    raise FrameError(path, "gzip stream ends inside the FITS header (truncated?)")
+                head += block
+                if _has_end_card(block):
+                    break
+            try:
+                header = fits.Header.fromstring(head)
+            except Exception as exc:  # noqa: BLE001 - a malformed header is this file's fault
+                raise FrameError(path, f"gzip stream holds no readable FITS header ({exc})") from None
+            naxes = [int(header.get(f"NAXIS{i}", 0) or 0) for i in range(1, int(header.get("NAXIS", 0) or 0) + 1)]
+            if len(naxes) >= 2:
+                check_frame_size(path, naxes[0], naxes[1], int(np.prod(naxes[2:])) if naxes[2:] else 1, limit)
+            cap = 2 * limit + 10 * 2880 * 36
+            pieces = [head]
+            total = len(head)
+            while block := gz.read(8 << 20):
+                total += len(block)
+                if total > cap:
+                    raise FrameError(path, f"gzip stream decompresses to more than {cap / 2**20:.0f} MiB, "
+                                           f"over the decode limit (capture.max_frame_bytes); not decoded")
+                pieces.append(block)
+    except FrameError:
+        raise
+    except (OSError, EOFError, zlib.error) as exc:
+        raise FrameError(path, f"corrupt or truncated gzip stream ({exc})") from None
+    return b"".join(pieces)
+
+
+def _has_end_card(block: bytes) -> bool:
+    return any(block[i:i + 8] == b"END     " for i in range(0, len(block), 80))
 
 
 def header_values(header: fits.Header) -> dict[str, Any]:
@@ -223,6 +302,12 @@ def header_values(header: fits.Header) -> dict[str, Any]:
 #: FrameMeta field -> the canonical header card reported missing for it.
 _FIELD_CARDS = {"exposure_s": "EXPTIME", "camera": "INSTRUME", "target": "OBJECT", "frame_type": "IMAGETYP",
                 "ra_deg": "RA/DEC", "dec_deg": "RA/DEC"}
+
+
+def meta_with_sidecar(values: Mapping[str, Any], path: str) -> FrameMeta:
+    """FrameMeta from FITS-style header values (any format's keywords), gaps filled from a
+    capture program's sidecar file (daemon.io.sidecar)."""
+    return _fill_from_sidecar(meta_from_header(values, path))
 
 
 def _fill_from_sidecar(meta: FrameMeta) -> FrameMeta:
@@ -264,8 +349,10 @@ def _locate_data(path: str, hdul: fits.HDUList, index: int, header: fits.Header,
     return shape, _BITPIX_DTYPES[bitpix], offset, float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0))
 
 
-def read_fits_frame(path: str | os.PathLike, out: np.ndarray | None = None) -> Frame:
-    image = open_fits_image(path)
+def read_fits_frame(path: str | os.PathLike, out: np.ndarray | None = None, *,
+                    max_bytes: int | None = None) -> Frame:
+    """A FITS frame read whole (`open_fits_image`, then `FitsImage.read(out)`)."""
+    image = open_fits_image(path, max_bytes=max_bytes)
     return Frame(image.read(out), image.meta)
 
 
@@ -281,12 +368,13 @@ def _header_from(header: Mapping[str, Any] | fits.Header | None) -> fits.Header:
         if key.upper() in _STRUCTURAL:
             continue
         if key.upper() in ("COMMENT", "HISTORY", ""):
-            out.add_history(str(value)) if key.upper() == "HISTORY" else out.add_comment(str(value))
+            text = ascii_safe(str(value))
+            out.add_history(text) if key.upper() == "HISTORY" else out.add_comment(text)
             continue
         value = _card_value(value)
         if value is None:
             continue
-        out[key] = (value, comment) if comment else value
+        out[key] = (value, ascii_safe(str(comment))) if comment else value
     return out
 
 
@@ -298,16 +386,23 @@ def _card_value(value: Any) -> Any:
         return None
     if isinstance(value, datetime):
         return value.isoformat(timespec="milliseconds").split("+")[0]
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, str):
+        return ascii_safe(value)
+    if value is None or isinstance(value, (bool, int, float)):
         return value
-    return str(value)
+    return ascii_safe(str(value))
 
 
 def write_fits(path: str | os.PathLike, data: np.ndarray,
-               header: Mapping[str, Any] | fits.Header | None = None, *, atomic: bool = True) -> None:
-    """Write `data` as a float32 FITS image (top-down, ROWORDER='TOP-DOWN').
+               header: Mapping[str, Any] | fits.Header | None = None, *, atomic: bool = True,
+               bottom_up: bool = False) -> None:
+    """Write `data` (a top-down array) as a float32 FITS image.
 
     `data` is 2-D, or (H, W, 3) RGB which is stored as the FITS cube (3, H, W).
+    `bottom_up`: store the rows in the FITS standard's order (array row 0 last, first stored
+    row at the bottom), ROWORDER='BOTTOM-UP' (stacks); else as they are, ROWORDER='TOP-DOWN'
+    (masters, calibrated mosaics: their Bayer pattern is the one at array[0, 0]). Text values
+    are written ASCII-safe (`daemon.names.ascii_safe`).
     `header` is a dict {key: value or (value, comment)} or an astropy Header; structural
     cards are ignored. With `atomic`, the file appears complete or not at all: written to a
     hidden temporary name beside it, fsync'ed, then renamed over `path`.
@@ -318,10 +413,13 @@ def write_fits(path: str | os.PathLike, data: np.ndarray,
         arr = np.moveaxis(arr, 2, 0)
     elif arr.ndim != 2:
         raise ValueError(f"write_fits {path}: data must be 2-D or (H, W, 3), got shape {arr.shape}")
+    if bottom_up:
+        arr = arr[..., ::-1, :]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AstropyWarning)
         hdr = _header_from(header)
-        hdr.setdefault("ROWORDER", "TOP-DOWN")
+        hdr["ROWORDER"] = ("BOTTOM-UP" if bottom_up else "TOP-DOWN", "first stored row is the "
+                           + ("bottom (FITS standard)" if bottom_up else "top"))
         hdu = fits.PrimaryHDU(np.ascontiguousarray(arr), header=hdr)
         if not atomic:
             hdu.writeto(path, overwrite=True, output_verify="silentfix")

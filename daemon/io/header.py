@@ -31,6 +31,12 @@ CAMERA_KEYS = ("INSTRUME", "CAMERA")
 TELESCOPE_KEYS = ("TELESCOP",)
 PIXEL_KEYS = ("XPIXSZ", "PIXSIZE1", "PIXSIZE")
 FOCAL_KEYS = ("FOCALLEN", "FOCAL")
+SITE_LAT_KEYS = ("SITELAT", "OBSLAT", "LAT-OBS", "LATITUDE")
+SITE_LON_KEYS = ("SITELONG", "OBSLONG", "LONG-OBS", "LONGITUD")
+#: Longest exposure taken as real (s): a day. Above it (or below 0) the value is a fault.
+MAX_EXPOSURE_S = 86400.0
+#: Largest binning a camera offers; above it (or not a whole number >= 1) it is a fault.
+MAX_BINNING = 16
 
 #: Values capture programs put in OBJECT/FILTER when they know nothing.
 _PLACEHOLDERS = {"", "unknown", "none", "n/a", "na", "-"}
@@ -150,16 +156,40 @@ def meta_from_header(header: Mapping[str, Any], path: str | None = None) -> Fram
             missing.append(keys[0])
         return value
 
-    exposure = pick(EXPOSURE_KEYS)
-    if exposure is None and "EXPOINUS" in header:  # SharpCap: microseconds
+    warnings: list[str] = []
+
+    def bad(key: str | None, raw: Any, why: str) -> None:
+        warnings.append(f"{key}={raw!r} {why}: taken as absent")
+
+    exposure_key, raw_exposure = _get(header, EXPOSURE_KEYS)
+    exposure = _float(raw_exposure) if raw_exposure is not None else None
+    if raw_exposure is not None and exposure is None:
+        bad(exposure_key, raw_exposure, "is not a number")
+    elif exposure is not None and not (0.0 <= exposure <= MAX_EXPOSURE_S):
+        bad(exposure_key, raw_exposure, f"is outside 0..{MAX_EXPOSURE_S:g} s")
+        exposure = None
+    if exposure is None and raw_exposure is None and "EXPOINUS" in header:  # SharpCap: microseconds
         us = _float(header["EXPOINUS"])
-        if us is not None:
+        if us is not None and 0.0 <= us <= MAX_EXPOSURE_S * 1e6:
             exposure = us / 1e6
-            missing.remove("EXPTIME")
+        else:
+            bad("EXPOINUS", header["EXPOINUS"], "is not an exposure in microseconds")
+    if exposure is None:
+        missing.append("EXPTIME")
     frame_type = pick(FRAME_TYPE_KEYS, parse_frame_type)
 
-    xbin = _float(_get(header, ("XBINNING", "BINNING", "XBIN"))[1]) or 1
-    ybin = _float(_get(header, ("YBINNING", "BINNING", "YBIN"))[1]) or xbin
+    def binning(keys: tuple[str, ...]) -> int | None:
+        key, raw = _get(header, keys)
+        if raw is None:
+            return None
+        value = _float(raw)
+        if value is None or value != int(value) or not 1 <= value <= MAX_BINNING:
+            bad(key, raw, f"is not a binning 1..{MAX_BINNING}")
+            return None
+        return int(value)
+
+    xbin = binning(("XBINNING", "BINNING", "XBIN")) or 1
+    ybin = binning(("YBINNING", "BINNING", "YBIN")) or xbin
 
     bayer = None
     _, raw_bayer = _get(header, BAYER_KEYS)
@@ -222,5 +252,12 @@ def meta_from_header(header: Mapping[str, Any], path: str | None = None) -> Fram
         telescope=pick(TELESCOPE_KEYS, _text, required=False),
         pixel_size_um=pixel_size,
         focal_length_mm=pick(FOCAL_KEYS),
+        site_lat_deg=_angle(_get(header, SITE_LAT_KEYS)[1], hours=False),
+        site_lon_deg=_angle(_get(header, SITE_LON_KEYS)[1], hours=False),
         missing=tuple(missing),
+        warnings=tuple(f"{path}: {w}" if path else w for w in warnings),
     )
+
+
+def _angle(value: Any, *, hours: bool) -> float | None:
+    return None if value is None else parse_angle(value, hours=hours)

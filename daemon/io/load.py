@@ -1,22 +1,43 @@
 """`load_frame(path) -> Frame`: the one entry point for reading a frame of any supported format.
 
-FITS is recognised by its suffix or its 'SIMPLE  =' signature, camera raw by suffix; anything
-else, and anything broken, raises `FrameError` naming the file and the problem.
+The format is chosen by suffix from the one list in `daemon.io.formats` (FITS, XISF, TIFF,
+LibRaw's raws); a file without a known suffix is read as FITS when it starts with the FITS
+signature. Anything else, and anything broken or too large (`daemon.io.limits`), raises
+`FrameError` naming the file and the problem. Header values present but unusable are logged
+(one warning each, naming key and file) and listed in `FrameMeta.warnings`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from daemon.io.errors import FrameError
-from daemon.io.fits import FITS_SUFFIXES, read_fits_frame
-from daemon.io.raw import RAW_SUFFIXES, read_raw_frame
+from daemon.io.errors import FrameError, FrameTooLarge
+from daemon.io.fits import read_fits_frame
+from daemon.io.formats import ALL_SUFFIXES, FITS_SUFFIXES, RAW_SUFFIXES, describe_suffix, format_of
+from daemon.io.raw import read_raw_frame
+from daemon.io.tiff import read_tiff_frame
+from daemon.io.xisf import read_xisf_frame
 from daemon.pipeline.frame import Frame, FrameType
 
-__all__ = ["FrameError", "FrameLoader", "load_frame", "is_fits", "is_raw"]
+__all__ = ["FrameError", "FrameTooLarge", "FrameLoader", "LoadOptions", "load_frame", "is_fits", "is_raw",
+           "unsupported_reason"]
+
+log = logging.getLogger("lightbucket.io")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How frames are read (from [capture]): the decode limit in bytes of float32 pixels
+    (None: from the machine's memory, daemon.io.limits) and the CFA pattern of TIFFs whose
+    sidecar names none (None: mono)."""
+
+    max_frame_bytes: int | None = None
+    tiff_bayer: str | None = None
 
 
 def is_fits(path: str | os.PathLike) -> bool:
@@ -34,26 +55,48 @@ def is_raw(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(RAW_SUFFIXES)
 
 
+def unsupported_reason(path: str | os.PathLike) -> str:
+    """Why a file of this name is not read: its kind and what is read."""
+    return (f"unsupported file type ({describe_suffix(path)}): lightbucket reads FITS, XISF, 16-bit TIFF "
+            f"and camera raw ({len(ALL_SUFFIXES)} suffixes: {', '.join(ALL_SUFFIXES[:12])}, ...)")
+
+
 def load_frame(path: str | os.PathLike, frame_type: FrameType | None = None, *,
-               out: np.ndarray | None = None) -> Frame:
+               out: np.ndarray | None = None, options: LoadOptions | None = None) -> Frame:
     """Pixels (float32 ADU, 2-D, top-down, CFA mosaic for colour sensors) and metadata.
 
-    `frame_type` overrides what the file says (raw files say nothing: LIGHT by default).
-    `out`: an array a 16-bit FITS frame may be decoded into (`FrameLoader`).
+    Parameters
+    ----------
+    path : the frame file.
+    frame_type : FrameType or None, overrides what the file says (raw files say nothing:
+        LIGHT by default).
+    out : an array a 16-bit FITS frame may be decoded into (`FrameLoader`).
+    options : LoadOptions or None, the decode limit and TIFF pattern (defaults: LoadOptions()).
+
+    Raises
+    ------
+    FrameError naming the file: unsupported, unreadable, truncated, or FrameTooLarge.
     """
     path = os.fspath(path)
+    opts = options or LoadOptions()
     if not os.path.isfile(path):
         reason = "is a directory" if os.path.isdir(path) else "no such file"
         raise FrameError(path, reason)
-    if is_fits(path):
-        frame = read_fits_frame(path, out)
-    elif is_raw(path):
-        frame = read_raw_frame(path, frame_type or FrameType.LIGHT)
+    fmt = format_of(path) or ("fits" if is_fits(path) else None)
+    limit = opts.max_frame_bytes
+    if fmt == "fits":
+        frame = read_fits_frame(path, out, max_bytes=limit)
+    elif fmt == "xisf":
+        frame = read_xisf_frame(path, max_bytes=limit)
+    elif fmt == "tiff":
+        frame = read_tiff_frame(path, bayer=opts.tiff_bayer, max_bytes=limit)
+    elif fmt == "raw":
+        frame = read_raw_frame(path, frame_type or FrameType.LIGHT, max_bytes=limit)
     else:
-        raise FrameError(path, "unknown file type: not FITS and not a camera raw suffix "
-                               f"({', '.join(s for s in RAW_SUFFIXES[:8])}, ...)")
+        raise FrameError(path, unsupported_reason(path))
+    for warning in frame.meta.warnings:
+        log.warning("%s", warning)
     if frame_type is not None and frame.meta.frame_type is not frame_type:
-        from dataclasses import replace
         frame = Frame(frame.data, replace(frame.meta, frame_type=frame_type))
     return frame
 
@@ -79,11 +122,12 @@ class FrameLoader:
     One loader per thread that loads.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, options: LoadOptions | None = None) -> None:
+        self.options = options or LoadOptions()
         self._last: np.ndarray | None = None
 
     def __call__(self, path: str | os.PathLike, frame_type: FrameType | None = None) -> Frame:
-        frame = load_frame(path, frame_type, out=self._free_array())
+        frame = load_frame(path, frame_type, out=self._free_array(), options=self.options)
         self._last = frame.data if frame.data.nbytes <= REUSE_MAX_BYTES else None
         return frame
 

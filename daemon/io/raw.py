@@ -13,18 +13,21 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from daemon.io.errors import FrameError
+from daemon.io.errors import FrameError, FrameTooLarge
+from daemon.io.formats import RAW_SUFFIXES
+from daemon.io.limits import check_frame_size
 from daemon.pipeline.frame import BAYER_PATTERNS, Frame, FrameMeta, FrameType
 
-RAW_SUFFIXES = (".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf",
-                ".rw2", ".pef", ".dng", ".raw", ".rwl", ".3fr", ".iiq", ".erf", ".mef", ".mos", ".x3f")
+__all__ = ["RAW_SUFFIXES", "read_raw_frame"]
 
 
-def read_raw_frame(path: str | os.PathLike, frame_type: FrameType = FrameType.LIGHT) -> Frame:
+def read_raw_frame(path: str | os.PathLike, frame_type: FrameType = FrameType.LIGHT, *,
+                   max_bytes: int | None = None) -> Frame:
     """The black-subtracted CFA mosaic (float32 ADU) of a camera raw file and its metadata.
 
     Raw files carry no frame type; `frame_type` is what the caller knows (e.g. from the
-    `lightbucket master dark` command line), LIGHT by default.
+    `lightbucket master dark` command line), LIGHT by default. `max_bytes`: the decode limit
+    (daemon.io.limits), checked from LibRaw's sizes before the mosaic is unpacked.
     """
     import rawpy  # imported here: a broken LibRaw must not stop FITS-only use
 
@@ -32,7 +35,8 @@ def read_raw_frame(path: str | os.PathLike, frame_type: FrameType = FrameType.LI
     if os.path.exists(path) and os.path.getsize(path) == 0:
         raise FrameError(path, "empty file (0 bytes)")
     try:
-        with rawpy.imread(path) as raw:
+        with rawpy.imread(path) as raw:  # opened; the mosaic is unpacked on first access
+            check_frame_size(path, raw.sizes.width, raw.sizes.height, 1, max_bytes)
             mosaic = raw.raw_image_visible
             colors = raw.raw_colors_visible
             if mosaic is None or mosaic.ndim != 2 or mosaic.size == 0:
@@ -50,7 +54,7 @@ def read_raw_frame(path: str | os.PathLike, frame_type: FrameType = FrameType.LI
             pattern = "".join(desc[int(c)] for c in colors[:2, :2].ravel()).upper()
             other = raw.other if hasattr(raw, "other") else None
             meta = _meta(path, pattern, other, frame_type)
-    except FrameError:
+    except (FrameError, FrameTooLarge):
         raise
     except Exception as exc:  # rawpy.LibRawError subclasses, OSError
         raise FrameError(path, f"not a readable camera raw file ({type(exc).__name__}: {exc})") from None

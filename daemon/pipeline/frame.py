@@ -48,8 +48,18 @@ class FrameMeta:
     #: Pixel pitch (um, binned) and focal length (mm): give the plate scale when both known.
     pixel_size_um: float | None = None
     focal_length_mm: float | None = None
+    #: Observing site (degrees, east longitude positive), from SITELAT/SITELONG and friends.
+    site_lat_deg: float | None = None
+    site_lon_deg: float | None = None
+    #: The frame's celestial WCS as FITS cards ((key, value), ...) in the *array's* pixel
+    #: convention: pixel (1, 1) is the centre of array[0, 0] of the top-down array handed out
+    #: (the loader converts a BOTTOM-UP file's WCS). None when the file has none.
+    wcs: tuple[tuple[str, object], ...] | None = None
     #: Header keys that were absent or unreadable, so callers can say what is missing.
     missing: tuple[str, ...] = field(default_factory=tuple)
+    #: Header values present but unusable ("EXPTIME='abc' is not a number"), each naming the
+    #: key; the field is then as if the key were absent.
+    warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def plate_scale_arcsec(self) -> float | None:
