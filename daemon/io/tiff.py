@@ -4,8 +4,8 @@ A TIFF says nothing of a colour filter array, exposure or gain. Those come, in t
 sidecar JSON beside the file (`<name>.json`, e.g. `Light_001.tif.json`, or `<stem>.json`:
 FITS keywords and values, {"BAYERPAT": "RGGB", "EXPTIME": 30, "GAIN": 120}) and for the pattern
 from the config (`capture.tiff_bayer`). Without either the frame is mono. The capture time is
-the TIFF DateTime tag when the sidecar has no DATE-OBS; a WCS from the sidecar's cards. Page 0 is the frame, rows top-down as
-stored; RGB (3-sample) TIFFs are already debayered and are not frames.
+the TIFF DateTime tag when the sidecar has no DATE-OBS; a WCS from the sidecar's cards.
+Page 0 is the frame, rows top-down as stored; RGB (3-sample) TIFFs are already debayered and are not frames.
 """
 
 from __future__ import annotations
