@@ -175,6 +175,11 @@ class Service:
         #: The running (or last) plan's latest progress event, also in `status` as "plan".
         self.plan_progress: dict | None = None
         self.mqtt = None
+        #: Callbacks (kind, payload) for every event published (the web page's live channel).
+        self._listeners: list[Callable[[str, dict], None]] = []
+        self._preview: tuple[bytes, dict] | None = None  # the latest (JPEG, preview/meta)
+        self._transfers: dict[tuple[str, int], Any] = {}  # (stack, n_stacked) -> ScreenTransfer
+        self.web = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         #: The spool writer: a frame's float16 copy is written while the next frame is processed
         #: (on a Pi's SD card ~1 s per 26 Mpx frame). At most one write waits; the checkpoint,
@@ -428,8 +433,61 @@ class Service:
         }
 
     def publish_status(self) -> None:
+        if self.mqtt is not None or self._listeners:
+            status = self.status()
+            if self.mqtt is not None:
+                self.mqtt.set_status(status)
+            self._emit("status", status)
+
+    # ----------------------------------------------------------------- public interface (web page)
+    def subscribe(self, callback: Callable[[str, dict], None]) -> Callable[[], None]:
+        """Call `callback(kind, payload)` on the loop for every event published (kind:
+        "status", "frame", "preview" (its meta), "cmd/result", "acquisition"); it must not
+        block. Returns the function that unsubscribes."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    def _emit(self, kind: str, payload: dict) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(kind, payload)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop stacking
+                log.exception("event listener failed on %s", kind)
+
+    def publish_event(self, kind: str, payload: dict) -> None:
+        """An event to MQTT (if configured) and to the listeners."""
         if self.mqtt is not None:
-            self.mqtt.set_status(self.status())
+            self.mqtt.event(kind, payload)
+        self._emit(kind, payload)
+
+    async def command(self, payload: dict) -> dict:
+        """Run one command (the MQTT `cmd` JSON) and return its `cmd/result` JSON, as MQTT does."""
+        reply = await self.handle_command(json.dumps(payload).encode())
+        self._emit("cmd/result", reply)
+        return reply
+
+    def preview(self) -> tuple[bytes, dict] | None:
+        """The latest preview (JPEG bytes, preview/meta), or None before the first."""
+        return self._preview
+
+    async def tile(self, stack: str, x: int, y: int, size: int) -> bytes:
+        """A full-resolution JPEG crop of `stack` around (x, y), stretched like the preview: the
+        crop is copied on the worker (which owns the stack), stretched in a thread. KeyError
+        for an unknown or empty stack."""
+        from daemon.web.tiles import crop_for_tile, tile_jpeg  # only with [web]
+
+        def crop():
+            st = self.stacks.get(stack)
+            image = st.pipeline.stack_image() if st is not None else None
+            if image is None:
+                raise KeyError(f"no stacked image for {stack!r}")
+            key = (stack, st.pipeline.n_stacked)
+            max_edge = self.config.mqtt.preview_max_edge if self.config.mqtt else 1280
+            out = crop_for_tile(image, x, y, size, self._transfers.get(key), max_edge=max_edge)
+            self._transfers = {key: out.transfer}
+            return out
+
+        return await asyncio.to_thread(tile_jpeg, await self._in_worker(crop))
 
     def _set_state(self, state: str) -> None:
         self.state = state
@@ -486,8 +544,7 @@ class Service:
                 log.info("frame %s: rejected: %s (%s)", name, r.reason, metrics)
         event["time"] = datetime.now(UTC).isoformat(timespec="seconds")
         self.last_frame = event
-        if self.mqtt is not None:
-            self.mqtt.event("frame", event)
+        self.publish_event("frame", event)
         self.notifier.status(f"{self.state}; {self.counts['stacked']} stacked, queue {self._queue.qsize()}")
         self.publish_status()
 
@@ -504,15 +561,18 @@ class Service:
         except Exception:  # noqa: BLE001 - a failed preview/FITS must not stop stacking
             log.exception("writing products failed")
             return
-        if preview and self.mqtt is not None:
-            self.mqtt.set_preview(*preview)
+        if preview:
+            self._preview = preview
+            if self.mqtt is not None:
+                self.mqtt.set_preview(*preview)
+            self._emit("preview", preview[1])
 
     # ----------------------------------------------------------------- commands
     async def _command_loop(self) -> None:
         while True:
             raw = await self.mqtt.commands.get()
             reply = await self.handle_command(raw)
-            self.mqtt.event("cmd/result", reply)
+            self.publish_event("cmd/result", reply)
 
     async def handle_command(self, raw: bytes) -> dict:
         cmd_id = None
@@ -565,29 +625,34 @@ class Service:
             await self._maybe_products(force=True)
         elif action == "reset":
             stack = self._named_stack(cmd.get("stack"))
-            await self._in_worker(self._reset, stack)
+            removed = await self._in_worker(self._reset, stack)
             self.publish_status()
-            return {"stack": stack.key.name}
+            return {"stack": stack.key.name, "removed": removed}
         elif action == "set_reference":
             path = Path(cmd["path"])
-            path = path if path.is_absolute() else self.capture_dir / path
-            name, again = await self._in_worker(self._set_reference, path)
+            path = (path if path.is_absolute() else self.capture_dir / path).resolve()
+            if not path.is_relative_to(self.capture_dir.resolve()):
+                raise CommandError(f"set_reference: {cmd['path']} is not under the capture folder {self.capture_dir}")
+            name, again, removed = await self._in_worker(self._set_reference, path)
             for p in sorted(again, key=lambda p: (p.stat().st_mtime if p.exists() else 0, str(p))):
                 self.enqueue(p)
             self.publish_status()
-            return {"stack": name, "requeued": len(again)}
+            return {"stack": name, "requeued": len(again), "removed": removed}
         elif action == "restack":
             stack = self._named_stack(cmd.get("stack"))
             out = await self._in_worker(self._restack, stack)
             return {"stack": stack.key.name, "path": str(out)}
         return None
 
-    def _reset(self, stack: Stack) -> None:
+    def _reset(self, stack: Stack) -> dict:
+        """Empty the stack and its spool; returns what was removed (for the reply)."""
+        frames = stack.pipeline.n_stacked
+        spooled = self._clear_spool(stack.key.name)
         stack.pipeline.reset()
-        self._clear_spool(stack.key.name)
         self._checkpoint()
+        return {"frames": frames, "spooled_frames": spooled, "spool": str(self.state_dir / "spool" / stack.key.name)}
 
-    def _set_reference(self, path: Path) -> tuple[str, list[Path]]:
+    def _set_reference(self, path: Path) -> tuple[str, list[Path], dict]:
         """New reference for the frame's stack. The pipeline empties that stack (coordinates
         change), so its frames are taken out of the ledger and returned for re-processing
         against the new reference; the spool (old coordinates) is cleared."""
@@ -596,8 +661,9 @@ class Service:
         except (ValueError, OSError) as exc:
             raise CommandError(f"set_reference: cannot load {path}: {getattr(exc, 'reason', None) or exc}") from None
         stack = self._stack_for(StackKey.of(frame.meta))
+        frames = stack.pipeline.n_stacked
         stack.pipeline.set_reference(frame)
-        self._clear_spool(stack.key.name)
+        spooled = self._clear_spool(stack.key.name)
         again = []
         for key, entry in list(self.ledger.entries.items()):
             if entry.stack == stack.key.name and entry.outcome in ("stacked", "rejected"):
@@ -605,16 +671,22 @@ class Service:
                 self.counts[entry.outcome] -= 1
                 again.append(self.capture_dir / key)
         self._checkpoint()
-        return stack.key.name, again
+        return stack.key.name, again, {"frames": frames, "spooled_frames": spooled,
+                                       "spool": str(self.state_dir / "spool" / stack.key.name)}
 
-    def _clear_spool(self, name: str) -> None:
+    def _clear_spool(self, name: str) -> int:
+        """Delete the stack's spooled frames; returns how many there were."""
         self._spool_drain()
         spool_dir = self.state_dir / "spool" / name
         self._spools.pop(name, None)
-        if spool_dir.exists():
-            from daemon.spool import Spool
+        if not spool_dir.exists():
+            return 0
+        from daemon.spool import Spool
 
-            Spool(spool_dir).clear()
+        spool = Spool(spool_dir)
+        n = len(spool)
+        spool.clear()
+        return n
 
     def _restack(self, stack: Stack) -> Path:
         """Final winsorized sigma-clipped combine of the spooled frames -> <stack>_final.fits."""
@@ -665,8 +737,7 @@ class Service:
                 if kind == "plan":
                     service.plan_progress = {k: v for k, v in payload.items() if k != "paths"}
                     service.publish_status()
-                if service.mqtt is not None:
-                    service.mqtt.event("acquisition", {"event": kind, **payload})
+                service.publish_event("acquisition", {"event": kind, **payload})
 
         async def run() -> dict:
             try:
@@ -674,12 +745,10 @@ class Service:
             except Exception as exc:  # noqa: BLE001 - stacking of what arrives goes on
                 log.exception("acquisition failed")
                 error = f"{type(exc).__name__}: {exc}"
-                if self.mqtt is not None:
-                    self.mqtt.event("acquisition", {"event": "error", "error": error})
+                self.publish_event("acquisition", {"event": "error", "error": error})
                 return {"state": "failed", "frames": 0, "paths": [], "error": error}
             log.info("acquisition %s: %s frames", summary.get("state"), summary.get("frames"))
-            if self.mqtt is not None:
-                self.mqtt.event("acquisition", {"event": "finished", **summary})
+            self.publish_event("acquisition", {"event": "finished", **summary})
             paths = summary.get("paths") or []
             if plan.frame_type == "light" and summary.get("state") == "done" and paths:
                 summary["final"] = await self._final_restack(paths)
@@ -687,14 +756,12 @@ class Service:
                 try:
                     out = await self._in_worker(self._build_master, plan, paths)
                     summary["master"] = str(out)
-                    if self.mqtt is not None:
-                        self.mqtt.event("acquisition", {"event": "master", "kind": plan.frame_type,
-                                                        "path": str(out), "frames": len(paths)})
+                    self.publish_event("acquisition", {"event": "master", "kind": plan.frame_type,
+                                                       "path": str(out), "frames": len(paths)})
                 except (ValueError, OSError) as exc:
                     log.error("master %s from %d frames not built: %s", plan.frame_type, len(paths), exc)
                     summary["error"] = f"master not built: {exc}"
-                    if self.mqtt is not None:
-                        self.mqtt.event("acquisition", {"event": "error", "error": summary["error"]})
+                    self.publish_event("acquisition", {"event": "error", "error": summary["error"]})
             return summary
 
         self._acq_task = asyncio.create_task(run())
@@ -715,8 +782,7 @@ class Service:
         except (CommandError, ValueError, OSError) as exc:
             log.error("final re-stack of %s not written: %s", stack.key.name, exc)
             return None
-        if self.mqtt is not None:
-            self.mqtt.event("acquisition", {"event": "final", "stack": stack.key.name, "path": str(out)})
+        self.publish_event("acquisition", {"event": "final", "stack": stack.key.name, "path": str(out)})
         return str(out)
 
     async def run_plan(self, plan: PlanSettings) -> dict:
@@ -769,6 +835,20 @@ class Service:
             if self._unsaved and time.monotonic() - self._last_checkpoint >= every:
                 await self._in_worker(self._checkpoint_if_unsaved)
 
+    async def _start_web(self) -> None:
+        """The page and HTTP API ([web]); a port in use or unreadable TLS files are logged and
+        the daemon stacks on without the page (it runs unattended: stacking comes first)."""
+        from daemon.web.server import WebServer  # aiohttp: only with [web]
+
+        web = WebServer(self, self.config.web)
+        try:
+            await web.start()
+        except (OSError, ValueError) as exc:
+            log.error("%s: [web] %s:%d: the page is not served: %s", self.config.source,
+                      self.config.web.host, self.config.web.port, exc)
+            return
+        self.web = web
+
     def request_stop(self) -> None:
         log.info("stop requested: finishing the frame in hand")
         self._stop.set()
@@ -786,6 +866,8 @@ class Service:
             self.mqtt = MqttLink(self.config.mqtt)
             tasks.append(asyncio.create_task(self.mqtt.run(), name="mqtt"))
             tasks.append(asyncio.create_task(self._command_loop(), name="commands"))
+        if self.config.web is not None:
+            await self._start_web()
         watcher = FolderWatcher(self.capture_dir, self.enqueue, patterns=self.config.capture.patterns,
                                 recursive=self.config.capture.recursive, settle_s=self.config.capture.settle_s,
                                 force_polling=self.force_polling or self.config.capture.poll)
@@ -818,6 +900,8 @@ class Service:
                 while (self.mqtt.backlog or self.mqtt._dirty) and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 await self.mqtt.close()
+            if self.web is not None:
+                await self.web.stop()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -116,13 +116,15 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         before = json.dumps(service.status()["frames"]), service.state
         bad = [b"{not json", b'{"action": "pause"}', b'{"id": 7, "action": "explode"}',
                b'{"id": 8, "action": "pause", "force": true}', b'{"id": 9, "action": "set_reference"}',
-               b'{"id": 10, "action": "reset", "stack": "nope"}', b"[1, 2]"]
+               b'{"id": 10, "action": "reset", "stack": "nope"}', b"[1, 2]",
+               b'{"id": 11, "action": "set_reference", "path": "../stage/L_0.fits"}']  # outside capture
         for raw in bad:
             sub.send("cmd", raw)
         await wait_for(lambda: len(sub.json("cmd/result")) >= len(bad), what="command replies")
         results = sub.json("cmd/result")
         assert all(r["ok"] is False and r["error"] for r in results)
-        assert {r["id"] for r in results} == {None, 7, 8, 9, 10}
+        assert {r["id"] for r in results} == {None, 7, 8, 9, 10, 11}
+        assert "not under the capture folder" in next(r for r in results if r["id"] == 11)["error"]
         assert "unknown action 'explode'" in next(r for r in results if r["id"] == 7)["error"]
         assert "'force'" in next(r for r in results if r["id"] == 8)["error"]
         assert (json.dumps(service.status()["frames"]), service.state) == before
@@ -150,6 +152,9 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         redo = [e for e in sub.json("frame") if Path(e["path"]).name == "L_0.fits"][-1]
         assert redo["dx"] == pytest.approx(0.7, abs=0.1) and redo["dy"] == pytest.approx(-0.4, abs=0.1)
         assert ok["z"]["ok"] and service.stacks["SIM-FIELD_R_10s_bin1"].pipeline.n_stacked == 0
+        # Destructive commands say what they removed: R had one frame, spooled; L four.
+        assert ok["z"]["removed"]["frames"] == 1 and ok["z"]["removed"]["spooled_frames"] == 1
+        assert ok["ref"]["removed"]["frames"] == 4 and ok["ref"]["removed"]["spooled_frames"] == 4
 
         # Final re-stack from the spool (the 4 L frames registered against L_1), then stop/start.
         sub.send("cmd", json.dumps({"id": "final", "action": "restack"}))
