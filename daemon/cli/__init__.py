@@ -19,7 +19,7 @@ from pathlib import Path
 from daemon import __version__
 from daemon.folders import ensure_writable
 
-COMMANDS = ("master", "calibrate", "register", "stack", "run", "demo")
+COMMANDS = ("master", "calibrate", "register", "stack", "solve", "run", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
