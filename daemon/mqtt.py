@@ -20,10 +20,10 @@ import collections
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import aiomqtt
 
+from daemon import ha
 from daemon.config import MqttConfig
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,10 @@ def _json(payload: dict) -> bytes:
 
 
 class MqttLink:
-    def __init__(self, cfg: MqttConfig, *, reconnect_max_s: float = 5.0):
+    def __init__(self, cfg: MqttConfig, *, reconnect_max_s: float = 5.0, page_url: str | None = None):
         self.cfg = cfg
+        #: The web page's address, Home Assistant's `configuration_url` for the device.
+        self.page_url = page_url
         self.prefix = topic_prefix(cfg.rig)
         self.commands: asyncio.Queue[bytes] = asyncio.Queue()
         self.connected = asyncio.Event()
@@ -106,8 +108,7 @@ class MqttLink:
                     self._client = client
                     await client.publish(self.prefix + "availability", b"online", qos=1, retain=True)
                     await client.subscribe(self.prefix + "cmd", qos=1)
-                    if self.cfg.discovery:
-                        await self._discovery(client)
+                    await self._discovery(client)
                     self._dirty.update(k for k, v in (("status", self._status), ("preview", self._preview)) if v)
                     self._wake.set()
                     self.connected.set()
@@ -174,26 +175,13 @@ class MqttLink:
                 pass
 
     async def _discovery(self, client: aiomqtt.Client) -> None:
-        """Home Assistant MQTT discovery: sensors read from the retained status JSON."""
-        rig = self.cfg.rig
-        device = {"identifiers": [f"lightbucket_{rig}"], "name": f"lightbucket {rig}", "manufacturer": "lightbucket"}
-        sensors: dict[str, dict[str, Any]] = {
-            "state": {"name": "State", "value_template": "{{ value_json.state }}"},
-            "target": {"name": "Target", "value_template": "{{ value_json.target }}"},
-            "stacked": {"name": "Frames stacked", "value_template": "{{ value_json.frames.stacked }}"},
-            "rejected": {"name": "Frames rejected", "value_template": "{{ value_json.frames.rejected }}"},
-            "queue": {"name": "Queue", "value_template": "{{ value_json.queue }}"},
-            "exposure": {"name": "Total exposure", "value_template": "{{ value_json.total_exposure_s }}",
-                         "unit_of_measurement": "s", "device_class": "duration"},
-            "fwhm": {"name": "FWHM", "unit_of_measurement": "px",
-                     "value_template": "{{ value_json.last_frame.fwhm_px if value_json.last_frame else none }}"},
-        }
-        for obj, extra in sensors.items():
-            conf = {
-                "unique_id": f"lightbucket_{rig}_{obj}", "state_topic": self.prefix + "status",
-                "availability_topic": self.prefix + "availability", "device": device, **extra,
-            }
-            await client.publish(f"homeassistant/sensor/lightbucket_{rig}/{obj}/config", _json(conf), qos=1, retain=True)
-        camera = {"unique_id": f"lightbucket_{rig}_preview", "name": "Preview", "topic": self.prefix + "preview",
-                  "availability_topic": self.prefix + "availability", "device": device}
-        await client.publish(f"homeassistant/camera/lightbucket_{rig}/preview/config", _json(camera), qos=1, retain=True)
+        """Home Assistant discovery (daemon.ha): the configs with `mqtt.discovery`, otherwise
+        empty retained payloads on the same topics, which removes the entities."""
+        if self.cfg.discovery:
+            # the `image` entity replaces the `camera` of earlier versions
+            await client.publish(ha.OLD_CAMERA.format(rig=self.cfg.rig), b"", qos=1, retain=True)
+            for topic, conf in ha.discovery_configs(self.cfg.rig, self.prefix, self.page_url).items():
+                await client.publish(topic, _json(conf), qos=1, retain=True)
+        else:
+            for topic in ha.removed_topics(self.cfg.rig):
+                await client.publish(topic, b"", qos=1, retain=True)

@@ -172,6 +172,8 @@ class Service:
         #: Files dealt with since the session began (the ledger's view; restored with it).
         self.counts = {"stacked": 0, "rejected": 0, "errors": 0}
         self.last_frame: dict | None = None
+        #: The last rejected frame: path, reason, time (status `last_reject`).
+        self.last_reject: dict | None = None
         #: The running (or last) plan's latest progress event, also in `status` as "plan".
         self.plan_progress: dict | None = None
         self.mqtt = None
@@ -427,6 +429,7 @@ class Service:
             "stacks": {n: s.pipeline.n_stacked for n, s in self.stacks.items()},
             "queue": self._queue.qsize(),
             "last_frame": self.last_frame,
+            "last_reject": self.last_reject,
             "plan": self.plan_progress,
             "disk_free_bytes": disk_free,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -544,6 +547,8 @@ class Service:
                 log.info("frame %s: rejected: %s (%s)", name, r.reason, metrics)
         event["time"] = datetime.now(UTC).isoformat(timespec="seconds")
         self.last_frame = event
+        if not event.get("accepted"):
+            self.last_reject = {k: event.get(k) for k in ("path", "reason", "stack", "time")}
         self.publish_event("frame", event)
         self.notifier.status(f"{self.state}; {self.counts['stacked']} stacked, queue {self._queue.qsize()}")
         self.publish_status()
@@ -862,8 +867,11 @@ class Service:
         tasks: list[asyncio.Task] = []
         if self.config.mqtt is not None:
             from daemon.mqtt import MqttLink
+            from daemon.web import page_url
 
-            self.mqtt = MqttLink(self.config.mqtt)
+            web = self.config.web
+            self.mqtt = MqttLink(self.config.mqtt, page_url=page_url(web.host, web.port, web.cert_file is not None)
+                                 if web is not None else None)
             tasks.append(asyncio.create_task(self.mqtt.run(), name="mqtt"))
             tasks.append(asyncio.create_task(self._command_loop(), name="commands"))
         if self.config.web is not None:

@@ -5,7 +5,11 @@ final re-stack and preview. --synthetic: the watch-folder path with generated fr
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
+import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +53,31 @@ def test_demo_with_indi_simulators(tmp_path):
 
 
 def test_demo_synthetic_watch_folder(tmp_path):
-    stdout = run_demo(tmp_path, "--synthetic", "--frames", "6")
-    assert "6 stacked, 0 rejected, 0 errors" in stdout
+    # The page's address is printed first, and the page answers while the demo runs.
+    proc = subprocess.Popen([str(LIGHTBUCKET), "demo", "--out", str(tmp_path), "--synthetic", "--frames", "6",
+                             "--web", "127.0.0.1:0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    url, seen = None, []
+    for line in proc.stderr:
+        seen.append(line)
+        if m := re.search(r"live page at (http://\S+) while the demo runs", line):
+            url = m.group(1)
+            break
+    assert url and url.startswith("http://127.0.0.1:"), seen
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+    states = set()
+    while proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "api/status", timeout=5) as r:
+                states.add(json.loads(r.read())["state"])
+            with urllib.request.urlopen(url, timeout=5) as r:
+                assert b"lightbucket" in r.read()
+        except OSError:
+            pass  # not up yet, or already stopped
+    proc.wait(240)
+    stdout = proc.stdout.read()
+    assert proc.returncode == 0 and "6 stacked, 0 rejected, 0 errors" in stdout
+    assert "running" in states  # the page was reachable during the run
     check_products(tmp_path, "Synthetic-field_L_2s_bin1", 6)
     # Run again into the same folder: a fresh session, not a resumed one.
     stdout = run_demo(tmp_path, "--synthetic", "--frames", "5")

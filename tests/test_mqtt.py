@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import threading
 import time
 
+import jinja2
 import paho.mqtt.client as paho
 
+from daemon.commands import validate_command
 from daemon.config import MqttConfig
 from daemon.mqtt import MqttLink
 from drivers.indiserver import free_port
@@ -83,32 +86,69 @@ def test_bounded_buffer_drops_oldest_when_broker_never_comes():
     asyncio.run(scenario())
 
 
-def test_home_assistant_discovery(broker):
-    cfg = MqttConfig(host="127.0.0.1", port=broker.port, rig="ha", discovery=True)
-    got: list[tuple[str, bytes]] = []
+def _discovery_messages(cfg: MqttConfig, port: int, page_url: str | None = None) -> dict[str, bytes]:
+    """The retained homeassistant/# messages after one connection of a link with `cfg`."""
+    got: dict[str, bytes] = {}
     c = paho.Client(paho.CallbackAPIVersion.VERSION2)
     c.on_connect = lambda cl, u, f, rc, p: cl.subscribe("homeassistant/#")
-    c.on_message = lambda cl, u, m: got.append((m.topic, m.payload))
-    c.connect("127.0.0.1", broker.port)
+    c.on_message = lambda cl, u, m: got.__setitem__(m.topic, m.payload)
+    subscribed = threading.Event()
+    c.on_subscribe = lambda cl, u, mid, rcs, p: subscribed.set()
+    c.connect("127.0.0.1", port)
     c.loop_start()
+    assert subscribed.wait(10)
 
     async def scenario():
-        link = MqttLink(cfg)
+        link = MqttLink(cfg, page_url=page_url)
         task = asyncio.create_task(link.run())
         await asyncio.wait_for(link.connected.wait(), 10)
-        await _until(lambda: any("camera" in t for t, _ in got))
+        await link.close()
         task.cancel()
 
     try:
         asyncio.run(scenario())
+        time.sleep(0.5)
     finally:
         c.loop_stop()
         c.disconnect()
-    confs = {t: json.loads(p) for t, p in got}
+    return got
+
+
+def test_home_assistant_discovery(broker):
+    cfg = MqttConfig(host="127.0.0.1", port=broker.port, rig="ha", discovery=True)
+    got = _discovery_messages(cfg, broker.port, "http://192.168.1.5:8080/")
+    confs = {t: json.loads(p) for t, p in got.items() if p}
     stacked = confs["homeassistant/sensor/lightbucket_ha/stacked/config"]
-    assert stacked["state_topic"] == "lightbucket/ha/status"
-    assert stacked["value_template"] == "{{ value_json.frames.stacked }}"
-    assert confs["homeassistant/camera/lightbucket_ha/preview/config"]["topic"] == "lightbucket/ha/preview"
+    assert stacked["state_topic"] == "lightbucket/ha/status" and stacked["state_class"] == "total_increasing"
+    device = stacked["device"]
+    assert device["configuration_url"] == "http://192.168.1.5:8080/" and device["model"] and device["sw_version"]
+    image = confs["homeassistant/image/lightbucket_ha/preview/config"]
+    assert image["image_topic"] == "lightbucket/ha/preview" and image["content_type"] == "image/jpeg"
+    for action in ("pause", "resume", "stop", "restack"):
+        button = confs[f"homeassistant/button/lightbucket_ha/{action}/config"]
+        assert button["command_topic"] == "lightbucket/ha/cmd"
+        assert validate_command(button["payload_press"].encode()) == {"id": f"ha-{action}", "action": action}
+    # The templates, rendered as Home Assistant renders them, against a status of the daemon.
+    status = {"state": "running", "target": "M27", "stack": "M27_L_300s_bin1", "stacked_current": 38,
+              "frames": {"received": 42, "stacked": 38, "rejected": 3, "errors": 1}, "queue": 0,
+              "total_exposure_s": 11400.4, "disk_free_bytes": 51234567168,
+              "last_frame": {"fwhm_px": 3.14159}, "last_reject": {"reason": "clouds: 12 of 140 reference stars"},
+              "plan": {"frame": 12, "count": 60, "eta_s": 14400.2, "temperature_c": -9.96}}
+    env = jinja2.Environment()
+
+    def render(obj, st):
+        return env.from_string(confs[f"homeassistant/sensor/lightbucket_ha/{obj}/config"]["value_template"]
+                               ).render(value_json=st).strip()
+    expect = {"state": "running", "stacked": "38", "rejected": "3", "exposure": "11400.0", "fwhm": "3.14",
+              "disk_free": "51.2", "camera_temperature": "-10.0", "plan_progress": "20.0", "plan_eta": "14400.0",
+              "last_reject": "clouds: 12 of 140 reference stars", "stack": "M27_L_300s_bin1"}
+    assert {k: render(k, status) for k in expect} == expect
+    empty = {**status, "last_frame": None, "last_reject": None, "plan": None, "disk_free_bytes": None}
+    for obj in ("fwhm", "camera_temperature", "plan_progress", "plan_eta", "last_reject", "disk_free"):
+        assert render(obj, empty) == "None", obj  # unknown, not an error
+    # Discovery switched off: every config is removed (empty retained payloads).
+    off = _discovery_messages(MqttConfig(host="127.0.0.1", port=broker.port, rig="ha"), broker.port)
+    assert set(confs) <= set(off) and all(off[t] == b"" for t in confs)
 
 
 def test_username_password_wrong_ones_retry_without_crashing(tmp_path):

@@ -14,6 +14,8 @@ then runs the service exactly as `lightbucket run` would:
 `--synthetic` (or no indi-bin) skips INDI: generated frames with known dithers and a satellite
 trail are written into the capture folder one by one, as another capture program would.
 Add `--mqtt HOST:PORT` to publish status, frames and the preview to a broker while it runs.
+While it runs, the live page is served on `--web` (default 0.0.0.0:8080, another free port if
+that one is taken; password `--web-password`, default "demo"); its address is printed first.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import asyncio
 import json
 import logging
 import shutil
+import socket
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+
+from daemon.web import page_url
 
 log = logging.getLogger("lightbucket.demo")
 
@@ -41,6 +46,9 @@ def add_parser(sub) -> None:
     p.add_argument("--exposure", type=float, default=2.0, help="seconds per frame (default: %(default)s)")
     p.add_argument("--synthetic", action="store_true", help="generated frames instead of INDI's simulators")
     p.add_argument("--mqtt", metavar="HOST:PORT", help="also publish over MQTT to this broker")
+    p.add_argument("--web", metavar="HOST:PORT", default="0.0.0.0:8080",
+                   help="serve the live page here while the demo runs, 'off' for none (default: %(default)s)")
+    p.add_argument("--web-password", default="demo", help="the page's password for commands (default: %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -48,7 +56,25 @@ def have_simulators() -> bool:
     return all(shutil.which(x) for x in ("indiserver", *SIMULATORS))
 
 
-def demo_config(out: Path, args, indi: bool):
+def web_address(spec: str) -> tuple[str, int] | None:
+    """`HOST:PORT` -> (host, port), the port replaced by a free one when it is 0 or taken; None for 'off'."""
+    from drivers.indiserver import free_port
+
+    if spec == "off":
+        return None
+    host, _, port = spec.rpartition(":")
+    host, port = host or "0.0.0.0", int(port)
+    if port:
+        try:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, port))
+        except OSError:
+            port = 0
+    return host, port or free_port()
+
+
+def demo_config(out: Path, args, indi: bool, web: tuple[str, int] | None = None):
     from daemon.config import config_from_dict
     from drivers.indiserver import free_port
 
@@ -59,6 +85,8 @@ def demo_config(out: Path, args, indi: bool):
     if args.mqtt:
         host, _, port = args.mqtt.rpartition(":")
         raw["mqtt"] = {"host": host or "127.0.0.1", "port": int(port), "rig": "demo", "preview_interval_s": 2.0}
+    if web is not None:
+        raw["web"] = {"host": web[0], "port": web[1], "password": args.web_password}
     if indi:
         raw["indi"] = {"port": free_port(), "drivers": list(SIMULATORS), "filter_wheel": "CCD Simulator"}
         raw["camera"] = {"binning": 1, "gain": 90}
@@ -155,9 +183,13 @@ def run(args) -> int:
     for sub in ("capture", "state"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    config = demo_config(out, args, indi)
+    web = web_address(args.web)
+    config = demo_config(out, args, indi, web)
     print(f"lightbucket demo: {'INDI simulators' if indi else 'synthetic frames'}, "
           f"{args.frames} x {args.exposure:g} s, output in {out}", file=sys.stderr)
+    if web is not None:
+        print(f"lightbucket demo: live page at {page_url(*web)} while the demo runs "
+              f"(password for commands: {args.web_password})", file=sys.stderr, flush=True)
     summary = asyncio.run(session(config, args, indi))
     return report(summary, out)
 
