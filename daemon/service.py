@@ -716,7 +716,7 @@ class Service:
         out = self.output_dir / f"{stack.key.name}_final.fits"
         self.output_dir.mkdir(parents=True, exist_ok=True)
         provenance = [{k: e.get(k) for k in ("path", "weight", "date_obs", "exposure_s")} for e in entries]
-        write_stack(out, result.image, provenance, method="final", masters=stack.masters,
+        write_stack(out, result.image, provenance, method="final", masters=stack.masters, pipeline=stack.pipeline,
                     reference=getattr(stack.pipeline, "reference_path", None),
                     rejected={"low": result.rejected_low, "high": result.rejected_high})
         log.info("restack of %s: %d frames -> %s", stack.key.name, result.n_frames, out)

@@ -223,7 +223,8 @@ def test_kill9_resume_exactly_sigterm_exit0(broker, tmp_path):
     assert sorted(spooled) == accepted
     header = fits.getheader(state / "output" / f"{stack_name}.fits")
     assert header["NCOMBINE"] == len(accepted) == pipe["n_stacked"]
-    assert header["EXPTIME"] == pytest.approx(10.0 * len(accepted))
+    assert header["EXPTIME"] == pytest.approx(10.0)  # one sub, as Siril writes it
+    assert header["LIVETIME"] == pytest.approx(10.0 * len(accepted)) and header["STACKCNT"] == len(accepted)
     status = sub.json("status")[-1]
     assert status["frames"]["stacked"] == len(accepted) and status["state"] == "stopped"
     twice = sorted(n for n in names if sum(Path(e["path"]).name == n for e in sub.json("frame")) > 1)

@@ -57,7 +57,7 @@ def test_cli_stacks_calibrates_rejects_and_records_provenance(session, capsys, m
     with fits.open(out) as hdul:
         h, data = hdul[0].header, hdul[0].data
     assert data.dtype == np.dtype(">f4") and data.shape == SHAPE
-    assert h["NCOMBINE"] == 6 and h["EXPTIME"] == 60.0
+    assert h["NCOMBINE"] == 6 and h["EXPTIME"] == 10.0 and h["LIVETIME"] == 60.0
     assert h["DATE-OBS"].startswith(TIMES[0].strftime("%Y-%m-%dT%H:%M:%S"))
     assert h["DATE-END"].startswith(TIMES[6].replace(second=TIMES[6].second + 10).strftime("%Y-%m-%dT%H:%M:%S"))
     inputs = inputs_from_header(h)
@@ -95,7 +95,7 @@ def test_real_m27_stacks_to_round_stars_and_the_nebula_shows(als_m27, tmp_path, 
     text = capsys.readouterr().out
     with fits.open(out) as hdul:
         h, data = hdul[0].header, hdul[0].data.astype(np.float32)
-    assert h["NCOMBINE"] == 6 and h["EXPTIME"] == 36.0, text
+    assert h["NCOMBINE"] == 6 and h["EXPTIME"] == 6.0 and h["LIVETIME"] == 36.0, text
     assert h["DATE-OBS"].startswith("2018-09-07T22:31:45") and h["REFFRAME"] == "Light_1069.fits"
     assert data.shape == (3, 976, 1304) and np.isfinite(data[:, 40:-40, 40:-40]).all()
     lum = np.nanmean(data, axis=0)

@@ -205,7 +205,7 @@ def run(args) -> int:
             image = result.image
             write_stack(args.output, image, pipe.provenance(), masters=master_paths, reference=pipe.reference_path,
                         method="final", settings={**live_settings, **dataclasses.asdict(rs)},
-                        rejected={"low": result.rejected_low, "high": result.rejected_high})
+                        rejected={"low": result.rejected_low, "high": result.rejected_high}, pipeline=pipe)
         else:
             image = pipe.stack_image()
             write_stack(args.output, pipe, masters=master_paths)

@@ -18,26 +18,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
-from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs import WCS, FITSFixedWarning, Sip
 
+from daemon.pipeline.geometry import StackGeometry
 
-@dataclass(frozen=True)
-class StackGeometry:
-    """Where a stack's pixels lie on the reference frame's array (see the module docstring).
-
-    scale: reference-array pixels per stack pixel (1 full resolution, 2 superpixel, <1 drizzle).
-    x0, y0: reference-array position (0-based, pixel centres) of the stack's array[0, 0].
-    """
-
-    scale: float = 1.0
-    x0: float = 0.0
-    y0: float = 0.0
+__all__ = ["StackGeometry", "frame_wcs", "stack_wcs", "wcs_cards", "wcs_from_cards", "wcs_header"]
 
 
 def _quiet_wcs(header: Mapping[str, Any] | fits.Header) -> WCS | None:
@@ -136,7 +126,8 @@ def _affine(w: WCS, a: np.ndarray, b: np.ndarray) -> WCS:
     else:
         out.wcs.pc = m @ a
         out.wcs.cdelt = [1.0, 1.0]
-    out.wcs.crota = [0.0, 0.0] if out.wcs.has_crota() else out.wcs.crota
+    if out.wcs.has_crota():  # the rotation is in the PC matrix now
+        out.wcs.crota = [0.0, 0.0]
     if w.sip is not None:
         s1, s2 = float(a[0, 0]), float(a[1, 1])
         out.sip = _scaled_sip(w.sip, s1, s2, w.wcs.crpix, out.wcs.crpix)
@@ -147,8 +138,6 @@ def _affine(w: WCS, a: np.ndarray, b: np.ndarray) -> WCS:
 def _scaled_sip(sip, s1: float, s2: float, crpix_old, crpix_new):
     """SIP polynomials for relative pixels u = s1*u', v = s2*v' (u' in the new pixels):
     A'_pq = A_pq s1^(p-1) s2^q, B'_pq = B_pq s1^p s2^(q-1), likewise AP/BP."""
-    from astropy.wcs import Sip
-
     def scale(coef, first: bool):
         if coef is None:
             return None

@@ -21,7 +21,8 @@ import numpy as np
 from daemon.pipeline.align import register
 from daemon.pipeline.calibrate import Masters, calibrate
 from daemon.pipeline.debayer import debayer
-from daemon.pipeline.frame import Frame
+from daemon.pipeline.frame import Frame, FrameMeta
+from daemon.pipeline.geometry import SUPERPIXEL, StackGeometry
 from daemon.pipeline.quality import QualityHistory, QualitySettings, assess
 from daemon.pipeline.stack import RunningStack, StackSettings
 from daemon.pipeline.stars import Stars, measure
@@ -140,6 +141,7 @@ class _Reference:
     frame_shape: tuple[int, int]  # raw (CFA) frame shape
     bayer: str | None
     sky: list[float] = field(default_factory=list)  # per-plane background of the stacked image (ADU)
+    wcs: dict | None = None  # the reference's celestial WCS cards (FrameMeta.wcs), array convention
 
 
 class LivePipeline:
@@ -263,7 +265,7 @@ class LivePipeline:
                 "path": path, "weight": weight,
                 "date_obs": frame.meta.date_obs.isoformat() if frame.meta.date_obs else None,
                 "exposure_s": exposure, "dx": dx, "dy": dy, "rotation_deg": rot,
-                "stars": n_stars, "fwhm_px": fwhm,
+                "stars": n_stars, "fwhm_px": fwhm, "capture": capture_fields(frame.meta),
             })
         self._history.accept(fwhm, bkg, s.history)
         return result(True, None, dx=dx, dy=dy, rotation_deg=rot, weight=weight,
@@ -285,6 +287,19 @@ class LivePipeline:
     @property
     def reference_path(self) -> str | None:
         return None if self._ref is None else self._ref.path
+
+    @property
+    def reference_wcs(self) -> dict | None:
+        """The reference frame's celestial WCS cards ({key: value}, the array convention of
+        daemon.io.wcs), None when it had none."""
+        return None if self._ref is None or not self._ref.wcs else dict(self._ref.wcs)
+
+    @property
+    def geometry(self) -> StackGeometry:
+        """Where the stack's pixels lie on the reference frame (superpixel: half scale)."""
+        if self._ref is not None and self._ref.bayer and self.debayer_method(self._ref.frame_shape) == "superpixel":
+            return SUPERPIXEL
+        return StackGeometry()
 
     @property
     def rejection_settings(self) -> dict:
@@ -310,7 +325,7 @@ class LivePipeline:
                 st["reference"] = {
                     "path": r.path, "n_stars": r.n_stars, "noise": r.noise, "snr": r.snr,
                     "frame_shape": list(r.frame_shape), "bayer": r.bayer, "sky": list(r.sky),
-                    "stars_arrays": [], "stars_values": {},
+                    "wcs": r.wcs, "stars_arrays": [], "stars_values": {},
                 }
                 for f in dataclasses.fields(r.stars):
                     if f.name.startswith("_"):
@@ -342,6 +357,7 @@ class LivePipeline:
             pipe._ref = _Reference(
                 path=ref["path"], stars=stars, n_stars=int(ref["n_stars"]), noise=ref["noise"],
                 snr=ref["snr"], frame_shape=tuple(ref["frame_shape"]), bayer=ref["bayer"], sky=list(ref["sky"]),
+                wcs=ref.get("wcs"),
             )
         stack_keys = {k[len("stack."):]: v for k, v in state.items() if k.startswith("stack.")}
         if stack_keys:
@@ -367,6 +383,7 @@ class LivePipeline:
         return _Reference(
             path=frame.meta.path, stars=stars, n_stars=int(metrics.n_stars), noise=_num(metrics.noise),
             snr=_snr(stars, metrics), frame_shape=tuple(frame.data.shape), bayer=frame.meta.bayer,
+            wcs=dict(frame.meta.wcs) if frame.meta.wcs else None,
         )
 
     def _weight(self, metrics, stars) -> float:
@@ -416,6 +433,21 @@ class LivePipeline:
         if sub.ndim == 2:
             sub = sub[..., None]
         return [float(np.nanmedian(sub[..., c])) for c in range(sub.shape[-1])]
+
+
+#: FrameMeta fields kept per stacked frame for the stack's header (daemon.products).
+CAPTURE_FIELDS = ("camera", "telescope", "target", "filter", "gain", "offset", "binning", "pixel_size_um",
+                  "focal_length_mm", "sensor_temp_c", "set_temp_c", "site_lat_deg", "site_lon_deg",
+                  "ra_deg", "dec_deg")
+
+
+def capture_fields(meta: FrameMeta) -> dict:
+    """The capture metadata of one frame as a JSON-able dict (None for unknown)."""
+    out = {}
+    for name in CAPTURE_FIELDS:
+        value = getattr(meta, name)
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def _snr(stars, metrics) -> float | None:
