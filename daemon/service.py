@@ -473,6 +473,21 @@ class Service:
         """The latest preview (JPEG bytes, preview/meta), or None before the first."""
         return self._preview
 
+    async def stack_preview(self, stack: str) -> tuple[bytes, int, int]:
+        """The preview JPEG of any stack and its full width and height (px), made on the worker
+        (which owns the stack). KeyError for an unknown or empty stack."""
+        from daemon.products import preview_jpeg
+
+        def make():
+            st = self.stacks.get(stack)
+            image = st.pipeline.stack_image() if st is not None and st.pipeline.n_stacked else None
+            if image is None:
+                raise KeyError(f"no stacked image for {stack!r}")
+            max_edge = self.config.mqtt.preview_max_edge if self.config.mqtt else 1280
+            return preview_jpeg(image, max_edge=max_edge), int(image.shape[1]), int(image.shape[0])
+
+        return await self._in_worker(make)
+
     async def tile(self, stack: str, x: int, y: int, size: int) -> bytes:
         """A full-resolution JPEG crop of `stack` around (x, y), stretched like the preview: the
         crop is copied on the worker (which owns the stack), stretched in a thread. KeyError

@@ -46,6 +46,11 @@ class FakeDaemon:
     def preview(self):
         return b"\xff\xd8fakejpeg", {"stack": "M27_L_300s_bin1", "width": 100, "height": 80}
 
+    async def stack_preview(self, stack):
+        if stack != "M27_L_300s_bin1":
+            raise KeyError(f"no stack named {stack!r}")
+        return b"\xff\xd8other", 4000, 3000
+
     async def tile(self, stack, x, y, size):
         if stack != "M27_L_300s_bin1":
             raise KeyError(f"no stack named {stack!r}")
@@ -84,6 +89,35 @@ def test_reading_is_open_and_matches_the_daemon():
             assert page.status == 200 and "app.js" in await page.text()
             assert (await c.get("/static/app.js")).status == 200
             assert (await c.get("/static/../server.py")).status in (403, 404)
+        finally:
+            await c.close()
+    run(go())
+
+
+def test_stack_preview_and_last_sub_thumbnail():
+    made: list[str] = []
+
+    async def thumbnail(path: str) -> bytes:
+        made.append(path)
+        await asyncio.sleep(0.05)
+        return b"\xff\xd8" + path.encode()
+
+    async def go():
+        d = FakeDaemon()
+        c = TestClient(TestServer(make_app(d, WebConfig(port=0, password="p"), thumbnail=thumbnail)))
+        await c.start_server()
+        try:
+            r = await c.get("/api/stack/M27_L_300s_bin1/preview.jpg")
+            assert r.status == 200 and r.headers["X-Image-Width"] == "4000" and r.headers["X-Image-Height"] == "3000"
+            assert (await c.get("/api/stack/nope/preview.jpg")).status == 404
+            assert (await c.get("/api/last_sub.jpg")).status == 404  # no frame yet
+            d.emit("frame", {"path": "/c/a.fits", "accepted": True})
+            d.emit("frame", {"path": "/c/bad.fits", "accepted": False, "error": True, "reason": "corrupt"})
+            async def fetch():
+                return await (await c.get("/api/last_sub.jpg")).read()
+
+            bodies = await asyncio.gather(*[fetch() for _ in range(5)])  # at once
+            assert set(bodies) == {b"\xff\xd8/c/a.fits"} and made == ["/c/a.fits"]  # made once, not of the corrupt file
         finally:
             await c.close()
     run(go())

@@ -263,3 +263,31 @@ def test_page_works_with_the_broker_down(rig, browser):
         sync_api.expect(page.locator("#state")).to_have_text("paused")
     finally:
         page.close()
+
+
+def test_switch_between_stacks(rig, browser):
+    """A frame of another filter starts a second stack; the page follows it, and picking the
+    first one in the list shows that stack's preview and tiles."""
+    assert rig.post_cmd({"id": "go", "action": "resume"})[1]["ok"]  # paused by the test before
+    make_frame(rig.stage / "R_0.fits", 0, filter_name="R")
+    shutil.copy(rig.stage / "R_0.fits", rig.capture / "R_0.fits")
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(rig.url + "/")
+        sync_api.expect(page.locator("#stack-name")).to_have_text("SIM-FIELD_R_10s_bin1", timeout=30_000)
+        sync_api.expect(page.locator("#stack-select option")).to_have_count(2)
+        page.select_option("#stack-select", STACK)
+        sync_api.expect(page.locator("#stack-name")).to_contain_text(f"{STACK} (viewing")
+        page.wait_for_function("() => document.getElementById('preview').src.startsWith('blob:')")
+        page.locator("#preview").click(position={"x": 100, "y": 100})
+        page.wait_for_function("() => document.getElementById('zoom-img').naturalWidth > 0")
+        assert f"/api/stack/{STACK}/tile" in page.evaluate("document.getElementById('zoom-img').src")
+        page.click("#zoom-close")
+        # a command from the page goes to the stack picked
+        page.click("#login-open")
+        page.fill("#password", PASSWORD)
+        page.click("#login-submit")
+        page.click("button[data-action=restack]")
+        sync_api.expect(page.locator("#cmd-result")).to_contain_text(f"restack: done — stack: {STACK}")
+    finally:
+        page.close()

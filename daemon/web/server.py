@@ -14,6 +14,7 @@ Routes (docs/web.md):
     GET  /api/preview.jpg          the current stack's preview JPEG (as on MQTT `preview`)
     GET  /api/preview.json         its `preview/meta`
     GET  /api/last_sub.jpg         a thumbnail of the last frame received (not the stack)
+    GET  /api/stack/<name>/preview.jpg  that stack's preview (headers X-Image-Width/-Height: full size)
     GET  /api/stack/<name>/tile    full-resolution crop: x, y (centre, px), size (px, <= 1024)
     GET  /api/session              {"password_set", "logged_in", "csrf"}
     POST /api/login, /api/logout   the page's session (daemon.web.auth)
@@ -66,6 +67,10 @@ class Daemon(Protocol):
     def preview(self) -> tuple[bytes, dict] | None:
         """The latest preview (JPEG bytes, preview/meta JSON), or None before the first."""
 
+    async def stack_preview(self, stack: str) -> tuple[bytes, int, int]:
+        """The preview of any stack (not only the current one): JPEG bytes and the stack's full
+        width and height (px). Raises KeyError for an unknown or empty stack."""
+
     async def tile(self, stack: str, x: int, y: int, size: int) -> bytes:
         """A full-resolution JPEG crop of stack `stack` centred on pixel (x, y) (x = column,
         y = row), `size` px square (clipped at the edges), stretched like the preview.
@@ -90,7 +95,9 @@ class EventHub:
             self.frames.append(payload)
             if payload.get("path") and not payload.get("error"):
                 self.last_sub = str(payload["path"])
-        message = {"kind": kind, "data": payload}
+        if not self.clients:
+            return
+        message = json.dumps({"kind": kind, "data": payload}, default=str)  # once for all clients
         for q in self.clients:
             if q.full():
                 q.get_nowait()
@@ -156,7 +163,7 @@ def make_app(daemon: Daemon, cfg: WebConfig, *, hub: EventHub | None = None,
     hub = hub or EventHub()
     auth = Auth(cfg.password)
     thumb = thumbnail or sub_thumbnail
-    thumbs: dict[str, bytes] = {}  # path -> JPEG, the last one only
+    thumbs: dict[str, asyncio.Future] = {}  # path -> its JPEG (made once however many ask), the last one only
     static = _static_dir()
     app = web.Application(middlewares=[_headers], client_max_size=64 * 1024)
     unsubscribe: list[Callable[[], None]] = []
@@ -200,13 +207,13 @@ def make_app(daemon: Daemon, cfg: WebConfig, *, hub: EventHub | None = None,
         if path is None:
             raise web.HTTPNotFound(text="no frame received yet")
         if path not in thumbs:
-            try:
-                jpeg = await thumb(path)
-            except (OSError, ValueError) as exc:
-                raise web.HTTPNotFound(text=f"{path}: {exc}") from None
             thumbs.clear()
-            thumbs[path] = jpeg
-        return web.Response(body=thumbs[path], content_type="image/jpeg", headers={"Cache-Control": "no-store"})
+            thumbs[path] = asyncio.ensure_future(thumb(path))
+        try:
+            jpeg = await asyncio.shield(thumbs[path])
+        except (OSError, ValueError) as exc:
+            raise web.HTTPNotFound(text=f"{path}: {exc}") from None
+        return web.Response(body=jpeg, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     async def tile(request: web.Request) -> web.Response:
         q = request.query
@@ -222,6 +229,15 @@ def make_app(daemon: Daemon, cfg: WebConfig, *, hub: EventHub | None = None,
         except KeyError as exc:
             raise web.HTTPNotFound(text=f"tile: {exc.args[0] if exc.args else 'no such stack'}") from None
         return web.Response(body=jpeg, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    async def stack_preview(request: web.Request) -> web.Response:
+        try:
+            jpeg, width, height = await daemon.stack_preview(request.match_info["name"])
+        except KeyError as exc:
+            raise web.HTTPNotFound(text=f"preview: {exc.args[0] if exc.args else 'no such stack'}") from None
+        return web.Response(body=jpeg, content_type="image/jpeg",
+                            headers={"Cache-Control": "no-store", "X-Image-Width": str(width),
+                                     "X-Image-Height": str(height)})
 
     async def session(request: web.Request) -> web.Response:
         s = auth.session(request.cookies.get(COOKIE))
@@ -308,7 +324,7 @@ def make_app(daemon: Daemon, cfg: WebConfig, *, hub: EventHub | None = None,
                     if not get.done():
                         get.cancel()
                         break
-                    await ws.send_str(json.dumps(get.result(), default=str))
+                    await ws.send_str(get.result())
             finally:
                 read.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -327,6 +343,7 @@ def make_app(daemon: Daemon, cfg: WebConfig, *, hub: EventHub | None = None,
     app.router.add_get("/api/preview.json", preview_json)
     app.router.add_get("/api/last_sub.jpg", last_sub)
     app.router.add_get("/api/stack/{name}/tile", tile)
+    app.router.add_get("/api/stack/{name}/preview.jpg", stack_preview)
     app.router.add_get("/api/session", session)
     app.router.add_post("/api/login", login)
     app.router.add_post("/api/logout", logout)

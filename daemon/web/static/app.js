@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const S = { status: null, frames: [], csrf: null, passwordSet: false, stack: null, meta: null,
+const S = { status: null, frames: [], csrf: null, passwordSet: false, stack: null, meta: null, view: null, pinned: false,
             ws: null, wsDelay: 1000, tile: null };
 
 // ---------------------------------------------------------------- formatting
@@ -27,7 +27,7 @@ function renderStatus(st) {
   S.status = st;
   $("state").textContent = st.state || "?";
   $("state").className = "pill" + (st.state === "running" ? "" : " dim");
-  $("stack-name").textContent = st.stack || "no stack yet";
+  if (!S.stack || S.stack === st.stack) $("stack-name").textContent = st.stack || "no stack yet";
   const f = st.frames || {};
   $("n-stacked").textContent = st.stacked_current ?? 0;
   $("n-rejected").textContent = f.rejected ?? 0;
@@ -39,7 +39,7 @@ function renderStatus(st) {
   $("disk").textContent = fmtBytes(st.disk_free_bytes);
   $("temp").textContent = plan && plan.temperature_c != null ? `${num(plan.temperature_c, 1)} °C` : "–";
   const sel = $("stack-select"), names = Object.keys(st.stacks || {});
-  const want = S.stack && names.includes(S.stack) ? S.stack : st.stack;
+  const want = S.pinned && names.includes(S.stack) ? S.stack : st.stack;
   if (sel.options.length !== names.length || names.some((n, i) => sel.options[i].value !== n)) {
     sel.replaceChildren(...names.map((n) => new Option(`${n} (${st.stacks[n]})`, n)));
   } else {
@@ -52,11 +52,25 @@ function renderStatus(st) {
 // ---------------------------------------------------------------- preview, last sub, zoom
 function refreshPreview() {
   const img = $("preview");
+  const current = S.status && S.status.stack;
+  if (S.stack && current && S.stack !== current) {  // another stack than the one being fed
+    const name = S.stack;
+    fetch(`/api/stack/${encodeURIComponent(name)}/preview.jpg`).then(async (r) => {
+      if (!r.ok) return;
+      const w = +r.headers.get("X-Image-Width"), h = +r.headers.get("X-Image-Height");
+      const url = URL.createObjectURL(await r.blob());
+      img.onload = () => URL.revokeObjectURL(url);
+      img.src = url; img.hidden = false; $("preview-none").hidden = true;
+      S.view = { stack: name, width: w, height: h };
+      $("stack-name").textContent = `${name} (viewing; new frames go to ${current})`;
+    }).catch(() => {});
+    return;
+  }
   const probe = new Image();
   probe.onload = () => { img.src = probe.src; img.hidden = false; $("preview-none").hidden = true; };
   probe.onerror = () => { if (!img.src) { img.hidden = true; $("preview-none").hidden = false; } };
   probe.src = `/api/preview.jpg?t=${Date.now()}`;
-  fetch("/api/preview.json").then((r) => r.json()).then((m) => { if (m) S.meta = m; }).catch(() => {});
+  fetch("/api/preview.json").then((r) => r.json()).then((m) => { if (m) { S.meta = m; S.view = m; } }).catch(() => {});
 }
 function refreshSub(path) {
   const img = $("sub");
@@ -65,7 +79,7 @@ function refreshSub(path) {
   $("sub-name").textContent = base(path);
 }
 function openTile(x, y, size) {
-  const name = (S.meta && S.meta.stack) || S.stack;
+  const name = (S.view && S.view.stack) || S.stack;
   if (!name) return;
   S.tile = { name, x: Math.round(x), y: Math.round(y), size: size || (S.tile ? S.tile.size : 512) };
   const t = S.tile;
@@ -75,7 +89,7 @@ function openTile(x, y, size) {
 }
 function setupZoom() {
   $("preview").addEventListener("click", (e) => {
-    const img = e.currentTarget, m = S.meta;
+    const img = e.currentTarget, m = S.view;
     if (!m || !m.width) return;
     const r = img.getBoundingClientRect();
     openTile((e.clientX - r.left) / r.width * m.width, (e.clientY - r.top) / r.height * m.height, 512);
@@ -166,8 +180,7 @@ let cmdId = 0;
 function showResult(el, ok, text) { el.textContent = text; el.className = "result " + (ok ? "ok" : "bad"); }
 async function send(cmd) {
   const out = $("cmd-result");
-  if (cmd.action !== "pause" && cmd.action !== "resume" && !cmd.stack && S.stack &&
-      (cmd.action === "reset" || cmd.action === "restack")) cmd.stack = S.stack;
+  if ((cmd.action === "reset" || cmd.action === "restack") && !cmd.stack && S.stack) cmd.stack = S.stack;
   const body = JSON.stringify({ id: `web-${Date.now()}-${++cmdId}`, ...cmd });
   showResult(out, true, `${cmd.action}…`);
   let r;
@@ -222,7 +235,12 @@ function setupControls() {
     if (!(n > 0)) { showResult($("cmd-result"), false, "darks: give a count"); return; }
     send({ action: "plan", frame_type: "dark", count: n });
   };
-  $("stack-select").onchange = (e) => { S.stack = e.target.value; };
+  $("stack-select").onchange = (e) => {
+    S.stack = e.target.value;
+    S.pinned = !!S.status && S.stack !== S.status.stack;  // follow the fed stack unless another is picked
+    if (S.status) $("stack-name").textContent = S.status.stack || "no stack yet";
+    refreshPreview();
+  };
   $("login-open").onclick = async () => {
     if (S.csrf) {
       await fetch("/api/logout", { method: "POST", credentials: "same-origin" }).catch(() => {});
@@ -249,7 +267,7 @@ function connect() {
     const m = JSON.parse(e.data);
     if (m.kind === "status") renderStatus(m.data);
     else if (m.kind === "frame") { addFrame(m.data); if (!m.data.error) refreshSub(m.data.path); }
-    else if (m.kind === "preview") { S.meta = m.data; refreshPreview(); }
+    else if (m.kind === "preview") { S.meta = m.data; if (!S.stack || S.stack === m.data.stack) S.view = m.data; refreshPreview(); }
   };
   ws.onclose = () => {
     $("link").textContent = "offline"; $("link").className = "pill dim";
