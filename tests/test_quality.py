@@ -13,7 +13,7 @@ REF = dict(ref_stars=140, ref_noise=10.0)
 def history():
     h = QualityHistory()
     for f, b in [(3.0, 100.0), (3.1, 102.0), (2.9, 98.0)]:
-        h.accept(f, b, keep=10)
+        h.accept(f, b, keep=10, elongation=1.05, n_stars=140)
     return h
 
 
@@ -34,8 +34,10 @@ def test_cloud_is_named_with_star_counts():
 
 
 def test_trailing_fwhm_background_and_registration():
-    v = judge(eccentricity=0.8)
-    assert (v.accepted, v.check) == (False, "trailing") and "0.80" in v.reason
+    v = judge(eccentricity=0.8)  # elongation 1.67 against a session of 1.05
+    assert (v.accepted, v.check) == (False, "trailing") and "elongation 1.67 vs session 1.05" in v.reason
+    v = judge(eccentricity=0.9, history=QualityHistory())  # the backstop, with no session yet
+    assert (v.accepted, v.check) == (False, "trailing") and "eccentricity 0.90 > 0.85" in v.reason
     v = judge(fwhm_px=5.0)
     assert (v.accepted, v.check) == (False, "fwhm") and "session median 3.00" in v.reason
     v = assess(**{**GOOD, **REF, "history": history(), "fwhm_px": 3.2},
@@ -55,7 +57,7 @@ def test_slow_drift_is_not_a_jump_and_thresholds_switch_off():
         assert v.accepted, v.reason
         h.accept(3.0, bg, keep=10)
         bg *= 1.03
-    off = QualitySettings(min_star_fraction=0, min_stars=0, fwhm_factor=0, max_eccentricity=0,
+    off = QualitySettings(min_star_fraction=0, min_stars=0, fwhm_factor=0, max_eccentricity=0, elongation_excess=0,
                           background_jump=0)
     assert assess(**{**GOOD, **REF, "n_stars": 1, "eccentricity": 0.99, "fwhm_px": 50.0,
                      "background": 1e4, "history": history()}, settings=off).accepted

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from daemon.pipeline.align import register
+from daemon.pipeline.align import describe, register
 from daemon.pipeline.calibrate import Masters, calibrate
 from daemon.pipeline.debayer import debayer
 from daemon.pipeline.frame import Frame, FrameMeta
@@ -34,6 +34,9 @@ DEBAYER_METHODS = ("auto", "bilinear", "superpixel")
 #: a full-resolution RGB stack of a 26 Mpx sensor needs ~1.2 GB for its statistics alone and
 #: ~3 s per frame on 2 cores; at half resolution it fits a Pi's memory and a 0.5-1 s budget.
 AUTO_SUPERPIXEL_PIXELS = 8_000_000
+#: A better reference must score this much higher (`reference_score`): frames of one night
+#: differ by a few % by chance, which is no reason to change.
+REFERENCE_MARGIN = 1.05
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,9 @@ class LiveSettings:
     "equal"), debayer ("bilinear" full resolution, "superpixel" half resolution and 4x
     lighter, "auto": superpixel above AUTO_SUPERPIXEL_PIXELS), interpolation of the warp ("bicubic": stacked stars as sharp as a single
     frame's; "bilinear" is 2x faster but widens 3-px stars by ~5 %), normalize_background (bring each frame's sky to the reference level),
-    registration_model ("similarity", "affine", ...).
+    registration_model ("similarity", "affine", ...), reference_frames (the registration
+    reference is the best of the first this many accepted frames: most stars, smallest FWHM;
+    1 = the first frame).
     Quality: see daemon.pipeline.quality.QualitySettings for the meaning of each field.
     """
 
@@ -60,14 +65,18 @@ class LiveSettings:
     interpolation: str = "bicubic"
     normalize_background: bool = True
     registration_model: str = "similarity"
+    reference_frames: int = 3
     # [quality]: the fields of QualitySettings, with its defaults (one source for them)
     min_star_fraction: float = QualitySettings.min_star_fraction
     min_stars: int = QualitySettings.min_stars
     max_fwhm_px: float = QualitySettings.max_fwhm_px
     fwhm_factor: float = QualitySettings.fwhm_factor
     max_eccentricity: float = QualitySettings.max_eccentricity
+    elongation_excess: float = QualitySettings.elongation_excess
     background_jump: float = QualitySettings.background_jump
     background_jump_noise: float = QualitySettings.background_jump_noise
+    session_kappa: float = QualitySettings.session_kappa
+    session_warmup: int = QualitySettings.session_warmup
     history: int = QualitySettings.history
 
     def __post_init__(self) -> None:
@@ -81,6 +90,8 @@ class LiveSettings:
             raise ValueError(f"stack.warmup must be >= 4, got {self.warmup}")
         if self.kappa <= 0 or self.warmup_kappa <= 0:
             raise ValueError("stack.kappa and stack.warmup_kappa must be > 0")
+        if self.reference_frames < 1:
+            raise ValueError(f"stack.reference_frames must be >= 1, got {self.reference_frames}")
 
     @property
     def stack_settings(self) -> StackSettings:
@@ -131,7 +142,14 @@ def _num(v: Any) -> float | None:
 
 @dataclass
 class _Reference:
-    """What the pipeline remembers about the registration reference."""
+    """What the pipeline remembers about the registration reference and the stack's grid.
+
+    The stack's pixel grid is that of its first frame (or of `set_reference`'s); the
+    registration reference may be a better frame chosen later among the first few
+    (`reference_frames`): frames are registered to it and warped into the grid through
+    `grid_from_ref`, the (fixed) transform of the reference into the grid, so nothing stacked
+    so far is resampled again or held back when the reference changes. `noise` and `snr`
+    stay the grid frame's: they are the unit of every frame's weight."""
 
     path: str | None
     stars: Any  # daemon.pipeline.stars.Stars
@@ -142,6 +160,12 @@ class _Reference:
     bayer: str | None
     sky: list[float] = field(default_factory=list)  # per-plane background of the stacked image (ADU)
     wcs: dict | None = None  # the reference's celestial WCS cards (FrameMeta.wcs), array convention
+    #: Reference pixels -> grid pixels (3x3; identity when the reference is the grid frame).
+    grid_from_ref: np.ndarray = field(default_factory=lambda: np.eye(3))
+    #: FWHM (px) of the reference frame, for choosing a better one.
+    fwhm_px: float | None = None
+    #: Accepted frames still to be considered as a better reference.
+    candidates_left: int = 0
 
 
 class LivePipeline:
@@ -177,6 +201,12 @@ class LivePipeline:
         stars, metrics = self._measure(data, frame)
         self.reset()
         self._ref = self._make_reference(frame, stars, metrics)
+        self._ref.candidates_left = 0  # the observer's choice holds
+
+    def measure_frame(self, frame: Frame):
+        """Calibrate (in place, once, as `process` does) and measure `frame`: its
+        `FrameMetrics` (stars, FWHM, elongation, background, noise). Nothing is stacked."""
+        return self._measure(self._calibrate(frame), frame)[1]
 
     def process(self, frame: Frame, *, consume: bool = False) -> FrameResult:
         """Calibrate, measure, judge, register and stack one frame.
@@ -194,6 +224,7 @@ class LivePipeline:
         stars, metrics = self._measure(data, frame)
         n_stars = int(metrics.n_stars)
         fwhm, ecc, bkg = _num(metrics.fwhm_px), _num(metrics.eccentricity), _num(metrics.background)
+        elong = _num(metrics.elongation)
 
         def result(accepted: bool, reason: str | None, **kw) -> FrameResult:
             if not accepted:
@@ -210,27 +241,41 @@ class LivePipeline:
                 return result(False, f"clouds: only {n_stars} stars, not enough for a reference "
                                      f"(minimum {s.min_stars})")
             self._ref = self._make_reference(frame, stars, metrics)
+            self._ref.candidates_left = s.reference_frames - 1
         ref = self._ref
         if data.shape != ref.frame_shape or frame.meta.bayer != ref.bayer:
             return result(False, f"frame {data.shape[1]}x{data.shape[0]} {frame.meta.bayer or 'mono'} does not "
                                  f"match the reference {ref.frame_shape[1]}x{ref.frame_shape[0]} {ref.bayer or 'mono'}")
 
         if just_set:
-            matrix, reg_ok, reg_reason, dx, dy, rot = np.eye(3), True, None, 0.0, 0.0, 0.0
+            matrix, reg_ok, reg_reason, dx, dy, rot = ref.grid_from_ref, True, None, 0.0, 0.0, 0.0
         else:
             reg = register(stars, ref.stars, model=s.registration_model)
             matrix, reg_ok, reg_reason = reg.matrix, bool(reg.ok), reg.reason
-            dx, dy, rot = _num(reg.dx), _num(reg.dy), _num(reg.rotation_deg)
+            dx = dy = rot = None
+            if reg.ok:
+                # Frame -> reference -> the stack's grid; the shift reported is the grid's.
+                matrix = ref.grid_from_ref @ np.asarray(reg.matrix, np.float64)
+                d = describe(matrix, data.shape[:2])
+                dx, dy, rot = d.dx, d.dy, d.rotation_deg
 
         verdict = assess(
             n_stars=n_stars, fwhm_px=fwhm, eccentricity=ecc, background=bkg,
             ref_stars=ref.n_stars, ref_noise=ref.noise, history=self._history,
             settings=s.quality_settings, registration_ok=reg_ok, registration_reason=reg_reason,
+            elongation=elong,
         )
+        self._history.observe(fwhm, elong, n_stars, s.history)
         if not verdict.accepted:
             return result(False, verdict.reason, dx=dx, dy=dy, rotation_deg=rot)
 
         weight = self._weight(metrics, stars)
+        if ref.candidates_left > 0 and not just_set:
+            ref.candidates_left -= 1
+            if reference_score(n_stars, fwhm) > REFERENCE_MARGIN * reference_score(ref.n_stars, ref.fwhm_px):
+                self._ref = ref = dataclasses.replace(
+                    ref, path=path, stars=stars, n_stars=n_stars, fwhm_px=fwhm,
+                    grid_from_ref=np.asarray(matrix, np.float64).copy())
         img, matrix = self._debayer(data, frame.meta.bayer, matrix)
         owned = img is not frame.data  # the frame's own pixels are never modified past calibration
         del data  # the calibrated mosaic: freed before the warp allocates its output ...
@@ -267,7 +312,7 @@ class LivePipeline:
                 "exposure_s": exposure, "dx": dx, "dy": dy, "rotation_deg": rot,
                 "stars": n_stars, "fwhm_px": fwhm, "capture": capture_fields(frame.meta),
             })
-        self._history.accept(fwhm, bkg, s.history)
+        self._history.accept(fwhm, bkg, s.history, elongation=elong, n_stars=n_stars)
         return result(True, None, dx=dx, dy=dy, rotation_deg=rot, weight=weight,
                       registered=registered, rejected_pixels=rejected)
 
@@ -325,7 +370,9 @@ class LivePipeline:
                 st["reference"] = {
                     "path": r.path, "n_stars": r.n_stars, "noise": r.noise, "snr": r.snr,
                     "frame_shape": list(r.frame_shape), "bayer": r.bayer, "sky": list(r.sky),
-                    "wcs": r.wcs, "stars_arrays": [], "stars_values": {},
+                    "grid_from_ref": np.asarray(r.grid_from_ref).tolist(), "fwhm_px": r.fwhm_px,
+                    "candidates_left": r.candidates_left, "wcs": r.wcs,
+                    "stars_arrays": [], "stars_values": {},
                 }
                 for f in dataclasses.fields(r.stars):
                     if f.name.startswith("_"):
@@ -358,6 +405,8 @@ class LivePipeline:
                 path=ref["path"], stars=stars, n_stars=int(ref["n_stars"]), noise=ref["noise"],
                 snr=ref["snr"], frame_shape=tuple(ref["frame_shape"]), bayer=ref["bayer"], sky=list(ref["sky"]),
                 wcs=ref.get("wcs"),
+                grid_from_ref=np.asarray(ref.get("grid_from_ref", np.eye(3)), np.float64),
+                fwhm_px=ref.get("fwhm_px"), candidates_left=int(ref.get("candidates_left", 0)),
             )
         stack_keys = {k[len("stack."):]: v for k, v in state.items() if k.startswith("stack.")}
         if stack_keys:
@@ -384,6 +433,7 @@ class LivePipeline:
             path=frame.meta.path, stars=stars, n_stars=int(metrics.n_stars), noise=_num(metrics.noise),
             snr=_snr(stars, metrics), frame_shape=tuple(frame.data.shape), bayer=frame.meta.bayer,
             wcs=dict(frame.meta.wcs) if frame.meta.wcs else None,
+            fwhm_px=_num(metrics.fwhm_px),
         )
 
     def _weight(self, metrics, stars) -> float:
@@ -448,6 +498,14 @@ def capture_fields(meta: FrameMeta) -> dict:
         value = getattr(meta, name)
         out[name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def reference_score(n_stars: int, fwhm_px: float | None) -> float:
+    """How good a registration reference a frame is: more stars and sharper ones are both
+    better matches for every later frame (stars per px of FWHM; 0 if unmeasured). A frame
+    replaces the reference only when it scores `REFERENCE_MARGIN` times higher."""
+    return float(n_stars) / fwhm_px if fwhm_px else 0.0
+
 
 
 def _snr(stars, metrics) -> float | None:

@@ -1,12 +1,28 @@
 """Frame quality gate: decide, before stacking, whether a frame is worth its weight.
 
-Each rejection carries a human-readable reason naming the measured value and the limit,
-because the observer at the telescope needs to know *why* (cloud? wind? focus?) to act.
-The gate is pure: it sees the frame's metrics, the reference's and the session history.
+A frame is judged against its own night, not against fixed numbers: the star count, FWHM,
+elongation and sky background are compared with the median and MAD of the recent accepted
+frames (a window of `history` frames), so a night of uniformly elongated stars (an alt-az
+mount, a small refractor's tilt) or soft seeing stacks all its frames, while a frame trailed
+by wind or a bumped mount, or blurred by a passing cloud, stands out and is rejected. Until
+`session_warmup` frames are accepted the session is the median of all frames seen so far,
+with no MAD yet (a MAD of two numbers means nothing). Absolute limits (`min_stars`,
+`max_eccentricity`, `max_fwhm_px`) are only a backstop where a frame is unusable by any
+standard.
+
+A rejection is "clearly worse than the session": beyond `session_kappa` MADs AND beyond a
+minimum physical excess (`elongation_excess`, `fwhm_factor`, `min_star_fraction`), so a
+session whose frames happen to agree to 0.01 does not reject a frame for 0.02.
+
+Each rejection carries a human-readable reason naming the measured value, the session's
+and the distance in MADs, because the observer at the telescope needs to know *why* (cloud?
+wind? focus?) to act: `trailing: elongation 1.62 vs session 1.19 (+8.1 MAD)`. The gate is
+pure: it sees the frame's metrics, the reference's and the session history.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from statistics import median
 
@@ -15,27 +31,39 @@ from statistics import median
 class QualitySettings:
     """Thresholds of the gate; each can be switched off with 0.
 
-    min_star_fraction: fewer detected stars than this fraction of the reference's means
-        cloud or haze (fraction).
+    min_star_fraction: fewer stars than this fraction of the session median (of the reference
+        before the warm-up) means cloud or haze (fraction).
     min_stars: absolute minimum of detected stars to register at all (count).
-    max_fwhm_px: hard FWHM limit (px); 0 = off.
-    fwhm_factor: reject when FWHM exceeds this factor times the session median (ratio).
-    max_eccentricity: median star eccentricity above this means trailing or wind (0..1).
+    max_fwhm_px: backstop FWHM limit (px); 0 = off.
+    fwhm_factor: reject when the FWHM exceeds this factor times the session median (ratio)
+        and `session_kappa` MADs above it.
+    max_eccentricity: backstop: median star eccentricity above this is unusable whatever the
+        session (0..1; 0.85 is an elongation of 1.9).
+    elongation_excess: reject as trailed when the median star elongation (a/b) exceeds the
+        session's by this much (ratio units, 0.15: stars 15 % longer) and by `session_kappa`
+        MADs.
     background_jump: reject when the sky background moves by more than this fraction of the
         recent background level (fraction) ...
     background_jump_noise: ... and by more than this many times the reference noise (sigma),
-        so that a near-zero calibrated background does not make every frame a jump.
-    history: number of recent accepted frames forming the session median / recent background.
+        and by `session_kappa` MADs of the recent backgrounds, so that a near-zero calibrated
+        background does not make every frame a jump.
+    session_kappa: how many MADs (median absolute deviations of the window; 1 MAD = 0.67
+        sigma of a normal distribution) a frame must be worse than the session (MAD).
+    session_warmup: accepted frames before the window's median and MAD are used (count).
+    history: number of recent accepted frames forming the session window (count).
     """
 
     min_star_fraction: float = 0.5
     min_stars: int = 8
     max_fwhm_px: float = 0.0
-    fwhm_factor: float = 1.5
-    max_eccentricity: float = 0.6
+    fwhm_factor: float = 1.3
+    max_eccentricity: float = 0.85
+    elongation_excess: float = 0.15
     background_jump: float = 0.5
     background_jump_noise: float = 10.0
-    history: int = 10
+    session_kappa: float = 5.0
+    session_warmup: int = 5
+    history: int = 20
 
 
 @dataclass
@@ -46,18 +74,78 @@ class Verdict:
     check: str | None = None
 
 
+#: Smallest MAD used per metric, so that a session of near-identical frames does not make a
+#: tiny difference look like many MADs: elongation (ratio), FWHM and star count (fractions of
+#: the median).
+_MAD_FLOOR_ELONGATION = 0.01
+_MAD_FLOOR_FWHM = 0.01
+_MAD_FLOOR_STARS = 0.02
+
+
 @dataclass
 class QualityHistory:
-    """Metrics of recently accepted frames (for session medians); JSON-able."""
+    """Metrics of the session (for its medians); JSON-able.
+
+    fwhm_px, background, elongation, n_stars: the recent accepted frames (the window).
+    seen: [fwhm_px, elongation, n_stars] of every frame measured so far, up to the window
+    size (None where not measured): the session during the warm-up.
+    """
 
     fwhm_px: list[float] = field(default_factory=list)
     background: list[float] = field(default_factory=list)
+    elongation: list[float] = field(default_factory=list)
+    n_stars: list[float] = field(default_factory=list)
+    seen: list[list[float | None]] = field(default_factory=list)
 
-    def accept(self, fwhm_px: float | None, background: float | None, keep: int) -> None:
+    def accept(self, fwhm_px: float | None, background: float | None, keep: int, *,
+               elongation: float | None = None, n_stars: int | None = None) -> None:
+        """Add an accepted frame's metrics to the window of the last `keep` frames."""
         if fwhm_px is not None and fwhm_px > 0:
             self.fwhm_px = (self.fwhm_px + [float(fwhm_px)])[-keep:]
         if background is not None:
             self.background = (self.background + [float(background)])[-keep:]
+        if elongation is not None and math.isfinite(elongation):
+            self.elongation = (self.elongation + [float(elongation)])[-keep:]
+        if n_stars is not None:
+            self.n_stars = (self.n_stars + [float(n_stars)])[-keep:]
+
+    def observe(self, fwhm_px: float | None, elongation: float | None, n_stars: int, keep: int) -> None:
+        """Record a measured frame, accepted or not (the warm-up session)."""
+        self.seen = (self.seen + [[fwhm_px, elongation, float(n_stars)]])[-keep:]
+
+
+@dataclass(frozen=True)
+class _Session:
+    median: float
+    mad: float | None  # None during the warm-up
+    n: int
+
+    def describe(self, value: float, fmt: str) -> str:
+        if self.mad is None:
+            return f"vs session {self.median:{fmt}} (warm-up, {self.n} frame{'s' if self.n != 1 else ''})"
+        return f"vs session {self.median:{fmt}} ({(value - self.median) / self.mad:+.1f} MAD)"
+
+
+def _session(window: list[float], seen: list[list[float | None]], col: int, warmup: int,
+             floor: float) -> _Session | None:
+    """Median and MAD (floored at `floor`) of the window once it holds `warmup` frames, else
+    the median of all frames seen so far (of the window when none were recorded), with no
+    MAD; None with nothing to compare with."""
+    if len(window) >= max(warmup, 1):
+        med = median(window)
+        mad = median(abs(v - med) for v in window)
+        return _Session(med, max(mad, floor), len(window))
+    pool = [row[col] for row in seen if row[col] is not None] or list(window)
+    if not pool:
+        return None
+    return _Session(median(pool), None, len(pool))
+
+
+def elongation_of(eccentricity: float | None) -> float | None:
+    """a/b of an ellipse of eccentricity e: 1 / sqrt(1 - e^2); None for None."""
+    if eccentricity is None or not math.isfinite(eccentricity):
+        return None
+    return 1.0 / math.sqrt(max(1.0 - eccentricity ** 2, 1e-6))
 
 
 def assess(
@@ -72,18 +160,46 @@ def assess(
     settings: QualitySettings = QualitySettings(),
     registration_ok: bool = True,
     registration_reason: str | None = None,
+    elongation: float | None = None,
 ) -> Verdict:
-    """Judge one frame. Checks run from the most to the least specific cause: a cloudy frame
-    also fails registration and has odd FWHM, but "clouds" is what the observer needs."""
+    """Judge one frame against the session.
+
+    Parameters
+    ----------
+    n_stars : stars detected in the frame (count).
+    fwhm_px : median star FWHM (px), None if no star was measured.
+    eccentricity : median star eccentricity (0..1), None if unmeasured.
+    background : median sky level (ADU).
+    ref_stars, ref_noise : the reference frame's star count and sky noise (ADU).
+    history : the session so far (`QualityHistory`); not modified here.
+    settings : thresholds (`QualitySettings`).
+    registration_ok, registration_reason : the registration's outcome.
+    elongation : median star a/b; derived from `eccentricity` when None.
+
+    Checks run from the most to the least specific cause: a cloudy frame also fails
+    registration and has odd FWHM, but "clouds" is what the observer needs.
+    """
     s = settings
-    if s.min_star_fraction and ref_stars > 0 and n_stars < s.min_star_fraction * ref_stars:
-        return Verdict(False, f"clouds: {n_stars} of {ref_stars} reference stars", "clouds")
+    k = s.session_kappa
+    if elongation is None:
+        elongation = elongation_of(eccentricity)
+    if s.min_star_fraction:
+        sess = _session(history.n_stars, [], 2, s.session_warmup, 0.0)
+        if sess is not None and sess.mad is not None:
+            mad = max(sess.mad, _MAD_FLOOR_STARS * sess.median, 1.0)
+            limit = sess.median - max(k * mad, (1 - s.min_star_fraction) * sess.median)
+            if n_stars < limit:
+                return Verdict(False, f"clouds: {n_stars} stars vs session {sess.median:.0f} "
+                                      f"({(n_stars - sess.median) / mad:+.1f} MAD)", "clouds")
+        elif ref_stars > 0 and n_stars < s.min_star_fraction * ref_stars:
+            return Verdict(False, f"clouds: {n_stars} of {ref_stars} reference stars", "clouds")
     if s.min_stars and n_stars < s.min_stars:
         return Verdict(False, f"clouds: only {n_stars} stars (minimum {s.min_stars})", "clouds")
     if background is not None and history.background and s.background_jump:
         recent = median(history.background)
         jump = background - recent
-        limit = max(s.background_jump * abs(recent), s.background_jump_noise * (ref_noise or 0.0))
+        spread = median(abs(v - recent) for v in history.background) if len(history.background) >= 3 else 0.0
+        limit = max(s.background_jump * abs(recent), s.background_jump_noise * (ref_noise or 0.0), k * spread)
         if abs(jump) > limit:
             return Verdict(
                 False,
@@ -91,6 +207,13 @@ def assess(
                 f"({jump:+.1f}, limit {limit:.1f})",
                 "background",
             )
+    if s.elongation_excess and elongation is not None:
+        sess = _session(history.elongation, history.seen, 1, s.session_warmup, _MAD_FLOOR_ELONGATION)
+        if sess is not None:
+            limit = sess.median + max(s.elongation_excess, k * sess.mad if sess.mad else 0.0)
+            if elongation > limit:
+                return Verdict(False, f"trailing: elongation {elongation:.2f} {sess.describe(elongation, '.2f')}",
+                               "trailing")
     if s.max_eccentricity and eccentricity is not None and eccentricity > s.max_eccentricity:
         return Verdict(
             False, f"trailing: eccentricity {eccentricity:.2f} > {s.max_eccentricity:.2f}", "trailing"
@@ -98,14 +221,19 @@ def assess(
     if fwhm_px is not None:
         if s.max_fwhm_px and fwhm_px > s.max_fwhm_px:
             return Verdict(False, f"FWHM {fwhm_px:.2f} px > limit {s.max_fwhm_px:.2f} px", "fwhm")
-        if s.fwhm_factor and history.fwhm_px:
-            med = median(history.fwhm_px)
-            if fwhm_px > s.fwhm_factor * med:
-                return Verdict(
-                    False,
-                    f"FWHM {fwhm_px:.2f} px > {s.fwhm_factor:g}x session median {med:.2f} px",
-                    "fwhm",
-                )
+        if s.fwhm_factor:
+            sess = _session(history.fwhm_px, history.seen, 0, s.session_warmup, 0.0)
+            if sess is not None:
+                mad = max(sess.mad, _MAD_FLOOR_FWHM * sess.median) if sess.mad is not None else None
+                limit = max(s.fwhm_factor * sess.median, sess.median + k * mad if mad else 0.0)
+                if fwhm_px > limit:
+                    sess = _Session(sess.median, mad, sess.n)
+                    return Verdict(
+                        False,
+                        f"FWHM {fwhm_px:.2f} px > {s.fwhm_factor:g}x session median {sess.median:.2f} px"
+                        + (f" ({(fwhm_px - sess.median) / mad:+.1f} MAD)" if mad else ""),
+                        "fwhm",
+                    )
     if not registration_ok:
         return Verdict(False, f"registration failed: {registration_reason or 'no match'}", "registration")
     return Verdict(True)

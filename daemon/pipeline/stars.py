@@ -18,6 +18,7 @@ import cv2
 import numba
 import numpy as np
 import sep
+from scipy.spatial import cKDTree
 
 from daemon.pipeline.debayer import luminance, reduction
 
@@ -92,10 +93,13 @@ class FrameMetrics:
     background: float
     noise: float
     hfr_px: float | None = None
+    #: Median a/b of the shape stars (1 = round), None if unmeasured.
+    elongation: float | None = None
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in
-                ("n_stars", "fwhm_px", "fwhm_arcsec", "eccentricity", "hfr_px", "background", "noise")}
+                ("n_stars", "fwhm_px", "fwhm_arcsec", "eccentricity", "elongation", "hfr_px", "background",
+                 "noise")}
 
 
 def detect_stars(
@@ -368,8 +372,6 @@ def refine_fullres(frame: np.ndarray, x: np.ndarray, y: np.ndarray, bayer: str |
     # Crowding: pixels nearer to another listed star (one of the 4 nearest to the centroid)
     # than to this one belong to it.
     if n > 1:
-        from scipy.spatial import cKDTree
-
         found = np.isfinite(cx)
         q = np.column_stack([np.where(found, cx, xs), np.where(found, cy, ys)])
         _, nbr = cKDTree(np.column_stack([x, y])).query(q, k=min(5, n))
@@ -657,13 +659,15 @@ def measure(
         n = len(stars)
         sel = slice(int(0.1 * n), max(int(0.9 * n), 1)) if n >= 10 else slice(0, n)
         fwhm = float(np.nanmedian(stars.fwhm[sel]))
-        # Eccentricity from the brighter half only: sky noise makes round faint stars look
-        # elongated (e is positive by construction), which would hide real trailing.
-        bright = slice(int(0.05 * n), max(int(0.5 * n), 1)) if n >= 10 else slice(0, n)
-        ecc_each = np.sqrt(np.clip(1.0 - (1.0 - stars.ellipticity[bright]) ** 2, 0.0, 1.0))
-        ecc = float(np.nanmedian(ecc_each))
+        ell = stars.ellipticity
+        if bayer is not None and k == 2 and np.isfinite(fwhm):
+            # Shape of a colour frame on the superpixel luminance (the detection image): on
+            # the mosaic's green checkerboard the moments of an undersampled star read too
+            # elongated and follow the true shape poorly (see `shape_on_luminance`).
+            ell = shape_on_luminance(lum, stars, fwhm)
+        ecc, elong = shape_summary(stars, ell, fwhm)
     else:
-        fwhm = ecc = None
+        fwhm = ecc = elong = None
     metrics = FrameMetrics(
         n_stars=stars.n_total,
         fwhm_px=fwhm,
@@ -674,5 +678,55 @@ def measure(
         # the colour channels).
         noise=rms * k,
         hfr_px=(fwhm / 2.0) if fwhm is not None else None,
+        elongation=elong,
     )
     return stars, metrics
+
+
+#: Shape stars must be this many FWHM from any other detected star (isolated: no neighbour's
+#: wing in the moments), and a frame needs this many of them for its shape to count.
+ISOLATION_FWHM = 4.0
+MIN_SHAPE_STARS = 5
+
+
+def shape_on_luminance(lum: np.ndarray, stars: Stars, fwhm_px: float) -> np.ndarray:
+    """Ellipticity (1 - b/a) of each star measured on the 2x2 superpixel luminance `lum` of
+    a colour mosaic, with the windowed moments of `refine_fullres` (NaN where it fails).
+
+    On the mosaic itself only the green pixels can be used (colour would modulate the
+    profile), a checkerboard that samples a 3-px star too coarsely for its second moments:
+    the eccentricity reads ~0.1 higher and follows the true shape poorly. The superpixel sums
+    all four colours at every site, as the debayered luminance does. Positions are
+    full-resolution px; superpixel (i, j) is centred on full-resolution (2i + 0.5, 2j + 0.5).
+    """
+    xs, ys = (stars.x - 0.5) / 2.0, (stars.y - 0.5) / 2.0
+    guess = np.full(len(stars), max(fwhm_px / 2.0, 1.0))
+    _, _, _, ell = refine_fullres(lum, xs, ys, None, guess)
+    return ell
+
+
+def shape_summary(stars: Stars, ellipticity: np.ndarray, fwhm_px: float | None) -> tuple[float | None, float | None]:
+    """Median eccentricity and elongation (a/b) of the frame's shape stars.
+
+    Shape stars are the brighter half of the list without its brightest 5 % (sky noise makes
+    round faint stars look elongated, since e >= 0 by construction; the brightest are the
+    likeliest saturated, flat-topped), isolated (no detected star within `ISOLATION_FWHM`
+    FWHM) and measured. With fewer than `MIN_SHAPE_STARS` isolated ones, the non-isolated are
+    used too; (None, None) when no star has a measured shape.
+    """
+    n = len(stars)
+    bright = np.zeros(n, bool)
+    bright[slice(int(0.05 * n), max(int(0.5 * n), 1)) if n >= 10 else slice(0, n)] = True
+    ok = bright & np.isfinite(ellipticity)
+    use = ok
+    if n > 1 and fwhm_px:
+        d, _ = cKDTree(stars.xy).query(stars.xy, k=2)
+        isolated = ok & (d[:, 1] > ISOLATION_FWHM * fwhm_px)
+        if isolated.sum() >= MIN_SHAPE_STARS:
+            use = isolated
+    if not use.any():
+        return None, None
+    e = np.clip(ellipticity[use], 0.0, 0.999)
+    ecc = float(np.median(np.sqrt(1.0 - (1.0 - e) ** 2)))
+    elong = float(np.median(1.0 / (1.0 - e)))
+    return ecc, elong
