@@ -26,7 +26,7 @@ def test_example_watch_config_loads_and_builds_live_settings():
     assert cfg.output_dir == Path("/var/lib/lightbucket/output")
     from daemon.pipeline.live import LiveSettings
 
-    assert LiveSettings.from_config(cfg.stack, cfg.quality).max_eccentricity == 0.6
+    assert LiveSettings.from_config(cfg.stack, cfg.quality).max_eccentricity == 0.85
 
 
 def test_overrides_are_typed_and_create_sections(tmp_path):
