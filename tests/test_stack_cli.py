@@ -138,3 +138,31 @@ def test_write_stack_from_a_running_pipeline_names_its_masters(tmp_path):
     assert [p["path"] for p in inputs] == [f"/sim/light_{i:03d}.fits" for i in range(3)]
     assert [p["weight"] for p in inputs] == [round(p["weight"], 4) for p in pipe.provenance()]
     assert inputs[1]["date_obs"] == TIMES[1].strftime("%Y-%m-%dT%H:%M:%S.000") and inputs[2]["exposure_s"] == 10.0
+
+
+def test_mixed_exposures_give_one_stack_each_and_keep_the_deep_frames(tmp_path, capsys):
+    """2 s, 3 s and 60 s frames of one field in one folder: one stack per exposure, named
+    after -o, none thrown away as a "background jump" against another exposure; the
+    reference of each stack is its best frame (the 60 s one: light_06, sharper than the
+    first, light_05, in poor seeing)."""
+    lights = tmp_path / "lights"
+    lights.mkdir()
+    plan = [(2.0, 3.0)] * 3 + [(3.0, 3.0)] * 2 + [(60.0, 4.5), (60.0, 2.6), (60.0, 3.0)]
+    sensor = Sensor(bias_adu=300.0, dark_current_adu_s=0.0, read_noise_adu=3.0)
+    for i, (exposure, fwhm) in enumerate(plan):
+        exp = Exposure(exposure_s=exposure, matrix=dither(i), fwhm_px=fwhm, sky_adu_s=10.0, seed=300 + i)
+        write(lights / f"light_{i:02d}.fits", expose(SHAPE, FIELD, exp, sensor),
+              fits_header(exposure_s=exposure, date_obs=TIMES[i]))
+    out = tmp_path / "out" / "m.fits"
+    assert main(["stack", str(lights), "-o", str(out), "--preview", str(tmp_path / "out" / "m.jpg")]) == 0
+    text = capsys.readouterr().out
+    assert "background jump" not in text and "REJECTED" not in text, text
+    expected = {"m_60s.fits": (3, 180.0, "light_06.fits"), "m_3s.fits": (2, 6.0, None), "m_2s.fits": (3, 6.0, None)}
+    assert not out.exists()
+    for name, (n, total, ref) in expected.items():
+        with fits.open(out.parent / name) as hdul:
+            h = hdul[0].header
+        assert (h["NCOMBINE"], h["TOTEXP"]) == (n, total), (name, text)
+        assert ref is None or h["REFFRAME"] == ref, (name, h["REFFRAME"])
+        assert (out.parent / name.replace(".fits", ".jpg")).exists()
+    assert "3 x 2s, 2 x 3s, 3 x 60s" in text

@@ -5,9 +5,12 @@
 
 LIGHTS are files or folders (their image files, sorted by name). A calibration PATH is a
 master file or a folder of raw frames, built into a master (and cached) by daemon.masters.
-Each frame gets a line (stars, FWHM, shift, accepted or rejected and why); the run ends
-with a summary. --final spools the registered frames and writes the winsorized
-sigma-clipped re-stack instead of the live stack.
+The reference is the best frame of the set (most stars, smallest FWHM). Frames of different
+exposures are never stacked together: a mixed folder gives one stack per exposure, named
+after -o (stack.fits -> stack_60s.fits, stack_2s.fits). Each frame gets a line (stars,
+FWHM, shift, accepted or rejected and why); each stack ends with a summary. --final spools
+the registered frames and writes the winsorized sigma-clipped re-stack instead of the live
+stack.
 """
 
 from __future__ import annotations
@@ -149,27 +152,103 @@ def _line(i: int, n: int, path: Path, r) -> str:
             f"{shift} {verdict} ({r.processing_ms:.0f} ms)")
 
 
-def run(args) -> int:
-    from daemon.io.load import FrameError, load_frame
-    from daemon.pipeline.live import LivePipeline
-    from daemon.products import preview_jpeg, write_stack
+def _label(exposure_s: float | None) -> str:
+    """A file-name tag for an exposure: 60 -> "60s", 0.5 -> "0.5s"."""
+    return "unknown-exposure" if exposure_s is None else f"{exposure_s:g}s"
 
+
+def _tagged(path: Path | None, tag: str | None) -> Path | None:
+    """`path` with `_tag` before its suffix (stack.fits -> stack_60s.fits); as is without a tag."""
+    if path is None or tag is None:
+        return path
+    return path.with_name(f"{path.stem}_{tag}{path.suffix}")
+
+
+def _survey(lights: list[Path], settings, masters) -> tuple[dict, dict[Path, float]]:
+    """Load and measure every light once: the lights grouped by exposure (seconds, None if
+    unknown; an unreadable file goes with the first group, to be reported there), and each
+    readable light's reference score (`daemon.pipeline.live.reference_score`)."""
+    from daemon.io.load import FrameError, load_frame
+    from daemon.pipeline.live import LivePipeline, reference_score
+
+    probe = LivePipeline(settings, masters)
+    groups: dict[float | None, list[Path]] = {}
+    scores: dict[Path, float] = {}
+    unreadable: list[Path] = []
+    for path in lights:
+        try:
+            frame = load_frame(path)
+        except FrameError:
+            unreadable.append(path)
+            continue
+        exposure = None if frame.meta.exposure_s is None else round(float(frame.meta.exposure_s), 6)
+        groups.setdefault(exposure, []).append(path)
+        try:
+            metrics = probe.measure_frame(frame)
+        except ValueError:  # a frame that does not fit the masters: `process` says why
+            continue
+        scores[path] = reference_score(int(metrics.n_stars), metrics.fwhm_px)
+    if unreadable:
+        first = next(iter(groups), None)
+        groups.setdefault(first, [])
+        groups[first] = sorted(groups[first] + unreadable, key=lights.index)
+    return groups, scores
+
+
+def run(args) -> int:
     settings = _settings(args.set)
     lights = _expand(args.lights)
     if not lights:
         print("lightbucket stack: no light frames found", file=sys.stderr)
         return 2
     masters, master_paths = _masters(args)
+    groups, scores = _survey(lights, settings, masters)
+    mixed = len(groups) > 1
+    if mixed:
+        print("exposures: " + ", ".join(f"{len(v)} x {_label(k)}" for k, v in groups.items())
+              + f" -> one stack each ({', '.join(str(_tagged(args.output, _label(k))) for k in groups)})",
+              flush=True)
+    stacked = 0
+    # Deepest first: the stack that matters most is written first.
+    for exposure in sorted(groups, key=lambda e: -1.0 if e is None else -e):
+        tag = _label(exposure) if mixed else None
+        stacked += _stack_one(args, groups[exposure], scores, settings, masters, master_paths,
+                              _tagged(args.output, tag), _tagged(args.preview, tag))
+    if stacked == 0:
+        print(f"lightbucket stack: no frame was accepted out of {len(lights)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stack_one(args, lights: list[Path], scores: dict[Path, float], settings, masters, master_paths,
+               output: Path, preview: Path | None) -> int:
+    """Stack `lights` (one exposure) into `output` (+ `preview`) against the best-scoring of
+    them as the reference; prints a line per frame and a summary. Returns the frames stacked."""
+    from daemon.io.load import FrameError, load_frame
+    from daemon.pipeline.live import REFERENCE_MARGIN, LivePipeline
+    from daemon.products import preview_jpeg, write_stack
+
     pipe = LivePipeline(settings, masters)
+    candidates = [p for p in lights if p in scores]
+    if candidates:
+        # The best frame of the whole set (the earliest of those within a few % of it).
+        top = max(scores[p] for p in candidates)
+        best = next(p for p in candidates if scores[p] * REFERENCE_MARGIN >= top)
+        try:
+            pipe.set_reference(load_frame(best))
+        except FrameError:
+            pass
     spool = None
     tmp = None
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
     if args.final:
         from daemon.spool import Spool
 
         if args.spool is None:
-            tmp = tempfile.TemporaryDirectory(prefix=".lightbucket-spool-", dir=args.output.parent.resolve())
-        spool = Spool(args.spool or tmp.name)
+            tmp = tempfile.TemporaryDirectory(prefix=".lightbucket-spool-", dir=output.parent.resolve())
+            spool = Spool(tmp.name)
+        else:
+            spool = Spool(args.spool / output.stem if output != args.output else args.spool)
         spool.clear()
     t0 = time.perf_counter()
     reasons: Counter[str] = Counter()
@@ -193,9 +272,8 @@ def run(args) -> int:
                 reasons[(result.reason or "rejected").split(":")[0]] += 1
             result.registered = None  # free the frame now, not at the next iteration
         if pipe.n_stacked == 0:
-            print(f"lightbucket stack: no frame was accepted out of {n}", file=sys.stderr)
-            return 1
-        args.output.parent.mkdir(parents=True, exist_ok=True)
+            print(f"no frame of {n} accepted for {output}", flush=True)
+            return 0
         live_settings = dataclasses.asdict(settings)
         if spool is not None:
             from daemon.pipeline.restack import RestackSettings, restack
@@ -203,16 +281,16 @@ def run(args) -> int:
             rs = RestackSettings()
             result = restack(*spool.restack_inputs(), settings=rs)
             image = result.image
-            write_stack(args.output, image, pipe.provenance(), masters=master_paths, reference=pipe.reference_path,
+            write_stack(output, image, pipe.provenance(), masters=master_paths, reference=pipe.reference_path,
                         method="final", settings={**live_settings, **dataclasses.asdict(rs)},
                         rejected={"low": result.rejected_low, "high": result.rejected_high}, pipeline=pipe)
         else:
             image = pipe.stack_image()
-            write_stack(args.output, pipe, masters=master_paths)
-        if args.preview:
-            fmt = "png" if args.preview.suffix.lower() == ".png" else "jpeg"
-            args.preview.parent.mkdir(parents=True, exist_ok=True)
-            args.preview.write_bytes(preview_jpeg(image, fmt=fmt))
+            write_stack(output, pipe, masters=master_paths)
+        if preview:
+            fmt = "png" if preview.suffix.lower() == ".png" else "jpeg"
+            preview.parent.mkdir(parents=True, exist_ok=True)
+            preview.write_bytes(preview_jpeg(image, fmt=fmt))
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -220,6 +298,6 @@ def run(args) -> int:
     rejected = ", ".join(f"{k}: {v}" for k, v in reasons.most_common()) or "none"
     print(f"stacked {pipe.n_stacked} of {n} frames, {pipe.total_exposure_s:.0f} s total exposure; "
           f"rejected {sum(reasons.values())} ({rejected}); reference {Path(pipe.reference_path or '-').name}; "
-          f"{'final re-stack' if args.final else 'live stack'} -> {args.output}"
-          f"{f' + {args.preview}' if args.preview else ''}; {elapsed:.1f} s ({elapsed / n:.2f} s/frame)")
-    return 0
+          f"{'final re-stack' if args.final else 'live stack'} -> {output}"
+          f"{f' + {preview}' if preview else ''}; {elapsed:.1f} s ({elapsed / n:.2f} s/frame)")
+    return pipe.n_stacked
