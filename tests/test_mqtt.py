@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import jinja2
 import paho.mqtt.client as paho
@@ -201,4 +203,55 @@ def test_tls_with_private_ca(tmp_path):
 
         asyncio.run(scenario())
     finally:
+        b.stop()
+
+
+def test_docs_acl_recipe_lets_only_the_rig_and_home_assistant_command(tmp_path):
+    """The mosquitto ACL of docs/mqtt.md, in a real mosquitto: `viewer` reads but its commands
+    never reach the daemon's subscription; Home Assistant's button presses do."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "mqtt.md").read_text()
+    acl = re.search(r"```\n(# the daemon.*?)```", doc, re.S).group(1)
+    assert "user rig" in acl
+    (tmp_path / "acl").write_text(acl)
+    passwd = tmp_path / "passwd"
+    for i, user in enumerate(("rig", "homeassistant", "viewer")):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, f"{user}-pw"],
+                       check=True, capture_output=True)
+    passwd.chmod(0o600)
+    b = Broker(tmp_path, f"allow_anonymous false\npassword_file {passwd}\nacl_file {tmp_path / 'acl'}\n")
+    b.start()
+    clients = []
+
+    def client(user: str, topic: str | None = None) -> list:
+        got: list = []
+        ready = threading.Event()
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"acl-{user}")
+        c.username_pw_set(user, f"{user}-pw")
+        c.on_message = lambda cl, u, m: got.append((m.topic, m.payload))
+        c.on_subscribe = lambda cl, u, mid, rcs, p: ready.set()
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, qos=1) if topic else ready.set()
+        c.connect("127.0.0.1", b.port)
+        c.loop_start()
+        assert ready.wait(10)
+        clients.append(c)
+        return got
+
+    try:
+        rig_got = client("rig", "lightbucket/obs/cmd")
+        viewer_got = client("viewer", "lightbucket/obs/status")
+        client("homeassistant")
+        ha, viewer, rig = clients[2], clients[1], clients[0]
+        viewer.publish("lightbucket/obs/cmd", b'{"id": "v", "action": "reset"}', qos=1).wait_for_publish(5)
+        ha.publish("lightbucket/obs/cmd", b'{"id": "ha-pause", "action": "pause"}', qos=1).wait_for_publish(5)
+        rig.publish("lightbucket/obs/status", b'{"state": "paused"}', qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (rig_got and viewer_got):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert [p for _, p in rig_got] == [b'{"id": "ha-pause", "action": "pause"}']  # not the viewer's reset
+        assert [p for _, p in viewer_got] == [b'{"state": "paused"}']  # the viewer reads
+    finally:
+        for c in clients:
+            c.loop_stop()
+            c.disconnect()
         b.stop()
