@@ -4,12 +4,15 @@ The ledger is saved *inside the same checkpoint* as the stacks (daemon.checkpoin
 either in both (stacked and recorded) or in neither (it will be processed again after a crash),
 never in one only. Entries are keyed by the path relative to the capture folder.
 
-A file that failed to load (corrupt, truncated) is recorded with its size and mtime: it is not
-retried unless it changes, so a half-copied file that is later completed is picked up.
+A file that failed to load (corrupt, truncated, unsupported, too large) is recorded with its
+size and mtime: it is not retried unless it changes, so a half-copied file that is later
+completed is picked up, and each version of a file gets one answer. `InHand` marks the file
+being processed, so that one that killed the process is quarantined at restart.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,3 +70,42 @@ class Ledger:
     @classmethod
     def from_json(cls, data: dict, root: Path) -> Ledger:
         return cls(root, {k: Entry(**v) for k, v in data.get("entries", {}).items()})
+
+
+class InHand:
+    """The file the worker is loading or stacking, kept on disk so that a process that dies
+    with it in hand (out of memory, a crash in a decoder, kill -9) is known at restart.
+
+    Invariant: the marker names a file from before its load begins until its outcome is
+    decided (stacked, rejected, error); a marker found at start therefore names the file the
+    last process died with, and the service quarantines it (records it as an error with this
+    file version, so it is not retried until it changes) instead of dying on it again. The
+    marker is written with a rename (never torn) but not fsync'ed: after a power cut it may be
+    lost, and the file is then simply processed again.
+    """
+
+    NAME = "in-hand.json"
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / self.NAME
+
+    def begin(self, frame: str | os.PathLike) -> None:
+        try:
+            st = os.stat(frame)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        tmp = self.path.with_name(f".{self.NAME}.tmp")
+        tmp.write_text(json.dumps({"path": os.fspath(frame), "size": size, "mtime_ns": mtime}))
+        os.replace(tmp, self.path)
+
+    def end(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def left_over(self) -> dict | None:
+        """The marker a previous process left ({"path", "size", "mtime_ns"}), None if none."""
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and isinstance(data.get("path"), str) else None

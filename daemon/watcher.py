@@ -9,8 +9,10 @@ A frame is handed on only once its writer is done with it:
   decides, however long the writer pauses);
 - elsewhere (polling/other observers, network shares) once its size and mtime have stayed
   unchanged for `settle_s` seconds.
-Temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) are ignored, and
-only names matching the configured patterns (case-insensitive) count. Hidden sub-folders
+Temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) are ignored. Every
+other file is handed on (patterns=None, what the service does), so each gets an answer: the
+loader reads it, or refuses it naming its kind or that capture.patterns excludes it; with
+patterns given, only names matching them (case-insensitive) count. Hidden sub-folders
 (staging folders such as `.incoming/`, where frames are written before a rename) and
 `calibration/` (calibration plans' darks, bias and flats, which become masters, not lights)
 are never watched, recursive or not. `backlog()` lists files already present at start.
@@ -20,7 +22,6 @@ Duplicates are possible (a file closed twice); the ledger decides.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import os
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from pathlib import Path
 
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+
+from daemon.io.formats import matches
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +43,17 @@ def _skipped_dir(name: str) -> bool:
     return name.startswith(".") or name in SKIPPED_DIRS
 
 
-def is_candidate(path: str | os.PathLike, patterns: tuple[str, ...]) -> bool:
-    """True for a frame name worth processing: matches a pattern and is no temp/partial name."""
+def is_candidate(path: str | os.PathLike, patterns: tuple[str, ...] | None = None) -> bool:
+    """True for a name worth an answer: no temp/partial/hidden name, and matching one of
+    `patterns` (fnmatch, case-insensitive) when they are given."""
     name = Path(path).name
     low = name.lower()
     if name.startswith((".", "~")) or low.endswith(TEMP_SUFFIXES):
         return False
-    return any(fnmatch.fnmatch(low, p.lower()) for p in patterns)
+    return patterns is None or matches(name, patterns)
 
 
-def backlog(root: Path, patterns: tuple[str, ...], recursive: bool) -> list[Path]:
+def backlog(root: Path, patterns: tuple[str, ...] | None, recursive: bool) -> list[Path]:
     """Frames already in the folder, oldest first (mtime), hidden sub-folders skipped."""
     root = Path(root)
     found: list[Path] = []
@@ -84,7 +88,7 @@ class _Handler(FileSystemEventHandler):
 class FolderWatcher:
     """Runs a watchdog observer thread and calls `on_file(path)` on the loop per complete file."""
 
-    def __init__(self, root: Path, on_file: Callable[[Path], None], *, patterns: tuple[str, ...],
+    def __init__(self, root: Path, on_file: Callable[[Path], None], *, patterns: tuple[str, ...] | None = None,
                  recursive: bool = False, settle_s: float = 2.0, force_polling: bool = False):
         self.root = Path(root)
         self.on_file = on_file

@@ -170,3 +170,15 @@ def test_bad_header_values_warn_naming_key_and_file(tmp_path, caplog, cards, war
                     header=fits.Header([(k, v) for k, v in cards.items() if k == "EXPTIME" and v == 30.0])
                     ).writeto(plain)
     assert getattr(load_frame(plain).meta, field) == value
+
+
+def test_patterns_narrow_what_is_read_and_name_the_setting(tmp_path):
+    fits.PrimaryHDU(np.zeros((8, 8), np.uint16)).writeto(tmp_path / "a.fits")
+    (tmp_path / "b.xisf").write_bytes(b"XISF0100")
+    narrowed = LoadOptions(patterns=("*.fits",))
+    assert load_frame(tmp_path / "a.fits", options=narrowed).data.shape == (8, 8)
+    with pytest.raises(FrameError, match=r"a XISF file \(\.xisf\) excluded by capture.patterns \(\*\.fits\)"):
+        load_frame(tmp_path / "b.xisf", options=narrowed)
+    (tmp_path / "c.jpg").write_bytes(b"\xff\xd8")  # an unsupported kind is named as such, narrowed or not
+    with pytest.raises(FrameError, match=r"unsupported file type \(\.jpg\)"):
+        load_frame(tmp_path / "c.jpg", options=narrowed)

@@ -8,6 +8,7 @@ This module imports nothing heavy: the settings (a leaf) import it.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
@@ -43,3 +44,9 @@ def describe_suffix(path: str | os.PathLike) -> str:
     name = os.path.basename(os.fspath(path))
     stem, dot, ext = name.rpartition(".")
     return f".{ext.lower()}" if dot and stem else "no suffix"
+
+
+def matches(path: str | os.PathLike, patterns: tuple[str, ...]) -> bool:
+    """The file name matches one of `patterns` (fnmatch, case-insensitive)."""
+    low = os.path.basename(os.fspath(path)).lower()
+    return any(fnmatch.fnmatch(low, p.lower()) for p in patterns)

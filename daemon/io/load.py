@@ -18,7 +18,7 @@ import numpy as np
 
 from daemon.io.errors import FrameError, FrameTooLarge
 from daemon.io.fits import read_fits_frame
-from daemon.io.formats import ALL_SUFFIXES, FITS_SUFFIXES, RAW_SUFFIXES, describe_suffix, format_of
+from daemon.io.formats import ALL_SUFFIXES, FITS_SUFFIXES, RAW_SUFFIXES, describe_suffix, format_of, matches
 from daemon.io.raw import read_raw_frame
 from daemon.io.tiff import read_tiff_frame
 from daemon.io.xisf import read_xisf_frame
@@ -38,6 +38,9 @@ class LoadOptions:
 
     max_frame_bytes: int | None = None
     tiff_bayer: str | None = None
+    #: capture.patterns: names outside them are refused ("excluded by capture.patterns");
+    #: None: every name the loader reads.
+    patterns: tuple[str, ...] | None = None
 
 
 def is_fits(path: str | os.PathLike) -> bool:
@@ -83,6 +86,9 @@ def load_frame(path: str | os.PathLike, frame_type: FrameType | None = None, *,
         reason = "is a directory" if os.path.isdir(path) else "no such file"
         raise FrameError(path, reason)
     fmt = format_of(path) or ("fits" if is_fits(path) else None)
+    if fmt is not None and opts.patterns is not None and not matches(path, opts.patterns):
+        raise FrameError(path, f"a {fmt.upper()} file ({describe_suffix(path)}) excluded by capture.patterns "
+                               f"({', '.join(opts.patterns)}): not read")
     limit = opts.max_frame_bytes
     if fmt == "fits":
         frame = read_fits_frame(path, out, max_bytes=limit)
@@ -127,7 +133,16 @@ class FrameLoader:
         self._last: np.ndarray | None = None
 
     def __call__(self, path: str | os.PathLike, frame_type: FrameType | None = None) -> Frame:
-        frame = load_frame(path, frame_type, out=self._free_array(), options=self.options)
+        """`load_frame`; any failure is a FrameError (a decoder's MemoryError or internal
+        error included), so one bad file never stops the caller's loop."""
+        try:
+            frame = load_frame(path, frame_type, out=self._free_array(), options=self.options)
+        except FrameError:
+            raise
+        except OSError as exc:
+            raise FrameError(path, f"cannot read file: {exc.strerror or exc}") from None
+        except Exception as exc:  # noqa: BLE001 - MemoryError, a decoder's own bug: this file's fault
+            raise FrameError(path, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
         self._last = frame.data if frame.data.nbytes <= REUSE_MAX_BYTES else None
         return frame
 
