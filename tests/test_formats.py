@@ -182,3 +182,33 @@ def test_patterns_narrow_what_is_read_and_name_the_setting(tmp_path):
     (tmp_path / "c.jpg").write_bytes(b"\xff\xd8")  # an unsupported kind is named as such, narrowed or not
     with pytest.raises(FrameError, match=r"unsupported file type \(\.jpg\)"):
         load_frame(tmp_path / "c.jpg", options=narrowed)
+
+
+def _xisf_by_hand(path: Path, data: np.ndarray, image_children: str) -> Path:
+    """A monolithic XISF 1.0 file written from the specification (not by the xisf package):
+    signature, header length, XML header, the data block attached at byte 4096."""
+    block = data.astype("<u2").tobytes()
+    xml = (f'<?xml version="1.0" encoding="UTF-8"?><xisf version="1.0" xmlns="http://www.pixinsight.com/xisf">'
+           f'<Image geometry="{data.shape[1]}:{data.shape[0]}:1" sampleFormat="UInt16" colorSpace="Gray" '
+           f'location="attachment:4096:{len(block)}">{image_children}</Image></xisf>').encode()
+    head = b"XISF0100" + len(xml).to_bytes(4, "little") + bytes(4) + xml
+    assert len(head) < 4096
+    path.write_bytes(head + bytes(4096 - len(head)) + block)
+    return path
+
+
+def test_xisf_cfa_element_and_keywords_by_the_specification(tmp_path):
+    data = np.random.default_rng(5).integers(0, 65535, (6, 10)).astype(np.uint16)
+    children = ('<FITSKeyword name="EXPTIME" value="120." comment=""/><FITSKeyword name="IMAGETYP" '
+                "value=\"'Dark Frame'\" comment=\"\"/><FITSKeyword name=\"GAIN\" value=\"100\" comment=\"\"/>"
+                '<ColorFilterArray pattern="GRBG" width="2" height="2"/>')
+    frame = load_frame(_xisf_by_hand(tmp_path / "d.xisf", data, children))
+    np.testing.assert_array_equal(frame.data, data)
+    assert frame.meta.bayer == "GRBG" and frame.meta.exposure_s == 120.0 and frame.meta.gain == 100.0
+    assert frame.meta.frame_type.value == "dark"
+    with pytest.raises(FrameTooLarge, match="d.xisf"):
+        load_frame(tmp_path / "d.xisf", options=LoadOptions(max_frame_bytes=100))
+    truncated = tmp_path / "t.xisf"
+    truncated.write_bytes((tmp_path / "d.xisf").read_bytes()[:-10])
+    with pytest.raises(FrameError, match="truncated or still being written"):
+        load_frame(truncated)
