@@ -27,7 +27,7 @@ from daemon.io.fits import open_fits_image, write_fits
 from daemon.io.load import is_fits, load_frame
 from daemon.pipeline.calibrate import Masters, normalise_flat
 from daemon.pipeline.combine import band_rows, combine
-from daemon.pipeline.defects import defects_from_dark, defects_from_flat
+from daemon.pipeline.defects import MAX_DEFECT_FRACTION, defects_from_dark, defects_from_flat
 from daemon.pipeline.frame import FrameMeta, FrameType
 
 log = logging.getLogger(__name__)
@@ -314,11 +314,22 @@ def load_masters(bias: str | os.PathLike | None = None, dark: str | os.PathLike 
     m.bayer = next(iter(bayers.values()), None)
     if find_defects and (m.dark is not None or m.flat is not None):
         defects = np.zeros(shape, dtype=bool)
+        maps = []
         if m.dark is not None:
-            dark_signal = m.dark if m.bias is not None else m.dark - np.median(m.dark)
-            defects |= defects_from_dark(dark_signal)
+            # Only deviations from the median count: the same with or without the bias.
+            maps.append(("dark", dark, defects_from_dark(m.dark)))
         if m.flat is not None:
-            defects |= defects_from_flat(m.flat, m.bayer) | flat_bad
+            maps.append(("flat", flat, defects_from_flat(m.flat, m.bayer) | flat_bad))
+        for what, path, found in maps:
+            fraction = float(found.mean())
+            if fraction > MAX_DEFECT_FRACTION:
+                log.warning("%s: the defect map of this master %s flags %.2f %% of the sensor (more than "
+                            "%.1f %%): not applied (a master of the wrong kind, or one this noise model "
+                            "does not fit)", path, what, 100 * fraction, 100 * MAX_DEFECT_FRACTION)
+                m.warnings.append(f"{path}: defect map of the {what} flags {100 * fraction:.2f} % of the "
+                                  f"sensor: not applied")
+                continue
+            defects |= found
         m.defects = defects
         log.info("defect map: %d pixels (%.3f %%)", int(defects.sum()), 100 * defects.mean())
     return m

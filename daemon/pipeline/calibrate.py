@@ -51,6 +51,8 @@ class Masters:
     bayer: str | None = None
     #: Metadata of each master file by kind ("bias", "dark", "flat"), for mismatch warnings.
     sources: dict[str, FrameMeta] = field(default_factory=dict)
+    #: Problems found loading the masters, one readable line each (e.g. a defect map not applied).
+    warnings: list[str] = field(default_factory=list)
     #: (defects array it was built from, its DefectRepair): built on first use.
     _repair: tuple | None = field(default=None, repr=False, compare=False)
     #: Set by `compact()`.

@@ -18,20 +18,57 @@ DARK_KAPPA = 8.0
 FLAT_TOLERANCE = 0.3
 
 
-def _robust_sigma(values: np.ndarray) -> tuple[float, float]:
-    sample = values.ravel()
-    if sample.size > 2_000_000:  # a strided sample is plenty for median and MAD
+#: A defect map flagging more than this fraction of the sensor is not a map of defects but of
+#: a noise scale that went wrong (or a master of the wrong kind): warned about, not applied.
+MAX_DEFECT_FRACTION = 0.005
+
+
+def _sample(values: np.ndarray) -> np.ndarray:
+    sample = np.asarray(values).ravel()
+    if sample.size > 2_000_000:  # a strided sample is plenty for quantiles
         sample = sample[:: sample.size // 1_000_000]
-    sample = sample[np.isfinite(sample)]
+    return sample[np.isfinite(sample)].astype(np.float64)
+
+
+def noise_scale(values: np.ndarray, read_noise_adu: float = 0.0) -> tuple[float, float]:
+    """(median, robust sigma) of a master's pixels (ADU), safe on quantised data.
+
+    The MAD alone is 0 on an integer master whose noise is below 1 ADU (most pixels equal the
+    median), and small on a dark clipped at 0 (bias-free, stored unsigned). So the sigma is
+    the largest of: 1.4826 MAD; half the distance from the median to the 97.7th or the 2.3rd
+    percentile (2 sigma each side of a normal distribution, whichever side is not clipped;
+    hot pixels are far fewer than 2.3 %); the quantisation step of the values (1 ADU for an
+    integer master: the noise cannot be resolved below it); and `read_noise_adu`, the
+    sensor's read noise where known (a master of N frames has read_noise / sqrt(N): give that).
+    """
+    sample = _sample(values)
+    if sample.size == 0:
+        return 0.0, 0.0
     med = float(np.median(sample))
-    return med, 1.4826 * float(np.median(np.abs(sample - med)))
+    mad = 1.4826 * float(np.median(np.abs(sample - med)))
+    lo, hi = np.percentile(sample, [2.275, 97.725])
+    spread = max(hi - med, med - lo) / 2.0
+    distinct = np.unique(sample[: 200_000])
+    step = float(np.min(np.diff(distinct))) if distinct.size > 1 else 0.0
+    return med, max(mad, spread, step, float(read_noise_adu))
 
 
-def defects_from_dark(dark: np.ndarray, kappa: float = DARK_KAPPA) -> np.ndarray:
-    """Hot (and stuck-low) pixels of a master dark, in ADU at the dark's exposure."""
-    med, sigma = _robust_sigma(dark)
+def defects_from_dark(dark: np.ndarray, kappa: float = DARK_KAPPA, read_noise_adu: float = 0.0) -> np.ndarray:
+    """Hot (and stuck-low) pixels of a master dark: beyond `kappa` robust sigmas of its median.
+
+    Parameters
+    ----------
+    dark : the master dark's signal (ADU at the dark's exposure), float or integer, with or
+        without its bias (only deviations from the median count).
+    kappa : threshold (sigma of `noise_scale`).
+    read_noise_adu : noise floor where the sensor's read noise is known (ADU; 0 = unknown).
+
+    Returns a boolean map, True = defect. Check its fraction (`MAX_DEFECT_FRACTION`) before
+    applying it.
+    """
+    med, sigma = noise_scale(dark, read_noise_adu)
     sigma = max(sigma, 1e-3 * max(abs(med), 1.0), 1e-6)
-    dev = np.asarray(dark, dtype=np.float32) - med
+    dev = np.asarray(dark, dtype=np.float32) - np.float32(med)
     return (dev > kappa * sigma) | (dev < -kappa * sigma)
 
 
