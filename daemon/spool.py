@@ -1,8 +1,12 @@
 """On-disk spool of registered frames, for the final re-stack and for resuming a session.
 
-Each accepted frame, already warped into the reference and background-normalised, is kept
-as a float16 `.npy` (half the size of float32; ~0.05 % precision, far below shot noise)
-that the re-stack reads back as a memmap in row bands. Values beyond float16's range
+Each accepted frame is kept as a float16 `.npy` (half the size of float32; ~0.05 %
+precision, far below shot noise) that the re-stack reads back as a memmap in row bands:
+a mono or superpixel frame already warped into the reference and background-normalised; a
+full-resolution colour frame as its calibrated mosaic (`daemon.pipeline.fused.RegisteredMosaic`:
+a third of the registered RGB image's bytes, the raw frame's size), with its transform and
+sky offset in the index, re-made into the registered image band by band when read
+(`RegisteredView`: by interpolation or Bayer drizzle). Values beyond float16's range
 (> 65504 ADU after flat division) are scaled by a power of two recorded in the index.
 `index.json` lists the frames in stacking order with their weights and provenance; it is
 rewritten atomically after each frame file is fsynced, so a crash leaves either the old or
@@ -16,13 +20,14 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numba
 import numpy as np
 
 from daemon.checkpoint import fsync_dir
+from daemon.pipeline.fused import RegisteredMosaic, RegisteredView
 from daemon.pipeline.half import to_half
 
 _F16_MAX = 60000.0
@@ -53,20 +58,26 @@ def writer_thread() -> ThreadPoolExecutor:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A registered frame as the spool stores it: `data` (float16) times `scale` is ADU."""
+    """A registered frame as the spool stores it: `data` (float16) times `scale` is ADU;
+    `meta`: what the index keeps beside it (a mosaic's transform, offset, method)."""
 
     data: np.ndarray
     scale: float
+    meta: dict = field(default_factory=dict)
 
 
-def encode(image: np.ndarray) -> Encoded:
+def encode(image: np.ndarray | RegisteredMosaic) -> Encoded:
     """The float16 copy of a registered frame the spool keeps (half the bytes of float32; ~0.05 %
     precision, far below shot noise). Frames with values beyond float16's range (> 65504 ADU
     after flat division) are scaled down by a power of two. The peak from numpy's reductions,
     the conversion in one parallel pass (`daemon.pipeline.half`), no float32 temporary: ~4 ms
     for a 12 Mpx frame on 2 cores (OpenCV's conversion, single-threaded: 12-15 ms). Call it
     on the thread that stacks (its kernels use numba's thread pool); the service does, then
-    drops the float32 frame and hands the writer thread only this."""
+    drops the float32 frame and hands the writer thread only this. A `RegisteredMosaic`
+    gives its mosaic, with its description as `meta`."""
+    if isinstance(image, RegisteredMosaic):
+        enc = encode(image.data)
+        return Encoded(enc.data, enc.scale, image.meta())
     shape = tuple(int(n) for n in image.shape)
     if not image.size:
         return Encoded(np.empty(shape, np.float16), 1.0)
@@ -128,7 +139,8 @@ class Spool:
     def __contains__(self, path: str) -> bool:
         return any(e.get("path") == path for e in self.entries)
 
-    def append(self, image: np.ndarray | Encoded, *, weight: float, path: str | None = None, **meta) -> dict:
+    def append(self, image: np.ndarray | RegisteredMosaic | Encoded, *, weight: float, path: str | None = None,
+               **meta) -> dict:
         """Spool one registered frame (H, W) or (H, W, C), float32 ADU or already `encode`d,
         with its weight and provenance (JSON-able keyword values: date_obs, exposure_s, ...)."""
         enc = image if isinstance(image, Encoded) else encode(image)
@@ -148,7 +160,7 @@ class Spool:
             _drop_cached(fh.fileno())
         os.replace(tmp, self.dir / name)
         entry = {"seq": seq, "file": name, "path": path, "weight": float(weight), "scale": enc.scale,
-                 "shape": list(enc.data.shape), **meta}
+                 "shape": list(enc.data.shape), **enc.meta, **meta}
         self.entries.append(entry)
         self._write_index()
         return entry
@@ -157,9 +169,14 @@ class Spool:
         for e in self.entries:
             yield self.open(e)
 
-    def open(self, entry: dict) -> np.ndarray:
-        """The stored frame as a read-only float16 memmap (multiply by entry['scale'])."""
-        return np.load(self.dir / entry["file"], mmap_mode="r")
+    def open(self, entry: dict) -> np.ndarray | RegisteredView:
+        """The stored frame as a read-only float16 memmap (multiply by entry['scale']); a
+        spooled mosaic as the `RegisteredView` that re-makes its registered RGB rows (in the
+        same units)."""
+        data = np.load(self.dir / entry["file"], mmap_mode="r")
+        if entry.get("kind") == "mosaic":
+            return RegisteredView(data, entry, float(entry["scale"]))
+        return data
 
     def restack_inputs(self) -> tuple[list[np.ndarray], list[float], list[float]]:
         """(frames, weights, scales) for daemon.pipeline.restack.restack."""

@@ -35,9 +35,18 @@ def test_quick_benchmark_produces_full_table(tmp_path):
         assert live["n_timed"] == 2 and naive["n_timed"] == 2
         # Every frame was stacked by both (reference + 2), so the timings are of real work.
         assert live["n_stacked"] == 3 and naive["n_stacked"] == 3
-        for stage in ("load", "calibrate", "detect", "match", "warp", "reject+stack", "spool", "preview"):
+        # Colour at full resolution goes the fused way (debayer + warp + stack in bands), mono
+        # through the separate stages; each row names the resolution both pipelines stacked at.
+        stages = ("fused",) if r["mode"] == "osc" else ("warp", "reject+stack")
+        for stage in ("load", "calibrate", "detect", "match", "spool", "preview") + stages:
             assert live["stages"][stage] > 0, (r["mode"], stage)
-        assert (live["stages"]["debayer"] or 0) > 0 if r["mode"] == "osc" else live["stages"]["debayer"] is None
+        assert live["stages"]["debayer"] is None
+        assert live["resolution"] == naive["resolution"] == "320x240"
+        assert f"| 320x240 | {r['mode']} | 320x240 / 320x240 |" in table
+        # Bytes written: the spool's file per frame (colour: the float16 mosaic, the raw
+        # frame's size) and one checkpoint.
+        assert live["spool_bytes_median"] <= 1.1 * live["raw_bytes"]
+        assert live["checkpoint_bytes"] > 320 * 240 * 4
         assert naive["stages"]["match"] > 0 and naive["stages"]["warp"] > 0
         # The spool thread wrote every stacked frame once, as the service's does.
         assert r["live_raw"]["n_spooled"] == live["n_stacked"] and live["spool_write_median_s"] > 0
@@ -45,3 +54,18 @@ def test_quick_benchmark_produces_full_table(tmp_path):
         # The live pipeline registered the dithered frames (not an identity warp of everything).
         dxs = [f["dx"] for f in r["live_raw"]["frames"][1:]]
         assert all(d is not None and abs(d) > 0.5 for d in dxs), dxs
+
+
+def test_quick_benchmark_compares_superpixel_with_a_binned_naive_pipeline(tmp_path):
+    """Like with like: a superpixel live stack against a naive pipeline that bins 2x2."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--sizes", "320x240", "--osc", "--debayer", "superpixel",
+         "--frames", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["live"]["resolution"] == r["naive"]["resolution"] == "160x120"
+    assert r["live"]["stages"]["debayer"] > 0 and r["live"]["stages"]["fused"] is None
+    assert r["live"]["n_stacked"] == r["naive"]["n_stacked"] == 3

@@ -70,6 +70,30 @@ def debayer(cfa: np.ndarray, pattern: str, method: str = "bilinear") -> np.ndarr
     return out
 
 
+def debayer_rows(cfa: np.ndarray, pattern: str, r0: int, r1: int, d0: int = 0, full_h: int | None = None,
+                 out: np.ndarray | None = None, *, parallel: bool = True) -> np.ndarray:
+    """Rows r0..r1 of `debayer(mosaic, pattern, "bilinear")`, bit for bit, without the rest.
+
+    cfa: rows d0.. of the full mosaic (2-D float32), holding at least rows r0 - 1 .. r1 (within the frame);
+    full_h: the full mosaic's height (default: d0 + len(cfa)), where its borders are
+    mirrored as `debayer` does. Row indices are the full mosaic's. Returns (r1 - r0, W, 3)
+    float32 (into `out` if given). parallel=False: on the calling thread only (for callers
+    that run bands on threads of their own). Raises ValueError when `cfa` lacks a needed row."""
+    pattern = _check_pattern(pattern)
+    full_h = d0 + cfa.shape[0] if full_h is None else int(full_h)
+    if not 0 <= r0 <= r1 <= full_h:
+        raise ValueError(f"rows {r0}..{r1} outside a mosaic of {full_h} rows")
+    need0, need1 = (r0 - 1 if r0 > 0 else 1), (r1 + 1 if r1 < full_h else full_h - 1)
+    if r1 > r0 and (min(need0, r0) < d0 or max(need1, r1) > d0 + cfa.shape[0]):
+        raise ValueError(f"debayer_rows {r0}..{r1} needs mosaic rows {min(need0, r0)}..{max(need1, r1)}, "
+                         f"got {d0}..{d0 + cfa.shape[0]}")
+    if out is None:
+        out = np.empty((r1 - r0, cfa.shape[1], 3), np.float32)
+    colour = np.array(["RGB".index(c) for c in pattern], dtype=np.int64)
+    (_bilinear_rows if parallel else _bilinear_rows_serial)(cfa, d0, full_h, out, r0, colour)
+    return out
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _bilinear(data: np.ndarray, out: np.ndarray, colour: np.ndarray) -> None:
     """Bilinear demosaicing in one parallel pass, (H, W) -> (H, W, 3): each missing sample is
@@ -78,24 +102,48 @@ def _bilinear(data: np.ndarray, out: np.ndarray, colour: np.ndarray) -> None:
     edge (OpenCV's reflect-101), which keeps the 2x2 colour parity. The same result as one 3x3
     convolution per colour plane (to float32 rounding) at ~1/5 of the time: no sparse planes,
     no merge. `colour`: 0/1/2 (R/G/B) of the 2x2 cell, row-major."""
-    h, w = data.shape
+    h = data.shape[0]
     for i in numba.prange(h):
-        up = i - 1 if i > 0 else 1
-        dn = i + 1 if i < h - 1 else h - 2
-        for j in range(w):
-            lf = j - 1 if j > 0 else 1
-            rt = j + 1 if j < w - 1 else w - 2
-            c = colour[(i & 1) * 2 + (j & 1)]
-            v = data[i, j]
-            if c == 1:  # green site: red/blue beside it on one axis, the other on the other axis
-                ch = colour[(i & 1) * 2 + ((j + 1) & 1)]
-                out[i, j, 1] = v
-                out[i, j, ch] = (data[i, lf] + data[i, rt]) * np.float32(0.5)
-                out[i, j, 2 - ch] = (data[up, j] + data[dn, j]) * np.float32(0.5)
-            else:  # red or blue site: green on the 4 sides, the other colour on the 4 diagonals
-                out[i, j, c] = v
-                out[i, j, 1] = (data[i, lf] + data[i, rt] + data[up, j] + data[dn, j]) * np.float32(0.25)
-                out[i, j, 2 - c] = (data[up, lf] + data[up, rt] + data[dn, lf] + data[dn, rt]) * np.float32(0.25)
+        _bilinear_row(data, 0, h, out, i, i, colour)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _bilinear_rows(data, d0, full_h, out, r0, colour):  # pragma: no cover - numba
+    """`_bilinear` of full-mosaic rows r0 .. r0 + len(out) from `data` = mosaic rows d0.."""
+    for k in numba.prange(out.shape[0]):
+        _bilinear_row(data, d0, full_h, out, k, r0 + k, colour)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bilinear_rows_serial(data, d0, full_h, out, r0, colour):  # pragma: no cover - numba
+    """`_bilinear_rows` on the calling thread."""
+    for k in range(out.shape[0]):
+        _bilinear_row(data, d0, full_h, out, k, r0 + k, colour)
+
+
+@numba.njit(inline="always")
+def _bilinear_row(data, d0, h, out, k, i, colour):  # pragma: no cover - numba
+    """Full-mosaic row i (mosaic height h, `data` starting at row d0) into out[k]."""
+    w = data.shape[1]
+    up = (i - 1 if i > 0 else 1) - d0
+    dn = (i + 1 if i < h - 1 else h - 2) - d0
+    ii = i - d0
+    for j in range(w):
+        lf = j - 1 if j > 0 else 1
+        rt = j + 1 if j < w - 1 else w - 2
+        c = colour[(i & 1) * 2 + (j & 1)]
+        v = np.float32(data[ii, j])
+        if c == 1:  # green site: red/blue beside it on one axis, the other on the other axis
+            ch = colour[(i & 1) * 2 + ((j + 1) & 1)]
+            out[k, j, 1] = v
+            out[k, j, ch] = (np.float32(data[ii, lf]) + np.float32(data[ii, rt])) * np.float32(0.5)
+            out[k, j, 2 - ch] = (np.float32(data[up, j]) + np.float32(data[dn, j])) * np.float32(0.5)
+        else:  # red or blue site: green on the 4 sides, the other colour on the 4 diagonals
+            out[k, j, c] = v
+            out[k, j, 1] = (np.float32(data[ii, lf]) + np.float32(data[ii, rt]) + np.float32(data[up, j])
+                            + np.float32(data[dn, j])) * np.float32(0.25)
+            out[k, j, 2 - c] = (np.float32(data[up, lf]) + np.float32(data[up, rt]) + np.float32(data[dn, lf])
+                                + np.float32(data[dn, rt])) * np.float32(0.25)
 
 
 def luminance(data: np.ndarray, bayer: str | None, bin_factor: int = 1) -> np.ndarray:

@@ -22,6 +22,7 @@ from daemon.pipeline.align import describe, register
 from daemon.pipeline.calibrate import Masters, calibrate
 from daemon.pipeline.debayer import debayer
 from daemon.pipeline.frame import Frame, FrameMeta
+from daemon.pipeline.fused import RegisteredMosaic, is_affine, mosaic_sky, stack_mosaic
 from daemon.pipeline.geometry import SUPERPIXEL, StackGeometry
 from daemon.pipeline.quality import QualityHistory, QualitySettings, assess
 from daemon.pipeline.stack import RunningStack, StackSettings
@@ -29,11 +30,10 @@ from daemon.pipeline.stars import Stars, measure
 from daemon.pipeline.warp import INTERPOLATIONS, warp
 
 WEIGHTINGS = ("noise", "snr", "equal")
-DEBAYER_METHODS = ("auto", "bilinear", "superpixel")
-#: debayer="auto" stacks colour frames above this many pixels at half resolution (superpixel):
-#: a full-resolution RGB stack of a 26 Mpx sensor needs ~1.2 GB for its statistics alone and
-#: ~3 s per frame on 2 cores; at half resolution it fits a Pi's memory and a 0.5-1 s budget.
-AUTO_SUPERPIXEL_PIXELS = 8_000_000
+#: "bilinear" (the default) and "auto": full resolution, fused (`daemon.pipeline.fused`);
+#: "drizzle": the live stack as "bilinear", the final re-stack by Bayer drizzle;
+#: "superpixel": half resolution, a quarter of the pixels (for machines short of memory).
+DEBAYER_METHODS = ("bilinear", "auto", "drizzle", "superpixel")
 #: A better reference must score this much higher (`reference_score`): frames of one night
 #: differ by a few % by chance, which is no reason to change.
 REFERENCE_MARGIN = 1.05
@@ -45,10 +45,15 @@ class LiveSettings:
 
     Stack: kappa (sigma), warmup (frames), warmup_kappa (sigma), sigma_floor (fraction of the
     plane's noise), reject (bool), weighting ("noise": 1/noise^2, "snr": star SNR^2,
-    "equal"), debayer ("bilinear" full resolution, "superpixel" half resolution and 4x
-    lighter, "auto": superpixel above AUTO_SUPERPIXEL_PIXELS), interpolation of the warp ("bicubic": stacked stars as sharp as a single
-    frame's; "bilinear" is 2x faster but widens 3-px stars by ~5 %), normalize_background (bring each frame's sky to the reference level),
-    registration_model ("similarity", "affine", ...), reference_frames (the registration
+    "equal"), debayer ("bilinear": full resolution; "auto": the same; "drizzle": full
+    resolution, and the final re-stack drops each CFA sample onto the output grid instead of
+    interpolating, see `daemon.pipeline.drizzle`; "superpixel": half resolution and 4x
+    lighter), drizzle_pixfrac (drop size of the drizzle, fraction of a pixel, 0.1..1), fused
+    (colour at full resolution band by band, `daemon.pipeline.fused`; False: whole-frame
+    debayer, warp and stack, the reference the fused path is tested against), interpolation
+    of the warp ("bicubic": stacked stars as sharp as a single frame's; "bilinear" is 2x
+    faster but widens 3-px stars by ~5 %), normalize_background (bring each frame's sky to
+    the reference level), registration_model ("similarity", "affine", ...), reference_frames (the registration
     reference is the best of the first this many accepted frames: most stars, smallest FWHM;
     1 = the first frame).
     Quality: see daemon.pipeline.quality.QualitySettings for the meaning of each field.
@@ -61,7 +66,9 @@ class LiveSettings:
     sigma_floor: float = 1.0
     reject: bool = True
     weighting: str = "noise"
-    debayer: str = "auto"
+    debayer: str = "bilinear"
+    drizzle_pixfrac: float = 0.7
+    fused: bool = True
     interpolation: str = "bicubic"
     normalize_background: bool = True
     registration_model: str = "similarity"
@@ -84,6 +91,8 @@ class LiveSettings:
             raise ValueError(f"stack.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.debayer not in DEBAYER_METHODS:
             raise ValueError(f"stack.debayer must be one of {DEBAYER_METHODS}, got {self.debayer!r}")
+        if not 0.1 <= self.drizzle_pixfrac <= 1.0:
+            raise ValueError(f"stack.drizzle_pixfrac must be within 0.1..1, got {self.drizzle_pixfrac}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"stack.interpolation must be one of {tuple(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.reject and self.warmup < 4:
@@ -276,6 +285,35 @@ class LivePipeline:
                 self._ref = ref = dataclasses.replace(
                     ref, path=path, stars=stars, n_stars=n_stars, fwhm_px=fwhm,
                     grid_from_ref=np.asarray(matrix, np.float64).copy())
+        method = self.debayer_method(data.shape) if frame.meta.bayer else None
+        if method == "bilinear":
+            # Full-resolution colour: the sky from the mosaic (fused or not, the same offsets).
+            sky = mosaic_sky(data, frame.meta.bayer)
+            stack = self._stack_for(data.shape + (3,), sky)
+            offset = self._offset(sky)
+            if s.fused and is_affine(matrix):
+                mosaic = RegisteredMosaic(data, frame.meta.bayer, np.asarray(matrix, np.float64),
+                                          tuple(float(v) for v in offset), s.interpolation,
+                                          "drizzle" if s.debayer == "drizzle" else "bilinear", s.drizzle_pixfrac)
+                if consume and data is frame.data:
+                    frame.data = None  # the mosaic lives on in `mosaic` (for the spool) only
+                del data
+                with self._lock:
+                    rejected = stack_mosaic(stack, mosaic.data, mosaic.bayer, mosaic.matrix, weight, offset,
+                                            interpolation=s.interpolation)
+                return self._stacked(stack, frame, weight, result, mosaic, rejected,
+                                     dx=dx, dy=dy, rot=rot, n_stars=n_stars, fwhm=fwhm, bkg=bkg, elong=elong)
+            img = debayer(data, frame.meta.bayer, method="bilinear")
+            del data
+            if consume:
+                frame.data = None
+            registered = self._warp(img, np.asarray(matrix, np.float64), True)
+            del img
+            self._add_offset(registered, offset)
+            with self._lock:
+                rejected = stack.add(registered, weight)
+            return self._stacked(stack, frame, weight, result, registered, rejected,
+                                 dx=dx, dy=dy, rot=rot, n_stars=n_stars, fwhm=fwhm, bkg=bkg, elong=elong)
         img, matrix = self._debayer(data, frame.meta.bayer, matrix)
         owned = img is not frame.data  # the frame's own pixels are never modified past calibration
         del data  # the calibrated mosaic: freed before the warp allocates its output ...
@@ -284,24 +322,46 @@ class LivePipeline:
         registered = self._warp(img, matrix, owned)
         del img
         sky = self._sky(registered)
-        if self._stack is None:
-            ref.sky = sky
-            shape = registered.shape
-            stack = RunningStack(shape, s.stack_settings)
-        else:
-            stack = self._stack
-        if s.normalize_background:
-            offset = np.asarray(ref.sky, np.float32) - np.asarray(sky, np.float32)
-            if registered.ndim == 2:
-                registered += offset[0]
-            elif registered.shape[2] <= 4 and registered.flags.c_contiguous:
-                # Per-channel scalar add by OpenCV: numpy broadcasting a 3-vector over an
-                # (H, W, 3) image runs 3-element inner loops (~4x slower). Same float32 sums.
-                cv2.add(registered, tuple(float(v) for v in offset) + (0.0,) * (4 - offset.size), dst=registered)
-            else:
-                registered += offset
+        stack = self._stack_for(registered.shape, sky)
+        self._add_offset(registered, self._offset(sky))
         with self._lock:
             rejected = stack.add(registered, weight)
+        return self._stacked(stack, frame, weight, result, registered, rejected,
+                             dx=dx, dy=dy, rot=rot, n_stars=n_stars, fwhm=fwhm, bkg=bkg, elong=elong)
+
+    def _stack_for(self, shape: tuple[int, ...], sky: list[float]) -> RunningStack:
+        """The running stack (made for `shape` with the first frame, whose `sky` becomes the
+        reference level)."""
+        if self._stack is None:
+            self._ref.sky = sky
+            return RunningStack(shape, self.settings.stack_settings)
+        return self._stack
+
+    def _offset(self, sky: list[float]) -> np.ndarray:
+        """Per-plane ADU bringing a frame's sky to the reference's (zeros when
+        normalize_background is off)."""
+        if not self.settings.normalize_background:
+            return np.zeros(len(sky), np.float32)
+        return np.asarray(self._ref.sky, np.float32) - np.asarray(sky, np.float32)
+
+    @staticmethod
+    def _add_offset(registered: np.ndarray, offset: np.ndarray) -> None:
+        if not offset.any():
+            return
+        if registered.ndim == 2:
+            registered += offset[0]
+        elif registered.shape[2] <= 4 and registered.flags.c_contiguous:
+            # Per-channel scalar add by OpenCV: numpy broadcasting a 3-vector over an
+            # (H, W, 3) image runs 3-element inner loops (~4x slower). Same float32 sums.
+            cv2.add(registered, tuple(float(v) for v in offset) + (0.0,) * (4 - offset.size), dst=registered)
+        else:
+            registered += offset
+
+    def _stacked(self, stack: RunningStack, frame: Frame, weight: float, result, registered, rejected: int, *,
+                 dx, dy, rot, n_stars, fwhm, bkg, elong) -> FrameResult:
+        """Book a frame just added to `stack`: counts, exposure, provenance, history."""
+        path = frame.meta.path
+        with self._lock:
             self._stack = stack
             self.n_stacked += 1
             exposure = float(frame.meta.exposure_s or 0.0)
@@ -312,7 +372,7 @@ class LivePipeline:
                 "exposure_s": exposure, "dx": dx, "dy": dy, "rotation_deg": rot,
                 "stars": n_stars, "fwhm_px": fwhm, "capture": capture_fields(frame.meta),
             })
-        self._history.accept(fwhm, bkg, s.history, elongation=elong, n_stars=n_stars)
+        self._history.accept(fwhm, bkg, self.settings.history, elongation=elong, n_stars=n_stars)
         return result(True, None, dx=dx, dy=dy, rotation_deg=rot, weight=weight,
                       registered=registered, rejected_pixels=rejected)
 
@@ -449,9 +509,7 @@ class LivePipeline:
 
     def debayer_method(self, shape: tuple[int, ...]) -> str:
         """The debayer method used for frames of this (mosaic) shape."""
-        if self.settings.debayer != "auto":
-            return self.settings.debayer
-        return "superpixel" if shape[0] * shape[1] > AUTO_SUPERPIXEL_PIXELS else "bilinear"
+        return "superpixel" if self.settings.debayer == "superpixel" else "bilinear"
 
     def _debayer(self, data: np.ndarray, bayer: str | None, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Colour mosaic -> RGB (and the matrix in its pixel grid); mono passes through

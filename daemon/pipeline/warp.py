@@ -50,7 +50,8 @@ def warp(
         flag = INTERPOLATIONS[interpolation]
         _MARGIN[interpolation]
     except KeyError:
-        raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}") from None
+        raise ValueError(f"unknown interpolation {interpolation!r}; "
+                         f"expected one of {', '.join(INTERPOLATIONS)}") from None
     h, w = int(output_shape[0]), int(output_shape[1])
     if not src.flags.c_contiguous:
         src = np.ascontiguousarray(src)
@@ -75,19 +76,65 @@ def warp(
     return out
 
 
+def source_rows(matrix: np.ndarray, r0: int, r1: int, width: int, src_h: int, interpolation: str = "bicubic"
+                ) -> tuple[int, int]:
+    """The source rows [s0, s1) an affine `warp` reads for output rows r0..r1 (of `width`
+    columns): the band's corners mapped back through the matrix, widened by the
+    interpolation kernel's reach, clipped to the frame's `src_h` rows (s0 == s1: the band
+    sees nothing of the frame). Affine only (ValueError otherwise)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if not np.allclose(m[2], [0.0, 0.0, 1.0]):
+        raise ValueError("source_rows needs an affine matrix")
+    inv = np.linalg.inv(m)
+    xs = np.array([0.0, width - 1.0, 0.0, width - 1.0])
+    ys = np.array([r0, r0, r1 - 1.0, r1 - 1.0])
+    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    reach = _MARGIN[interpolation] + 2
+    s0 = int(np.clip(np.floor(sy.min()) - reach, 0, src_h))
+    s1 = int(np.clip(np.ceil(sy.max()) + reach + 1, 0, src_h))
+    return s0, max(s0, s1)
+
+
+def warp_rows(src: np.ndarray, s0: int, src_shape: tuple[int, int], matrix: np.ndarray, r0: int, r1: int,
+              width: int, interpolation: str = "bicubic", out: np.ndarray | None = None) -> np.ndarray:
+    """Output rows r0..r1 of `warp(image, matrix, (H, width), interpolation)` from only the
+    source rows it reads: `src` = image rows s0 .. s0 + len(src) (at least `source_rows`),
+    `src_shape` the whole image's (rows, columns). Affine matrices only. The same
+    interpolation as `warp` of the whole image; OpenCV's fixed-point source coordinates
+    are computed from a translated matrix, which can move a coordinate across a 1/32 px
+    step in rare pixels (float rounding of the translation). NaN outside the frame as in
+    `warp`. Returns (r1 - r0, width[, C]) float32 (into `out` if given)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    flag = INTERPOLATIONS[interpolation]
+    h = r1 - r0
+    if out is None:
+        out = np.empty((h, width) + src.shape[2:], np.float32)
+    if src.shape[0] == 0 or h == 0:
+        out[...] = np.nan
+        return out
+    # band coordinates: output y - r0, source y - s0
+    shift = np.array([[1.0, 0, 0], [0, 1.0, -r0], [0, 0, 1.0]]) @ m @ np.array([[1.0, 0, 0], [0, 1.0, s0], [0, 0, 1.0]])
+    cv2.warpAffine(np.ascontiguousarray(src, np.float32), shift[:2], (width, h), dst=out, flags=flag,
+                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    _nan_outside_affine(out, np.linalg.inv(m), tuple(src_shape[:2]), _MARGIN[interpolation], row0=r0)
+    return out
+
+
 #: Pixels an interpolation kernel reaches beyond its sample (source pixels needed at
 #: floor(u) - margin .. floor(u) + 1 + margin); outputs needing any outside pixel are NaN.
 _MARGIN = {"nearest": 0, "bilinear": 0, "bicubic": 1, "lanczos": 3}
 
 
-def _nan_outside_affine(out: np.ndarray, inv: np.ndarray, src_shape: tuple[int, int], margin: int) -> None:
+def _nan_outside_affine(out: np.ndarray, inv: np.ndarray, src_shape: tuple[int, int], margin: int,
+                        row0: int = 0) -> None:
     """Set to NaN every output pixel whose source position (inv @ p) is not inside
     [margin, size - 1 - margin] on both axes. Per row that is one interval of columns,
     computed exactly (the mapping is linear along a row) and cleared by slicing: much
-    cheaper than a coverage-mask warp plus boolean indexing on an RGB frame."""
+    cheaper than a coverage-mask warp plus boolean indexing on an RGB frame. `out` holds the
+    output rows row0.. (a band)."""
     h, w = out.shape[:2]
     sh, sw = src_shape
-    y = np.arange(h, dtype=np.float64)
+    y = np.arange(row0, row0 + h, dtype=np.float64)
     lo = np.zeros(h)
     hi = np.full(h, w - 1.0)
     eps = 1e-6
