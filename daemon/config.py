@@ -43,6 +43,11 @@ class CaptureConfig:
     #: CFA pattern (RGGB, BGGR, GRBG, GBRG) of TIFF frames whose sidecar names none; unset: mono.
     tiff_bayer: str | None = None
 
+    @property
+    def narrowed_patterns(self) -> tuple[str, ...] | None:
+        """The patterns when the config narrows what is read, None for the default (all)."""
+        return None if self.patterns == DEFAULT_PATTERNS else self.patterns
+
     def __post_init__(self) -> None:
         if self.tiff_bayer is not None and self.tiff_bayer.upper() not in ("RGGB", "BGGR", "GRBG", "GBRG"):
             raise ConfigError(f"[capture] tiff_bayer: {self.tiff_bayer!r} is not one of RGGB, BGGR, GRBG, GBRG")

@@ -13,9 +13,16 @@ being processed, so that one that killed the process is quarantined at restart.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+log = logging.getLogger("lightbucket")
+
+#: The reason a quarantined file is given (see InHand).
+QUARANTINED = ("quarantined: the daemon stopped while this file was in hand (out of memory, a crash or "
+               "kill -9); not read again until the file changes")
 
 
 @dataclass(frozen=True)
@@ -90,17 +97,33 @@ class InHand:
         self.path = Path(state_dir) / self.NAME
 
     def begin(self, frame: str | os.PathLike) -> None:
+        """Mark `frame` as in hand. A state folder that cannot be written is logged, never
+        raised: processing goes on without the marker (the checkpoint reports the disk)."""
         try:
             st = os.stat(frame)
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
             size, mtime = -1, -1
         tmp = self.path.with_name(f".{self.NAME}.tmp")
-        tmp.write_text(json.dumps({"path": os.fspath(frame), "size": size, "mtime_ns": mtime}))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps({"path": os.fspath(frame), "size": size, "mtime_ns": mtime}))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("in-hand marker %s not written: %s", self.path, exc)
 
     def end(self) -> None:
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("in-hand marker %s not removed: %s", self.path, exc)
+
+    def is_version(self, marker: dict) -> bool:
+        """The marked file still exists as the version that was in hand (size, mtime)."""
+        try:
+            st = os.stat(marker["path"])
+        except (OSError, KeyError):
+            return False
+        return (st.st_size, st.st_mtime_ns) == (marker.get("size"), marker.get("mtime_ns"))
 
     def left_over(self) -> dict | None:
         """The marker a previous process left ({"path", "size", "mtime_ns"}), None if none."""
