@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+import subprocess
 
+import aiohttp
 import numpy as np
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from daemon.config import WebConfig
+from daemon.config import ConfigError, WebConfig, config_from_dict
 from daemon.pipeline.stretch import StretchSettings, apply_transfer, stretch_uint8
 from daemon.web.auth import RateLimiter
-from daemon.web.server import make_app
+from daemon.web.server import WebServer, make_app
 from daemon.web.tiles import crop_for_tile, tile_jpeg
 
 
@@ -246,3 +250,43 @@ def test_tile_is_the_full_resolution_preview_stretch():
     assert (edge.x0, edge.y0) == (0, 0)
     assert (apply_transfer(edge.pixels, edge.transfer)[0:5, 0:5] == 0).all()
     assert tile_jpeg(tile)[:2] == b"\xff\xd8"
+
+
+def test_web_config_defaults_and_tls_pair():
+    cfg = config_from_dict({"capture": {"dir": "c"}, "state": {"dir": "s"}, "web": {}}, "t.toml")
+    assert cfg.web == WebConfig(host="0.0.0.0", port=8080, password=None)
+    assert config_from_dict({"capture": {"dir": "c"}, "state": {"dir": "s"}}, "t.toml").web is None
+    with pytest.raises(ConfigError, match=r"t.toml: \[web\] cert_file and key_file"):
+        config_from_dict({"capture": {"dir": "c"}, "state": {"dir": "s"}, "web": {"cert_file": "x.pem"}}, "t.toml")
+    with pytest.raises(ConfigError, match=r"\[web\] prot: unknown key"):
+        config_from_dict({"capture": {"dir": "c"}, "state": {"dir": "s"}, "web": {"prot": 1}}, "t.toml")
+
+
+def test_https_with_cert_and_key(tmp_path):
+    """[web] cert_file/key_file: the server speaks TLS and the session cookie is Secure."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+
+    async def go():
+        server = WebServer(FakeDaemon(), WebConfig(host="127.0.0.1", port=0, password="pw", cert_file=cert,
+                                                   key_file=key))
+        await server.start()
+        try:
+            assert server.url.startswith("https://127.0.0.1:")
+            ctx = ssl.create_default_context(cafile=str(cert))
+            ctx.check_hostname = False
+            async with aiohttp.ClientSession() as s:
+                async with s.get(server.url + "api/status", ssl=ctx) as r:
+                    assert r.status == 200 and (await r.json())["state"] == "running"
+                async with s.post(server.url + "api/login", json={"password": "pw"}, ssl=ctx) as r:
+                    assert r.cookies["lb_session"]["secure"]
+                with pytest.raises(aiohttp.ClientError):  # plain HTTP on the TLS port
+                    async with s.get(server.url.replace("https", "http") + "api/status") as r:
+                        await r.read()
+        finally:
+            await server.stop()
+    run(go())
+    bad = WebServer(FakeDaemon(), WebConfig(port=0, cert_file=tmp_path / "none.pem", key_file=key))
+    with pytest.raises(ValueError, match="none.pem"):
+        run(bad.start())
