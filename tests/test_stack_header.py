@@ -167,7 +167,7 @@ def test_non_ascii_file_names_stack_and_fits_preview_restack_are_written(tmp_pat
         if restack:
             reply = await service.handle_command(b'{"action": "restack", "id": 1}')
         service.request_stop()
-        assert await asyncio.wait_for(run, 30) == 0
+        assert await asyncio.wait_for(run, 60) == 0
         return service, reply
 
     for i, name in enumerate(names[:3]):
