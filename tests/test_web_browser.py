@@ -181,6 +181,11 @@ def test_phone_page_shows_preview_name_count_and_updates_live(rig, browser, tmp_
         sync_api.expect(page.locator("#zoom")).to_be_visible()
         page.wait_for_function("() => document.getElementById('zoom-img').naturalWidth > 0")
         assert page.evaluate("document.getElementById('zoom-img').naturalWidth") == 160  # the whole 160 px frame
+        # the tile is centred on the stack pixel under the tap (60 px into a ~372 px picture of 160 px)
+        box = page.locator("#preview").bounding_box()
+        src = page.evaluate("document.getElementById('zoom-img').src")
+        x = int(src.split("x=")[1].split("&")[0])
+        assert abs(x - 60 / box["width"] * 160) <= 1, (src, box)
     finally:
         page.close()
 

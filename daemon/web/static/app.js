@@ -91,8 +91,12 @@ function setupZoom() {
   $("preview").addEventListener("click", (e) => {
     const img = e.currentTarget, m = S.view;
     if (!m || !m.width) return;
-    const r = img.getBoundingClientRect();
-    openTile((e.clientX - r.left) / r.width * m.width, (e.clientY - r.top) / r.height * m.height, 512);
+    // The picture inside the element (object-fit: contain may letterbox it).
+    const r = img.getBoundingClientRect(), k = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+    const dw = img.naturalWidth * k, dh = img.naturalHeight * k;
+    const fx = (e.clientX - r.left - (r.width - dw) / 2) / dw, fy = (e.clientY - r.top - (r.height - dh) / 2) / dh;
+    if (fx < 0 || fx > 1 || fy < 0 || fy > 1) return;
+    openTile(fx * m.width, fy * m.height, 512);
   });
   $("zoom-img").addEventListener("click", (e) => {  // recentre on the point tapped (1 screen px = 1 px)
     const r = e.currentTarget.getBoundingClientRect(), t = S.tile;
@@ -247,6 +251,12 @@ function setupControls() {
       await session();
     } else openLogin();
   };
+  $("night").onclick = () => {  // red-tinted images (night vision) or true colour
+    const on = document.body.classList.toggle("night");
+    $("night").setAttribute("aria-pressed", String(on));
+    try { localStorage.setItem("lb-night", on ? "1" : "0"); } catch (e) { /* private mode */ }
+  };
+  try { if (localStorage.getItem("lb-night") === "0") $("night").click(); } catch (e) { /* private mode */ }
   $("login-cancel").onclick = () => $("login").close();
   $("login-form").onsubmit = async (e) => {
     e.preventDefault();
