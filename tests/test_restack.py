@@ -48,6 +48,24 @@ def test_noise_and_band_size_do_not_change_the_answer():
     assert big.rejected_high + big.rejected_low < 0.02 * 16 * 60 * 50 * 3
 
 
+@pytest.mark.parametrize("n", [3, 4, 8])
+def test_few_frames_are_not_noisier_than_the_live_stack(n):
+    """The clipping is chosen by the number of samples: below 5 none (a plain weighted mean,
+    as the live stack is then), above it winsorized clipping with an unbiased sigma. With 3
+    frames the old clipping (from 3 samples) was 10 % noisier than the live stack."""
+    from tests.test_live import _star_free_mask, make_frame, run
+
+    pipe, results = run([make_frame(i) for i in range(n)])
+    sky = _star_free_mask()
+    live = np.nanstd(pipe.stack_image()[sky])
+    registered, weights = [r.registered for r in results], [r.weight for r in results]
+    final = np.nanstd(restack(registered, weights).image[sky])
+    assert final <= (1.0 if n < 5 else 1.025) * live + 1e-6, (final, live)
+    if n == 3:  # control: the measure sees what clipping 3 samples costs
+        tight = RestackSettings(min_frames=3, kappa_low=1.5, kappa_high=1.5)
+        assert np.nanstd(restack(registered, weights, settings=tight).image[sky]) > 1.02 * final
+
+
 def test_weights_are_applied_when_nothing_is_clipped():
     a = np.full((4, 4), 10.0, np.float32)
     b = np.full((4, 4), 20.0, np.float32)

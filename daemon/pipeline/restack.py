@@ -7,11 +7,16 @@ each pixel's centre by the median and its dispersion by the standard deviation o
 samples winsorized at +-1.5 sigma, which a single satellite cannot inflate, then rejects
 beyond kappa_low/kappa_high sigma and repeats until nothing changes.
 
+The clipping is chosen by the number of samples, as Siril and PixInsight advise: below
+`min_frames` (5) no estimate of a pixel's spread is good enough to reject by, and clipping
+only costs noise, so a pixel of 3 or 4 samples is their plain weighted mean (what the live
+stack is then). The sigma has Bessel's correction (n - 1), which matters at 5-10 samples.
+
 Frames are read in row bands sized to a memory budget, so a session of any length needs
 only `band_bytes` of working memory plus the output. Each pixel's samples are clipped in a
 numba kernel (sort, winsorize, reject, in per-thread scratch): 6.5x faster than the numpy
-formulation with nanmedian/nanstd over the band (20 frames x 3 M values: 4.5 s vs 30 s). Pure: frames are any array-likes
-(numpy memmaps of the spool in practice).
+formulation with nanmedian/nanstd over the band (20 frames x 3 M values: 4.5 s vs 30 s).
+Pure: frames are any array-likes (numpy memmaps of the spool in practice).
 """
 
 from __future__ import annotations
@@ -28,14 +33,14 @@ import numpy as np
 class RestackSettings:
     """kappa_low / kappa_high: rejection thresholds below / above the median (sigma).
     iterations: maximum rejection passes. winsor_cut: winsorizing bound (sigma).
-    min_frames: below this many samples a pixel is only averaged, never clipped.
+    min_frames: below this many samples a pixel is only averaged, never clipped (count).
     band_bytes: working memory per band (bytes)."""
 
     kappa_low: float = 4.0
     kappa_high: float = 3.0
     iterations: int = 5
     winsor_cut: float = 1.5
-    min_frames: int = 3
+    min_frames: int = 5
     band_bytes: int = 64 << 20
 
 
@@ -61,8 +66,9 @@ def _sort(a, n):
 
 @numba.njit(inline="always")
 def _winsorized_sigma(v, n, med, cut):
-    """Robust sigma of v[:n]: the std of the samples clipped (not removed) to med +- cut*sigma,
-    iterated to convergence, times 1.134 to be unbiased for a normal distribution at 1.5."""
+    """Robust sigma of v[:n] (n >= 2): the std (n - 1 in the denominator) of the samples
+    clipped (not removed) to med +- cut*sigma, iterated to convergence, times 1.134 to be
+    unbiased for a normal distribution at 1.5."""
     mean = 0.0
     for k in range(n):
         mean += v[k]
@@ -70,7 +76,7 @@ def _winsorized_sigma(v, n, med, cut):
     var = 0.0
     for k in range(n):
         var += (v[k] - mean) ** 2
-    sigma = math.sqrt(var / n)
+    sigma = math.sqrt(var / (n - 1))
     for _ in range(10):
         lo, hi = med - cut * sigma, med + cut * sigma
         mean = 0.0
@@ -80,7 +86,7 @@ def _winsorized_sigma(v, n, med, cut):
         var = 0.0
         for k in range(n):
             var += (min(max(v[k], lo), hi) - mean) ** 2
-        new = 1.134 * math.sqrt(var / n)
+        new = 1.134 * math.sqrt(var / (n - 1))
         if abs(new - sigma) <= 5e-4 * sigma:
             return new
         sigma = new
