@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from daemon.pipeline.debayer import debayer_rows
-from daemon.pipeline.drizzle import drizzle_rows
+from daemon.pipeline.drizzle import drizzle_restack, drizzle_rows, drizzle_sums
 from daemon.pipeline.stack import RunningStack
 from daemon.pipeline.warp import source_rows, warp_rows
 
@@ -164,6 +164,19 @@ class RegisteredMosaic:
         """Rows of the registered RGB image (ADU), as `RegisteredView` makes them."""
         return RegisteredView(self.data, self.meta())[key]
 
+    def view(self) -> RegisteredView:
+        return RegisteredView(self.data, self.meta())
+
+    @property
+    def combine_frames(self):
+        return self.view().combine_frames
+
+    def interpolated(self, r0: int, r1: int) -> np.ndarray:
+        return self.view().interpolated(r0, r1)
+
+    def drizzled(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.view().drizzled(r0, r1)
+
     def meta(self) -> dict:
         """JSON-able description (what the spool's index stores beside the mosaic)."""
         return {"kind": "mosaic", "bayer": self.bayer, "matrix": [list(map(float, r)) for r in self.matrix],
@@ -196,10 +209,30 @@ class RegisteredView:
         r1 = max(r0, r1)
         if self.final == "drizzle":
             out = drizzle_rows(self.mosaic, self.bayer, self.matrix, r0, r1, pixfrac=self.pixfrac)
-        else:
-            out = np.empty((r1 - r0, self.shape[1], 3), np.float32)
-            for b0, band in registered_bands(self.mosaic, self.bayer, self.matrix,
-                                             interpolation=self.interpolation, r0=r0, r1=r1):
-                out[b0 - r0: b0 - r0 + band.shape[0]] = band
+            out += self.offset
+            return out
+        return self.interpolated(r0, r1)
+
+    def interpolated(self, r0: int, r1: int) -> np.ndarray:
+        """Rows r0..r1 by bilinear debayer + warp (stored units, offset added)."""
+        out = np.empty((r1 - r0, self.shape[1], 3), np.float32)
+        for b0, band in registered_bands(self.mosaic, self.bayer, self.matrix,
+                                         interpolation=self.interpolation, r0=r0, r1=r1):
+            out[b0 - r0: b0 - r0 + band.shape[0]] = band
         out += self.offset
         return out
+
+    def drizzled(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows r0..r1 by Bayer drizzle: (values in stored units with the offset, NaN where
+        no drop landed; coverage weight per pixel and colour)."""
+        num, den = drizzle_sums(self.mosaic, self.bayer, self.matrix, r0, r1, pixfrac=self.pixfrac)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            val = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan).astype(np.float32)
+        val += self.offset
+        return val, den
+
+    @property
+    def combine_frames(self):
+        """How `daemon.pipeline.restack.restack` combines frames like this one: drizzle's own
+        combination (`drizzle_restack`) for "drizzle", else None (restack's own)."""
+        return drizzle_restack if self.final == "drizzle" else None

@@ -177,6 +177,9 @@ def restack(
     n = len(frames)
     w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
     sc = np.ones(n, np.float32) if scales is None else np.asarray(scales, np.float32)
+    combine = getattr(frames[0], "combine_frames", None)
+    if combine is not None:  # frames that say how they combine (spooled mosaics: Bayer drizzle)
+        return combine(frames, w, sc, settings)
     row_elems = int(np.prod(shape[1:]))
     # The band of all frames is the only big buffer (float32, N x rows x row_elems).
     rows = max(1, settings.band_bytes // (4 * n * row_elems))
