@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from daemon.pipeline.frame import Frame, FrameMeta
 from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.simulate import Exposure, Sensor, expose, random_star_field, transform_matrix
 from tests.test_live import SHAPE, dither, make_frame, run
 
 
@@ -42,6 +44,26 @@ def _elongations(reason: str) -> tuple[float, float]:
     """(frame, session) elongation from 'trailing: elongation 1.58 vs session 1.20 (...)'."""
     value, rest = reason.split("elongation ")[1].split(" vs session ")
     return float(value), float(rest.split()[0])
+
+
+def test_sparse_colour_field_of_a_smart_telescope():
+    """A Seestar-like night: a GRBG mosaic, ~40 stars, every frame elongated 1.15-1.2 (its
+    alt-az tracking) and the shape varying a little from frame to frame: all are stacked
+    except frame 8, trailed to 1.6."""
+    shape = (540, 960)
+    field = random_star_field(shape, 45, seed=3, margin=0.05, flux_range=(500.0, 20000.0))
+    sensor = Sensor(bias_adu=0.0, dark_current_adu_s=0.0, read_noise_adu=3.0, bayer="GRBG")
+    rng = np.random.default_rng(0)
+    pipe = LivePipeline(LiveSettings())
+    results = []
+    for i in range(12):
+        elongation = 1.6 if i == 8 else rng.uniform(1.15, 1.2)
+        exp = Exposure(exposure_s=10.0, matrix=transform_matrix(*rng.uniform(-5, 5, 2)), fwhm_px=3.0, sky_adu_s=10.0,
+                       seed=50 + i, elongation=elongation, elongation_angle_deg=60.0)
+        data = expose(shape, field, exp, sensor, as_uint16=False)
+        results.append(pipe.process(Frame(data, FrameMeta(path=f"/s/{i}.fits", exposure_s=10.0, bayer="GRBG"))))
+    assert [r.accepted for r in results] == [i != 8 for i in range(12)], [r.reason for r in results]
+    assert results[8].reason.startswith("trailing: elongation "), results[8].reason
 
 
 def test_a_trailed_frame_during_the_warm_up_is_rejected_too():
@@ -89,3 +111,18 @@ def test_reference_is_the_best_early_frame_and_the_stack_stays_in_the_first_fram
     for f in [make_frame(i, fwhm_px=v) for i, v in enumerate(fwhm)]:
         chosen.process(f)
     assert chosen.reference_path == "/sim/light_003.fits"
+
+
+@pytest.mark.realdata
+def test_real_alt_az_session_keeps_its_frames_and_rejects_the_trailed_ones(jocular_arp145):
+    """Jocular's Arp 145 (mono, alt-az, 17 x 15 s): the fixed 0.60 eccentricity limit
+    rejected 3 frames (00002, the observer's own reject, 00015 and 00016); the session gate
+    rejects no more, and 00002 among them, for its elongation."""
+    from daemon.io.load import load_frame
+
+    pipe = LivePipeline(LiveSettings())
+    results = {f.name[-9:-4]: pipe.process(load_frame(f)) for f in sorted(jocular_arp145.glob("*.fit"))}
+    rejected = {k: r.reason for k, r in results.items() if not r.accepted}
+    assert len(rejected) <= 3 and "00002" in rejected, rejected
+    assert rejected["00002"].startswith("trailing: elongation "), rejected
+    assert pipe.n_stacked >= 14
