@@ -66,6 +66,23 @@ def test_sparse_colour_field_of_a_smart_telescope():
     assert results[8].reason.startswith("trailing: elongation "), results[8].reason
 
 
+def test_shape_holds_on_a_frame_with_saturated_stars():
+    """A 20x deeper frame (130 pixels clipped at 60000 ADU in its brightest stars): the same
+    elongation, measured on the unsaturated stars."""
+    from daemon.pipeline.stars import measure
+    from tests.test_live import FIELD
+
+    sensor = Sensor(bias_adu=0.0, dark_current_adu_s=0.0, read_noise_adu=3.0, saturation_adu=60000.0)
+    shape = {}
+    for scale in (1, 20):
+        exp = Exposure(exposure_s=10.0 * scale, fwhm_px=3.0, sky_adu_s=10.0, seed=5, elongation=1.2,
+                       elongation_angle_deg=30.0)
+        data = expose(SHAPE, FIELD, exp, sensor).astype(np.float32)
+        assert (data >= 60000).sum() > (50 if scale > 1 else -1)
+        shape[scale] = measure(data)[1].elongation
+    assert shape[20] == pytest.approx(shape[1], abs=0.03) and shape[1] == pytest.approx(1.2, abs=0.03), shape
+
+
 def test_a_trailed_frame_during_the_warm_up_is_rejected_too():
     """Frame 2 of the night, before any MAD exists: judged against the median of the frames
     seen so far (the reason says so)."""

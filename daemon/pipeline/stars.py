@@ -21,6 +21,7 @@ import sep
 from scipy.spatial import cKDTree
 
 from daemon.pipeline.debayer import luminance, reduction
+from daemon.pipeline.shape import saturated_stars, shape_summary
 
 #: sep's pixel stack: its default (300k) suffices for 30k stars; a bigger one costs its
 #: allocation on EVERY extract call (measured +50 ms at 3M), so it is raised only to retry.
@@ -660,12 +661,13 @@ def measure(
         sel = slice(int(0.1 * n), max(int(0.9 * n), 1)) if n >= 10 else slice(0, n)
         fwhm = float(np.nanmedian(stars.fwhm[sel]))
         ell = stars.ellipticity
+        saturated = saturated_stars(np.asarray(image), stars)
         if bayer is not None and k == 2 and np.isfinite(fwhm):
             # Shape of a colour frame on the superpixel luminance (the detection image): on
             # the mosaic's green checkerboard the moments of an undersampled star read too
             # elongated and follow the true shape poorly (see `shape_on_luminance`).
             ell = shape_on_luminance(lum, stars, fwhm)
-        ecc, elong = shape_summary(stars, ell, fwhm)
+        ecc, elong = shape_summary(stars, np.where(saturated, np.nan, ell), fwhm)
     else:
         fwhm = ecc = elong = None
     metrics = FrameMetrics(
@@ -683,12 +685,6 @@ def measure(
     return stars, metrics
 
 
-#: Shape stars must be this many FWHM from any other detected star (isolated: no neighbour's
-#: wing in the moments), and a frame needs this many of them for its shape to count.
-ISOLATION_FWHM = 4.0
-MIN_SHAPE_STARS = 5
-
-
 def shape_on_luminance(lum: np.ndarray, stars: Stars, fwhm_px: float) -> np.ndarray:
     """Ellipticity (1 - b/a) of each star measured on the 2x2 superpixel luminance `lum` of
     a colour mosaic, with the windowed moments of `refine_fullres` (NaN where it fails).
@@ -703,30 +699,3 @@ def shape_on_luminance(lum: np.ndarray, stars: Stars, fwhm_px: float) -> np.ndar
     guess = np.full(len(stars), max(fwhm_px / 2.0, 1.0))
     _, _, _, ell = refine_fullres(lum, xs, ys, None, guess)
     return ell
-
-
-def shape_summary(stars: Stars, ellipticity: np.ndarray, fwhm_px: float | None) -> tuple[float | None, float | None]:
-    """Median eccentricity and elongation (a/b) of the frame's shape stars.
-
-    Shape stars are the brighter half of the list without its brightest 5 % (sky noise makes
-    round faint stars look elongated, since e >= 0 by construction; the brightest are the
-    likeliest saturated, flat-topped), isolated (no detected star within `ISOLATION_FWHM`
-    FWHM) and measured. With fewer than `MIN_SHAPE_STARS` isolated ones, the non-isolated are
-    used too; (None, None) when no star has a measured shape.
-    """
-    n = len(stars)
-    bright = np.zeros(n, bool)
-    bright[slice(int(0.05 * n), max(int(0.5 * n), 1)) if n >= 10 else slice(0, n)] = True
-    ok = bright & np.isfinite(ellipticity)
-    use = ok
-    if n > 1 and fwhm_px:
-        d, _ = cKDTree(stars.xy).query(stars.xy, k=2)
-        isolated = ok & (d[:, 1] > ISOLATION_FWHM * fwhm_px)
-        if isolated.sum() >= MIN_SHAPE_STARS:
-            use = isolated
-    if not use.any():
-        return None, None
-    e = np.clip(ellipticity[use], 0.0, 0.999)
-    ecc = float(np.median(np.sqrt(1.0 - (1.0 - e) ** 2)))
-    elong = float(np.median(1.0 / (1.0 - e)))
-    return ecc, elong
