@@ -18,18 +18,22 @@ import asyncio
 import logging
 import math
 import random
+import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from drivers.camera import Camera, CameraSettings, ExposureTimeout
 from drivers.filterwheel import FilterWheel
 from drivers.indi_client import IndiClient, IndiError
 from drivers.indiserver import IndiServer
-from drivers.mount import Mount, SlewTimeout
+from drivers.mount import Mount, PointingErrorMount, SlewTimeout
+
+if TYPE_CHECKING:
+    from daemon.centering import CenterResult
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,10 @@ class IndiSettings:
     mount: str = "Telescope Simulator"
     filter_wheel: str = ""
     focuser: str = ""
+    #: Simulators only: "real" makes the CCD simulator draw Tycho-2's stars (frames solve).
+    sim_sky: str = "synthetic"
+    #: Simulators only: the mount's gotos miss by this much (east, north arcsec) until synced.
+    sim_pointing_error_arcsec: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,11 @@ class PlanSettings:
     frame_type: str = "light"
     #: Park the mount when the plan ends (done or stopped): the last plan of the night.
     park: bool = False
+    #: Centre on the target by plate solving after each slew (None: when a solver is installed).
+    center: bool | None = None
+    center_tolerance_arcsec: float = 30.0
+    center_max_tries: int = 5
+    center_exposure_s: float = 2.0
 
 
 __all__ = ["IndiSettings", "CameraSettings", "PlanSettings", "AcquisitionError", "run_acquisition",
@@ -178,7 +191,17 @@ class PlanRunner:
         self.exposure_margin_s = exposure_margin_s
         self.exposure_s = float(plan.exposure_s)  # bias: the camera's minimum, set in prepare()
         self.camera = Camera(self.client, indi.camera)
-        self.mount = Mount(self.client, indi.mount) if indi.mount and self.light else None
+        self.mount = None
+        if indi.mount and self.light:
+            err = tuple(indi.sim_pointing_error_arcsec)
+            self.mount = (PointingErrorMount(self.client, indi.mount, err) if any(err)
+                          else Mount(self.client, indi.mount))
+        # Auto: when the solver is installed, unless the sky is the simulator's synthetic one
+        # (its stars are nowhere in a catalogue: no frame of it can solve).
+        solvable = shutil.which("solve-field") is not None and not (
+            indi.camera == "CCD Simulator" and indi.sim_sky == "synthetic")
+        self.center = (solvable if plan.center is None else plan.center) and self.mount is not None
+        self.centered: CenterResult | None = None
         self.wheel = FilterWheel(self.client, indi.filter_wheel) if indi.filter_wheel else None
         # Seeded by the target, so a re-run of the same plan dithers the same way.
         self.rng = random.Random(zlib.crc32(f"{plan.target}|{plan.filter or ''}".encode()))
@@ -271,7 +294,26 @@ class PlanRunner:
             await self._publish("slewing", ra_deg=self.ra, dec_deg=self.dec)
             await self.mount.slew(self.ra, self.dec, timeout=self.slew_timeout_s)
             self.plate_scale_arcsec = self._plate_scale()
+            if self.center:
+                await self.recenter()
         self.ready = True
+
+    async def recenter(self) -> CenterResult:
+        """Plate-solve and sync until the target is within center_tolerance_arcsec (after a
+        slew, a fault, a meridian flip); a failure is published and the plan goes on."""
+        # The solver and the pipeline's star detection load only when a plan centres: config
+        # imports this module for its settings and must stay light.
+        from daemon.centering import CenterSettings, center_on
+
+        p = self.plan
+        settings = CenterSettings(tolerance_arcsec=p.center_tolerance_arcsec, max_tries=p.center_max_tries,
+                                  exposure_s=p.center_exposure_s)
+        self.centered = await center_on(self.mount, self.camera, self.ra, self.dec, settings, self._publish,
+                                        self.slew_timeout_s)
+        if not self.centered.ok:
+            await self._publish("centering failed", error=self.centered.reason,
+                                error_arcsec=self.centered.error_arcsec)
+        return self.centered
 
     def _plate_scale(self) -> float:
         """arcsec per (binned) pixel from the camera's pixel size and the scope's focal length."""
@@ -379,7 +421,8 @@ async def run_acquisition(config: Any, events: Events, stop: asyncio.Event, **ru
     Returns a summary: state ("done" | "stopped"), frames, paths, faults, folder.
     """
     indi = config.indi
-    server = IndiServer(list(indi.drivers), indi.port) if indi.drivers else None
+    env = {"LIGHTBUCKET_GSC_SKY": indi.sim_sky} if indi.sim_sky != "synthetic" else None
+    server = IndiServer(list(indi.drivers), indi.port, env=env) if indi.drivers else None
     runner = PlanRunner(indi, config.camera, config.plan, config.capture.dir, events, stop,
                         server, **runner_options)
     try:

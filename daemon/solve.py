@@ -41,6 +41,8 @@ from daemon.pipeline.stars import measure
 MIN_STARS = 6
 #: The brightest stars kept in the xylist (the search looks at the brightest first anyway).
 MAX_STARS = 300
+#: Frames up to this many pixels are searched for stars at full resolution (`solve_frame`).
+DETECT_FULL_PIXELS = 8_000_000
 #: The WCS cards kept from solve-field's answer (linear TAN).
 WCS_KEYS = ("CTYPE1", "CTYPE2", "EQUINOX", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2",
             "CD1_1", "CD1_2", "CD2_1", "CD2_2", "CUNIT1", "CUNIT2", "LONPOLE", "LATPOLE")
@@ -221,7 +223,7 @@ def solve_stars(x, y, flux, width: int, height: int, hints: SolveHints | None = 
         elif (Path(tmp) / "solution.solved").exists() and wcs_path.exists():
             header = fits.getheader(wcs_path)
             cards = {k: header[k] for k in WCS_KEYS if k in header}
-            index = next((ln.split("index")[-1].strip(" :") for ln in out.splitlines()
+            index = next((ln.rsplit(" ", 1)[-1].rstrip(".") for ln in out.splitlines()
                           if "solved with index" in ln), None)
             return solution_from_wcs(cards, width, height, n_stars=n, elapsed_s=elapsed, index=index)
         elif rc != 0:
@@ -256,6 +258,10 @@ def solve_frame(frame, hints: SolveHints | None = None, *, time_limit_s: float =
     """
     h, w = frame.data.shape[:2]
     if stars is None:
-        stars, _ = measure(frame.data, bayer=frame.meta.bayer, plate_scale=frame.meta.plate_scale_arcsec)
+        # Full-resolution detection up to DETECT_FULL_PIXELS: a binned detection image loses
+        # the small stars of a short, sharp frame (a 1.5 px FWHM simulator star vanishes).
+        k = 1 if h * w <= DETECT_FULL_PIXELS else None
+        stars, _ = measure(frame.data, bayer=frame.meta.bayer, plate_scale=frame.meta.plate_scale_arcsec,
+                           bin_factor=k)
     hints = hints or hints_from_meta(frame.meta)
     return solve_stars(stars.x, stars.y, stars.flux, w, h, hints, time_limit_s=time_limit_s, config=config)

@@ -25,10 +25,13 @@ def free_port() -> int:
 class IndiServer:
     """An indiserver child process running `drivers` on `port`."""
 
-    def __init__(self, drivers: list[str], port: int = 7624, log_path: str | Path | None = None):
+    def __init__(self, drivers: list[str], port: int = 7624, log_path: str | Path | None = None,
+                 env: dict[str, str] | None = None):
+        """env: extra environment for the drivers (the simulators' `gsc`: LIGHTBUCKET_GSC_SKY=real)."""
         if not drivers:
             raise ValueError("[indi] drivers: empty list, nothing to start")
         self.drivers, self.port = list(drivers), int(port)
+        self.extra_env = dict(env or {})
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
 
@@ -44,7 +47,7 @@ class IndiServer:
         missing = [d for d in self.drivers if shutil.which(d) is None]
         if missing:
             raise RuntimeError(f"[indi] drivers not installed: {missing}")
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         env["PATH"] = f"{SIMULATORS_DIR}{os.pathsep}{env.get('PATH', '')}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         # Own process group, so stop() takes the drivers (its children) down with it.

@@ -171,3 +171,44 @@ class Mount:
     async def sync(self, ra_deg: float, dec_deg: float, timeout: float = 10.0) -> None:
         """Tell the mount it is pointing at J2000 (ra_deg, dec_deg)."""
         await self._goto(ra_deg, dec_deg, "SYNC", timeout)
+
+
+class PointingErrorMount(Mount):
+    """A mount whose gotos miss by a fixed offset until it is synced, like a real one.
+
+    Why: INDI's telescope simulator always points where it says (the CCD simulator draws the
+    sky at the mount's reported coordinates), so centring would have nothing to correct. Here
+    the simulator stands for where the telescope really points; this mount believes it points
+    `error_arcsec` (east, north) away from there. A goto to T sends the simulator to
+    T + offset; the position it reports is the simulator's minus the offset; a sync to S (where
+    a plate solve says the telescope points) makes the offset the simulator's position minus S,
+    without touching the simulator. Config: [indi] sim_pointing_error_arcsec = [east, north].
+    """
+
+    def __init__(self, client: IndiClient, device: str, error_arcsec: tuple[float, float]):
+        super().__init__(client, device)
+        self.offset_arcsec = (float(error_arcsec[0]), float(error_arcsec[1]))
+
+    @staticmethod
+    def _shift(ra_deg: float, dec_deg: float, east: float, north: float) -> tuple[float, float]:
+        dec = dec_deg + north / 3600.0
+        return (ra_deg + east / 3600.0 / max(1e-6, math.cos(math.radians(dec)))) % 360.0, dec
+
+    def position_jnow(self) -> tuple[float, float] | None:
+        pos = super().position_jnow()
+        if pos is None:
+            return None
+        ra, dec = self._shift(pos[0] * 15.0, pos[1], -self.offset_arcsec[0], -self.offset_arcsec[1])
+        return ra / 15.0, dec
+
+    async def _goto(self, ra_deg: float, dec_deg: float, action: str, timeout: float) -> None:
+        if action == "SYNC":
+            pos = super().position_jnow()
+            if pos is None:
+                raise IndiError(f"{self.device}: no position to sync")
+            true_ra, true_dec = jnow_to_j2000(pos[0], pos[1])
+            east = ((true_ra - ra_deg + 180.0) % 360.0 - 180.0) * math.cos(math.radians(dec_deg)) * 3600.0
+            self.offset_arcsec = (east, (true_dec - dec_deg) * 3600.0)
+            log.info("%s: synced; pointing error now %.0f\" E %.0f\" N", self.device, *self.offset_arcsec)
+            return
+        await super()._goto(*self._shift(ra_deg, dec_deg, *self.offset_arcsec), action, timeout)
