@@ -308,6 +308,11 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
     masters = Masters(bias=m["bias"], dark=m["dark"], dark_exposure_s=m["dark_exposure_s"], flat=m["flat"],
                       defects=m["defects"], bayer=m["bayer"])
     del m
+    # As the daemon before it reports READY (daemon.warmup): the kernels compiled or loaded
+    # from numba's cache, so the first frame is timed as a user sees it.
+    from daemon.warmup import warm_up
+
+    warmup_s = warm_up()
     pipe = LivePipeline(LiveSettings(**settings_kw), masters)
     load = FrameLoader()  # as the service loads: into the previous frame's array when free
     spool_dir = tempfile.TemporaryDirectory(prefix="lb-bench-spool-")
@@ -380,7 +385,8 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict) -> dict:
     return {"frames": frames, "peak_rss": peak_rss, "rss_before_frames": rss_before,
             "n_stacked": pipe.n_stacked, "n_spooled": n_spooled, "spool_write_s": write_s,
             "spool_bytes": spool_bytes, "checkpoint_bytes": ckpt_bytes, "checkpoint_s": ckpt_s,
-            "raw_bytes": session_paths(folder, 1)[0].stat().st_size, "resolution": resolution}
+            "raw_bytes": session_paths(folder, 1)[0].stat().st_size, "resolution": resolution,
+            "warmup_s": warmup_s}
 
 
 def naive_worker(folder: Path, n_total: int, bin2: bool = False) -> dict:

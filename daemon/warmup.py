@@ -1,0 +1,119 @@
+"""Compile (or load from numba's cache) every kernel a night uses, before the first frame.
+
+Why: the pipeline's numba kernels are compiled on first call and cached on disk
+(`cache=True`): without a warm cache the first frame of the night waits for the compiler
+(17-20 s on the CI machine class, about a minute on a Pi), and again after every upgrade.
+numba compiles per type signature, not per frame size, so a few tiny synthetic frames
+through the same code paths as a real night (FITS decode, calibration with masters, star
+detection, registration, the fused full-resolution colour path and the whole-frame one,
+superpixel, mono, the warm-up re-check, spool encoding, preview, the final re-stack and
+Bayer drizzle) leave every kernel compiled and cached.
+
+`scripts/bootstrap.sh` runs `python -m daemon.warmup` after installing (the cache beside
+the code, or NUMBA_CACHE_DIR); the daemon calls `warm_up()` before it reports READY, which
+with a warm cache only loads the kernels (about a second). Under systemd NUMBA_CACHE_DIR
+(the unit's /var/cache/lightbucket) must be writable by the service, or every start
+compiles again. Failure mode: an exception from the pipeline propagates (a broken install
+should not report READY); nothing is left on disk but numba's cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_SHAPE = (96, 128)
+
+
+def _frames(bayer: str | None, n: int) -> list[np.ndarray]:
+    from daemon.simulate import Exposure, Sensor, expose, random_star_field, transform_matrix
+
+    field = random_star_field(_SHAPE, 40, seed=7, margin=0.12, flux_range=(3000.0, 30000.0))
+    sensor = Sensor(bias_adu=300.0, dark_current_adu_s=0.1, read_noise_adu=3.0, bayer=bayer)
+    out = []
+    for i in range(n):
+        m = None if i == 0 else transform_matrix(1.3 * i, -0.9 * i, 0.2 * i, center=(64, 48))
+        out.append(expose(_SHAPE, field, Exposure(exposure_s=10.0, matrix=m, fwhm_px=2.5, seed=i), sensor))
+    return out
+
+
+def _write_fits(path: Path, data: np.ndarray, bayer: str | None) -> None:
+    from astropy.io import fits
+
+    from daemon.simulate import fits_header
+
+    header = fits.Header()
+    for k, v in fits_header(exposure_s=10.0, bayer=bayer).items():
+        header[k] = v
+    fits.PrimaryHDU(data=data, header=header).writeto(path, overwrite=True)
+
+
+def warm_up() -> float:
+    """Run every kernel once on tiny frames; returns the seconds it took (compiling, or
+    loading the cache)."""
+    from daemon.io.load import FrameLoader
+    from daemon.pipeline.calibrate import Masters
+    from daemon.pipeline.live import LivePipeline, LiveSettings
+    from daemon.pipeline.restack import restack
+    from daemon.pipeline.stack import RunningStack, StackSettings
+    from daemon.products import preview_jpeg
+    from daemon.spool import Spool, encode
+
+    t0 = time.perf_counter()
+    n = 6  # > the stack's warm-up (4 here), so its re-check and steady pass run too
+    with tempfile.TemporaryDirectory(prefix="lightbucket-warmup-") as tmp:
+        root = Path(tmp)
+        for bayer, variants in ((None, ({},)), ("RGGB", ({}, {"fused": False}, {"debayer": "superpixel"},
+                                                         {"debayer": "drizzle"}))):
+            raws = _frames(bayer, n)
+            paths = []
+            for i, data in enumerate(raws):
+                p = root / f"{bayer or 'mono'}_{i}.fits"
+                _write_fits(p, data, bayer)
+                paths.append(p)
+            flat = np.ones(_SHAPE, np.float32)
+            for kw in variants:
+                masters = Masters(bias=np.full(_SHAPE, 300.0, np.float32), dark=np.full(_SHAPE, 1.0, np.float32),
+                                  dark_exposure_s=10.0, flat=flat, bayer=bayer)
+                pipe = LivePipeline(LiveSettings(warmup=4, **kw), masters)
+                load = FrameLoader()
+                spool = Spool(root / f"spool-{bayer}-{len(kw)}-{'-'.join(map(str, kw.values()))}")
+                for p in paths:
+                    result = pipe.process(load(str(p)), consume=True)
+                    if result.accepted and result.registered is not None:
+                        spool.append(encode(result.registered), weight=result.weight, path=str(p))
+                    result.registered = None
+                    image = pipe.stack_image()
+                    if image is not None:
+                        preview_jpeg(image, max_edge=64)
+                if len(spool):
+                    restack(*spool.restack_inputs())
+    # The end of the stack's warm-up bookkeeping (after 3 x warmup frames), mono and RGB.
+    rng = np.random.default_rng(0)
+    for planes in (1, 3):
+        stack = RunningStack((8, 8, planes), StackSettings(warmup=4))
+        for _ in range(12):
+            stack.add(rng.normal(100, 3, (8, 8, planes)).astype(np.float32))
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    """`python -m daemon.warmup`: warm numba's cache for the installed code (bootstrap)."""
+    from daemon.cli import ensure_numba_cache
+
+    ensure_numba_cache()
+    logging.basicConfig(level=logging.WARNING)
+    seconds = warm_up()
+    print(f"lightbucket: numba kernels compiled and cached ({seconds:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

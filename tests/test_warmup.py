@@ -1,0 +1,52 @@
+"""No compile wait (issue 19): after `python -m daemon.warmup` (what scripts/bootstrap.sh runs)
+a fresh process stacks frames without compiling a single numba kernel: every kernel it calls
+comes from numba's cache. Checked through numba's own compile statistics, not by timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = r"""
+import json, sys
+import numba, numpy as np
+from daemon.pipeline.frame import Frame, FrameMeta
+from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.simulate import Exposure, Sensor, expose, random_star_field, transform_matrix
+shape = (150, 200)  # another size than the warm-up's: kernels are per type, not per size
+field = random_star_field(shape, 60, seed=3, margin=0.1, flux_range=(3000.0, 30000.0))
+for bayer in (None, "GRBG"):
+    pipe = LivePipeline(LiveSettings(warmup=4))
+    for i in range(13):
+        m = None if i == 0 else transform_matrix(1.1 * i, 0.7 * i, 0.1, center=(100, 75))
+        data = expose(shape, field, Exposure(exposure_s=5.0, matrix=m, seed=i),
+                      Sensor(read_noise_adu=3.0, bayer=bayer), as_uint16=False)
+        assert pipe.process(Frame(data, FrameMeta(path=str(i), exposure_s=5.0, bayer=bayer))).accepted
+misses, hits = {}, 0
+for mod in list(sys.modules.values()):
+    if getattr(mod, "__name__", "").startswith("daemon"):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, numba.core.registry.CPUDispatcher):
+                hits += sum(obj.stats.cache_hits.values())
+                if obj.stats.cache_misses:
+                    misses[mod.__name__ + "." + name] = len(obj.stats.cache_misses)
+print(json.dumps({"hits": hits, "misses": misses}))
+"""
+
+
+def test_warm_up_leaves_every_kernel_a_night_uses_in_numbas_cache():
+    env = dict(os.environ)  # the suite's own cache (a cold one costs a minute of compiling here)
+    warm = subprocess.run([sys.executable, "-m", "daemon.warmup"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "compiled and cached" in warm.stdout
+    proc = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["misses"] == {} and stats["hits"] >= 5, stats
