@@ -43,6 +43,7 @@ from daemon.folders import ensure_dir
 from daemon.ledger import Ledger
 from daemon.memory import retain_freed_memory
 from daemon.sdnotify import Notifier, watchdog_interval_s
+from daemon.warmup import ensure_warm
 from daemon.watcher import FolderWatcher, backlog
 
 log = logging.getLogger("lightbucket")
@@ -879,6 +880,11 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         await self._in_worker(self._restore)
+        # numba's kernels compiled (a cold cache) or loaded before READY, so the first frame
+        # is as fast as the tenth (daemon.warmup).
+        warmed = await self._in_worker(ensure_warm)
+        if warmed is not None:
+            log.info("numba kernels compiled and cached in %.1f s", warmed)
         tasks: list[asyncio.Task] = []
         if self.config.mqtt is not None:
             from daemon.mqtt import MqttLink

@@ -10,8 +10,8 @@ superpixel, mono, the warm-up re-check, spool encoding, preview, the final re-st
 Bayer drizzle) leave every kernel compiled and cached.
 
 `scripts/bootstrap.sh` runs `python -m daemon.warmup` after installing (the cache beside
-the code, or NUMBA_CACHE_DIR); the daemon calls `warm_up()` before it reports READY, which
-with a warm cache only loads the kernels (about a second). Under systemd NUMBA_CACHE_DIR
+the code, or NUMBA_CACHE_DIR); the daemon calls `ensure_warm()` before it reports READY,
+which warms only when this code has not been warmed into this cache yet (a stamp file). Under systemd NUMBA_CACHE_DIR
 (the unit's /var/cache/lightbucket) must be writable by the service, or every start
 compiles again. Failure mode: an exception from the pipeline propagates (a broken install
 should not report READY); nothing is left on disk but numba's cache.
@@ -19,12 +19,15 @@ should not report READY); nothing is left on disk but numba's cache.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,37 @@ def warm_up() -> float:
     return time.perf_counter() - t0
 
 
+def _stamp() -> Path | None:
+    """The file that says "warm for this code": in numba's cache folder (NUMBA_CACHE_DIR, else
+    beside the pipeline's code), named by a digest of the daemon's sources (path, size,
+    mtime), numba's version and the CPU numba compiles for. None when there is no writable
+    place for it (then the daemon always warms)."""
+    root = Path(__file__).resolve().parent
+    folder = Path(numba.config.CACHE_DIR) if numba.config.CACHE_DIR else root / "pipeline" / "__pycache__"
+    digest = hashlib.sha256(f"{numba.__version__} {numba.config.CPU_NAME} {numba.config.CPU_FEATURES}".encode())
+    for path in sorted(root.rglob("*.py")):
+        st = path.stat()
+        digest.update(f"{path.relative_to(root)} {st.st_size} {st.st_mtime_ns}".encode())
+    if not os.access(folder, os.W_OK):
+        return None
+    return folder / f"lightbucket-warm-{digest.hexdigest()[:20]}"
+
+
+def ensure_warm() -> float | None:
+    """`warm_up` unless it already ran for this code and cache (`_stamp`): what the daemon
+    calls before READY. Returns the seconds it took, None when the cache was known warm."""
+    stamp = _stamp()
+    if stamp is not None and stamp.exists():
+        return None
+    seconds = warm_up()
+    if stamp is not None:
+        try:
+            stamp.write_text(f"{seconds:.1f} s\n")
+        except OSError:  # advisory: the next start warms again
+            pass
+    return seconds
+
+
 def main() -> int:
     """`python -m daemon.warmup`: warm numba's cache for the installed code (bootstrap)."""
     from daemon.cli import ensure_numba_cache
@@ -111,6 +145,9 @@ def main() -> int:
     ensure_numba_cache()
     logging.basicConfig(level=logging.WARNING)
     seconds = warm_up()
+    stamp = _stamp()
+    if stamp is not None:
+        stamp.write_text(f"{seconds:.1f} s\n")
     print(f"lightbucket: numba kernels compiled and cached ({seconds:.1f} s)")
     return 0
 

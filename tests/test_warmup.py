@@ -50,3 +50,16 @@ def test_warm_up_leaves_every_kernel_a_night_uses_in_numbas_cache():
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert stats["misses"] == {} and stats["hits"] >= 5, stats
+
+
+def test_daemon_warms_once_per_code_and_cache(tmp_path, monkeypatch):
+    """ensure_warm (called before READY) warms when this code was not warmed into this cache
+    yet, then leaves a stamp; the next start only finds it."""
+    import daemon.warmup as warmup
+
+    calls = []
+    monkeypatch.setattr(warmup.numba.config, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(warmup, "warm_up", lambda: calls.append(1) or 1.5)
+    assert warmup.ensure_warm() == 1.5 and calls == [1]
+    assert [p.name.startswith("lightbucket-warm-") for p in tmp_path.iterdir()] == [True]
+    assert warmup.ensure_warm() is None and calls == [1]
