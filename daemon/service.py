@@ -224,6 +224,15 @@ class Service:
             masters = st.get("masters", self.masters)
             self.stacks[name] = Stack(StackKey(**st["key"]), self.factory.restore(st["pipeline"], masters),
                                       dict(masters))
+            replay = st["pipeline"].get(checkpoint.REPLAY_KEY)
+            if replay:  # the stack's snapshot is older than the checkpoint: the frames since again
+                from daemon.spool import replay_stack
+
+                done, missing = replay_stack(self.stacks[name].pipeline, replay, self.state_dir / "spool" / name)
+                log.info("stack %s: %d frames replayed from the spool since its snapshot", name, done)
+                if missing:
+                    log.error("stack %s: %d stacked frames are not in the spool and are missing from the live "
+                              "stack (first: %s)", name, len(missing), missing[0])
         log.info("resumed session %s from checkpoint: %s", self.session,
                  ", ".join(f"{n}: {s.pipeline.n_stacked} frames" for n, s in self.stacks.items()) or "no stacks")
 

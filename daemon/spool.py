@@ -200,3 +200,30 @@ class Spool:
             os.fsync(fh.fileno())
         os.replace(tmp, self.dir / INDEX)
         fsync_dir(self.dir)
+
+
+def replay_stack(pipeline, paths: list[str], directory: str | os.PathLike) -> tuple[int, list[str]]:
+    """Catch a stack restored from an older snapshot up (`daemon.checkpoint`): the spooled
+    frames of `paths`, in that order, added again through `pipeline.replay` (a LivePipeline).
+    Returns (frames replayed, paths not in the spool: stacked before the crash but lost with a
+    failed spool write; the live stack then lacks them, the ledger still counts them)."""
+    folder = Path(directory)
+    spool = Spool(folder) if folder.exists() else None
+    by_path = {e.get("path"): e for e in spool.entries} if spool is not None else {}
+    missing = [p for p in paths if p not in by_path]
+
+    def frames():
+        for p in paths:
+            e = by_path.get(p)
+            if e is None:
+                continue
+            data = np.load(folder / e["file"], mmap_mode="r")
+            scale = float(e.get("scale", 1.0))
+            if e.get("kind") == "mosaic":
+                mosaic = data if scale == 1.0 else np.asarray(data, np.float32) * np.float32(scale)
+                yield RegisteredMosaic(mosaic, e["bayer"], np.asarray(e["matrix"], np.float64),
+                                       tuple(e["offset"]), e.get("interpolation", "bicubic")), float(e["weight"])
+            else:
+                yield np.asarray(data, np.float32) * np.float32(scale), float(e["weight"])
+
+    return pipeline.replay(frames()), missing

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -375,6 +376,25 @@ class LivePipeline:
         self._history.accept(fwhm, bkg, self.settings.history, elongation=elong, n_stars=n_stars)
         return result(True, None, dx=dx, dy=dy, rotation_deg=rot, weight=weight,
                       registered=registered, rejected_pixels=rejected)
+
+    def replay(self, frames: Iterable[tuple[np.ndarray | RegisteredMosaic, float]]) -> int:
+        """Add frames again to a stack restored from an older snapshot (`daemon.checkpoint`):
+        each a registered frame (float32 ADU, background-normalised, as it was stacked) or a
+        `RegisteredMosaic`, with its weight, in stacking order. The counts, provenance and
+        history are already the checkpoint's; only the stack's statistics catch up. Returns
+        the frames added; ValueError when there is no stack to add to."""
+        if self._stack is None:
+            raise ValueError("replay: no stack was restored")
+        n = 0
+        for item, weight in frames:
+            with self._lock:
+                if isinstance(item, RegisteredMosaic):
+                    stack_mosaic(self._stack, item.data, item.bayer, item.matrix, weight,
+                                 np.asarray(item.offset, np.float32), interpolation=item.interpolation)
+                else:
+                    self._stack.add(np.ascontiguousarray(item, np.float32), weight)
+            n += 1
+        return n
 
     def stack_image(self) -> np.ndarray | None:
         """The current stack, (H, W) or (H, W, 3) float32, NaN where nothing is stacked yet.
