@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("lights", nargs="+", type=Path, metavar="LIGHTS", help="light frames or folders of them")
     for kind in ("bias", "dark", "flat", "darkflat"):
-        p.add_argument(f"--{kind}", type=Path, metavar="PATH", help=f"master {kind} file or folder of raw {kind} frames")
+        p.add_argument(f"--{kind}", type=Path, metavar="PATH",
+                       help=f"master {kind} file or folder of raw {kind} frames")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.fits", help="stacked FITS to write")
     p.add_argument("--preview", type=Path, metavar="OUT.jpg", help="auto-stretched preview (.jpg or .png)")
     p.add_argument("--final", action="store_true",
