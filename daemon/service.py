@@ -442,8 +442,20 @@ class Service:
             "last_reject": self.last_reject,
             "plan": self.plan_progress,
             "disk_free_bytes": disk_free,
+            "state_bytes": self._state_bytes(),
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+
+    def _state_bytes(self) -> int:
+        """Disk use of the state folder (spool, checkpoint, snapshots, masters), bytes; counted
+        at most every 30 s (status goes out on every frame)."""
+        now = time.monotonic()
+        cached = getattr(self, "_state_bytes_cache", None)
+        if cached is None or now - cached[0] > 30:
+            from daemon.spool import folder_bytes
+
+            cached = self._state_bytes_cache = (now, folder_bytes(self.state_dir))
+        return cached[1]
 
     def publish_status(self) -> None:
         if self.mqtt is not None or self._listeners:

@@ -227,3 +227,22 @@ def replay_stack(pipeline, paths: list[str], directory: str | os.PathLike) -> tu
                 yield np.asarray(data, np.float32) * np.float32(scale), float(e["weight"])
 
     return pipeline.replay(frames()), missing
+
+
+def folder_bytes(directory: str | os.PathLike) -> int:
+    """Bytes of the files under `directory` (0 when it is missing; files vanishing meanwhile,
+    as spool temp files do, are skipped): the state folder's disk use for `status`."""
+    total = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                total += folder_bytes(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total

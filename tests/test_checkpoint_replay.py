@@ -65,3 +65,14 @@ def test_snapshot_is_rewritten_for_another_stack_and_when_due(tmp_path):
     assert back[checkpoint.REPLAY_KEY] == [] and back["stack.n_frames"] == 4
     checkpoint.save(tmp_path, {"p": other.state()}, snapshot_every_s=0)  # due: rewritten
     assert checkpoint.load(tmp_path)["p"][checkpoint.REPLAY_KEY] == []
+
+
+def test_state_disk_use_counts_every_file_below_the_state_folder(tmp_path):
+    from daemon.spool import folder_bytes
+
+    (tmp_path / "spool" / "a").mkdir(parents=True)
+    (tmp_path / "spool" / "a" / "frame_000001.npy").write_bytes(b"x" * 1000)
+    (tmp_path / "checkpoint.npz").write_bytes(b"y" * 234)
+    (tmp_path / "link").symlink_to(tmp_path / "checkpoint.npz")  # not counted twice
+    assert folder_bytes(tmp_path) == 1234
+    assert folder_bytes(tmp_path / "missing") == 0

@@ -34,7 +34,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 PASSWORD = "clear-skies"
 RIG = "web"
 STACK = "SIM-FIELD_L_10s_bin1"
-VOLATILE = ("time", "disk_free_bytes")
+VOLATILE = ("time", "disk_free_bytes", "state_bytes")
 
 
 def wait_until(predicate, timeout=30.0, what="condition"):
