@@ -294,5 +294,12 @@ def test_switch_between_stacks(rig, browser):
         page.click("#login-submit")
         page.click("button[data-action=restack]")
         sync_api.expect(page.locator("#cmd-result")).to_contain_text(f"restack: done — stack: {STACK}")
+        # reset, confirmed: the R stack is emptied and the reply says what went
+        page.select_option("#stack-select", "SIM-FIELD_R_10s_bin1")
+        page.click("button[data-action=reset]")
+        page.click("#confirm button[value=yes]")
+        sync_api.expect(page.locator("#cmd-result")).to_contain_text(
+            'reset: done — stack: SIM-FIELD_R_10s_bin1, removed: {"frames":1,"spooled_frames":1')
+        assert rig.get_json("/api/status")["stacks"] == {STACK: 5, "SIM-FIELD_R_10s_bin1": 0}
     finally:
         page.close()
