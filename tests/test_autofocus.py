@@ -11,7 +11,8 @@ import asyncio
 import pytest
 
 from daemon.autofocus import Autofocus, AutofocusSettings, hfr_of
-from drivers.camera import Camera, CameraSettings
+from daemon.settings import CameraSettings
+from drivers.camera import Camera
 from drivers.focuser import Focuser
 from drivers.indi_client import IndiClient
 from drivers.indiserver import IndiServer, free_port

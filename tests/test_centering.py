@@ -12,10 +12,10 @@ import types
 
 import pytest
 
-from daemon.acquisition import IndiSettings, PlanSettings, run_acquisition
+from daemon.acquisition import run_acquisition
+from daemon.settings import CameraSettings, IndiSettings, PlanSettings
 from daemon.centering import CenterSettings, solve_path
 from daemon.wcs import separation_arcsec
-from drivers.camera import CameraSettings
 from drivers.indi_client import IndiClient
 from drivers.indiserver import IndiServer, free_port
 from tests.conftest import require_tools
