@@ -207,3 +207,17 @@ def _read(path: Path) -> dict | None:
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         raise ValueError(f"{path}: damaged checkpoint: {exc}") from exc
     return _join(doc, arrays)
+
+
+def remove_stale_temp(state_dir: Path) -> list[Path]:
+    """Delete the temp files a process killed while writing a checkpoint or a snapshot left
+    in `state_dir` (`.checkpoint-*.tmp`; never read: the rename is what commits a write).
+    Call it at start, before anything writes. Returns the files removed."""
+    removed = []
+    for stale in Path(state_dir).glob(".checkpoint-*.tmp"):
+        try:
+            stale.unlink()
+            removed.append(stale)
+        except OSError:
+            continue
+    return removed

@@ -5,7 +5,8 @@ message naming the key and the file, not three hours later. Every key can be ove
 the command line (`--set section.key=value`, the value parsed as TOML, else taken as a string).
 
 Sections [stack] and [quality] are passed through as dicts: their keys belong to the live
-pipeline's LiveSettings and are validated against it when the service starts. The device
+pipeline's LiveSettings and are validated against it when the service starts
+(`daemon.session.live_settings`). The device
 sections ([indi], [camera], [plan]) are `daemon.settings`: plain dataclasses, so loading a
 config never imports the INDI client (a watch-only install has no PyIndi).
 """
@@ -102,10 +103,17 @@ class WebConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
+    """Config [calibration]: master files (ours or any FITS/raw frame) for new stacks."""
+
     bias: Path | None = None
     dark: Path | None = None
     flat: Path | None = None
     darkflat: Path | None = None
+
+    def files(self) -> dict[str, str]:
+        """The masters given, {kind: path}."""
+        return {k: str(v) for k, v in (("bias", self.bias), ("dark", self.dark), ("flat", self.flat),
+                                       ("darkflat", self.darkflat)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -201,7 +209,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         try:
             return hint(value)
         except ValueError:
-            raise ConfigError(f"{where}: {value!r} is not one of {choices}") from None
+            raise ConfigError(f"{where} = {value!r}: expected one of {choices}") from None
     raise ConfigError(f"{where}: unsupported type {hint!r}")  # pragma: no cover
 
 

@@ -34,17 +34,23 @@ class Entry:
     reason: str | None = None
 
 
+def file_key(root: str | os.PathLike, path: str | os.PathLike) -> str:
+    """A file's ledger key: its path relative to the capture folder `root` (POSIX), or its
+    absolute path when it lies outside."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
 class Ledger:
     def __init__(self, root: Path, entries: dict[str, Entry] | None = None):
         self.root = Path(root)
         self.entries: dict[str, Entry] = dict(entries or {})
 
     def key(self, path: str | os.PathLike) -> str:
-        p = Path(path)
-        try:
-            return p.resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            return p.resolve().as_posix()
+        return file_key(self.root, path)
 
     def done(self, path: str | os.PathLike) -> bool:
         """True when `path` needs no processing: stacked or rejected, or failed and unchanged."""

@@ -86,6 +86,15 @@ class MqttLink:
     def backlog(self) -> int:
         return len(self._fifo)
 
+    async def flush(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) until everything queued has gone out, while connected:
+        at shutdown, the last events and status reach the broker; a down broker does not
+        hold the daemon up."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while (self._fifo or self._dirty) and self.connected.is_set() \
+                and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
     # ------------------------------------------------------------ connection task
     def _make_client(self) -> aiomqtt.Client:
         tls = None

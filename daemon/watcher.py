@@ -9,10 +9,12 @@ A frame is handed on only once its writer is done with it:
   decides, however long the writer pauses);
 - elsewhere (polling/other observers, network shares) once its size and mtime have stayed
   unchanged for `settle_s` seconds.
-Temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) are ignored. Every
-other file is handed on (patterns=None, what the service does), so each gets an answer: the
-loader reads it, or refuses it naming its kind or that capture.patterns excludes it; with
-patterns given, only names matching them (case-insensitive) count. Hidden sub-folders
+Temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) are ignored;
+files that accompany frames and are none (`daemon.io.formats.COMPANION_SUFFIXES`: settings
+text, sidecars, JPEG previews) get one log line each. Every other file is handed on
+(patterns=None, what the service does), so each gets an answer: the loader reads it, or
+refuses it naming its kind or that capture.patterns excludes it; with patterns given, only
+names matching them (case-insensitive) count. Hidden sub-folders
 (staging folders such as `.incoming/`, where frames are written before a rename) and
 `calibration/` (calibration plans' darks, bias and flats, which become masters, not lights)
 are never watched, recursive or not. `backlog()` lists files already present at start.
@@ -30,7 +32,7 @@ from pathlib import Path
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from daemon.io.formats import matches
+from daemon.io.formats import is_companion, matches
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,11 @@ def _skipped_dir(name: str) -> bool:
 
 
 def is_candidate(path: str | os.PathLike, patterns: tuple[str, ...] | None = None) -> bool:
-    """True for a name worth an answer: no temp/partial/hidden name, and matching one of
-    `patterns` (fnmatch, case-insensitive) when they are given."""
+    """True for a name worth an answer: no temp/partial/hidden name, no companion file, and
+    matching one of `patterns` (fnmatch, case-insensitive) when they are given."""
     name = Path(path).name
     low = name.lower()
-    if name.startswith((".", "~")) or low.endswith(TEMP_SUFFIXES):
+    if name.startswith((".", "~")) or low.endswith(TEMP_SUFFIXES) or is_companion(low):
         return False
     return patterns is None or matches(name, patterns)
 
@@ -105,6 +107,7 @@ class FolderWatcher:
         self.close_events = type(self._observer).__name__.startswith("Inotify")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[str, asyncio.Task] = {}
+        self._companions_seen: set[str] = set()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -128,9 +131,20 @@ class FolderWatcher:
         return any(_skipped_dir(p) for p in parts)
 
     def _from_thread(self, path: str, kind: str) -> None:
-        if not is_candidate(path, self.patterns) or self._loop is None or self._in_skipped_dir(path):
+        if self._loop is None or self._in_skipped_dir(path):
             return
-        self._loop.call_soon_threadsafe(self._on_event, path, kind)
+        if kind == "complete" and is_companion(path) and not Path(path).name.startswith("."):
+            self._loop.call_soon_threadsafe(self._companion, path)
+        if is_candidate(path, self.patterns):
+            self._loop.call_soon_threadsafe(self._on_event, path, kind)
+
+    def _companion(self, path: str) -> None:
+        """One log line per companion file (daemon.io.formats.COMPANION_SUFFIXES)."""
+        if path not in self._companions_seen:
+            if len(self._companions_seen) > 10_000:
+                self._companions_seen.clear()
+            self._companions_seen.add(path)
+            log.info("%s: not a frame (a capture program's companion file): left alone", path)
 
     def _on_event(self, path: str, kind: str) -> None:
         """kind: "complete" (closed after writing, renamed into place), "created", "modified"."""

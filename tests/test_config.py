@@ -78,8 +78,8 @@ def test_parse_override_keeps_strings():
 
 
 def test_unknown_stack_key_is_refused_at_start(tmp_path):
-    from daemon.service import LivePipelineFactory
+    from daemon.session import live_settings
 
     p = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n[stack]\nkapa = 3\n')
     with pytest.raises(ValueError, match=r"lb.toml.*stack.kapa"):
-        LivePipelineFactory(load_config(p))
+        live_settings(load_config(p))

@@ -90,7 +90,7 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
             fh.flush()
             await asyncio.sleep(1.5)
             assert "slow.fits" not in events_by_name(sub)
-            assert service.ledger.entries.get("slow.fits") is None
+            assert "slow.fits" not in service.snapshot.files
             fh.write(big[len(big) // 2:])
         await wait_for(lambda: "slow.fits" in events_by_name(sub), what="slow.fits event")
 
@@ -103,8 +103,8 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         assert ev["L_1.fits"]["dx"] == pytest.approx(-0.7, abs=0.1) and ev["L_1.fits"]["dy"] == pytest.approx(0.4, abs=0.1)
         assert ev["L_0.fits"]["stack"] == "SIM-FIELD_L_10s_bin1" and ev["R_0.fits"]["stack"] == "SIM-FIELD_R_10s_bin1"
         # Separate stacks per filter; the R frame never entered the L stack.
-        assert service.stacks["SIM-FIELD_L_10s_bin1"].pipeline.n_stacked == 3
-        assert service.stacks["SIM-FIELD_R_10s_bin1"].pipeline.n_stacked == 1
+        assert service.snapshot.stacks["SIM-FIELD_L_10s_bin1"].frames == 3
+        assert service.snapshot.stacks["SIM-FIELD_R_10s_bin1"].frames == 1
 
         await wait_for(lambda: sub.json("status") and sub.json("status")[-1]["frames"]["stacked"] == 4
                        and sub.json("status")[-1]["queue"] == 0, what="status")
@@ -138,20 +138,21 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         assert "L_2.fits" not in events_by_name(sub)
         sub.send("cmd", json.dumps({"id": "r", "action": "resume"}))
         await wait_for(lambda: "L_2.fits" in events_by_name(sub), what="L_2 after resume")
-        assert service.stacks["SIM-FIELD_L_10s_bin1"].pipeline.n_stacked == 4
+        assert service.snapshot.stacks["SIM-FIELD_L_10s_bin1"].frames == 4
 
         sub.send("cmd", json.dumps({"id": "ref", "action": "set_reference", "path": "L_1.fits"}))
         sub.send("cmd", json.dumps({"id": "z", "action": "reset", "stack": "SIM-FIELD_R_10s_bin1"}))
         await wait_for(lambda: {r["id"] for r in sub.json("cmd/result")} >= {"p", "r", "ref", "z"}, what="replies")
         ok = {r["id"]: r for r in sub.json("cmd/result")}
         assert ok["ref"]["ok"] and ok["ref"]["stack"] == "SIM-FIELD_L_10s_bin1" and ok["ref"]["requeued"] == 5  # 4 stacked + cloudy
-        assert service.stacks["SIM-FIELD_L_10s_bin1"].pipeline.reference_path.endswith("L_1.fits")
+        assert service.snapshot.stacks["SIM-FIELD_L_10s_bin1"].reference.endswith("L_1.fits")
         # The L frames are stacked again against the new reference: L_0 now sits at +0.7, -0.4.
-        await wait_for(lambda: sum(Path(e["path"]).name == "L_0.fits" for e in sub.json("frame")) == 2
-                       and service.status()["queue"] == 0 and not service._in_hand, what="L re-stacked")
+        await wait_for(lambda: sum(Path(e["path"]).name == "L_0.fits" for e in sub.json("frame")) == 2,
+                       what="L re-stacked")
+        await asyncio.wait_for(service.idle(), 20)
         redo = [e for e in sub.json("frame") if Path(e["path"]).name == "L_0.fits"][-1]
         assert redo["dx"] == pytest.approx(0.7, abs=0.1) and redo["dy"] == pytest.approx(-0.4, abs=0.1)
-        assert ok["z"]["ok"] and service.stacks["SIM-FIELD_R_10s_bin1"].pipeline.n_stacked == 0
+        assert ok["z"]["ok"] and service.snapshot.stacks["SIM-FIELD_R_10s_bin1"].frames == 0
         # Destructive commands say what they removed: R had one frame, spooled; L four.
         assert ok["z"]["removed"]["frames"] == 1 and ok["z"]["removed"]["spooled_frames"] == 1
         assert ok["ref"]["removed"]["frames"] == 4 and ok["ref"]["removed"]["spooled_frames"] == 4
@@ -205,7 +206,7 @@ def test_broker_down_then_up_no_frame_lost_status_catches_up(broker, tmp_path):
         for i in range(4):
             shutil.copy(stage / f"f{i}.fits", cfg.capture.dir / f"f{i}.fits")
         # Stacking goes on while the broker is away.
-        await wait_for(lambda: service.counts["stacked"] == 4 and service.mqtt.backlog == 4,
+        await wait_for(lambda: service.snapshot.counts["stacked"] == 4 and service.mqtt.backlog == 4,
                        what="4 stacked and their events queued with the broker down")
         await asyncio.sleep(1.0)
         broker.start()
@@ -234,7 +235,8 @@ def test_backlog_and_restart_without_mqtt_never_stacks_twice(tmp_path):
     async def session(expect: int):
         service = Service(cfg)
         run = asyncio.create_task(service.run())
-        await wait_for(lambda: service.counts["stacked"] == expect and service._queue.empty(), what=f"{expect}")
+        await wait_for(lambda: service.snapshot.counts["stacked"] == expect, what=f"{expect}")
+        await asyncio.wait_for(service.idle(), 20)
         service.request_stop()
         assert await asyncio.wait_for(run, 20) == 0
         return service
@@ -242,9 +244,9 @@ def test_backlog_and_restart_without_mqtt_never_stacks_twice(tmp_path):
     asyncio.run(session(3))  # the backlog at start
     make_frame(cfg.capture.dir / "a3.fits", 3)  # arrives while the daemon is down
     svc = asyncio.run(session(4))
-    pipe = svc.stacks["SIM-FIELD_L_10s_bin1"].pipeline
-    assert pipe.n_stacked == 4
-    assert sorted(Path(p["path"]).name for p in pipe.provenance()) == ["a0.fits", "a1.fits", "a2.fits", "a3.fits"]
+    assert svc.snapshot.stacks["SIM-FIELD_L_10s_bin1"].frames == 4
+    pipe = checkpoint.load(cfg.state.dir)["stacks"]["SIM-FIELD_L_10s_bin1"]["pipeline"]
+    assert sorted(Path(p["path"]).name for p in pipe["provenance"]) == ["a0.fits", "a1.fits", "a2.fits", "a3.fits"]
 
 
 def test_periodic_checkpoint_saves_when_frames_stop_coming(tmp_path):
@@ -258,7 +260,7 @@ def test_periodic_checkpoint_saves_when_frames_stop_coming(tmp_path):
         await asyncio.sleep(0.2)
         for i in range(2):
             make_frame(cfg.capture.dir / f"p{i}.fits", i)
-        await wait_for(lambda: service.counts["stacked"] == 2, what="2 stacked")
+        await wait_for(lambda: service.snapshot.counts["stacked"] == 2, what="2 stacked")
         assert service.watcher.close_events is False  # polling observer, size-stable completion
 
         def saved() -> int:
@@ -291,7 +293,7 @@ def test_failing_checkpoint_disk_does_not_stop_stacking(tmp_path, monkeypatch):
     async def scenario():
         service = Service(cfg)
         run = asyncio.create_task(service.run())
-        await wait_for(lambda: service.counts["stacked"] == 2, what="both stacked despite the failure")
+        await wait_for(lambda: service.snapshot.counts["stacked"] == 2, what="both stacked despite the failure")
         service.request_stop()
         assert await asyncio.wait_for(run, 20) == 0
 
@@ -339,7 +341,7 @@ def test_real_colour_frames_from_a_live_stacker(als_m27, broker, tmp_path):
             shutil.copy(f, cfg.capture.dir / f.name)
         await wait_for(lambda: len(sub.json("frame")) == len(frames), timeout=60, what="all frame events")
         await wait_for(lambda: sub.json("preview/meta") and sub.json("preview/meta")[-1]["frames"]
-                       == service.counts["stacked"], timeout=20, what="final preview")
+                       == service.snapshot.counts["stacked"], timeout=20, what="final preview")
         service.request_stop()
         assert await asyncio.wait_for(run, 30) == 0
         sub.close()
@@ -347,8 +349,8 @@ def test_real_colour_frames_from_a_live_stacker(als_m27, broker, tmp_path):
 
     service, sub = asyncio.run(scenario())
     accepted = [e for e in sub.json("frame") if e["accepted"]]
-    assert len(accepted) >= 5 and len(service.stacks) == 1
-    (name,) = service.stacks
+    assert len(accepted) >= 5 and len(service.snapshot.stacks) == 1
+    (name,) = service.snapshot.stacks
     header = fits.getheader(cfg.output_dir / f"{name}.fits")
     assert header["NCOMBINE"] == len(accepted) and header["NAXIS3"] == 3  # colour planes
     import cv2

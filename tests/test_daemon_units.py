@@ -207,7 +207,7 @@ def test_plan_command_takes_defaults_from_the_config_and_refuses_bad_keys(tmp_pa
                            ({"count": "many"}, "[plan] count: expected an integer"),
                            ({"dec": "+95d"}, "outside -90..+90"),
                            ({"ra": "noon"}, "not an angle"),
-                           ({"frame_type": "sky"}, "frame_type 'sky'")):
+                           ({"frame_type": "sky"}, "frame_type = 'sky'")):
         with pytest.raises(CommandError, match=re.escape(message)):
             plan(**given)
     with pytest.raises(CommandError, match="target: required key missing"):
@@ -218,4 +218,4 @@ def test_plan_command_takes_defaults_from_the_config_and_refuses_bad_keys(tmp_pa
     service = Service(watch_only)
     reply = asyncio.run(service.handle_command(b'{"id": "p", "action": "plan", "target": "x"}'))
     assert reply == {"id": "p", "ok": False, "error": "plan: no [indi] section in the config: nothing to acquire with"}
-    assert service._acq_task is None
+    assert not service.plans.running

@@ -161,7 +161,7 @@ def test_non_ascii_file_names_stack_and_fits_preview_restack_are_written(tmp_pat
     async def session(expect: int, restack: bool):
         service = Service(cfg)
         run = asyncio.create_task(service.run())
-        await wait_for(lambda: service.counts["stacked"] == expect and service.status()["queue"] == 0, timeout=90,
+        await wait_for(lambda: service.snapshot.counts["stacked"] == expect and service.status()["queue"] == 0, timeout=90,
                        what=f"{expect} stacked")
         reply = None
         if restack:
@@ -174,7 +174,7 @@ def test_non_ascii_file_names_stack_and_fits_preview_restack_are_written(tmp_pat
         shutil.copy(make_frame(stage / f"{i}.fits", i), cfg.capture.dir / name)
     service, reply = asyncio.run(session(3, True))
     assert reply["ok"], reply
-    (stack_name,) = service.stacks
+    (stack_name,) = service.snapshot.stacks
     live, final = cfg.output_dir / f"{stack_name}.fits", Path(reply["path"])
     assert final.name == f"{stack_name}_final.fits" and final.exists()
     assert (cfg.output_dir / "preview.jpg").read_bytes()[:2] == b"\xff\xd8"

@@ -26,6 +26,12 @@ SUFFIXES: dict[str, tuple[str, ...]] = {
     "fits": FITS_SUFFIXES, "xisf": XISF_SUFFIXES, "tiff": TIFF_SUFFIXES, "raw": RAW_SUFFIXES,
 }
 ALL_SUFFIXES: tuple[str, ...] = tuple(s for group in SUFFIXES.values() for s in group)
+#: Files capture programs write beside their frames that are not frames: settings and log
+#: text (SharpCap's `.CameraSettings.txt`), sidecars (`<frame>.json`, XMP), thumbnails and
+#: previews (Seestar's and ASIAIR's JPEGs). The watcher names them in the log and moves on;
+#: any other file gets an answer from the loader.
+COMPANION_SUFFIXES = (".txt", ".json", ".xml", ".xmp", ".log", ".csv", ".ini", ".cfg", ".md",
+                      ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".db")
 #: Watcher patterns (fnmatch, case-insensitive) for every readable file.
 DEFAULT_PATTERNS: tuple[str, ...] = tuple(f"*{s}" for s in ALL_SUFFIXES)
 
@@ -37,6 +43,11 @@ def format_of(path: str | os.PathLike) -> str | None:
         if name.endswith(suffixes):
             return fmt
     return None
+
+
+def is_companion(path: str | os.PathLike) -> bool:
+    """A file that accompanies frames and is not one (COMPANION_SUFFIXES, case-insensitive)."""
+    return os.fspath(path).lower().endswith(COMPANION_SUFFIXES)
 
 
 def describe_suffix(path: str | os.PathLike) -> str:
