@@ -76,7 +76,10 @@ def clip(value: Any, limit: int = ECHO_CHARS) -> str:
 
 
 def command_id(raw: bytes | str) -> str | int | None:
-    """The id of a command, even of one that is otherwise invalid (for the reply); None if none."""
+    """The id of a command, even of one that is otherwise invalid (for the reply); None if none
+    (or when the command is too large to be read at all)."""
+    if len(raw) > MAX_COMMAND_BYTES:
+        return None
     try:
         loose = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):

@@ -19,13 +19,14 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon.config import Config
 from daemon.control import Controller
+from daemon.events import frame_event, status_document
 from daemon.folders import ensure_dir
+from daemon.frame_queue import FrameQueue
 from daemon.io.load import FrameLoader, LoadOptions
 from daemon.ledger import QUARANTINED, file_key
 from daemon.memory import retain_freed_memory
@@ -40,9 +41,6 @@ from daemon.watcher import FolderWatcher, backlog
 log = logging.getLogger("lightbucket")
 T = TypeVar("T")
 
-#: Frame-event fields taken from the pipeline's FrameResult.
-RESULT_FIELDS = ("accepted", "reason", "stars", "fwhm_px", "eccentricity", "dx", "dy", "rotation_deg",
-                 "background", "weight", "processing_ms")
 #: Seconds between status refreshes with no frame (disk free, time) and disk-use recounts.
 STATUS_EVERY_S = 30.0
 
@@ -93,14 +91,8 @@ class Service:
         self._listeners: list[Callable[[str, dict], None]] = []
         self._preview: tuple[bytes, dict] | None = None  # the latest (JPEG, preview/meta)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
-        self._queue: asyncio.Queue[Path] = asyncio.Queue()
-        self._queued: set[str] = set()
-        self._in_hand: Path | None = None
+        self._queue = FrameQueue()
         self._stop = asyncio.Event()
-        self._running = asyncio.Event()
-        self._changed = asyncio.Event()  # queue or state changed: wakes the processing loop
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._last_products = 0.0
         self._state_bytes: tuple[float, int] | None = None  # (when counted, bytes)
 
@@ -123,18 +115,12 @@ class Service:
     # ----------------------------------------------------------------- queue
     def enqueue(self, path: Path) -> None:
         """Queue a file for the worker (the watcher's callback); duplicates are dropped."""
-        key = str(path)
-        if key in self._queued:
-            return
-        self._queued.add(key)
-        self._queue.put_nowait(path)
-        self._idle.clear()
-        self._changed.set()
-        self.publish_status()
+        if self._queue.put(path):
+            self.publish_status()
 
     async def idle(self) -> None:
         """Return once the queue is empty and no file is in hand (at once when so already)."""
-        await self._idle.wait()
+        await self._queue.idle()
 
     async def wait_processed(self, paths: list[str | Path], timeout: float) -> bool:
         """Wait until every one of `paths` is in the ledger (stacked, rejected or error);
@@ -147,71 +133,29 @@ class Service:
             await asyncio.sleep(0.1)
         return True
 
-    async def _next_path(self) -> Path | None:
-        """The next queued file once running, or None when shutting down. Files left in the
-        queue at shutdown are not in the ledger, so the backlog scan finds them again."""
-        while not self._stop.is_set():
-            self._changed.clear()
-            if self._running.is_set() and not self._queue.empty():
-                path = self._queue.get_nowait()
-                self._queued.discard(str(path))
-                return path
-            changed = asyncio.ensure_future(self._changed.wait())
-            stop = asyncio.ensure_future(self._stop.wait())
-            await asyncio.wait({changed, stop}, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
-            stop.cancel()
-        return None
-
     async def _process_loop(self) -> None:
         every = self.config.state.checkpoint_every_s
-        while True:
-            if self._queue.empty():
-                self._idle.set()
-            path = await self._next_path()
-            if path is None:
-                return
+        while (path := await self._queue.get(self._stop)) is not None:
             due = every <= 0 or time.monotonic() - self.snapshot.last_checkpoint >= every
-            self._in_hand = path
             try:
                 out = await self.job(lambda session, path=path, due=due: session.process(path, due))
             finally:
-                self._in_hand = None
+                self._queue.done()
             self._report(out)
             await self.write_products()
 
     # ----------------------------------------------------------------- publishing
     def status(self) -> dict:
         """The status JSON (MQTT `status`, `GET /api/status`), from the latest snapshot."""
-        snap = self.snapshot
-        stack = snap.stacks.get(snap.current or "")
-        pending = {file_key(self.capture_dir, p) for p in self._queued}
-        if self._in_hand is not None:
-            pending.add(file_key(self.capture_dir, self._in_hand))
+        pending = {file_key(self.capture_dir, p) for p in self._queue.pending()}
         try:
             disk_free = shutil.disk_usage(self.output_dir if self.output_dir.exists() else self.state_dir).free
         except OSError:
             disk_free = None
-        return {
-            "state": self.state,
-            "session": snap.session,
-            "stack": snap.current if stack else None,
-            "target": stack.key.target if stack else None,
-            "filter": stack.key.filter if stack else None,
-            "exposure_s": stack.key.exposure_s if stack else None,
-            "frames": {"received": len(snap.files | pending), **snap.counts},
-            "stacked_current": stack.frames if stack else 0,
-            "total_exposure_s": stack.total_exposure_s if stack else 0.0,
-            "stacks": {n: s.frames for n, s in snap.stacks.items()},
-            "queue": self._queue.qsize(),
-            "last_frame": self.last_frame,
-            "last_reject": self.last_reject,
-            "plan": self.plan_progress,
-            "mqtt": getattr(self.mqtt, "state", None) if self.mqtt is not None else None,
-            "disk_free_bytes": disk_free,
-            "state_bytes": self._disk_use(),
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
+        return status_document(
+            self.snapshot, state=self.state, queue=len(self._queue), pending=pending,
+            last_frame=self.last_frame, last_reject=self.last_reject, plan=self.plan_progress,
+            mqtt=getattr(self.mqtt, "state", None), disk_free_bytes=disk_free, state_bytes=self._disk_use())
 
     def _disk_use(self) -> int:
         """Bytes under the state folder (spool, checkpoint, snapshots, masters), counted at
@@ -255,25 +199,11 @@ class Service:
     def _report(self, out: Outcome) -> None:
         if out.outcome == "skipped":
             return
-        name = str(out.path)
-        if out.outcome == "error":
-            log.warning("frame %s: not stacked: %s", name, out.reason)
-            event = {"path": name, "accepted": False, "error": True, "reason": out.reason, "stack": out.stack}
-        else:
-            r = out.result
-            event = {"path": name, **{k: getattr(r, k, None) for k in RESULT_FIELDS}, "stack": out.stack}
-            metrics = (f"stars={r.stars} fwhm={_fmt(r.fwhm_px)}px dx={_fmt(r.dx)} dy={_fmt(r.dy)} "
-                       f"{r.processing_ms:.0f}ms")
-            if r.accepted:
-                log.info("frame %s: stacked #%d in %s (%s)", name, out.n_stacked, out.stack, metrics)
-            else:
-                log.info("frame %s: rejected: %s (%s)", name, r.reason, metrics)
-        event["time"] = datetime.now(UTC).isoformat(timespec="seconds")
-        self.last_frame = event
-        if not event.get("accepted"):
+        event = self.last_frame = frame_event(out)
+        if not event["accepted"]:
             self.last_reject = {k: event.get(k) for k in ("path", "reason", "stack", "time")}
         self.publish_event("frame", event)
-        self.notifier.status(f"{self.state}; {self.snapshot.counts['stacked']} stacked, queue {self._queue.qsize()}")
+        self.notifier.status(f"{self.state}; {self.snapshot.counts['stacked']} stacked, queue {len(self._queue)}")
         self.publish_status()
 
     async def write_products(self, force: bool = False) -> None:
@@ -282,7 +212,7 @@ class Service:
         interval = self.config.mqtt.preview_interval_s if self.config.mqtt else 5.0
         if not self.snapshot.products_due:
             return
-        if not force and not self._queue.empty() and time.monotonic() - self._last_products < interval:
+        if not force and len(self._queue) and time.monotonic() - self._last_products < interval:
             return  # coalesced: frames are waiting, the preview can wait too
         self._last_products = time.monotonic()
         try:
@@ -331,9 +261,8 @@ class Service:
     def set_state(self, state: str) -> None:
         """running | paused | stopped (commands), starting at start."""
         self.state = state
-        (self._running.set if state == "running" else self._running.clear)()
-        self._changed.set()
-        self.notifier.status(f"{state}; {self.snapshot.counts['stacked']} stacked, queue {self._queue.qsize()}")
+        self._queue.hold(state != "running")
+        self.notifier.status(f"{state}; {self.snapshot.counts['stacked']} stacked, queue {len(self._queue)}")
         self.publish_status()
 
     async def run_plan(self, plan: PlanSettings) -> dict:
@@ -418,14 +347,14 @@ class Service:
         found = backlog(self.capture_dir, None, cap.recursive)
         for path in await self.job(lambda session: [p for p in found if not session.ledger.done(p)]):
             self.enqueue(path)
-        log.info("backlog: %d frames to process", self._queue.qsize())
+        log.info("backlog: %d frames to process", len(self._queue))
         self.set_state("running")
         tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         if self.config.state.checkpoint_every_s > 0:
             tasks.append(asyncio.create_task(self._periodic_checkpoint(self.config.state.checkpoint_every_s)))
         if self.acquire_at_start:
             self.plans.start()
-        self.notifier.ready(f"running; {self.snapshot.counts['stacked']} stacked, queue {self._queue.qsize()}")
+        self.notifier.ready(f"running; {self.snapshot.counts['stacked']} stacked, queue {len(self._queue)}")
         try:
             await self._process_loop()  # returns on SIGTERM after the frame in hand
         finally:
@@ -454,6 +383,3 @@ class Service:
         log.info("stopped: %d stacked, %d rejected, %d errors", counts["stacked"], counts["rejected"],
                  counts["errors"])
 
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from daemon.config import Config
+from daemon.config import Config, ConfigError
 from daemon.session import SessionError
 from daemon.settings import PlanSettings
 
@@ -32,12 +33,11 @@ INDI_EXTRA = "pip install 'lightbucket[indi]' (or LIGHTBUCKET_EXTRAS=indi script
 
 
 def indi_available() -> bool:
-    """Whether the INDI extra (pyindi-client) is installed."""
+    """Whether the INDI extra (pyindi-client) is installed (found, not imported)."""
     try:
-        import PyIndi  # noqa: F401 - only whether it imports
-    except ImportError:
+        return importlib.util.find_spec("PyIndi") is not None
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 class PlanSupervisor:
@@ -51,6 +51,8 @@ class PlanSupervisor:
 
     def __init__(self, config: Config, publish: Callable[[str, dict], None], progress: Callable[[dict], None],
                  job: Callable[..., Awaitable[Any]], processed: Callable[[list[str], float], Awaitable[bool]]):
+        if config.indi is not None and not indi_available():
+            raise ConfigError(f"{config.source}: [indi]: device control is not installed: {INDI_EXTRA}")
         self.config = config
         self._publish, self._progress, self._job, self._processed = publish, progress, job, processed
         self._task: asyncio.Task | None = None

@@ -136,8 +136,8 @@ async def write_synthetic_frames(capture: Path, n: int, exposure_s: float) -> li
 
 
 async def session(config, args, indi: bool) -> dict:
-    from daemon.settings import PlanSettings
     from daemon.service import Service
+    from daemon.settings import PlanSettings
 
     service = Service(config, acquire_at_start=False)
     runner = asyncio.create_task(service.run())
