@@ -61,3 +61,21 @@ def test_slow_drift_is_not_a_jump_and_thresholds_switch_off():
                           background_jump=0)
     assert assess(**{**GOOD, **REF, "n_stars": 1, "eccentricity": 0.99, "fwhm_px": 50.0,
                      "background": 1e4, "history": history()}, settings=off).accepted
+
+
+def test_a_lasting_change_needs_every_frame_of_the_run():
+    """Nine sky levels 3x the session's seen in a row, then a tenth: the session moves to
+    them (accepted); with one frame of the run at the old level, it does not (rejected).
+    Rows of an older checkpoint (without the background column) count as not beyond."""
+    s = QualitySettings(session_change=10)
+    for gap in (None, 4):
+        h = history()
+        for i in range(9):
+            bg = 100.0 if i == gap else 300.0
+            h.observe(3.0, 1.05, 140, keep=20, background=bg)
+        v = assess(**{**GOOD, **REF, "background": 300.0, "history": h}, settings=s)
+        assert v.accepted == (gap is None), v.reason
+    h = history()
+    h.seen = [[3.0, 1.05, 140.0]] * 9  # as restored from a checkpoint written before the column
+    v = assess(**{**GOOD, **REF, "background": 300.0, "history": h}, settings=s)
+    assert v.check == "background", v.reason

@@ -86,6 +86,7 @@ class LiveSettings:
     session_kappa: float = QualitySettings.session_kappa
     session_warmup: int = QualitySettings.session_warmup
     history: int = QualitySettings.history
+    session_change: int = QualitySettings.session_change
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -275,7 +276,7 @@ class LivePipeline:
             settings=s.quality_settings, registration_ok=reg_ok, registration_reason=reg_reason,
             elongation=elong,
         )
-        self._history.observe(fwhm, elong, n_stars, s.history)
+        self._history.observe(fwhm, elong, n_stars, s.history, background=bkg)
         if not verdict.accepted:
             return result(False, verdict.reason, dx=dx, dy=dy, rotation_deg=rot)
 
