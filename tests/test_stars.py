@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from daemon.pipeline.stars import Stars, auto_bin, detect_stars, measure, refine_fullres
+from daemon.pipeline.moments import refine_fullres
+from daemon.pipeline.stars import Stars, auto_bin, detect_stars, measure
 from daemon.simulate import Exposure, Sensor, expose, random_star_field
 
 SHAPE = (400, 600)
