@@ -4,6 +4,9 @@ The gate's inputs here are metrics; tests/test_live.py drives it with real simul
 (cloud, trailing) through star detection and registration.
 """
 
+import pytest
+
+from daemon.pipeline.live import LiveSettings
 from daemon.pipeline.quality import QualityHistory, QualitySettings, assess
 
 GOOD = dict(n_stars=140, fwhm_px=3.0, eccentricity=0.3, background=100.0)
@@ -79,3 +82,10 @@ def test_a_lasting_change_needs_every_frame_of_the_run():
     h.seen = [[3.0, 1.05, 140.0]] * 9  # as restored from a checkpoint written before the column
     v = assess(**{**GOOD, **REF, "background": 300.0, "history": h}, settings=s)
     assert v.check == "background", v.reason
+
+
+
+def test_session_change_beyond_the_window_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"quality.session_change must be within 0..quality.history \(20\), got 30"):
+        LiveSettings.from_config(quality={"session_change": 30})
+    assert LiveSettings.from_config(quality={"session_change": 0}).quality_settings.session_change == 0
