@@ -360,3 +360,46 @@ def test_real_colour_frames_from_a_live_stacker(als_m27, broker, tmp_path):
     assert jpeg.shape[2] == 3 and max(jpeg.shape[:2]) <= cfg.mqtt.preview_max_edge
     b, g, r = (jpeg[..., c].astype(float) for c in range(3))
     assert np.abs(r - g).mean() > 1.0  # really colour, not grey in three planes
+
+
+def test_mixed_exposures_get_a_stack_each_and_keep_the_deep_frames(tmp_path):
+    """A night of 2 s, 3 s and 60 s frames of one target, as a capture program writes them:
+    the daemon keeps one stack per exposure, so none of the 60 s frames is thrown away as a
+    "background jump" against the 2 s frames. Control: one pipeline fed the same frames
+    in the same order rejects every 60 s frame so."""
+    from daemon.io.load import load_frame
+    from daemon.pipeline.live import LivePipeline
+
+    cfg = make_config(tmp_path, None, "x")
+    field = random_star_field(SHAPE, 150, seed=3, margin=0.1)
+    plan = [2.0, 2.0, 2.0, 3.0, 3.0, 60.0, 60.0, 60.0]
+    paths = []
+    for i, exposure_s in enumerate(plan):
+        exp = Exposure(exposure_s=exposure_s, matrix=transform_matrix(i * 0.7, -i * 0.4), sky_adu_s=10.0, seed=i)
+        path = tmp_path / "stage" / f"m_{i:02d}.fits"
+        path.parent.mkdir(exist_ok=True)
+        fits.writeto(path, expose(SHAPE, field, exp), fits.Header(fits_header(exposure_s=exposure_s, filter_name="L")))
+        paths.append(path)
+
+    async def scenario():
+        service = Service(cfg)
+        run = asyncio.create_task(service.run())
+        await asyncio.sleep(0.2)
+        for path in paths:  # in the order they were taken
+            shutil.copy(path, cfg.capture.dir / path.name)
+            await asyncio.sleep(0.05)
+        await wait_for(lambda: service.counts["stacked"] + service.counts["rejected"] == len(plan)
+                       and service.status()["queue"] == 0, timeout=60, what="all frames judged")
+        service.request_stop()
+        assert await asyncio.wait_for(run, 20) == 0
+        return service
+
+    svc = asyncio.run(scenario())
+    assert svc.counts["rejected"] == 0
+    stacks = {name: (s.pipeline.n_stacked, s.pipeline.total_exposure_s) for name, s in svc.stacks.items()}
+    assert stacks == {"SIM-FIELD_L_2s_bin1": (3, 6.0), "SIM-FIELD_L_3s_bin1": (2, 6.0),
+                      "SIM-FIELD_L_60s_bin1": (3, 180.0)}, stacks
+    one = LivePipeline()
+    results = [one.process(load_frame(p)) for p in paths]
+    assert [r.accepted for r in results[5:]] == [False] * 3
+    assert all(r.reason.startswith("background jump") for r in results[5:]), [r.reason for r in results]

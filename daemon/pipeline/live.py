@@ -86,6 +86,7 @@ class LiveSettings:
     session_kappa: float = QualitySettings.session_kappa
     session_warmup: int = QualitySettings.session_warmup
     history: int = QualitySettings.history
+    session_change: int = QualitySettings.session_change
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -102,6 +103,9 @@ class LiveSettings:
             raise ValueError("stack.kappa and stack.warmup_kappa must be > 0")
         if self.reference_frames < 1:
             raise ValueError(f"stack.reference_frames must be >= 1, got {self.reference_frames}")
+        if not 0 <= self.session_change <= self.history:
+            raise ValueError(f"quality.session_change must be within 0..quality.history ({self.history}), "
+                             f"got {self.session_change}")
 
     @property
     def stack_settings(self) -> StackSettings:
@@ -223,10 +227,8 @@ class LivePipeline:
 
         `consume=True`: the caller hands over the pixels and will not read `frame.data` again
         (the service, the bench). A colour mosaic is then dropped (`frame.data = None`) as
-        soon as it is debayered, before the warp allocates its output: 104 MB less at the
-        peak of a 26 Mpx colour session (bench, 6248x4176: peak RSS 1.16-1.20 -> 1.11-1.12 GB).
-        A mono frame's pixels are the warp's input and are freed when the caller drops the
-        frame."""
+        soon as it is debayered, before the warp allocates its output (one mosaic less at the
+        peak). A mono frame's pixels are the warp's input, freed when the caller drops it."""
         t0 = time.perf_counter()
         s = self.settings
         path = frame.meta.path
@@ -275,7 +277,7 @@ class LivePipeline:
             settings=s.quality_settings, registration_ok=reg_ok, registration_reason=reg_reason,
             elongation=elong,
         )
-        self._history.observe(fwhm, elong, n_stars, s.history)
+        self._history.observe(fwhm, elong, n_stars, s.history, background=bkg)
         if not verdict.accepted:
             return result(False, verdict.reason, dx=dx, dy=dy, rotation_deg=rot)
 
@@ -583,7 +585,6 @@ def reference_score(n_stars: int, fwhm_px: float | None) -> float:
     better matches for every later frame (stars per px of FWHM; 0 if unmeasured). A frame
     replaces the reference only when it scores `REFERENCE_MARGIN` times higher."""
     return float(n_stars) / fwhm_px if fwhm_px else 0.0
-
 
 
 def _snr(stars, metrics) -> float | None:
