@@ -100,7 +100,8 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         assert ev["corrupt.fits"]["accepted"] is False and ev["corrupt.fits"]["error"] is True
         assert "corrupt.fits" in ev["corrupt.fits"]["reason"] or "FITS" in ev["corrupt.fits"]["reason"]
         assert ev["cloudy.fits"]["accepted"] is False and ev["cloudy.fits"]["reason"].startswith("clouds")
-        assert ev["L_1.fits"]["dx"] == pytest.approx(-0.7, abs=0.1) and ev["L_1.fits"]["dy"] == pytest.approx(0.4, abs=0.1)
+        assert ev["L_1.fits"]["dx"] == pytest.approx(-0.7, abs=0.1)
+        assert ev["L_1.fits"]["dy"] == pytest.approx(0.4, abs=0.1)
         assert ev["L_0.fits"]["stack"] == "SIM-FIELD_L_10s_bin1" and ev["R_0.fits"]["stack"] == "SIM-FIELD_R_10s_bin1"
         # Separate stacks per filter; the R frame never entered the L stack.
         assert service.snapshot.stacks["SIM-FIELD_L_10s_bin1"].frames == 3
@@ -144,7 +145,8 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         sub.send("cmd", json.dumps({"id": "z", "action": "reset", "stack": "SIM-FIELD_R_10s_bin1"}))
         await wait_for(lambda: {r["id"] for r in sub.json("cmd/result")} >= {"p", "r", "ref", "z"}, what="replies")
         ok = {r["id"]: r for r in sub.json("cmd/result")}
-        assert ok["ref"]["ok"] and ok["ref"]["stack"] == "SIM-FIELD_L_10s_bin1" and ok["ref"]["requeued"] == 5  # 4 stacked + cloudy
+        assert ok["ref"]["ok"] and ok["ref"]["stack"] == "SIM-FIELD_L_10s_bin1"
+        assert ok["ref"]["requeued"] == 5  # 4 stacked + cloudy
         assert service.snapshot.stacks["SIM-FIELD_L_10s_bin1"].reference.endswith("L_1.fits")
         # The L frames are stacked again against the new reference: L_0 now sits at +0.7, -0.4.
         await wait_for(lambda: sum(Path(e["path"]).name == "L_0.fits" for e in sub.json("frame")) == 2,
@@ -186,7 +188,8 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         "L_0.fits": "stacked", "L_1.fits": "stacked", "L_2.fits": "stacked", "R_0.fits": "stacked",
         "slow.fits": "stacked", "cloudy.fits": "rejected", "corrupt.fits": "error"}
     lstack = state["stacks"]["SIM-FIELD_L_10s_bin1"]["pipeline"]
-    assert sorted(Path(p["path"]).name for p in lstack["provenance"]) == ["L_0.fits", "L_1.fits", "L_2.fits", "slow.fits"]
+    stacked = sorted(Path(p["path"]).name for p in lstack["provenance"])
+    assert stacked == ["L_0.fits", "L_1.fits", "L_2.fits", "slow.fits"]
     assert fits.getheader(cfg.output_dir / "SIM-FIELD_L_10s_bin1.fits")["NCOMBINE"] == 4
 
 
@@ -388,15 +391,18 @@ def test_mixed_exposures_get_a_stack_each_and_keep_the_deep_frames(tmp_path):
         for path in paths:  # in the order they were taken
             shutil.copy(path, cfg.capture.dir / path.name)
             await asyncio.sleep(0.05)
-        await wait_for(lambda: service.counts["stacked"] + service.counts["rejected"] == len(plan)
-                       and service.status()["queue"] == 0, timeout=60, what="all frames judged")
+        def judged() -> int:
+            return service.snapshot.counts["stacked"] + service.snapshot.counts["rejected"]
+
+        await wait_for(lambda: judged() == len(plan) and service.status()["queue"] == 0, timeout=60,
+                       what="all frames judged")
         service.request_stop()
         assert await asyncio.wait_for(run, 20) == 0
         return service
 
     svc = asyncio.run(scenario())
-    assert svc.counts["rejected"] == 0
-    stacks = {name: (s.pipeline.n_stacked, s.pipeline.total_exposure_s) for name, s in svc.stacks.items()}
+    assert svc.snapshot.counts["rejected"] == 0
+    stacks = {name: (s.frames, s.total_exposure_s) for name, s in svc.snapshot.stacks.items()}
     assert stacks == {"SIM-FIELD_L_2s_bin1": (3, 6.0), "SIM-FIELD_L_3s_bin1": (2, 6.0),
                       "SIM-FIELD_L_60s_bin1": (3, 180.0)}, stacks
     one = LivePipeline()
