@@ -161,8 +161,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key.strip(), value
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check/convert one TOML value against a dataclass field's type hint."""
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert one TOML value against a dataclass field's type hint; ConfigError names
+    `where` (the file and the key) when it does not fit."""
     origin = typing.get_origin(hint)
     if origin in (UnionType, typing.Union):
         args = typing.get_args(hint)
@@ -173,7 +174,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if arg is NoneType:
                 continue
             try:
-                return _coerce(value, arg, where)
+                return coerce(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
@@ -183,7 +184,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item = typing.get_args(hint)[0]
-        return tuple(_coerce(v, item, where) for v in value)
+        return tuple(coerce(v, item, where) for v in value)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -222,7 +223,7 @@ def build_section(cls: type, data: dict, section: str, source: str) -> Any:
         where = f"{source}: [{section}] {key}"
         if key not in known:
             raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
-        kwargs[key] = _coerce(value, hints[key], where)
+        kwargs[key] = coerce(value, hints[key], where)
     for name, f in known.items():
         if name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
             raise ConfigError(f"{source}: [{section}] {name}: required key missing")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from daemon import checkpoint
-from daemon.config import Config
+from daemon.config import Config, coerce
 from daemon.io.load import FrameLoader
 from daemon.ledger import QUARANTINED, InHand, Ledger
 from daemon.masters import build_master, load_masters
@@ -43,12 +44,21 @@ class SessionError(ValueError):
 
 
 def live_settings(config: Config) -> LiveSettings:
-    """The live pipeline's settings from the config's [stack] and [quality]. Raises ValueError
-    naming the config file and the key (`stack.kapa`), so a typo stops the daemon at start."""
+    """The live pipeline's settings from the config's [stack] and [quality]."""
+    return live_settings_from(config.stack, config.quality, config.source)
+
+
+def live_settings_from(stack: dict, quality: dict, source: str) -> LiveSettings:
+    """LiveSettings from [stack] and [quality] tables, each value checked against its type as
+    every other config value is. Raises ValueError naming `source` and the key (`stack.kapa`),
+    so a typo stops the daemon at start."""
+    hints = typing.get_type_hints(LiveSettings)
+    tables = {name: {k: coerce(v, hints[k], f"{source}: [{name}] {k}") if k in hints else v
+                     for k, v in table.items()} for name, table in (("stack", stack), ("quality", quality))}
     try:
-        return LiveSettings.from_config(config.stack, config.quality)
+        return LiveSettings.from_config(tables["stack"], tables["quality"])
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{config.source}: {exc}") from exc
+        raise ValueError(f"{source}: {exc}") from exc
 
 
 class PipelineFactory(Protocol):

@@ -57,27 +57,28 @@ def _expand(paths: list[Path]) -> list[Path]:
 
 
 def _settings(overrides: list[str]):
-    from daemon.pipeline.live import LiveSettings
+    """LiveSettings from `--set` items, parsed as the daemon's `--set` is (daemon.config:
+    `stack.kappa=2.5`, the value as TOML); a bare key (`kappa=2.5`) is looked up in [stack],
+    then [quality]. Exits naming the item when a key or value is refused."""
+    from daemon.config import ConfigError, parse_override
+    from daemon.pipeline.quality import QualitySettings
+    from daemon.session import live_settings_from
 
-    fields = {f.name: f for f in dataclasses.fields(LiveSettings)}
-    kwargs = {}
+    quality_keys = {f.name for f in dataclasses.fields(QualitySettings)}
+    tables: dict[str, dict] = {"stack": {}, "quality": {}}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip().split(".")[-1]  # accept "stack.kappa" as well as "kappa"
-        if not sep or key not in fields:
-            raise SystemExit(f"lightbucket stack: --set {item!r}: unknown setting (known: {', '.join(fields)})")
-        default = fields[key].default
+        text = item if "." in item.partition("=")[0] else f"_.{item}"
         try:
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                kwargs[key] = value.lower() in ("true", "1", "yes")
-            else:
-                kwargs[key] = type(default)(value)
-        except ValueError:
-            raise SystemExit(f"lightbucket stack: --set {item!r}: expected a {type(default).__name__}") from None
+            section, key, value = parse_override(text)
+        except ConfigError as exc:
+            raise SystemExit(f"lightbucket stack: {exc}") from None
+        if section == "_":
+            section = "quality" if key in quality_keys else "stack"
+        if section not in tables:
+            raise SystemExit(f"lightbucket stack: --set {item!r}: only [stack] and [quality] settings apply here")
+        tables[section][key] = value
     try:
-        return LiveSettings(**kwargs)
+        return live_settings_from(tables["stack"], tables["quality"], "--set")
     except ValueError as exc:
         raise SystemExit(f"lightbucket stack: {exc}") from None
 
