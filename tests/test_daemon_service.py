@@ -54,6 +54,12 @@ async def wait_for(predicate, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def idle(service: Service) -> bool:
+    """Nothing queued and nothing in the worker's hands: every file received is answered."""
+    frames = service.status()["frames"]
+    return frames["received"] == frames["stacked"] + frames["rejected"] + frames["errors"]
+
+
 def events_by_name(sub: Subscriber) -> dict[str, dict]:
     return {Path(e["path"]).name: e for e in sub.json("frame")}
 
@@ -76,13 +82,15 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         sub = await asyncio.to_thread(Subscriber, broker.port, "svc")
         await wait_for(lambda: service.mqtt and service.mqtt.connected.is_set(), what="mqtt")
 
-        # Ignored names: temp/partial/hidden files and other extensions never reach the queue.
-        for name in ("x.fits.tmp", "x.fits.part", ".x.fits", "~x.fits", "x.fits.crdownload", "notes.txt"):
+        # Ignored names: temp/partial/hidden files never reach the queue; another kind of file
+        # (notes.txt) is answered: an error event naming its kind.
+        for name in ("x.fits.tmp", "x.fits.part", ".x.fits", "~x.fits", "x.fits.crdownload"):
             shutil.copy(stage / "L_0.fits", capture / name)
+        (capture / "notes.txt").write_text("seeing 2/5, dew at 23:10\n")
 
         for name in ("L_0.fits", "L_1.fits", "R_0.fits", "cloudy.fits", "corrupt.fits"):
             shutil.copy(stage / name, capture / name)
-        await wait_for(lambda: len(sub.json("frame")) >= 5, what="5 frame events")
+        await wait_for(lambda: len(sub.json("frame")) >= 6, what="6 frame events")
 
         # A file still being written (writer pauses 1.5 s mid-file) is not picked early.
         with open(capture / "slow.fits", "wb") as fh:
@@ -95,12 +103,15 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         await wait_for(lambda: "slow.fits" in events_by_name(sub), what="slow.fits event")
 
         ev = events_by_name(sub)
-        assert set(ev) == {"L_0.fits", "L_1.fits", "R_0.fits", "cloudy.fits", "corrupt.fits", "slow.fits"}
+        assert set(ev) == {"L_0.fits", "L_1.fits", "R_0.fits", "cloudy.fits", "corrupt.fits", "slow.fits",
+                           "notes.txt"}
+        assert ev["notes.txt"]["error"] is True and "unsupported file type (.txt)" in ev["notes.txt"]["reason"]
         assert ev["slow.fits"]["accepted"] is True
         assert ev["corrupt.fits"]["accepted"] is False and ev["corrupt.fits"]["error"] is True
         assert "corrupt.fits" in ev["corrupt.fits"]["reason"] or "FITS" in ev["corrupt.fits"]["reason"]
         assert ev["cloudy.fits"]["accepted"] is False and ev["cloudy.fits"]["reason"].startswith("clouds")
-        assert ev["L_1.fits"]["dx"] == pytest.approx(-0.7, abs=0.1) and ev["L_1.fits"]["dy"] == pytest.approx(0.4, abs=0.1)
+        assert ev["L_1.fits"]["dx"] == pytest.approx(-0.7, abs=0.1)
+        assert ev["L_1.fits"]["dy"] == pytest.approx(0.4, abs=0.1)
         assert ev["L_0.fits"]["stack"] == "SIM-FIELD_L_10s_bin1" and ev["R_0.fits"]["stack"] == "SIM-FIELD_R_10s_bin1"
         # Separate stacks per filter; the R frame never entered the L stack.
         assert service.stacks["SIM-FIELD_L_10s_bin1"].pipeline.n_stacked == 3
@@ -109,7 +120,7 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         await wait_for(lambda: sub.json("status") and sub.json("status")[-1]["frames"]["stacked"] == 4
                        and sub.json("status")[-1]["queue"] == 0, what="status")
         status = sub.json("status")[-1]
-        assert status["frames"] == {"received": 6, "stacked": 4, "rejected": 1, "errors": 1}
+        assert status["frames"] == {"received": 7, "stacked": 4, "rejected": 1, "errors": 2}
         assert status["state"] == "running" and status["disk_free_bytes"] > 0 and isinstance(status["state_bytes"], int)
 
         # Malformed commands: error replies with the id, and nothing changes.
@@ -144,11 +155,12 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         sub.send("cmd", json.dumps({"id": "z", "action": "reset", "stack": "SIM-FIELD_R_10s_bin1"}))
         await wait_for(lambda: {r["id"] for r in sub.json("cmd/result")} >= {"p", "r", "ref", "z"}, what="replies")
         ok = {r["id"]: r for r in sub.json("cmd/result")}
-        assert ok["ref"]["ok"] and ok["ref"]["stack"] == "SIM-FIELD_L_10s_bin1" and ok["ref"]["requeued"] == 5  # 4 stacked + cloudy
+        assert ok["ref"]["ok"] and ok["ref"]["stack"] == "SIM-FIELD_L_10s_bin1"
+        assert ok["ref"]["requeued"] == 5  # 4 stacked + cloudy
         assert service.stacks["SIM-FIELD_L_10s_bin1"].pipeline.reference_path.endswith("L_1.fits")
         # The L frames are stacked again against the new reference: L_0 now sits at +0.7, -0.4.
         await wait_for(lambda: sum(Path(e["path"]).name == "L_0.fits" for e in sub.json("frame")) == 2
-                       and service.status()["queue"] == 0 and not service._in_hand, what="L re-stacked")
+                       and idle(service), what="L re-stacked")
         redo = [e for e in sub.json("frame") if Path(e["path"]).name == "L_0.fits"][-1]
         assert redo["dx"] == pytest.approx(0.7, abs=0.1) and redo["dy"] == pytest.approx(-0.4, abs=0.1)
         assert ok["z"]["ok"] and service.stacks["SIM-FIELD_R_10s_bin1"].pipeline.n_stacked == 0
@@ -183,9 +195,10 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
     ledger = state["ledger"]["entries"]
     assert {k: v["outcome"] for k, v in ledger.items()} == {
         "L_0.fits": "stacked", "L_1.fits": "stacked", "L_2.fits": "stacked", "R_0.fits": "stacked",
-        "slow.fits": "stacked", "cloudy.fits": "rejected", "corrupt.fits": "error"}
+        "slow.fits": "stacked", "cloudy.fits": "rejected", "corrupt.fits": "error", "notes.txt": "error"}
     lstack = state["stacks"]["SIM-FIELD_L_10s_bin1"]["pipeline"]
-    assert sorted(Path(p["path"]).name for p in lstack["provenance"]) == ["L_0.fits", "L_1.fits", "L_2.fits", "slow.fits"]
+    stacked = sorted(Path(p["path"]).name for p in lstack["provenance"])
+    assert stacked == ["L_0.fits", "L_1.fits", "L_2.fits", "slow.fits"]
     assert fits.getheader(cfg.output_dir / "SIM-FIELD_L_10s_bin1.fits")["NCOMBINE"] == 4
 
 
@@ -234,7 +247,7 @@ def test_backlog_and_restart_without_mqtt_never_stacks_twice(tmp_path):
     async def session(expect: int):
         service = Service(cfg)
         run = asyncio.create_task(service.run())
-        await wait_for(lambda: service.counts["stacked"] == expect and service._queue.empty(), what=f"{expect}")
+        await wait_for(lambda: service.counts["stacked"] == expect and idle(service), what=f"{expect}")
         service.request_stop()
         assert await asyncio.wait_for(run, 20) == 0
         return service
