@@ -6,7 +6,9 @@ loop."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import logging
 import shutil
 import signal
 import subprocess
@@ -21,8 +23,10 @@ from astropy.io import fits
 
 from daemon import checkpoint
 from daemon.ledger import InHand
+from daemon.service import Service
 from tests.mqtt_broker import Subscriber
 from tests.test_daemon_process import NotifySocket, start_daemon, write_frames
+from tests.test_daemon_service import idle, make_config, make_frame, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -208,3 +212,41 @@ def test_kill9_with_a_file_in_hand_quarantines_it_no_crash_loop(broker, tmp_path
     assert not marker.exists()
     entry = checkpoint.load(state)["ledger"]["entries"][slow.name]
     assert entry["outcome"] == "error" and entry["reason"].startswith("quarantined")
+
+
+def test_bad_header_values_warn_and_the_frame_goes_where_one_without_the_value_goes(tmp_path, caplog):
+    cfg = make_config(tmp_path, None, "x")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    cards = {"no_exptime": {"EXPTIME": None}, "abc": {"EXPTIME": "abc"}, "negative": {"EXPTIME": -5.0},
+             "absurd": {"EXPTIME": 1e9}, "no_binning": {}, "bad_binning": {"XBINNING": "two", "YBINNING": 0}}
+    for i, (name, changes) in enumerate(cards.items()):
+        path = make_frame(stage / f"{name}.fits", i)
+        with fits.open(path, mode="update") as hdul:
+            for key, value in changes.items():
+                if value is None:
+                    del hdul[0].header[key]
+                else:
+                    hdul[0].header[key] = value
+        shutil.copy(path, cfg.capture.dir / path.name)
+
+    async def session():
+        service = Service(cfg)
+        run = asyncio.create_task(service.run())
+        await wait_for(lambda: len(service.ledger.entries) == len(cards) and idle(service), timeout=90,
+                       what="every frame answered")
+        service.request_stop()
+        assert await asyncio.wait_for(run, 60) == 0
+        return service
+
+    with caplog.at_level(logging.WARNING, logger="lightbucket.io"):
+        service = asyncio.run(session())
+    assert all(e.outcome != "error" and e.stack for e in service.ledger.entries.values()), service.ledger.entries
+    stack_of = {Path(k).stem: e.stack for k, e in service.ledger.entries.items()}
+    assert stack_of["abc"] == stack_of["negative"] == stack_of["absurd"] == stack_of["no_exptime"]
+    assert stack_of["bad_binning"] == stack_of["no_binning"] != stack_of["no_exptime"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lightbucket.io"]
+    for name, key in (("abc", "EXPTIME='abc'"), ("negative", "EXPTIME=-5.0"), ("absurd", "EXPTIME=1000000000.0"),
+                      ("bad_binning", "XBINNING='two'"), ("bad_binning", "YBINNING=0")):
+        assert any(key in w and str(cfg.capture.dir / f"{name}.fits") in w for w in warnings), (key, warnings)
+    assert not any("no_exptime" in w or "no_binning" in w for w in warnings)  # absent is not bad
