@@ -261,3 +261,12 @@ def test_xisf_unicode_keyword_values_are_kept_and_a_huge_block_refused(tmp_path)
     _xisf_by_hand(tmp_path / "big.xisf", data, children, block_size=99999999)
     with pytest.raises(FrameError, match="data block of 99999999 bytes for an image of 120"):
         load_frame(tmp_path / "big.xisf")
+
+
+def test_xisf_floats_are_scaled_to_adu_only_when_normalised(tmp_path):
+    adu = np.arange(12, dtype=np.float32).reshape(3, 4) * 1000.0  # ADU, written with bounds="0:1" anyway
+    xisf.XISF.write(str(tmp_path / "adu.xisf"), adu[:, :, None])
+    assert b'bounds="0:1"' in (tmp_path / "adu.xisf").read_bytes()[:2000]
+    np.testing.assert_array_equal(load_frame(tmp_path / "adu.xisf").data, adu)
+    xisf.XISF.write(str(tmp_path / "norm.xisf"), (adu / 11000.0)[:, :, None])  # control: normalised [0, 1]
+    np.testing.assert_allclose(load_frame(tmp_path / "norm.xisf").data, adu / 11000.0 * 65535.0, rtol=1e-6)

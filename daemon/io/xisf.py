@@ -69,7 +69,9 @@ def read_xisf_frame(path: str | os.PathLike, *, max_bytes: int | None = None) ->
     data = np.frombuffer(raw, dtype=dtype).reshape(height, width).astype(np.float32)
     if dtype.kind == "f":
         lo, hi = _bounds(image)
-        if hi <= 1.0 and lo >= 0.0:  # normalised [0, 1] floats (PixInsight's default): as 16-bit ADU
+        # Normalised [0, 1] floats (PixInsight's default) as 16-bit ADU; the data must say so
+        # too: writers put bounds="0:1" on floats in ADU as well (the `xisf` package does).
+        if hi <= 1.0 and lo >= 0.0 and data.size and float(np.nanmax(data)) <= 1.0:
             data *= np.float32(65535.0)
     header = fits.Header()
     text: dict[str, Any] = {}  # values FITS cannot hold (XML is Unicode: OBJECT = 'M42 星')
