@@ -285,3 +285,12 @@ def test_stack_header_counts_and_exposures_as_siril_writes_them():
     h = stack_header(prov)
     assert h["STACKCNT"] == h["NCOMBINE"] == 3 and h["EXPTIME"] == 30.0 and h["LIVETIME"] == 90.0
     assert h["DATE-OBS"] == t0 + ".000" and h["DATE-END"] == "2026-11-24T21:02:30.000"
+
+
+def test_unknown_exposures_are_not_written_as_zero_seconds():
+    prov = [{"path": f"/c/L_{i}.fits", "exposure_s": None, "weight": 1.0} for i in range(2)]
+    h = stack_header(prov)  # frames whose EXPTIME was absent or bad ('abc'): the header does not say 0 s
+    assert "EXPTIME" not in h and "LIVETIME" not in h and h["STACKCNT"] == 2
+    assert [p["exposure_s"] for p in inputs_from_header(h)] == [None, None]
+    h = stack_header([*prov, {"path": "/c/L_9.fits", "exposure_s": 30.0}])
+    assert h["EXPTIME"] == 30.0 and h["LIVETIME"] == 30.0 and "2 of unknown exposure" in h.comments["LIVETIME"]
