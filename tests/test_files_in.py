@@ -32,8 +32,8 @@ pytestmark = pytest.mark.slow
 
 
 def unsupported_files(folder: Path) -> dict[str, str]:
-    """One file of each kind a capture folder may hold that lightbucket does not read, and
-    the text its error reason must hold."""
+    """One file of each kind a capture folder may hold that lightbucket does not read, a few
+    broken frames, and the text each one's error reason must hold."""
     folder.mkdir(parents=True, exist_ok=True)
     img = np.zeros((40, 60, 3), np.uint8)
     files = {
@@ -43,6 +43,11 @@ def unsupported_files(folder: Path) -> dict[str, str]:
         "clip.avi": (b"RIFF\x24\x00\x00\x00AVI LIST" + bytes(64), "unsupported file type (.avi)"),
         "notes.txt": (b"seeing 2/5, dew at 23:10\n", "unsupported file type (.txt)"),
         "session_log": (b"21:04 started\n", "unsupported file type (no suffix)"),
+        # a frame format, broken: the fault is named
+        "broken.xisf": (b"XISF0100\x10\x00\x00\x00" + bytes(4) + b"<xisf>", "truncated XISF header"),
+        "broken.cr2": (b"II*\x00" + bytes(100), "not a readable camera raw file"),
+        "broken.fits.gz": (b"\x1f\x8b\x08\x00garbage", "corrupt or truncated gzip stream"),
+        "empty.fits": (b"", "empty file (0 bytes)"),
     }
     for name, (data, _) in files.items():
         (folder / name).write_bytes(data)
