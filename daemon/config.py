@@ -40,15 +40,10 @@ class CaptureConfig:
     #: another machine, where the kernel sees no events; completion is then size-stable.
     poll: bool = False
     #: Decode limit (bytes of float32 pixels): a frame declaring more is refused before it is
-    #: decoded. Default: the machine's physical memory / 8 (daemon.io.limits).
+    #: decoded. Default: the memory the process may use / 8 (daemon.io.limits).
     max_frame_bytes: int | None = None
     #: CFA pattern (RGGB, BGGR, GRBG, GBRG) of TIFF frames whose sidecar names none; unset: mono.
     tiff_bayer: str | None = None
-
-    @property
-    def narrowed_patterns(self) -> tuple[str, ...] | None:
-        """The patterns when the config narrows what is read, None for the default (all)."""
-        return None if self.patterns == DEFAULT_PATTERNS else self.patterns
 
     def __post_init__(self) -> None:
         if self.tiff_bayer is not None and self.tiff_bayer.upper() not in ("RGGB", "BGGR", "GRBG", "GBRG"):

@@ -138,3 +138,24 @@ class InHand:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) and isinstance(data.get("path"), str) else None
+
+
+def quarantine_left_over(ledger: Ledger, in_hand: InHand) -> str | None:
+    """At start, before any frame is processed: the file the last process died with (`InHand`)
+    recorded in `ledger` as an error with the reason QUARANTINED, and the marker removed.
+
+    A file already decided in the ledger (the process died after its checkpoint) or changed
+    since (a new version: it gets its own answer) is left alone. Returns the quarantined path
+    (for its event and log line), None when there was nothing to quarantine.
+    """
+    marker = in_hand.left_over()
+    if marker is None:
+        return None
+    path = marker["path"]
+    quarantined = None
+    if in_hand.is_version(marker) and not ledger.done(path):
+        ledger.record(path, "error", reason=QUARANTINED)
+        log.error("%s: %s", path, QUARANTINED)
+        quarantined = path
+    in_hand.end()
+    return quarantined

@@ -69,8 +69,7 @@ class Service:
         if factory is None:
             factory = LivePipelineFactory(live_settings(config), masters)
         if loader is None:
-            loader = FrameLoader(LoadOptions(config.capture.max_frame_bytes, config.capture.tiff_bayer,
-                                             config.capture.narrowed_patterns))
+            loader = FrameLoader(LoadOptions(config.capture.max_frame_bytes, config.capture.tiff_bayer))
         self.session = Session(self.state_dir, self.capture_dir, self.output_dir, factory, loader, masters)
         self.snapshot: SessionSnapshot = self.session.snapshot()
         self.notifier = notifier or Notifier()
@@ -341,10 +340,10 @@ class Service:
         if quarantined is not None:
             self._report(Outcome(quarantined, "error", reason=QUARANTINED))
         cap = self.config.capture
-        self.watcher = FolderWatcher(self.capture_dir, self.enqueue, patterns=None, recursive=cap.recursive,
+        self.watcher = FolderWatcher(self.capture_dir, self.enqueue, patterns=cap.patterns, recursive=cap.recursive,
                                      settle_s=cap.settle_s, force_polling=self.force_polling or cap.poll)
         self.watcher.start()
-        found = backlog(self.capture_dir, None, cap.recursive)
+        found = backlog(self.capture_dir, cap.patterns, cap.recursive)
         for path in await self.job(lambda session: [p for p in found if not session.ledger.done(p)]):
             self.enqueue(path)
         log.info("backlog: %d frames to process", len(self._queue))

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from daemon import checkpoint
 from daemon.config import Config, coerce
 from daemon.io.load import FrameLoader
-from daemon.ledger import QUARANTINED, InHand, Ledger
+from daemon.ledger import InHand, Ledger, quarantine_left_over
 from daemon.masters import build_master, load_masters
 from daemon.names import safe_filename
 from daemon.pipeline.frame import FrameType
@@ -189,16 +189,11 @@ class Session:
         state = checkpoint.load(self.state_dir)
         if state is not None:
             self._restore(state)
-        left = self.in_hand.left_over()
-        if left is None:
+        quarantined = quarantine_left_over(self.ledger, self.in_hand)
+        if quarantined is None:
             return None
-        self.in_hand.end()
-        if not self.in_hand.is_version(left) or self.ledger.done(left["path"]):
-            return None  # changed since (it will be read again) or already dealt with
-        self.ledger.record(left["path"], "error", reason=QUARANTINED)
-        log.error("%s: %s", left["path"], QUARANTINED)
         self.try_checkpoint()
-        return Path(left["path"])
+        return Path(quarantined)
 
     def _restore(self, state: dict) -> None:
         self.ledger = Ledger.from_json(state["ledger"], self.capture_dir)

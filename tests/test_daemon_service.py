@@ -54,6 +54,12 @@ async def wait_for(predicate, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def idle(service: Service) -> bool:
+    """Nothing queued and nothing in the worker's hands: every file received is answered."""
+    frames = service.status()["frames"]
+    return frames["received"] == frames["stacked"] + frames["rejected"] + frames["errors"]
+
+
 def events_by_name(sub: Subscriber) -> dict[str, dict]:
     return {Path(e["path"]).name: e for e in sub.json("frame")}
 
@@ -76,13 +82,15 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         sub = await asyncio.to_thread(Subscriber, broker.port, "svc")
         await wait_for(lambda: service.mqtt and service.mqtt.connected.is_set(), what="mqtt")
 
-        # Ignored names: temp/partial/hidden files and other extensions never reach the queue.
-        for name in ("x.fits.tmp", "x.fits.part", ".x.fits", "~x.fits", "x.fits.crdownload", "notes.txt"):
+        # Ignored names: temp/partial/hidden files never reach the queue; another kind of file
+        # (notes.txt) is answered: an error event naming its kind.
+        for name in ("x.fits.tmp", "x.fits.part", ".x.fits", "~x.fits", "x.fits.crdownload"):
             shutil.copy(stage / "L_0.fits", capture / name)
+        (capture / "notes.txt").write_text("seeing 2/5, dew at 23:10\n")
 
         for name in ("L_0.fits", "L_1.fits", "R_0.fits", "cloudy.fits", "corrupt.fits"):
             shutil.copy(stage / name, capture / name)
-        await wait_for(lambda: len(sub.json("frame")) >= 5, what="5 frame events")
+        await wait_for(lambda: len(sub.json("frame")) >= 6, what="6 frame events")
 
         # A file still being written (writer pauses 1.5 s mid-file) is not picked early.
         with open(capture / "slow.fits", "wb") as fh:
@@ -95,7 +103,9 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         await wait_for(lambda: "slow.fits" in events_by_name(sub), what="slow.fits event")
 
         ev = events_by_name(sub)
-        assert set(ev) == {"L_0.fits", "L_1.fits", "R_0.fits", "cloudy.fits", "corrupt.fits", "slow.fits"}
+        assert set(ev) == {"L_0.fits", "L_1.fits", "R_0.fits", "cloudy.fits", "corrupt.fits", "slow.fits",
+                           "notes.txt"}
+        assert ev["notes.txt"]["error"] is True and "unsupported file type (.txt)" in ev["notes.txt"]["reason"]
         assert ev["slow.fits"]["accepted"] is True
         assert ev["corrupt.fits"]["accepted"] is False and ev["corrupt.fits"]["error"] is True
         assert "corrupt.fits" in ev["corrupt.fits"]["reason"] or "FITS" in ev["corrupt.fits"]["reason"]
@@ -110,7 +120,7 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         await wait_for(lambda: sub.json("status") and sub.json("status")[-1]["frames"]["stacked"] == 4
                        and sub.json("status")[-1]["queue"] == 0, what="status")
         status = sub.json("status")[-1]
-        assert status["frames"] == {"received": 6, "stacked": 4, "rejected": 1, "errors": 1}
+        assert status["frames"] == {"received": 7, "stacked": 4, "rejected": 1, "errors": 2}
         assert status["state"] == "running" and status["disk_free_bytes"] > 0 and isinstance(status["state_bytes"], int)
 
         # Malformed commands: error replies with the id, and nothing changes.
@@ -186,7 +196,7 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
     ledger = state["ledger"]["entries"]
     assert {k: v["outcome"] for k, v in ledger.items()} == {
         "L_0.fits": "stacked", "L_1.fits": "stacked", "L_2.fits": "stacked", "R_0.fits": "stacked",
-        "slow.fits": "stacked", "cloudy.fits": "rejected", "corrupt.fits": "error"}
+        "slow.fits": "stacked", "cloudy.fits": "rejected", "corrupt.fits": "error", "notes.txt": "error"}
     lstack = state["stacks"]["SIM-FIELD_L_10s_bin1"]["pipeline"]
     stacked = sorted(Path(p["path"]).name for p in lstack["provenance"])
     assert stacked == ["L_0.fits", "L_1.fits", "L_2.fits", "slow.fits"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from daemon import checkpoint
-from daemon.ledger import Ledger
+from daemon.ledger import QUARANTINED, InHand, Ledger, quarantine_left_over
 from daemon.watcher import FolderWatcher, backlog, is_candidate
 
 PATTERNS = ("*.fits", "*.fit", "*.cr2")
@@ -30,7 +30,8 @@ def test_checkpoint_round_trip_nested_arrays():
         checkpoint.save(Path(d), state)
         back = checkpoint.load(Path(d))
     p = back["stacks"]["a"]["pipeline"]
-    assert p["stack.mean"].dtype == np.float32 and np.array_equal(p["stack.mean"], state["stacks"]["a"]["pipeline"]["stack.mean"])
+    assert p["stack.mean"].dtype == np.float32
+    assert np.array_equal(p["stack.mean"], state["stacks"]["a"]["pipeline"]["stack.mean"])
     assert p["n"] == 3 and np.isnan(p["nan"]) and p["prov"] == [{"path": "x"}] and p["ref"] is None and p["t"] == [1, 2]
 
 
@@ -65,6 +66,35 @@ def test_ledger_errors_are_retried_only_when_the_file_changes(tmp_path):
     assert not led.done(g)
     back = Ledger.from_json(led.to_json(), tmp_path)
     assert back.done(tmp_path / "a.fits") and back.entries["a.fits"].stack == "s"
+
+
+def test_a_file_in_hand_at_death_is_quarantined_once_unless_decided_or_changed(tmp_path):
+    state, capture = tmp_path / "state", tmp_path / "capture"
+    state.mkdir()
+    capture.mkdir()
+    bad, good, later = (capture / n for n in ("bad.fits", "good.fits", "later.fits"))
+    for f in (bad, good, later):
+        f.write_bytes(b"SIMPLE  = T" + bytes(100))
+    led = Ledger(capture)
+    InHand(state).begin(bad)  # the process dies here: no end()
+    assert quarantine_left_over(led, InHand(state)) == str(bad)
+    assert led.entries["bad.fits"].outcome == "error" and led.entries["bad.fits"].reason == QUARANTINED
+    assert led.done(bad) and InHand(state).left_over() is None
+    assert quarantine_left_over(led, InHand(state)) is None  # marker gone: nothing twice
+    # died after the checkpoint recorded it: already decided, left alone
+    led.record(good, "stacked", stack="s")
+    InHand(state).begin(good)
+    assert quarantine_left_over(led, InHand(state)) is None and led.entries["good.fits"].outcome == "stacked"
+    # rewritten since: a new version gets its own answer
+    InHand(state).begin(later)
+    time.sleep(0.01)
+    later.write_bytes(b"SIMPLE  = T" + bytes(200))
+    assert quarantine_left_over(led, InHand(state)) is None and "later.fits" not in led.entries
+    # control: a clean end leaves no marker
+    hand = InHand(state)
+    hand.begin(later)
+    hand.end()
+    assert hand.left_over() is None
 
 
 def test_candidate_names_and_backlog(tmp_path):

@@ -25,7 +25,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from daemon.io.formats import ALL_SUFFIXES
+from daemon.io.formats import format_of
+from daemon.watcher import is_candidate
 
 
 def add_parser(sub) -> None:
@@ -46,13 +47,20 @@ def add_parser(sub) -> None:
 
 
 def _expand(paths: list[Path]) -> list[Path]:
+    """Files as given; folders as their frame files (the loader's suffixes), sorted by name.
+    Other files in a folder are named on stderr, never dropped without a word (a frame's
+    companions, hidden and temporary files excepted)."""
     out: list[Path] = []
     for p in paths:
-        if p.is_dir():
-            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(ALL_SUFFIXES)
-                              and not f.name.startswith(".")))
-        else:
+        if not p.is_dir():
             out.append(p)
+            continue
+        files = sorted(f for f in p.iterdir() if f.is_file() and is_candidate(f))
+        out.extend(f for f in files if format_of(f))
+        other = [f.name for f in files if not format_of(f)]
+        if other:
+            print(f"{p}: {len(other)} files not read (not a frame format: "
+                  f"{', '.join(other[:5])}{', ...' if len(other) > 5 else ''})", file=sys.stderr, flush=True)
     return out
 
 
