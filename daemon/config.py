@@ -244,10 +244,22 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     for required in ("capture", "state"):
         if required not in kwargs:
             raise ConfigError(f"{source}: [{required}] section missing (needs at least 'dir')")
+    _check_folders(kwargs["capture"], kwargs["state"], source)
     web = kwargs.get("web")
     if web is not None and (web.cert_file is None) != (web.key_file is None):
         raise ConfigError(f"{source}: [web] cert_file and key_file: give both (HTTPS) or neither")
     return Config(**kwargs)
+
+
+def _check_folders(capture: CaptureConfig, state: StateConfig, source: str) -> None:
+    """The daemon's own files (checkpoint, spool, stacks, preview.jpg) must not land where it
+    watches: each write would be answered as a new file, forever."""
+    watched = Path(capture.dir).expanduser().absolute()
+    for key, folder in (("state.dir", state.dir), ("state.output_dir", state.output_dir or state.dir / "output")):
+        path = Path(folder).expanduser().absolute()
+        if path == watched or (capture.recursive and path.is_relative_to(watched)):
+            raise ConfigError(f"{source}: [state] {key.split('.')[1]} = '{folder}': inside the watched capture.dir "
+                              f"'{capture.dir}'; the daemon's own files would be read as new frames")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

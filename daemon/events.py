@@ -21,19 +21,22 @@ def _now() -> str:
 
 
 def frame_event(out: Outcome) -> dict:
-    """The `frame` event of a stacked, rejected or unreadable file, and its log line."""
+    """The `frame` event of a stacked, rejected or unreadable file, and its log line. Header
+    values the loader could not use are listed under "warnings" (when there are any)."""
     name = str(out.path)
+    extra = {"warnings": list(out.warnings)} if out.warnings else {}
     if out.outcome == "error":
         log.warning("frame %s: not stacked: %s", name, out.reason)
         return {"path": name, "accepted": False, "error": True, "reason": out.reason, "stack": out.stack,
-                "time": _now()}
+                **extra, "time": _now()}
     r = out.result
     metrics = f"stars={r.stars} fwhm={_fmt(r.fwhm_px)}px dx={_fmt(r.dx)} dy={_fmt(r.dy)} {r.processing_ms:.0f}ms"
     if r.accepted:
         log.info("frame %s: stacked #%d in %s (%s)", name, out.n_stacked, out.stack, metrics)
     else:
         log.info("frame %s: rejected: %s (%s)", name, r.reason, metrics)
-    return {"path": name, **{k: getattr(r, k, None) for k in RESULT_FIELDS}, "stack": out.stack, "time": _now()}
+    return {"path": name, **{k: getattr(r, k, None) for k in RESULT_FIELDS}, "stack": out.stack, **extra,
+            "time": _now()}
 
 
 def status_document(snap: SessionSnapshot, *, state: str, queue: int, pending: set[str], **extra) -> dict:

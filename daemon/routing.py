@@ -24,8 +24,10 @@ class StackKey:
 
     @property
     def name(self) -> str:
-        """File-system safe stack name: 'M27_L_300s_bin1'."""
-        return safe_filename(f"{self.target}_{self.filter}_{self.exposure_s:g}s_bin{self.binning}")
+        """File-system safe stack name: 'M27_L_300s_bin1' ('M27_L_exp-unknown_bin1' for frames
+        that do not say their exposure)."""
+        exposure = f"{self.exposure_s:g}s" if self.exposure_s > 0 else "exp-unknown"
+        return safe_filename(f"{self.target}_{self.filter}_{exposure}_bin{self.binning}")
 
     @classmethod
     def of(cls, meta: FrameMeta) -> StackKey:

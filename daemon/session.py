@@ -117,6 +117,8 @@ class Outcome:
     result: Any = None  # the pipeline's FrameResult (its `registered` already handed to the spool)
     reason: str | None = None
     n_stacked: int = 0
+    #: Header values the loader could not use (`EXPTIME='abc' ...`), each naming the key.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -289,7 +291,7 @@ class Session:
             log.exception("pipeline failed on %s", path)
             reason = f"pipeline error: {type(exc).__name__}: {exc}"
             self.ledger.record(path, "error", stack=key.name, reason=reason)
-            return Outcome(path, "error", stack=key.name, reason=reason)
+            return Outcome(path, "error", stack=key.name, reason=reason, warnings=tuple(frame.meta.warnings))
         outcome = "stacked" if result.accepted else "rejected"
         if result.accepted and getattr(result, "registered", None) is not None:
             # float16 here, on the stacking thread (parallel kernels); the float32 frame is
@@ -302,7 +304,8 @@ class Session:
         self.ledger.record(path, outcome, stack=key.name, reason=result.reason)
         self.current = key.name
         self.products_due = True
-        return Outcome(path, outcome, key.name, result, result.reason, stack.pipeline.n_stacked)
+        return Outcome(path, outcome, key.name, result, result.reason, stack.pipeline.n_stacked,
+                       tuple(frame.meta.warnings))
 
     # ----------------------------------------------------------------- commands
     def named(self, name: str | None) -> Stack:

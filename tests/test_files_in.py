@@ -247,8 +247,11 @@ def test_bad_header_values_warn_and_the_frame_goes_where_one_without_the_value_g
                     hdul[0].header[key] = value
         shutil.copy(path, cfg.capture.dir / path.name)
 
+    events: dict[str, dict] = {}
+
     async def session():
         service = Service(cfg)
+        service.subscribe(lambda kind, p: events.update({Path(p["path"]).stem: p}) if kind == "frame" else None)
         run = asyncio.create_task(service.run())
         await wait_for(lambda: len(service.snapshot.files) == len(cards) and idle(service), timeout=90,
                        what="every frame answered")
@@ -257,7 +260,7 @@ def test_bad_header_values_warn_and_the_frame_goes_where_one_without_the_value_g
         return service
 
     with caplog.at_level(logging.WARNING, logger="lightbucket.io"):
-        service = asyncio.run(session())
+        asyncio.run(session())
     entries = checkpoint.load(cfg.state.dir)["ledger"]["entries"]
     assert all(e["outcome"] != "error" and e["stack"] for e in entries.values()), entries
     stack_of = {Path(k).stem: e["stack"] for k, e in entries.items()}
@@ -268,3 +271,6 @@ def test_bad_header_values_warn_and_the_frame_goes_where_one_without_the_value_g
                       ("bad_binning", "XBINNING='two'"), ("bad_binning", "YBINNING=0")):
         assert any(key in w and str(cfg.capture.dir / f"{name}.fits") in w for w in warnings), (key, warnings)
     assert not any("no_exptime" in w or "no_binning" in w for w in warnings)  # absent is not bad
+    # The frame events carry them too (the page's frame log shows them).
+    assert any("EXPTIME='abc'" in w for w in events["abc"]["warnings"]), events["abc"]
+    assert "warnings" not in events["no_exptime"]
