@@ -10,6 +10,9 @@ task drains them whenever a broker is reachable and reconnects with back-off oth
   `mqtt.buffer`, counted in `dropped`); a message is removed only after the broker acked it.
 - `availability` is `online` on connect (retained); `offline` is the last will and is also
   published on a clean shutdown.
+- A broker that refuses us (wrong or missing user name/password, an ACL) or cannot be reached
+  is never silent: `state` says so for the status and the page, and an error line naming the
+  broker and the user is logged at once and again with back-off while it lasts.
 Topics are documented in docs/mqtt.md.
 """
 
@@ -19,9 +22,12 @@ import asyncio
 import collections
 import json
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 
 from daemon import ha
 from daemon.config import MqttConfig
@@ -29,6 +35,15 @@ from daemon.config import MqttConfig
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_S = 10.0
+#: A failure that lasts is logged again at failed attempts 1, 2, 4, ... up to this, then every
+#: this many attempts (with the 5 s reconnect delay: every ~10 minutes).
+LOG_EVERY_MAX = 128
+
+#: CONNACK refusals (MQTT 3.1.1 codes and their MQTT 5 equivalents) in words for the observer.
+_REFUSALS = {1: "protocol version not accepted", 2: "client id not accepted", 3: "broker unavailable",
+             4: "bad user name or password", 5: "not authorised", 132: "protocol version not accepted",
+             133: "client id not accepted", 134: "bad user name or password", 135: "not authorised",
+             136: "broker unavailable", 137: "broker busy", 138: "banned"}
 
 
 def topic_prefix(rig: str) -> str:
@@ -46,11 +61,50 @@ def _json(payload: dict) -> bytes:
     return json.dumps(payload, separators=(",", ":"), default=str).encode()
 
 
+def describe_failure(exc: BaseException) -> str:
+    """A failed connection attempt in words, as `MqttLink.state` shows it: "refused: not
+    authorised" (the broker answered no: credentials, ACL), "tls error: ...", or
+    "unreachable: connection refused" (no broker there, a wrong host or port, no network)."""
+    if isinstance(exc, MqttConnectError):
+        code = getattr(exc.rc, "value", exc.rc)
+        return "refused: " + _REFUSALS.get(code, str(exc.rc).lower())
+    text = re.sub(r"^\[Errno -?\d+\] ", "", str(exc)).strip() or type(exc).__name__
+    if "ssl" in text.lower() or "certificate" in text.lower():
+        return f"tls error: {text}"
+    return f"unreachable: {text[:1].lower()}{text[1:]}"
+
+
+def _log_now(attempt: int) -> bool:
+    """Whether failed attempt number `attempt` (1-based) of the same failure is logged."""
+    return attempt % LOG_EVERY_MAX == 0 or (attempt < LOG_EVERY_MAX and attempt & (attempt - 1) == 0)
+
+
 class MqttLink:
-    def __init__(self, cfg: MqttConfig, *, reconnect_max_s: float = 5.0, page_url: str | None = None):
+    """The daemon's one connection to the broker (see the module docstring).
+
+    Parameters
+    ----------
+    cfg : MqttConfig
+        [mqtt]: broker, credentials, rig, discovery, buffer.
+    reconnect_max_s : float
+        Longest wait between connection attempts (s); the wait starts at 0.5 s and doubles.
+    page_url : str, optional
+        The web page's address, Home Assistant's `configuration_url` for the device.
+    on_state : callable(state), optional
+        Called on the loop whenever `state` changes (the service republishes its status).
+    """
+
+    def __init__(self, cfg: MqttConfig, *, reconnect_max_s: float = 5.0, page_url: str | None = None,
+                 on_state: Callable[[str], None] | None = None):
         self.cfg = cfg
-        #: The web page's address, Home Assistant's `configuration_url` for the device.
         self.page_url = page_url
+        self.on_state = on_state
+        #: "connecting", "connected", "refused: <why>", "unreachable: <why>", "tls error: <why>"
+        #: or "lost: <why>" (the connection dropped; reconnecting).
+        self.state = "connecting"
+        #: Failed connection attempts since the last success (0 while connected).
+        self.failures = 0
+        self._same = 0  # of them, how many in a row with the same `state`
         self.prefix = topic_prefix(cfg.rig)
         self.commands: asyncio.Queue[bytes] = asyncio.Queue()
         self.connected = asyncio.Event()
@@ -84,7 +138,44 @@ class MqttLink:
 
     @property
     def backlog(self) -> int:
+        """Frame events and command results waiting for the broker."""
         return len(self._fifo)
+
+    @property
+    def unsent(self) -> int:
+        """Everything waiting: the backlog, and a status or preview not yet published (what a
+        clean shutdown waits for)."""
+        return len(self._fifo) + len(self._dirty)
+
+    def queued(self) -> list[tuple[str, bytes]]:
+        """(topic, payload) of the backlog, oldest first (a copy)."""
+        return [(m.topic, m.payload) for m in self._fifo]
+
+    @property
+    def broker(self) -> str:
+        """`host:port (user <name>)` as the log lines name the broker and who we log in as."""
+        who = f"user {self.cfg.username}" if self.cfg.username else "anonymous: no mqtt.username"
+        return f"{self.cfg.host}:{self.cfg.port} ({who})"
+
+    def _set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(state)
+            except Exception:  # noqa: BLE001 - a listener's bug must not end the link
+                log.exception("MQTT state listener failed")
+
+    def _failed(self, exc: BaseException) -> None:
+        """One failed connection attempt: the state, and an error line with back-off."""
+        reason = describe_failure(exc)
+        self.failures += 1
+        self._same = 1 if reason != self.state else self._same + 1
+        self._set_state(reason)
+        if _log_now(self._same):
+            log.error("MQTT broker %s: %s; retrying at most %g s apart (attempt %d)", self.broker, reason,
+                      self._reconnect_max_s, self.failures)
 
     # ------------------------------------------------------------ connection task
     def _make_client(self) -> aiomqtt.Client:
@@ -112,7 +203,10 @@ class MqttLink:
                     self._dirty.update(k for k, v in (("status", self._status), ("preview", self._preview)) if v)
                     self._wake.set()
                     self.connected.set()
-                    log.info("MQTT connected to %s:%d", self.cfg.host, self.cfg.port)
+                    log.info("MQTT connected to %s%s", self.broker,
+                             f" after {self.failures} failed attempts" if self.failures else "")
+                    self.failures = 0
+                    self._set_state("connected")
                     delay = 0.5
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._sender(client))
@@ -120,9 +214,11 @@ class MqttLink:
             except* (aiomqtt.MqttError, OSError) as group:
                 exc = group.exceptions[0]
                 if self.connected.is_set():
-                    log.warning("MQTT connection lost (%s); queued: %d", exc, len(self._fifo))
+                    log.warning("MQTT broker %s: connection lost (%s); queued: %d", self.broker, exc,
+                                len(self._fifo))
+                    self._set_state(f"lost: {exc}")
                 else:
-                    log.debug("MQTT connect to %s:%d failed: %s", self.cfg.host, self.cfg.port, exc)
+                    self._failed(exc)
             except* Exception as group:  # noqa: BLE001 - never let the link die: log and retry
                 log.error("MQTT link error: %r; reconnecting", group.exceptions[0])
             finally:
