@@ -11,6 +11,7 @@ import re
 import subprocess
 import threading
 import time
+from importlib import metadata
 from pathlib import Path
 
 import jinja2
@@ -20,6 +21,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from daemon import ha
 from daemon.commands import validate_command
 from daemon.config import MqttConfig
 from daemon.mqtt import MqttLink, describe_failure
@@ -130,7 +132,9 @@ def test_home_assistant_discovery(broker):
     stacked = confs["homeassistant/sensor/lightbucket_ha/stacked/config"]
     assert stacked["state_topic"] == "lightbucket/ha/status" and stacked["state_class"] == "total_increasing"
     device = stacked["device"]
-    assert device["configuration_url"] == "http://192.168.1.5:8080/" and device["model"] and device["sw_version"]
+    assert device["configuration_url"] == "http://192.168.1.5:8080/" and device["model"] == ha.MODEL
+    assert device["sw_version"] == metadata.version("lightbucket")
+    assert all(c["device"] == device for c in confs.values())  # one device
     image = confs["homeassistant/image/lightbucket_ha/preview/config"]
     assert image["image_topic"] == "lightbucket/ha/preview" and image["content_type"] == "image/jpeg"
     for action in ("pause", "resume", "stop", "restack"):
@@ -158,6 +162,9 @@ def test_home_assistant_discovery(broker):
     # Discovery switched off: every config is removed (empty retained payloads).
     off = _discovery_messages(MqttConfig(host="127.0.0.1", port=broker.port, rig="ha"), broker.port)
     assert set(confs) <= set(off) and all(off[t] == b"" for t in confs)
+    # ... so a Home Assistant that connects now finds none of them retained
+    assert _discovery_messages(MqttConfig(host="127.0.0.1", port=broker.port, rig="ha2"), broker.port).keys() \
+        .isdisjoint(confs)
 
 
 def test_refused_or_unreachable_broker_is_never_silent(tmp_path, caplog):
