@@ -87,6 +87,7 @@ def test_reading_is_open_and_matches_the_daemon():
             frames = (await (await c.get("/api/frames")).json())["frames"]
             assert [f["path"] for f in frames] == ["/c/a.fits", "/c/b.fits"]
             assert (await (await c.get("/api/frames?n=1")).json())["frames"][0]["reason"] == "clouds"
+            assert (await (await c.get("/api/frames?n=-1")).json())["frames"] == []
             r = await c.get("/api/preview.jpg")
             assert r.content_type == "image/jpeg" and await r.read() == b"\xff\xd8fakejpeg"
             assert (await c.get("/api/stack/M27_L_300s_bin1/tile?x=10&y=10")).status == 200

@@ -432,9 +432,9 @@ def test_set_reference_from_the_frame_log(rig, browser):
 class ServedFake:
     """The web server over a fake daemon, on a loop in a thread (for what the rig cannot show)."""
 
-    def __init__(self, daemon: FakeDaemon):
+    def __init__(self, daemon: FakeDaemon, password: str | None = PASSWORD):
         self.loop = asyncio.new_event_loop()
-        self.server = WebServer(daemon, WebConfig(host="127.0.0.1", port=0, password=PASSWORD))
+        self.server = WebServer(daemon, WebConfig(host="127.0.0.1", port=0, password=password))
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
         self.url = self.server.url
@@ -481,6 +481,23 @@ def test_plan_progress_camera_disk_and_broker_state_shown(browser, tmp_path):
         sync_api.expect(page.locator("#cmd-result")).to_contain_text("plan: done")
         sent = {k: v for k, v in d.commands[-1].items() if k != "id"}
         assert sent == {"action": "plan", "frame_type": "dark", "count": 12, "exposure_s": 300.0}
+    finally:
+        page.close()
+        served.close()
+
+
+def test_without_a_password_the_page_says_view_only(browser):
+    d = FakeDaemon()
+    served = ServedFake(d, password=None)
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(served.url)
+        sync_api.expect(page.locator("#viewonly")).to_be_visible()
+        sync_api.expect(page.locator("#viewonly")).to_contain_text("View only")
+        sync_api.expect(page.locator("#login-open")).to_be_hidden()
+        sync_api.expect(page.locator("button[data-action=pause]")).to_be_disabled()
+        sync_api.expect(page.locator("#n-stacked")).to_have_text("3")  # reading still works
+        assert d.commands == []
     finally:
         page.close()
         served.close()

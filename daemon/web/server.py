@@ -189,7 +189,8 @@ def make_app(daemon: Daemon, cfg: WebConfig, *, hub: EventHub | None = None,
             n = int(request.query.get("n", FRAMES_KEPT))
         except ValueError:
             raise web.HTTPBadRequest(text="n: expected an integer") from None
-        items = list(hub.frames)[-max(n, 0):] if n else []
+        n = max(n, 0)
+        items = list(hub.frames)[-n:] if n else []
         return _json({"frames": items})
 
     async def preview_jpg(request: web.Request) -> web.Response:
