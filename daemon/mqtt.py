@@ -23,6 +23,7 @@ import collections
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,9 @@ PUBLISH_TIMEOUT_S = 10.0
 #: this many attempts (with the 5 s reconnect delay: every ~10 minutes).
 LOG_EVERY_MAX = 128
 
+#: A connection dropped this soon (s) after it was made is most likely taken over by another
+#: client with the same id; the warning says so.
+QUICK_DROP_S = 5.0
 #: CONNACK refusals (MQTT 3.1.1 codes and their MQTT 5 equivalents) in words for the observer.
 _REFUSALS = {1: "protocol version not accepted", 2: "client id not accepted", 3: "broker unavailable",
              4: "bad user name or password", 5: "not authorised", 132: "protocol version not accepted",
@@ -152,6 +156,11 @@ class MqttLink:
         return [(m.topic, m.payload) for m in self._fifo]
 
     @property
+    def client_id(self) -> str:
+        """The MQTT client id; the broker drops the older of two connections with the same id."""
+        return f"lightbucket-{self.cfg.rig}"
+
+    @property
     def broker(self) -> str:
         """`host:port (user <name>)` as the log lines name the broker and who we log in as."""
         who = f"user {self.cfg.username}" if self.cfg.username else "anonymous: no mqtt.username"
@@ -185,7 +194,7 @@ class MqttLink:
         return aiomqtt.Client(
             self.cfg.host, self.cfg.port,
             username=self.cfg.username, password=self.cfg.password,
-            identifier=f"lightbucket-{self.cfg.rig}",
+            identifier=self.client_id,
             will=aiomqtt.Will(self.prefix + "availability", b"offline", qos=1, retain=True),
             keepalive=self.cfg.keepalive_s, tls_params=tls, timeout=PUBLISH_TIMEOUT_S,
         )
@@ -193,6 +202,7 @@ class MqttLink:
     async def run(self) -> None:
         """Connect, publish, receive commands; reconnect forever (until cancelled)."""
         delay = 0.5
+        connected_at = 0.0
         while True:
             try:
                 async with self._make_client() as client:
@@ -207,15 +217,18 @@ class MqttLink:
                              f" after {self.failures} failed attempts" if self.failures else "")
                     self.failures = 0
                     self._set_state("connected")
+                    connected_at = time.monotonic()
                     delay = 0.5
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._sender(client))
-                        tg.create_task(self._receiver(client))
+                    await self._serve(client)
             except* (aiomqtt.MqttError, OSError) as group:
                 exc = group.exceptions[0]
                 if self.connected.is_set():
-                    log.warning("MQTT broker %s: connection lost (%s); queued: %d", self.broker, exc,
-                                len(self._fifo))
+                    after_s = time.monotonic() - connected_at
+                    hint = (f"; {after_s:.1f} s after connecting: does another client use the id "
+                            f"{self.client_id} (a second daemon with mqtt.rig = {self.cfg.rig!r})?"
+                            if after_s < QUICK_DROP_S else "")
+                    log.warning("MQTT broker %s: connection lost (%s); queued: %d%s", self.broker, exc,
+                                len(self._fifo), hint)
                     self._set_state(f"lost: {exc}")
                 else:
                     self._failed(exc)
@@ -226,6 +239,22 @@ class MqttLink:
                 self.connected.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._reconnect_max_s)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Send and receive until one of them fails (the connection dropped): raises its error.
+
+        Not an asyncio.TaskGroup: in Python 3.11 a TaskGroup whose child fails in the instant
+        its task is cancelled raises the child's error and forgets the cancel, and the link
+        would reconnect forever while the daemon's shutdown waits for it."""
+        children = {asyncio.create_task(self._sender(client)), asyncio.create_task(self._receiver(client))}
+        try:
+            done, _ = await asyncio.wait(children, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for child in children:
+                child.cancel()
+            await asyncio.wait(children)
+        for child in done:
+            child.result()
 
     async def _sender(self, client: aiomqtt.Client) -> None:
         while True:

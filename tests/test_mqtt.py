@@ -317,3 +317,49 @@ def test_docs_acl_recipe_lets_only_the_rig_and_home_assistant_command(tmp_path):
             c.loop_stop()
             c.disconnect()
         b.stop()
+
+
+def test_cancel_is_not_lost_when_the_connection_drops_at_the_same_time(broker):
+    """Stopping the daemon cancels the link; if the broker drops the connection in the same
+    instant, Python 3.11's TaskGroup raises the drop and forgets the cancel. The link must
+    still end (a daemon hung for 13 minutes after SIGTERM on exactly this)."""
+
+    class Dropping(MqttLink):
+        drop: asyncio.Event
+
+        async def _receiver(self, client):
+            await self.drop.wait()
+            raise MqttError("Disconnected during message iteration")
+
+    async def scenario():
+        link = Dropping(MqttConfig(host="127.0.0.1", port=broker.port, rig="t4"), reconnect_max_s=0.1)
+        link.drop = asyncio.Event()
+        task = asyncio.create_task(link.run())
+        await asyncio.wait_for(link.connected.wait(), 10)
+        link.drop.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done and task.cancelled(), link.state
+
+    asyncio.run(scenario())
+
+
+def test_two_daemons_with_the_same_rig_are_named_in_the_log(broker, caplog):
+    """Two links with one mqtt.rig share a client id, and the broker keeps dropping the older
+    one: the warning says what is most likely going on instead of only "connection lost"."""
+    async def scenario():
+        cfg = MqttConfig(host="127.0.0.1", port=broker.port, rig="twin")
+        first, second = MqttLink(cfg, reconnect_max_s=0.2), MqttLink(cfg, reconnect_max_s=0.2)
+        tasks = [asyncio.create_task(first.run())]
+        await asyncio.wait_for(first.connected.wait(), 10)
+        tasks.append(asyncio.create_task(second.run()))
+        await _until(lambda: any("does another client use the id lightbucket-twin" in r.getMessage()
+                                 for r in caplog.records))
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks, timeout=5)
+        assert all(t.done() for t in tasks)
+
+    with caplog.at_level(logging.WARNING, logger="daemon.mqtt"):
+        asyncio.run(scenario())
+    assert any("a second daemon with mqtt.rig = 'twin'" in r.getMessage() for r in caplog.records)
