@@ -35,6 +35,9 @@ from tests.test_web import FakeDaemon
 sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
 
 pytestmark = pytest.mark.slow
+# Commands that work on the pipeline thread (set_reference, restack) can take seconds on a
+# loaded 2-core machine: a generous wait for what the page shows (a timeout, not a timing assert).
+sync_api.expect.set_options(timeout=20_000)
 ROOT = Path(__file__).resolve().parents[1]
 LIGHTBUCKET = ROOT / ".venv" / "bin" / "lightbucket"
 CHROMIUM = "/usr/bin/chromium"
@@ -141,10 +144,16 @@ password = "{PASSWORD}"
     def close(self) -> None:
         if self.sub is not None:
             self.sub.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-        self.broker.stop()
+        try:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    assert self.proc.wait(30) == 0, self.log.read_text()[-2000:]
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    raise AssertionError("the daemon did not stop on SIGTERM within 30 s") from None
+        finally:
+            self.broker.stop()
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +289,7 @@ def test_pause_needs_the_password_then_pauses(rig, browser):
         sync_api.expect(page.locator("#cmd-result")).to_contain_text("refused")
         assert rig.get_json("/api/status")["state"] == "running"  # nothing changed
         sync_api.expect(page.locator("#login")).to_be_visible()  # the page asks for the password
+        sync_api.expect(page.locator("#login-result")).to_contain_text("pause needs the password")
         page.fill("#password", "wrong")
         page.click("#login-submit")
         sync_api.expect(page.locator("#login-result")).to_contain_text("wrong password")

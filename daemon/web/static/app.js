@@ -250,7 +250,10 @@ async function send(cmd) {
       headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf || "" } });
   } catch (e) { reply(false, `${cmd.action}: the daemon cannot be reached (${e})`); return; }
   const answer = await r.json().catch(() => ({ ok: false, error: `HTTP ${r.status}` }));
-  if (r.status === 401) { reply(false, `${cmd.action}: refused: ${answer.error}`); openLogin(); return; }
+  if (r.status === 401) {
+    reply(false, `${cmd.action}: refused: ${answer.error}`);
+    openLogin(`${cmd.action} needs the password; log in, then press it again.`); return;
+  }
   if (answer.ok) {
     const extra = Object.entries(answer).filter(([k]) => !["id", "ok", "action"].includes(k))
       .map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
@@ -263,9 +266,9 @@ function confirmThen(text, fn) {
   d.onclose = () => { if (d.returnValue === "yes") fn(); };
   d.returnValue = ""; d.showModal();
 }
-function openLogin() {
+function openLogin(why) {
   if (!S.passwordSet) return;
-  $("login-result").textContent = ""; $("password").value = "";
+  showResult($("login-result"), true, why || ""); $("password").value = "";
   $("login").showModal(); $("password").focus();
 }
 async function session() {
