@@ -39,6 +39,7 @@ from aiohttp import WSMsgType, web
 
 from daemon.config import WebConfig
 from daemon.web.auth import COOKIE, CSRF_HEADER, Auth
+from daemon.web.tiles import sub_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,6 @@ def make_app(daemon: Daemon, cfg: WebConfig, *, hub: EventHub | None = None,
     thumbnail : async callable(path) -> JPEG bytes, optional
         Makes the last sub's thumbnail (default `daemon.web.tiles.sub_thumbnail`, in a thread).
     """
-    from daemon.web.tiles import sub_thumbnail
-
     hub = hub or EventHub()
     auth = Auth(cfg.password)
     thumb = thumbnail or sub_thumbnail
