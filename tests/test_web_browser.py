@@ -360,6 +360,13 @@ def test_api_status_and_commands_equal_mqtt(rig):
     assert over_http == {"id": "r", "ok": True, "action": "resume"}
     code, reply = rig.post_cmd({"id": "x", "action": "pause"}, password=None)
     assert code == 401 and rig.get_json("/api/status")["state"] == "running"
+    # set_reference only takes a file under the capture folder, also through a symlink
+    (rig.capture / "elsewhere.lnk").symlink_to(rig.stage / "L_5.fits")
+    before = rig.get_json("/api/status")["stacks"]
+    for path in ("elsewhere.lnk", str(rig.stage / "L_5.fits"), "../stage/L_5.fits"):
+        code, reply = rig.post_cmd({"id": "ref", "action": "set_reference", "path": path})
+        assert code == 200 and not reply["ok"] and "is not under the capture folder" in reply["error"], reply
+    assert rig.get_json("/api/status")["stacks"] == before
 
 
 def test_page_works_with_the_broker_down(rig, browser):
