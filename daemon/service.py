@@ -154,7 +154,8 @@ class Service:
         return status_document(
             self.snapshot, state=self.state, queue=len(self._queue), pending=pending,
             last_frame=self.last_frame, last_reject=self.last_reject, plan=self.plan_progress,
-            mqtt=getattr(self.mqtt, "state", None), disk_free_bytes=disk_free, state_bytes=self._disk_use())
+            mqtt=self.mqtt.state if self.mqtt is not None else None, disk_free_bytes=disk_free,
+            state_bytes=self._disk_use())
 
     def _disk_use(self) -> int:
         """Bytes under the state folder (spool, checkpoint, snapshots, masters), counted at
@@ -300,7 +301,7 @@ class Service:
             from daemon.web import page_url
 
             url = page_url(web.host, web.port, web.cert_file is not None) if web is not None else None
-            self.mqtt = MqttLink(self.config.mqtt, page_url=url)
+            self.mqtt = MqttLink(self.config.mqtt, page_url=url, on_state=lambda _state: self.publish_status())
             tasks.append(asyncio.create_task(self.mqtt.run(), name="mqtt"))
             tasks.append(asyncio.create_task(self._command_loop(), name="commands"))
         if web is not None:
@@ -330,15 +331,32 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         quarantined = await self.job(lambda session: session.restore())
-        # numba's kernels compiled (a cold cache) or loaded before READY, so the first frame
-        # is as fast as the tenth (daemon.warmup).
-        warmed = await loop.run_in_executor(self._executor, ensure_warm)
-        if warmed is not None:
-            log.info("numba kernels compiled and cached in %.1f s", warmed)
-        tasks: list[asyncio.Task] = []
-        await self._start_links(tasks)
-        if quarantined is not None:
-            self._report(Outcome(quarantined, "error", reason=QUARANTINED))
+        tasks: list[asyncio.Task] = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
+        await self._start_links(tasks)  # the page and MQTT say "starting" while kernels compile
+        try:
+            # numba's kernels compiled (a cold cache) or loaded before READY, so the first
+            # frame is as fast as the tenth (daemon.warmup).
+            warmed = await loop.run_in_executor(self._executor, ensure_warm)
+            if warmed is not None:
+                log.info("numba kernels compiled and cached in %.1f s", warmed)
+            if self._stop.is_set():  # SIGTERM during the warm-up
+                return 0
+            if quarantined is not None:
+                self._report(Outcome(quarantined, "error", reason=QUARANTINED))
+            await self._start_watching()
+            self.set_state("running")
+            if self.config.state.checkpoint_every_s > 0:
+                tasks.append(asyncio.create_task(self._periodic_checkpoint(self.config.state.checkpoint_every_s)))
+            if self.acquire_at_start:
+                self.plans.start()
+            self.notifier.ready(f"running; {self.snapshot.counts['stacked']} stacked, queue {len(self._queue)}")
+            await self._process_loop()  # returns on SIGTERM after the frame in hand
+        finally:
+            await self._shut_down(tasks)
+        return 0
+
+    async def _start_watching(self) -> None:
+        """The watcher, then the files already there and not yet dealt with (oldest first)."""
         cap = self.config.capture
         self.watcher = FolderWatcher(self.capture_dir, self.enqueue, patterns=cap.patterns, recursive=cap.recursive,
                                      settle_s=cap.settle_s, force_polling=self.force_polling or cap.poll)
@@ -347,23 +365,12 @@ class Service:
         for path in await self.job(lambda session: [p for p in found if not session.ledger.done(p)]):
             self.enqueue(path)
         log.info("backlog: %d frames to process", len(self._queue))
-        self.set_state("running")
-        tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
-        if self.config.state.checkpoint_every_s > 0:
-            tasks.append(asyncio.create_task(self._periodic_checkpoint(self.config.state.checkpoint_every_s)))
-        if self.acquire_at_start:
-            self.plans.start()
-        self.notifier.ready(f"running; {self.snapshot.counts['stacked']} stacked, queue {len(self._queue)}")
-        try:
-            await self._process_loop()  # returns on SIGTERM after the frame in hand
-        finally:
-            await self._shut_down(tasks)
-        return 0
 
     async def _shut_down(self, tasks: list[asyncio.Task]) -> None:
         self.notifier.stopping()
         self.state = "stopped"
-        self.watcher.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         await self.plans.stop()
         await self.job(lambda session: session.checkpoint())
         await self.write_products(force=True)
