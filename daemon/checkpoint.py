@@ -12,11 +12,16 @@ uncompressed .npy members (fast to write on a Pi; float32 stacks compress poorly
 The running stacks' statistics are most of the bytes (a 26 Mpx colour stack at full
 resolution: ~0.8 GB, more during its warm-up), far too much to write every 30 s to an SD
 card. So each stack's arrays (the "stack.*" entries of a pipeline's state) go to a snapshot
-file of their own, `stack-<id>.npz`, rewritten at most every `snapshot_every_s`; the
-checkpoints in between name the snapshot and how many frames it holds, and the frames
+file of their own, `stack-<id>-<serial>.npz`, a new one at most every `snapshot_every_s`;
+the checkpoints in between name the snapshot and how many frames it holds, and the frames
 stacked since are replayed from the spool on resume (`daemon.spool.replay_stack`: the same
 stack to float16 rounding of the spooled frames). A snapshot is used only for the stack it
 was made of (its frames' paths must be the first ones of the checkpoint's provenance).
+A snapshot is never rewritten in place: a new one gets a new name and the old one is
+deleted only once a checkpoint naming the new one is on disk, so the checkpoint on disk
+always names a snapshot that is there and holds exactly the frames it says (a crash between
+the two writes must not leave an old checkpoint beside a newer snapshot: its frames since
+would be stacked twice).
 """
 
 from __future__ import annotations
@@ -103,42 +108,71 @@ def _snapshot_info(path: Path) -> dict | None:
 
 def save(state_dir: Path, state: dict, *, snapshot_every_s: float = SNAPSHOT_EVERY_S) -> Path:
     """Write `state` atomically to <state_dir>/checkpoint.npz and return its path. Each stack's
-    statistics go to its snapshot file when that is older than `snapshot_every_s` (0: every
-    time), missing, or of another stack; else the checkpoint refers to the snapshot there."""
+    statistics go to a new snapshot file when the newest one is older than `snapshot_every_s`
+    (0: every time), missing, or of another stack; else the checkpoint refers to the snapshot
+    there. Snapshots no longer named are deleted after the checkpoint is written; when any
+    write fails (OSError, e.g. a full disk) the snapshots this call wrote are deleted again and
+    the previous checkpoint and its snapshots stay as they were."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    state = _with_snapshots(state_dir, state, snapshot_every_s)
-    _write(state_dir / FILENAME, state)
+    written: list[Path] = []
+    try:
+        state, keep = _with_snapshots(state_dir, state, snapshot_every_s, written)
+        _write(state_dir / FILENAME, state)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    for stale in state_dir.glob("stack-*.npz"):
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
     return state_dir / FILENAME
 
 
-def _with_snapshots(state_dir: Path, state: dict, every_s: float) -> dict:
+def _with_snapshots(state_dir: Path, state: dict, every_s: float, written: list[Path]) -> tuple[dict, set[str]]:
     """`state` with each pipeline's "stack.*" arrays replaced by a snapshot reference
-    (writing the snapshot first where it is due). A shallow copy: `state` is not changed."""
+    (writing a new snapshot first where one is due; its path appended to `written`), and the
+    names of the snapshots it refers to. A shallow copy: `state` is not changed."""
     state = _copy_dicts(state)
     keep: set[str] = set()
     for path, pipe in _pipelines(state):
         if "stack.n_frames" not in pipe:
             continue
-        name = "stack-" + hashlib.sha256("/".join(path).encode()).hexdigest()[:16] + ".npz"
-        keep.add(name)
-        file = state_dir / name
+        stem = "stack-" + hashlib.sha256("/".join(path).encode()).hexdigest()[:16]
         n = int(pipe["stack.n_frames"])
         provenance = pipe.get("provenance") or []
-        info = _snapshot_info(file)
-        fresh = file.exists() and time.time() - file.stat().st_mtime < every_s
-        usable = (info is not None and fresh and info["frames"] <= n <= len(provenance)
-                  and info["digest"] == _paths_digest(provenance, info["frames"]))
+        name, frames = _usable_snapshot(state_dir, stem, n, provenance, every_s)
         stack = {k: pipe.pop(k) for k in [k for k in pipe if k.startswith("stack.")]}
-        if not usable:
+        if name is None:
             frames = n if n <= len(provenance) else 0
-            _write(file, {"snapshot": {"frames": frames, "digest": _paths_digest(provenance, frames)}, **stack})
-            info = {"frames": frames}
-        pipe[SNAPSHOT_KEY] = {"file": name, "frames": int(info["frames"])}
-    for stale in state_dir.glob("stack-*.npz"):
-        if stale.name not in keep:
-            stale.unlink(missing_ok=True)
-    return state
+            name = f"{stem}-{time.time_ns():x}.npz"
+            written.append(state_dir / name)
+            _write(state_dir / name, {"snapshot": {"frames": frames, "digest": _paths_digest(provenance, frames)},
+                                      **stack})
+        keep.add(name)
+        pipe[SNAPSHOT_KEY] = {"file": name, "frames": int(frames)}
+    return state, keep
+
+
+def _usable_snapshot(state_dir: Path, stem: str, n: int, provenance: list, every_s: float
+                     ) -> tuple[str | None, int]:
+    """(name, frames) of the newest snapshot `stem-*.npz` younger than `every_s` that holds
+    the first frames of this stack (at most its `n`), or (None, 0) when a new one is due."""
+    now = time.time()
+    best: tuple[str | None, int] = (None, 0)
+    newest = -1.0
+    for file in state_dir.glob(f"{stem}*.npz"):
+        try:
+            mtime = file.stat().st_mtime
+        except OSError:
+            continue
+        if now - mtime >= every_s or mtime <= newest:
+            continue
+        info = _snapshot_info(file)
+        if (info is not None and info["frames"] <= n <= len(provenance)
+                and info["digest"] == _paths_digest(provenance, info["frames"])):
+            best, newest = (file.name, int(info["frames"])), mtime
+    return best
 
 
 def _copy_dicts(obj: Any) -> Any:
@@ -185,12 +219,18 @@ def load(state_dir: Path) -> dict | None:
         ref = pipe.pop(SNAPSHOT_KEY, None)
         if ref is None:
             continue
-        snap = _read(Path(state_dir) / ref["file"])
+        file = Path(state_dir) / ref["file"]
+        snap = _read(file)
         if snap is None:
-            raise ValueError(f"{Path(state_dir) / ref['file']}: the stack snapshot the checkpoint names is missing")
-        snap.pop("snapshot", None)
+            raise ValueError(f"{file}: the stack snapshot the checkpoint names is missing")
+        info = snap.pop("snapshot", None) or {}
+        provenance = pipe.get("provenance") or []
+        frames = int(ref["frames"])
+        if info.get("frames") != frames or info.get("digest") != _paths_digest(provenance, frames):
+            raise ValueError(f"{file}: the stack snapshot does not hold the {frames} frames the checkpoint names "
+                             f"(it holds {info.get('frames')})")
         pipe.update(snap)
-        pipe[REPLAY_KEY] = [p.get("path") for p in (pipe.get("provenance") or [])[int(ref["frames"]):]]
+        pipe[REPLAY_KEY] = [p.get("path") for p in provenance[frames:]]
     return state
 
 

@@ -4,7 +4,10 @@ the snapshot are replayed from the spool: the same stack to float16 rounding of 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from daemon import checkpoint
 from daemon.pipeline.live import LivePipeline, LiveSettings
@@ -76,3 +79,41 @@ def test_state_disk_use_counts_every_file_below_the_state_folder(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "checkpoint.npz")  # not counted twice
     assert folder_bytes(tmp_path) == 1234
     assert folder_bytes(tmp_path / "missing") == 0
+
+
+def test_crash_between_a_new_snapshot_and_its_checkpoint_keeps_the_old_pair(tmp_path, monkeypatch):
+    """A new snapshot is written before the checkpoint that names it. A crash (or a full disk)
+    between the two must leave the old checkpoint with the snapshot it names, holding exactly
+    its frames: were the snapshot rewritten in place, the old checkpoint would resume a stack
+    of 7 frames and replay frames 4..6 into it a second time."""
+    pipe = LivePipeline(LiveSettings(warmup=4))
+    for i in range(4):
+        pipe.process(make_frame(i))
+    checkpoint.save(tmp_path, {"p": pipe.state()}, snapshot_every_s=3600)
+    for i in range(4, 7):
+        pipe.process(make_frame(i))
+    real_replace = checkpoint.os.replace
+
+    def crash_on_checkpoint(src, dst):
+        if Path(dst).name == checkpoint.FILENAME:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_checkpoint)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path, {"p": pipe.state()}, snapshot_every_s=0)  # a new snapshot is due
+    monkeypatch.undo()
+    back = checkpoint.load(tmp_path)["p"]
+    assert back["stack.n_frames"] == back["n_stacked"] == 4 and back[checkpoint.REPLAY_KEY] == []
+    # The snapshot of the failed save is gone again (a full disk gets its space back).
+    (old,) = tmp_path.glob("stack-*.npz")
+    old_bytes = old.read_bytes()
+    # The next save succeeds; the old snapshot goes once the new checkpoint names the new one.
+    checkpoint.save(tmp_path, {"p": pipe.state()}, snapshot_every_s=0)
+    (snap,) = tmp_path.glob("stack-*.npz")
+    back = checkpoint.load(tmp_path)["p"]
+    assert back["stack.n_frames"] == 7 and back[checkpoint.REPLAY_KEY] == []
+    # A snapshot that does not hold what the checkpoint says is refused, not resumed from.
+    snap.write_bytes(old_bytes)
+    with pytest.raises(ValueError, match="does not hold the 7 frames"):
+        checkpoint.load(tmp_path)
