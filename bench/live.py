@@ -131,7 +131,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
         pending.result()
     spooler.shutdown()
     n_spooled = len(spool)
-    peak_rss = _rss_bytes()
+    peak_rss_frames = _rss_bytes()
     # The checkpoints the service would write now (its stacks' state), untimed: one every
     # state.checkpoint_every_s (30 s: once per frame of these 30 s exposures). The first
     # writes the stack's snapshot (its time: how long the service's worker is held up once
@@ -146,11 +146,13 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
         snapshot_bytes = sum(p.stat().st_size for p in Path(ckpt_dir).glob("stack-*.npz"))
         small = checkpoint.save(Path(ckpt_dir), {"stacks": {"bench": {"pipeline": pipe.state()}}}).stat().st_size
         ckpt_bytes = small + snapshot_bytes * EXPOSURE_S / checkpoint.SNAPSHOT_EVERY_S
+    peak_rss = _rss_bytes()  # the frames' peak, or the checkpoint's if that is higher
     image = pipe.stack_image()
     resolution = None if image is None else f"{image.shape[1]}x{image.shape[0]}"
     del image
     spool_dir.cleanup()
-    return {"frames": frames, "peak_rss": peak_rss, "rss_before_frames": rss_before,
+    return {"frames": frames, "peak_rss": peak_rss, "peak_rss_frames": peak_rss_frames,
+            "rss_before_frames": rss_before,
             "n_stacked": pipe.n_stacked, "n_spooled": n_spooled, "spool_write_s": write_s,
             "spool_bytes": spool_bytes, "checkpoint_bytes": ckpt_bytes, "checkpoint_s": ckpt_s,
             "snapshot_bytes": snapshot_bytes,

@@ -22,17 +22,24 @@ deleted only once a checkpoint naming the new one is on disk, so the checkpoint 
 always names a snapshot that is there and holds exactly the frames it says (a crash between
 the two writes must not leave an old checkpoint beside a newer snapshot: its frames since
 would be stacked twice).
+
+Off the stacking path, as far as a consistent snapshot allows: arrays are streamed into the
+file in slices (no second copy of the statistics in memory), and with `frames_waiting` a
+due snapshot is put off, or one being written abandoned between slices, while frames wait to
+be stacked, as long as an older snapshot of the stack is at most `DEFER_FACTOR` intervals
+old (the checkpoint then names that one; resuming replays more frames). Frames arrive
+an exposure apart and take a fraction of it to stack, so the snapshot is written in the gaps.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,15 @@ SNAPSHOT_EVERY_S = 1800.0
 #: after `load`, the paths of the frames stacked since, to replay.
 SNAPSHOT_KEY = "stack_snapshot"
 REPLAY_KEY = "stack_replay"
+#: A due snapshot is put off for waiting frames until the newest one is this many
+#: `snapshot_every_s` old; then it is written whatever waits.
+DEFER_FACTOR = 2.0
+#: Bytes written between two looks at `frames_waiting`.
+_SLICE_BYTES = 8 << 20
+
+
+class Deferred(Exception):
+    """A snapshot write given up between slices because frames are waiting."""
 
 
 def _split(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
@@ -106,18 +122,23 @@ def _snapshot_info(path: Path) -> dict | None:
         return None
 
 
-def save(state_dir: Path, state: dict, *, snapshot_every_s: float = SNAPSHOT_EVERY_S) -> Path:
-    """Write `state` atomically to <state_dir>/checkpoint.npz and return its path. Each stack's
-    statistics go to a new snapshot file when the newest one is older than `snapshot_every_s`
-    (0: every time), missing, or of another stack; else the checkpoint refers to the snapshot
-    there. Snapshots no longer named are deleted after the checkpoint is written; when any
-    write fails (OSError, e.g. a full disk) the snapshots this call wrote are deleted again and
-    the previous checkpoint and its snapshots stay as they were."""
+def save(state_dir: Path, state: dict, *, snapshot_every_s: float = SNAPSHOT_EVERY_S,
+         frames_waiting: Callable[[], bool] | None = None) -> Path:
+    """Write `state` atomically to <state_dir>/checkpoint.npz and return its path.
+
+    state_dir: the state folder (created if missing); state: nested dicts/lists of JSON
+    values and numpy arrays, pipeline states among them (dicts with "stack.n_frames");
+    snapshot_every_s: a stack's statistics go to a new snapshot file when the newest one is
+    older than this (0: every time), missing, or of another stack; else the checkpoint refers
+    to the snapshot there; frames_waiting: called between slices of a due snapshot: True puts
+    the snapshot off (see the module docstring). Snapshots no longer named are deleted after
+    the checkpoint is written. OSError (e.g. a full disk): the snapshots this call wrote are
+    deleted again, the previous checkpoint and its snapshots stay as they were."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
-        state, keep = _with_snapshots(state_dir, state, snapshot_every_s, written)
+        state, keep = _with_snapshots(state_dir, state, snapshot_every_s, written, frames_waiting)
         _write(state_dir / FILENAME, state)
     except BaseException:
         for path in written:
@@ -129,7 +150,8 @@ def save(state_dir: Path, state: dict, *, snapshot_every_s: float = SNAPSHOT_EVE
     return state_dir / FILENAME
 
 
-def _with_snapshots(state_dir: Path, state: dict, every_s: float, written: list[Path]) -> tuple[dict, set[str]]:
+def _with_snapshots(state_dir: Path, state: dict, every_s: float, written: list[Path],
+                    frames_waiting: Callable[[], bool] | None = None) -> tuple[dict, set[str]]:
     """`state` with each pipeline's "stack.*" arrays replaced by a snapshot reference
     (writing a new snapshot first where one is due; its path appended to `written`), and the
     names of the snapshots it refers to. A shallow copy: `state` is not changed."""
@@ -144,11 +166,20 @@ def _with_snapshots(state_dir: Path, state: dict, every_s: float, written: list[
         name, frames = _usable_snapshot(state_dir, stem, n, provenance, every_s)
         stack = {k: pipe.pop(k) for k in [k for k in pipe if k.startswith("stack.")]}
         if name is None:
+            older, older_frames = (None, 0) if frames_waiting is None else _usable_snapshot(
+                state_dir, stem, n, provenance, DEFER_FACTOR * every_s)
+            stop = frames_waiting if older is not None else None
+            new = f"{stem}-{time.time_ns():x}.npz"
             frames = n if n <= len(provenance) else 0
-            name = f"{stem}-{time.time_ns():x}.npz"
-            written.append(state_dir / name)
-            _write(state_dir / name, {"snapshot": {"frames": frames, "digest": _paths_digest(provenance, frames)},
-                                      **stack})
+            try:
+                if stop is not None and stop():
+                    raise Deferred
+                _write(state_dir / new, {"snapshot": {"frames": frames, "digest": _paths_digest(provenance, frames)},
+                                         **stack}, stop)
+                written.append(state_dir / new)
+                name = new
+            except Deferred:
+                name, frames = older, older_frames
         keep.add(name)
         pipe[SNAPSHOT_KEY] = {"file": name, "frames": int(frames)}
     return state, keep
@@ -184,8 +215,10 @@ def _copy_dicts(obj: Any) -> Any:
     return obj
 
 
-def _write(target: Path, state: dict) -> None:
-    """Write `state` atomically to `target` (temp file, fsync, rename, fsync of the folder)."""
+def _write(target: Path, state: dict, stop: Callable[[], bool] | None = None) -> None:
+    """Write `state` atomically to `target` (temp file, fsync, rename, fsync of the folder).
+    Arrays are streamed in slices of `_SLICE_BYTES`; `stop` (if given) is asked between
+    slices and True raises `Deferred` (nothing left on disk)."""
     state_dir = target.parent
     arrays: dict[str, np.ndarray] = {}
     doc = json.dumps(_split(state, arrays)).encode()
@@ -195,9 +228,7 @@ def _write(target: Path, state: dict) -> None:
             with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
                 zf.writestr(_JSON_MEMBER, doc)
                 for name, arr in arrays.items():
-                    buf = io.BytesIO()
-                    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-                    zf.writestr(f"{name}.npy", buf.getvalue())
+                    _write_array(zf, f"{name}.npy", np.ascontiguousarray(arr), stop)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -205,6 +236,19 @@ def _write(target: Path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_array(zf: zipfile.ZipFile, name: str, arr: np.ndarray, stop: Callable[[], bool] | None) -> None:
+    """One array as a .npy member, written from its own memory in slices (no copy)."""
+    if arr.dtype.hasobject:
+        raise ValueError(f"checkpoint member {name}: object arrays are not stored")
+    with zf.open(name, "w", force_zip64=arr.nbytes > (1 << 31) - (1 << 20)) as member:
+        np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(arr))
+        raw = arr.reshape(-1).view(np.uint8)
+        for i in range(0, raw.size, _SLICE_BYTES):
+            if stop is not None and i and stop():
+                raise Deferred
+            member.write(memoryview(raw[i: i + _SLICE_BYTES]))
 
 
 def load(state_dir: Path) -> dict | None:
@@ -240,10 +284,11 @@ def _read(path: Path) -> dict | None:
     try:
         with zipfile.ZipFile(path) as zf:
             doc = json.loads(zf.read(_JSON_MEMBER))
-            arrays = {
-                n[:-4]: np.load(io.BytesIO(zf.read(n)), allow_pickle=False)
-                for n in zf.namelist() if n.endswith(".npy")
-            }
+            arrays = {}
+            for n in zf.namelist():
+                if n.endswith(".npy"):
+                    with zf.open(n) as member:  # read in slices into the array: no second copy
+                        arrays[n[:-4]] = np.lib.format.read_array(member, allow_pickle=False)
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         raise ValueError(f"{path}: damaged checkpoint: {exc}") from exc
     return _join(doc, arrays)

@@ -4,6 +4,7 @@ the snapshot are replayed from the spool: the same stack to float16 rounding of 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,75 @@ def test_crash_between_a_new_snapshot_and_its_checkpoint_keeps_the_old_pair(tmp_
     snap.write_bytes(old_bytes)
     with pytest.raises(ValueError, match="does not hold the 7 frames"):
         checkpoint.load(tmp_path)
+
+
+def _pipe_state(n: int, shape=(64, 64, 3)) -> dict:
+    """A pipeline state as LivePipeline.state() shapes it: n frames, statistics arrays."""
+    rng = np.random.default_rng(n)
+    return {"n_stacked": n, "provenance": [{"path": f"/f/{i}"} for i in range(n)],
+            "stack.n_frames": n, "stack.mean": rng.random(shape, dtype=np.float32),
+            "stack.m2": rng.random(shape, dtype=np.float32), "stack.count": np.full(shape[:2], n, np.uint16)}
+
+
+def _age(folder, seconds: float) -> None:
+    for p in folder.glob("stack-*.npz"):
+        t = p.stat().st_mtime - seconds
+        os.utime(p, (t, t))
+
+
+def test_a_due_snapshot_waits_for_the_gaps_between_frames(tmp_path, monkeypatch):
+    """With frames waiting, a due snapshot is put off (or abandoned between slices) while the
+    newest one is at most DEFER_FACTOR intervals old: the checkpoint names the older one and
+    the frames since are replayed. Older than that, or with none at all, it is written."""
+    every = 100.0
+    checkpoint.save(tmp_path, {"p": _pipe_state(3)}, snapshot_every_s=every, frames_waiting=lambda: True)
+    assert checkpoint.load(tmp_path)["p"]["stack.n_frames"] == 3  # none yet: written though frames wait
+    _age(tmp_path, 1.5 * every)  # due, within DEFER_FACTOR intervals
+    checkpoint.save(tmp_path, {"p": _pipe_state(5)}, snapshot_every_s=every, frames_waiting=lambda: True)
+    back = checkpoint.load(tmp_path)["p"]
+    assert back["stack.n_frames"] == 3 and back[checkpoint.REPLAY_KEY] == ["/f/3", "/f/4"]
+    assert back["n_stacked"] == 5
+    # A frame arriving while the snapshot is being written: given up between slices, no temp left.
+    monkeypatch.setattr(checkpoint, "_SLICE_BYTES", 4096)
+    asked = []
+
+    def arrives_during_the_write() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    checkpoint.save(tmp_path, {"p": _pipe_state(6)}, snapshot_every_s=every, frames_waiting=arrives_during_the_write)
+    assert len(asked) > 3  # asked between slices, not only before
+    back = checkpoint.load(tmp_path)["p"]
+    assert back["stack.n_frames"] == 3 and len(back[checkpoint.REPLAY_KEY]) == 3
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npz", ".npz"]  # checkpoint + one snapshot
+    # Idle: the due snapshot is written.
+    checkpoint.save(tmp_path, {"p": _pipe_state(6)}, snapshot_every_s=every, frames_waiting=lambda: False)
+    back = checkpoint.load(tmp_path)["p"]
+    assert back["stack.n_frames"] == 6 and back[checkpoint.REPLAY_KEY] == []
+    np.testing.assert_array_equal(back["stack.mean"], _pipe_state(6)["stack.mean"])
+    # Put off too long (older than DEFER_FACTOR intervals): written whatever waits.
+    _age(tmp_path, (checkpoint.DEFER_FACTOR + 0.5) * every)
+    checkpoint.save(tmp_path, {"p": _pipe_state(8)}, snapshot_every_s=every, frames_waiting=lambda: True)
+    assert checkpoint.load(tmp_path)["p"]["stack.n_frames"] == 8
+
+
+def test_snapshot_is_streamed_without_a_copy_of_the_statistics(tmp_path):
+    """At full resolution the statistics are most of the process's memory: writing them must
+    not allocate a copy (the old writer held each array's bytes once more in a buffer), and
+    reading them back allocates the arrays once."""
+    import tracemalloc
+
+    state = {"p": _pipe_state(2, shape=(1000, 1000, 3))}  # 12 MB per array
+    tracemalloc.start()
+    try:
+        checkpoint.save(tmp_path, state, snapshot_every_s=0)
+        _, peak_save = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        back = checkpoint.load(tmp_path)["p"]
+        current, peak_load = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_save < 2e6, peak_save
+    arrays = sum(v.nbytes for k, v in back.items() if k.startswith("stack.") and isinstance(v, np.ndarray))
+    assert arrays > 24e6 and peak_load < arrays + 2e6, (peak_load, arrays)
+    np.testing.assert_array_equal(back["stack.m2"], state["p"]["stack.m2"])
