@@ -135,17 +135,19 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     # The checkpoints the service would write now (its stacks' state), untimed: one every
     # state.checkpoint_every_s (30 s: once per frame of these 30 s exposures). The first
     # writes the stack's snapshot (its time: how long the service's worker is held up once
-    # per checkpoint.SNAPSHOT_EVERY_S), the second, as every one until the next snapshot is
-    # due, only the rest. Per frame: the second's size plus the snapshot's share. The stack
-    # here is still in its rejection warm-up (< 3 x warmup frames), whose bookkeeping the
-    # snapshot holds too: an upper bound of the snapshot a night writes.
+    # per snapshot), the second, as every one until the next snapshot is due (after
+    # SNAPSHOT_EVERY_S and SNAPSHOT_EVERY_FRAMES), only the rest. Per frame: the second's size
+    # plus the snapshot's share. The stack here is still in its rejection warm-up (< 3 x
+    # warmup frames), whose bookkeeping the snapshot holds too: an upper bound of the
+    # snapshot a night writes.
     with tempfile.TemporaryDirectory(prefix="lb-bench-ckpt-", dir=state_dir) as ckpt_dir:
         t = time.perf_counter()
         checkpoint.save(Path(ckpt_dir), {"stacks": {"bench": {"pipeline": pipe.state()}}})
         ckpt_s = time.perf_counter() - t
         snapshot_bytes = sum(p.stat().st_size for p in Path(ckpt_dir).glob("stack-*.npz"))
         small = checkpoint.save(Path(ckpt_dir), {"stacks": {"bench": {"pipeline": pipe.state()}}}).stat().st_size
-        ckpt_bytes = small + snapshot_bytes * EXPOSURE_S / checkpoint.SNAPSHOT_EVERY_S
+        frames_per_snapshot = max(checkpoint.SNAPSHOT_EVERY_S / EXPOSURE_S, checkpoint.SNAPSHOT_EVERY_FRAMES)
+        ckpt_bytes = small + snapshot_bytes / frames_per_snapshot
     peak_rss = _rss_bytes()  # the frames' peak, or the checkpoint's if that is higher
     image = pipe.stack_image()
     resolution = None if image is None else f"{image.shape[1]}x{image.shape[0]}"

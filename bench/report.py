@@ -197,6 +197,6 @@ def markdown(results: list[dict], machine: dict, args_line: str, settings_line: 
               + ", ".join(f"{r['size']} {r['mode']} {_fmt_s(r['live'].get('spool_write_median_s'))}" for r in results)
               + "). \"checkpoint share/frame\": what checkpoints write per frame of these 30 s exposures (one "
               "checkpoint every 30 s without the stack's statistics, plus their snapshot once every "
-              "30 min, its size and the time its write holds the worker up in brackets); \"written/frame over "
-              "raw\" is (spool + checkpoint share) over the raw frame file's size."]
+              "30 min and 60 frames, its size and the time its write holds the worker up in brackets); "
+              "\"written/frame over raw\" is (spool + checkpoint share) over the raw frame file's size."]
     return "\n".join(lines) + "\n"

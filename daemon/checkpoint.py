@@ -12,10 +12,12 @@ uncompressed .npy members (fast to write on a Pi; float32 stacks compress poorly
 The running stacks' statistics are most of the bytes (a 26 Mpx colour stack at full
 resolution: ~0.8 GB, more during its warm-up), far too much to write every 30 s to an SD
 card. So each stack's arrays (the "stack.*" entries of a pipeline's state) go to a snapshot
-file of their own, `stack-<id>-<serial>.npz`, a new one at most every `snapshot_every_s`;
-the checkpoints in between name the snapshot and how many frames it holds, and the frames
-stacked since are replayed from the spool on resume (`daemon.spool.replay_stack`: the same
-stack to float16 rounding of the spooled frames). A snapshot is used only for the stack it
+file of their own, `stack-<id>-<serial>.npz`, a new one at most every `snapshot_every_s`
+and every `snapshot_every_frames` (so that, with long exposures too, what a frame costs in
+snapshot bytes stays a fraction of the frame); the checkpoints in between name the snapshot
+and how many frames it holds, and the frames stacked since are replayed from the spool on
+resume (`daemon.spool.replay_stack`: the same stack to float16 rounding of the spooled
+frames). A snapshot is used only for the stack it
 was made of (its frames' paths must be the first ones of the checkpoint's provenance).
 A snapshot is never rewritten in place: a new one gets a new name and the old one is
 deleted only once a checkpoint naming the new one is on disk, so the checkpoint on disk
@@ -49,12 +51,15 @@ FILENAME = "checkpoint.npz"
 _JSON_MEMBER = "__json__"
 #: Seconds between two snapshots of a stack's statistics (see the module docstring).
 SNAPSHOT_EVERY_S = 1800.0
+#: ... and frames stacked between two snapshots (a stack's statistics are ~15 times a raw
+#: colour frame: per frame, at most a quarter of one).
+SNAPSHOT_EVERY_FRAMES = 60
 #: Key of a pipeline state whose "stack.*" arrays are in a snapshot: {"file", "frames"}; and,
 #: after `load`, the paths of the frames stacked since, to replay.
 SNAPSHOT_KEY = "stack_snapshot"
 REPLAY_KEY = "stack_replay"
-#: A due snapshot is put off for waiting frames until the newest one is this many
-#: `snapshot_every_s` old; then it is written whatever waits.
+#: A due snapshot is put off for waiting frames until the newest one is this many intervals
+#: old (in seconds and in frames); then it is written whatever waits.
 DEFER_FACTOR = 2.0
 #: Bytes written between two looks at `frames_waiting`.
 _SLICE_BYTES = 8 << 20
@@ -123,14 +128,16 @@ def _snapshot_info(path: Path) -> dict | None:
 
 
 def save(state_dir: Path, state: dict, *, snapshot_every_s: float = SNAPSHOT_EVERY_S,
+         snapshot_every_frames: int = SNAPSHOT_EVERY_FRAMES,
          frames_waiting: Callable[[], bool] | None = None) -> Path:
     """Write `state` atomically to <state_dir>/checkpoint.npz and return its path.
 
     state_dir: the state folder (created if missing); state: nested dicts/lists of JSON
     values and numpy arrays, pipeline states among them (dicts with "stack.n_frames");
-    snapshot_every_s: a stack's statistics go to a new snapshot file when the newest one is
-    older than this (0: every time), missing, or of another stack; else the checkpoint refers
-    to the snapshot there; frames_waiting: called between slices of a due snapshot: True puts
+    snapshot_every_s, snapshot_every_frames: a stack's statistics go to a new snapshot file
+    when the newest one is older than `snapshot_every_s` and `snapshot_every_frames` frames
+    behind the stack (both 0: every time), missing, or of another stack; else the checkpoint
+    refers to the snapshot there; frames_waiting: called between slices of a due snapshot: True puts
     the snapshot off (see the module docstring). Snapshots no longer named are deleted after
     the checkpoint is written. OSError (e.g. a full disk): the snapshots this call wrote are
     deleted again, the previous checkpoint and its snapshots stay as they were."""
@@ -138,7 +145,8 @@ def save(state_dir: Path, state: dict, *, snapshot_every_s: float = SNAPSHOT_EVE
     state_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
-        state, keep = _with_snapshots(state_dir, state, snapshot_every_s, written, frames_waiting)
+        every = (snapshot_every_s, snapshot_every_frames)
+        state, keep = _with_snapshots(state_dir, state, every, written, frames_waiting)
         _write(state_dir / FILENAME, state)
     except BaseException:
         for path in written:
@@ -150,7 +158,7 @@ def save(state_dir: Path, state: dict, *, snapshot_every_s: float = SNAPSHOT_EVE
     return state_dir / FILENAME
 
 
-def _with_snapshots(state_dir: Path, state: dict, every_s: float, written: list[Path],
+def _with_snapshots(state_dir: Path, state: dict, every: tuple[float, int], written: list[Path],
                     frames_waiting: Callable[[], bool] | None = None) -> tuple[dict, set[str]]:
     """`state` with each pipeline's "stack.*" arrays replaced by a snapshot reference
     (writing a new snapshot first where one is due; its path appended to `written`), and the
@@ -163,11 +171,11 @@ def _with_snapshots(state_dir: Path, state: dict, every_s: float, written: list[
         stem = "stack-" + hashlib.sha256("/".join(path).encode()).hexdigest()[:16]
         n = int(pipe["stack.n_frames"])
         provenance = pipe.get("provenance") or []
-        name, frames = _usable_snapshot(state_dir, stem, n, provenance, every_s)
+        name, frames = _usable_snapshot(state_dir, stem, n, provenance, every)
         stack = {k: pipe.pop(k) for k in [k for k in pipe if k.startswith("stack.")]}
         if name is None:
             older, older_frames = (None, 0) if frames_waiting is None else _usable_snapshot(
-                state_dir, stem, n, provenance, DEFER_FACTOR * every_s)
+                state_dir, stem, n, provenance, (DEFER_FACTOR * every[0], int(DEFER_FACTOR * every[1])))
             stop = frames_waiting if older is not None else None
             new = f"{stem}-{time.time_ns():x}.npz"
             frames = n if n <= len(provenance) else 0
@@ -185,10 +193,11 @@ def _with_snapshots(state_dir: Path, state: dict, every_s: float, written: list[
     return state, keep
 
 
-def _usable_snapshot(state_dir: Path, stem: str, n: int, provenance: list, every_s: float
+def _usable_snapshot(state_dir: Path, stem: str, n: int, provenance: list, every: tuple[float, int]
                      ) -> tuple[str | None, int]:
-    """(name, frames) of the newest snapshot `stem-*.npz` younger than `every_s` that holds
-    the first frames of this stack (at most its `n`), or (None, 0) when a new one is due."""
+    """(name, frames) of the newest snapshot `stem-*.npz` that holds the first frames of this
+    stack (at most its `n`) and is not yet due: younger than every[0] seconds or fewer than
+    every[1] frames behind. (None, 0) when a new one is due."""
     now = time.time()
     best: tuple[str | None, int] = (None, 0)
     newest = -1.0
@@ -197,11 +206,13 @@ def _usable_snapshot(state_dir: Path, stem: str, n: int, provenance: list, every
             mtime = file.stat().st_mtime
         except OSError:
             continue
-        if now - mtime >= every_s or mtime <= newest:
+        if mtime <= newest:
             continue
         info = _snapshot_info(file)
-        if (info is not None and info["frames"] <= n <= len(provenance)
-                and info["digest"] == _paths_digest(provenance, info["frames"])):
+        if (info is None or not info["frames"] <= n <= len(provenance)
+                or info["digest"] != _paths_digest(provenance, info["frames"])):
+            continue
+        if now - mtime < every[0] or n - int(info["frames"]) < every[1]:
             best, newest = (file.name, int(info["frames"])), mtime
     return best
 

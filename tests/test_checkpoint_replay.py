@@ -67,7 +67,7 @@ def test_snapshot_is_rewritten_for_another_stack_and_when_due(tmp_path):
     checkpoint.save(tmp_path, {"p": other.state()}, snapshot_every_s=3600)  # not the same frames
     back = checkpoint.load(tmp_path)["p"]
     assert back[checkpoint.REPLAY_KEY] == [] and back["stack.n_frames"] == 4
-    checkpoint.save(tmp_path, {"p": other.state()}, snapshot_every_s=0)  # due: rewritten
+    checkpoint.save(tmp_path, {"p": other.state()}, snapshot_every_s=0, snapshot_every_frames=0)  # due: rewritten
     assert checkpoint.load(tmp_path)["p"][checkpoint.REPLAY_KEY] == []
 
 
@@ -102,7 +102,7 @@ def test_crash_between_a_new_snapshot_and_its_checkpoint_keeps_the_old_pair(tmp_
 
     monkeypatch.setattr(checkpoint.os, "replace", crash_on_checkpoint)
     with pytest.raises(OSError):
-        checkpoint.save(tmp_path, {"p": pipe.state()}, snapshot_every_s=0)  # a new snapshot is due
+        checkpoint.save(tmp_path, {"p": pipe.state()}, snapshot_every_s=0, snapshot_every_frames=0)  # due
     monkeypatch.undo()
     back = checkpoint.load(tmp_path)["p"]
     assert back["stack.n_frames"] == back["n_stacked"] == 4 and back[checkpoint.REPLAY_KEY] == []
@@ -110,7 +110,7 @@ def test_crash_between_a_new_snapshot_and_its_checkpoint_keeps_the_old_pair(tmp_
     (old,) = tmp_path.glob("stack-*.npz")
     old_bytes = old.read_bytes()
     # The next save succeeds; the old snapshot goes once the new checkpoint names the new one.
-    checkpoint.save(tmp_path, {"p": pipe.state()}, snapshot_every_s=0)
+    checkpoint.save(tmp_path, {"p": pipe.state()}, snapshot_every_s=0, snapshot_every_frames=0)
     (snap,) = tmp_path.glob("stack-*.npz")
     back = checkpoint.load(tmp_path)["p"]
     assert back["stack.n_frames"] == 7 and back[checkpoint.REPLAY_KEY] == []
@@ -139,10 +139,15 @@ def test_a_due_snapshot_waits_for_the_gaps_between_frames(tmp_path, monkeypatch)
     newest one is at most DEFER_FACTOR intervals old: the checkpoint names the older one and
     the frames since are replayed. Older than that, or with none at all, it is written."""
     every = 100.0
-    checkpoint.save(tmp_path, {"p": _pipe_state(3)}, snapshot_every_s=every, frames_waiting=lambda: True)
+
+    def save(n: int, frames_waiting) -> None:
+        checkpoint.save(tmp_path, {"p": _pipe_state(n)}, snapshot_every_s=every, snapshot_every_frames=0,
+                        frames_waiting=frames_waiting)
+
+    save(3, lambda: True)
     assert checkpoint.load(tmp_path)["p"]["stack.n_frames"] == 3  # none yet: written though frames wait
     _age(tmp_path, 1.5 * every)  # due, within DEFER_FACTOR intervals
-    checkpoint.save(tmp_path, {"p": _pipe_state(5)}, snapshot_every_s=every, frames_waiting=lambda: True)
+    save(5, lambda: True)
     back = checkpoint.load(tmp_path)["p"]
     assert back["stack.n_frames"] == 3 and back[checkpoint.REPLAY_KEY] == ["/f/3", "/f/4"]
     assert back["n_stacked"] == 5
@@ -154,19 +159,19 @@ def test_a_due_snapshot_waits_for_the_gaps_between_frames(tmp_path, monkeypatch)
         asked.append(1)
         return len(asked) > 3
 
-    checkpoint.save(tmp_path, {"p": _pipe_state(6)}, snapshot_every_s=every, frames_waiting=arrives_during_the_write)
+    save(6, arrives_during_the_write)
     assert len(asked) > 3  # asked between slices, not only before
     back = checkpoint.load(tmp_path)["p"]
     assert back["stack.n_frames"] == 3 and len(back[checkpoint.REPLAY_KEY]) == 3
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npz", ".npz"]  # checkpoint + one snapshot
     # Idle: the due snapshot is written.
-    checkpoint.save(tmp_path, {"p": _pipe_state(6)}, snapshot_every_s=every, frames_waiting=lambda: False)
+    save(6, lambda: False)
     back = checkpoint.load(tmp_path)["p"]
     assert back["stack.n_frames"] == 6 and back[checkpoint.REPLAY_KEY] == []
     np.testing.assert_array_equal(back["stack.mean"], _pipe_state(6)["stack.mean"])
     # Put off too long (older than DEFER_FACTOR intervals): written whatever waits.
     _age(tmp_path, (checkpoint.DEFER_FACTOR + 0.5) * every)
-    checkpoint.save(tmp_path, {"p": _pipe_state(8)}, snapshot_every_s=every, frames_waiting=lambda: True)
+    save(8, lambda: True)
     assert checkpoint.load(tmp_path)["p"]["stack.n_frames"] == 8
 
 
@@ -179,7 +184,7 @@ def test_snapshot_is_streamed_without_a_copy_of_the_statistics(tmp_path):
     state = {"p": _pipe_state(2, shape=(1000, 1000, 3))}  # 12 MB per array
     tracemalloc.start()
     try:
-        checkpoint.save(tmp_path, state, snapshot_every_s=0)
+        checkpoint.save(tmp_path, state, snapshot_every_s=0, snapshot_every_frames=0)
         _, peak_save = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         back = checkpoint.load(tmp_path)["p"]
@@ -190,3 +195,18 @@ def test_snapshot_is_streamed_without_a_copy_of_the_statistics(tmp_path):
     arrays = sum(v.nbytes for k, v in back.items() if k.startswith("stack.") and isinstance(v, np.ndarray))
     assert arrays > 24e6 and peak_load < arrays + 2e6, (peak_load, arrays)
     np.testing.assert_array_equal(back["stack.m2"], state["p"]["stack.m2"])
+
+
+def test_with_long_exposures_a_snapshot_waits_for_enough_frames(tmp_path):
+    """A snapshot is due only when it is both old enough and enough frames behind: with long
+    exposures half an hour is a few frames, and a snapshot per few frames would cost each
+    frame far more bytes than the frame itself."""
+    def save(n: int) -> dict:
+        checkpoint.save(tmp_path, {"p": _pipe_state(n)}, snapshot_every_s=0, snapshot_every_frames=3)
+        return checkpoint.load(tmp_path)["p"]
+
+    assert save(2)["stack.n_frames"] == 2  # the first one
+    back = save(4)
+    assert back["stack.n_frames"] == 2 and back[checkpoint.REPLAY_KEY] == ["/f/2", "/f/3"]  # 2 behind: not due
+    assert save(5)["stack.n_frames"] == 5  # 3 behind: due
+    assert len(list(tmp_path.glob("stack-*.npz"))) == 1
