@@ -35,6 +35,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _SHAPE = (96, 128)
+#: True once `ensure_warm` ran the warm-up in this process.
+_loaded = False
 
 
 def _frames(bayer: str | None, n: int) -> list[np.ndarray]:
@@ -130,9 +132,13 @@ def ensure_warm() -> float | None:
     from numba's cache, or compiled into it where this code was not warmed into this cache
     yet (no `_stamp`). Returns the seconds it took when it compiled (the stamp is then
     written), None when the cache was known warm and the kernels were only loaded."""
+    global _loaded
     stamp = _stamp()
     warm = stamp is not None and stamp.exists()
+    if warm and _loaded:
+        return None  # this process has every kernel already (a second service in one process)
     seconds = warm_up()
+    _loaded = True
     if warm:
         return None
     if stamp is not None:

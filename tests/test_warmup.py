@@ -61,8 +61,12 @@ def test_daemon_warms_at_every_start_and_compiles_once_per_code_and_cache(tmp_pa
     calls = []
     monkeypatch.setattr(warmup.numba.config, "CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(warmup, "warm_up", lambda: calls.append(1) or 1.5)
+    monkeypatch.setattr(warmup, "_loaded", False)  # as in a fresh process
     assert warmup.ensure_warm() == 1.5 and calls == [1]
     assert [p.name.startswith("lightbucket-warm-") for p in tmp_path.iterdir()] == [True]
+    monkeypatch.setattr(warmup, "_loaded", False)  # the next start: a fresh process
+    assert warmup.ensure_warm() is None and calls == [1, 1]
+    # A second service in the same process: its kernels are loaded already.
     assert warmup.ensure_warm() is None and calls == [1, 1]
 
 
