@@ -8,6 +8,7 @@ second is dropped while the first still waits. The one file in hand (between `ge
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 
@@ -20,6 +21,9 @@ class FrameQueue:
         self._changed = asyncio.Event()  # a file arrived or the state changed
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Set while files wait: the one thing other threads may read (the worker puts a
+        #: due stack snapshot off while frames wait: daemon.checkpoint).
+        self.waiting = threading.Event()
 
     def __len__(self) -> int:
         """Files waiting (not counting the one in hand)."""
@@ -36,6 +40,7 @@ class FrameQueue:
             return False
         self._queued.add(str(path))
         self._queue.put_nowait(path)
+        self.waiting.set()
         self._idle.clear()
         self._changed.set()
         return True
@@ -53,6 +58,8 @@ class FrameQueue:
             if self._open.is_set() and not self._queue.empty():
                 path = self.in_hand = self._queue.get_nowait()
                 self._queued.discard(str(path))
+                if self._queue.empty():
+                    self.waiting.clear()
                 return path
             changed = asyncio.ensure_future(self._changed.wait())
             stopped = asyncio.ensure_future(stop.wait())

@@ -12,6 +12,7 @@ being processed, so that one that killed the process is quarantined at restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -116,6 +117,8 @@ class InHand:
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("in-hand marker %s not written: %s", self.path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a full disk: hold no space
 
     def end(self) -> None:
         try:

@@ -70,7 +70,9 @@ class Service:
             factory = LivePipelineFactory(live_settings(config), masters)
         if loader is None:
             loader = FrameLoader(LoadOptions(config.capture.max_frame_bytes, config.capture.tiff_bayer))
-        self.session = Session(self.state_dir, self.capture_dir, self.output_dir, factory, loader, masters)
+        self._queue = FrameQueue()
+        self.session = Session(self.state_dir, self.capture_dir, self.output_dir, factory, loader, masters,
+                               self._queue.waiting.is_set)
         self.snapshot: SessionSnapshot = self.session.snapshot()
         self.notifier = notifier or Notifier()
         self.force_polling = force_polling
@@ -90,7 +92,6 @@ class Service:
         self._listeners: list[Callable[[str, dict], None]] = []
         self._preview: tuple[bytes, dict] | None = None  # the latest (JPEG, preview/meta)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
-        self._queue = FrameQueue()
         self._stop = asyncio.Event()
         self._last_products = 0.0
         self._state_bytes: tuple[float, int] | None = None  # (when counted, bytes)
@@ -372,7 +373,7 @@ class Service:
         if self.watcher is not None:
             self.watcher.stop()
         await self.plans.stop()
-        await self.job(lambda session: session.checkpoint())
+        await self.job(lambda session: session.try_checkpoint())
         await self.write_products(force=True)
         self.publish_status()
         if self.mqtt is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,7 +155,7 @@ class Session:
     """The stacks, ledger, masters and spools of one night. Worker thread only (see module)."""
 
     def __init__(self, state_dir: Path, capture_dir: Path, output_dir: Path, factory: PipelineFactory,
-                 loader: Any, masters: dict[str, str]):
+                 loader: Any, masters: dict[str, str], frames_waiting: Callable[[], bool] | None = None):
         self.state_dir, self.capture_dir, self.output_dir = Path(state_dir), Path(capture_dir), Path(output_dir)
         self.factory = factory
         self.loader = loader if loader is not None else FrameLoader()
@@ -170,6 +170,8 @@ class Session:
         self.unsaved = False  # files dealt with since the last checkpoint
         self.products_due = False  # a stack changed since the last products
         self._transfers: dict[tuple[str, int], Any] = {}  # (stack, n_stacked) -> tile stretch
+        #: Whether frames wait (thread-safe): a due stack snapshot is put off while they do.
+        self.frames_waiting = frames_waiting
 
     # ----------------------------------------------------------------- snapshot
     def snapshot(self) -> SessionSnapshot:
@@ -228,7 +230,7 @@ class Session:
             "stacks": {n: {"key": s.key.__dict__, "masters": s.masters, "pipeline": s.pipeline.state()}
                        for n, s in self.stacks.items()},
         }
-        checkpoint.save(self.state_dir, state)
+        checkpoint.save(self.state_dir, state, frames_waiting=self.frames_waiting)
         self.last_checkpoint = time.monotonic()
         self.unsaved = False
 
@@ -424,20 +426,25 @@ class Session:
 
     # ----------------------------------------------------------------- products
     def products(self, max_edge: int) -> tuple[bytes, dict] | None:
-        """Write the current stack's FITS and preview.jpg; return the preview for MQTT."""
+        """Write the current stack's FITS and preview.jpg; return the preview for MQTT (also
+        when the files could not be written)."""
         self.products_due = False
         stack = self.stacks.get(self.current or "")
         if stack is None or stack.pipeline.n_stacked == 0:
             return None
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_stack(self.output_dir / f"{stack.key.name}.fits", stack.pipeline, masters=stack.masters)
         image = stack.pipeline.stack_image()
         if image is None:
             return None
         jpeg = preview_jpeg(image, max_edge=max_edge)
-        tmp = self.output_dir / ".preview.jpg.tmp"
-        tmp.write_bytes(jpeg)
-        tmp.replace(self.output_dir / "preview.jpg")
+        try:  # a full or failing disk stops the files, never the live preview
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_stack(self.output_dir / f"{stack.key.name}.fits", stack.pipeline, masters=stack.masters)
+            tmp = self.output_dir / ".preview.jpg.tmp"
+            tmp.write_bytes(jpeg)
+            tmp.replace(self.output_dir / "preview.jpg")
+        except OSError as exc:
+            log.error("stack %s not written to %s: %s (the live preview goes on)", stack.key.name,
+                      self.output_dir, exc)
         meta = {
             "stack": stack.key.name, "target": stack.key.target, "filter": stack.key.filter,
             "exposure_s": stack.key.exposure_s, "frames": stack.pipeline.n_stacked,

@@ -147,27 +147,38 @@ class Spool:
     def append(self, image: np.ndarray | RegisteredMosaic | Encoded, *, weight: float, path: str | None = None,
                **meta) -> dict:
         """Spool one registered frame (H, W) or (H, W, C), float32 ADU or already `encode`d,
-        with its weight and provenance (JSON-able keyword values: date_obs, exposure_s, ...)."""
+        with its weight and provenance (JSON-able keyword values: date_obs, exposure_s, ...).
+        OSError (e.g. a full disk): nothing of the frame is left on disk (no partial file
+        holding space), the spool and its index as before."""
         enc = image if isinstance(image, Encoded) else encode(image)
         del image
         seq = (max((e["seq"] for e in self.entries), default=0) + 1)
         name = f"frame_{seq:06d}.npy"
         tmp = self.dir / (name + ".tmp")
-        with open(tmp, "wb") as fh:
-            # A plain write of the float16 array (no memmap, whose written pages would count
-            # against the process's memory).
-            np.lib.format.write_array_header_1_0(
-                fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
-                     "shape": tuple(int(n) for n in enc.data.shape)})
-            fh.write(enc.data.data)
-            fh.flush()
-            os.fsync(fh.fileno())
-            _drop_cached(fh.fileno())
-        os.replace(tmp, self.dir / name)
+        try:
+            with open(tmp, "wb") as fh:
+                # A plain write of the float16 array (no memmap, whose written pages would count
+                # against the process's memory).
+                np.lib.format.write_array_header_1_0(
+                    fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                         "shape": tuple(int(n) for n in enc.data.shape)})
+                fh.write(enc.data.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+                _drop_cached(fh.fileno())
+            os.replace(tmp, self.dir / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         entry = {"seq": seq, "file": name, "path": path, "weight": float(weight), "scale": enc.scale,
                  "shape": list(enc.data.shape), **enc.meta, **meta}
         self.entries.append(entry)
-        self._write_index()
+        try:
+            self._write_index()
+        except BaseException:
+            self.entries.pop()
+            (self.dir / name).unlink(missing_ok=True)
+            raise
         return entry
 
     def frames(self) -> Iterator[np.ndarray]:
@@ -199,11 +210,15 @@ class Spool:
 
     def _write_index(self) -> None:
         tmp = self.dir / (INDEX + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump({"version": 1, "frames": self.entries}, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.dir / INDEX)
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"version": 1, "frames": self.entries}, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / INDEX)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(self.dir)
 
 

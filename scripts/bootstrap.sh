@@ -65,3 +65,10 @@ fi
 # beside the code, or to NUMBA_CACHE_DIR when set: the systemd unit's cache folder is another
 # one (docs/systemd.md), which the daemon warms itself before it reports READY.
 "$VENV/bin/python" -m daemon.warmup >&2
+# The systemd unit's own cache (docs/systemd.md), when this is the installed copy and the unit's
+# user and cache folder exist: warmed as that user too, so that no start after an upgrade
+# compiles (a cold cache is compiled before READY: minutes on a Pi).
+if [ "$ROOT" = /opt/lightbucket ] && [ -d /var/cache/lightbucket ] && id lightbucket >/dev/null 2>&1; then
+    AS_SERVICE=(sudo -u lightbucket); [ "$(id -u)" -eq 0 ] && AS_SERVICE=(runuser -u lightbucket --)
+    "${AS_SERVICE[@]}" env NUMBA_CACHE_DIR=/var/cache/lightbucket "$VENV/bin/python" -m daemon.warmup >&2
+fi

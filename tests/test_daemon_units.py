@@ -201,6 +201,8 @@ def test_systemd_unit_is_notify_watchdog_hardened_and_verifies(tmp_path):
     assert "lightbucket run --config" in svc["ExecStart"]
     # `lightbucket run` exits 2 for a refused config/folder (test_daemon_process): not retried.
     assert svc["RestartPreventExitStatus"] == "2"
+    # A cold numba cache is compiled before READY (daemon.warmup): minutes on a Pi, not 90 s.
+    assert int(svc["TimeoutStartSec"]) >= 300
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "StateDirectory": "lightbucket"}.items():
         assert svc[key] == value, key

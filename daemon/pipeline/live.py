@@ -48,15 +48,16 @@ class LiveSettings:
     plane's noise), reject (bool), weighting ("noise": 1/noise^2, "snr": star SNR^2,
     "equal"), debayer ("bilinear": full resolution; "auto": the same; "drizzle": full
     resolution, and the final re-stack drops each CFA sample onto the output grid instead of
-    interpolating, see `daemon.pipeline.drizzle`; "superpixel": half resolution and 4x
-    lighter), drizzle_pixfrac (drop size of the drizzle, fraction of a pixel, 0.1..1), fused
-    (colour at full resolution band by band, `daemon.pipeline.fused`; False: whole-frame
-    debayer, warp and stack, the reference the fused path is tested against), interpolation
-    of the warp ("bicubic": stacked stars as sharp as a single frame's; "bilinear" is 2x
-    faster but widens 3-px stars by ~5 %), normalize_background (bring each frame's sky to
-    the reference level), registration_model ("similarity", "affine", ...), reference_frames (the registration
-    reference is the best of the first this many accepted frames: most stars, smallest FWHM;
-    1 = the first frame).
+    interpolating: sharper stars, more noise per pixel, see `daemon.pipeline.drizzle`;
+    "superpixel": half resolution and 4x lighter), drizzle_pixfrac (drop size of the
+    drizzle, fraction of a pixel, 0.1..1), fused (colour at full resolution band by band,
+    `daemon.pipeline.fused`; False: whole-frame debayer, warp and stack, the reference the
+    fused path is tested against), interpolation of the warp ("bicubic": stacked stars as
+    sharp as a single frame's; "bilinear" is 2x faster but widens 3-px stars by ~5 %),
+    normalize_background (bring each frame's sky to the reference level),
+    registration_model ("similarity", "affine", ...), reference_frames (the registration
+    reference is the best of the first this many accepted frames: most stars, smallest
+    FWHM; 1 = the first frame).
     Quality: see daemon.pipeline.quality.QualitySettings for the meaning of each field.
     """
 
