@@ -232,6 +232,8 @@ def solve_stars(x, y, flux, width: int, height: int, hints: SolveHints | None = 
         elif (Path(tmp) / "solution.solved").exists() and wcs_path.exists():
             header = fits.getheader(wcs_path)
             cards = {k: header[k] for k in WCS_KEYS if k in header}
+            for k in ("CTYPE1", "CTYPE2"):  # order 1: no SIP terms, and none are kept
+                cards[k] = str(cards.get(k, "RA---TAN" if k == "CTYPE1" else "DEC--TAN")).replace("-SIP", "")
             index = next((ln.rsplit(" ", 1)[-1].rstrip(".") for ln in out.splitlines()
                           if "solved with index" in ln), None)
             return solution_from_wcs(cards, width, height, n_stars=n, elapsed_s=elapsed, index=index)
