@@ -162,6 +162,22 @@ class ReferenceSolver:
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
 
+    async def solve_file(self, path: str, target: tuple[float, float] | None = None) -> Solution:
+        """Solve one frame file on the solver's thread (after the solves queued before it):
+        the night's pointing check (`daemon.centering.PointingCheck`). Hints: its header's
+        scale, the target's position when given. Never raises for a frame that does not solve."""
+        loop = asyncio.get_running_loop()
+        grid = GridFrame(path=str(path), width=0, height=0)
+        fut = loop.run_in_executor(self._executor, self._solve, grid, self.settings, target)
+        self._pending.add(fut)
+        try:
+            return await fut
+        except Exception as exc:  # noqa: BLE001 - a solver bug is an answer, not a crash of the caller
+            log.error("plate solve of %s failed: %s", path, exc)
+            return Solution(ok=False, reason=f"solver error: {exc}")
+        finally:
+            self._pending.discard(fut)
+
     def solution(self, stack: str) -> Solution | None:
         """The answer for this stack's grid frame, None while pending or never asked."""
         return self._solutions.get(stack)

@@ -281,3 +281,25 @@ def test_solve_event_keys_and_error_from_the_target():
                        "parity", "reason", "error_arcsec", "elapsed_s", "n_stars"}
     assert ev["event"] == "solve" and ev["error_arcsec"] == pytest.approx(100.0, abs=0.1) and ev["reason"] is None
     assert solve_event("s", "/x", Solution(ok=False, reason="r"), target=(1, 2))["error_arcsec"] is None
+
+
+@pytest.mark.realdata
+def test_a_nights_frame_is_solved_on_the_solver_thread_for_the_pointing_check():
+    from daemon.centering import PointingCheck
+
+    require_tools("solve-field")
+    path = shared_set("als_m27") / "Light_1283.fits"
+
+    async def main():
+        solver = ReferenceSolver()
+        sol = await solver.solve_file(str(path), target=(299.9, 22.72))
+        missing = await solver.solve_file("/nonexistent/frame.fits")
+        solver.close()
+        return sol, missing
+
+    sol, missing = asyncio.run(main())
+    assert sol.ok and sol.scale_arcsec_px == pytest.approx(M27_SCALE, rel=0.003)
+    event = PointingCheck(far_arcsec=60, recenter=True).verdict(str(path), sol, 299.9, 22.72)
+    # The frame's centre is about 2' from the given target: a drift, reported and re-centred on.
+    assert event["far"] and event["recenter"] and 100 < event["error_arcsec"] < 200
+    assert not missing.ok and "unreadable" in missing.reason
