@@ -22,7 +22,7 @@ from daemon.products import write_stack
 from daemon.reference_solve import ReferenceSolver
 from daemon.solve import Solution
 from daemon.wcs import separation_arcsec
-from drivers.camera import CameraSettings
+from drivers.camera import Camera, CameraSettings
 from drivers.indi_client import IndiClient
 from drivers.indiserver import IndiServer, free_port
 from tests.conftest import require_tools
@@ -57,9 +57,7 @@ def real_sky_server(tmp_path):
         await client.connect()
         await client.connect_device(CCD, 10)
         await client.connect_device("Focuser Simulator", 10)
-        await client.wait_for(CCD, "SIMULATOR_SETTINGS", timeout=10)
-        client.send_number(CCD, "SIMULATOR_SETTINGS", {"SIM_XRES": 2560, "SIM_YRES": 2048})
-        await client.wait_for(CCD, "SIMULATOR_SETTINGS", lambda p: p.values["SIM_XRES"] == 2560, 10)
+        await Camera(client, CCD).set_simulator_sensor(2560, 2048)
         await client.close()
 
     asyncio.run(start())
