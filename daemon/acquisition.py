@@ -26,7 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from drivers.camera import Camera, CameraSettings, ExposureTimeout
+from daemon.pipeline.frame import FrameType
+from daemon.settings import CameraSettings, IndiSettings, PlanSettings
+from drivers.camera import Camera, ExposureTimeout
 from drivers.filterwheel import FilterWheel
 from drivers.indi_client import IndiClient, IndiError
 from drivers.indiserver import IndiServer
@@ -37,116 +39,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_TYPES = ("dark", "bias", "flat", "darkflat")
-
-
-@dataclass(frozen=True)
-class IndiSettings:
-    """Config [indi]. drivers non-empty: start our own indiserver with them on `port`."""
-
-    host: str = "127.0.0.1"
-    port: int = 7624
-    drivers: tuple[str, ...] = ()
-    camera: str = "CCD Simulator"
-    mount: str = "Telescope Simulator"
-    filter_wheel: str = ""
-    focuser: str = ""
-    #: Simulators only: "real" makes the CCD simulator draw Tycho-2's stars (frames solve).
-    sim_sky: str = "synthetic"
-    #: Simulators only: the mount's gotos miss by this much (east, north arcsec) until synced.
-    sim_pointing_error_arcsec: tuple[float, float] = (0.0, 0.0)
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """Config [plan]. ra/dec J2000: degrees or sexagesimal strings ("19h59m36s", "+22d43m16s").
-
-    count frames (0: until `until`, an ISO time, or until stopped); frame_type light|dark|bias|flat|darkflat.
-    """
-
-    target: str
-    ra: float | str | None = None
-    dec: float | str | None = None
-    filter: str | None = None
-    exposure_s: float = 10.0
-    count: int = 0
-    until: str | None = None
-    dither_every: int = 0
-    dither_px: float = 10.0
-    settle_s: float = 2.0
-    frame_type: str = "light"
-    #: Park the mount when the plan ends (done or stopped): the last plan of the night.
-    park: bool = False
-    #: Centre on the target by plate solving after each slew (None: when a solver is installed).
-    center: bool | None = None
-    center_tolerance_arcsec: float = 30.0
-    center_max_tries: int = 5
-    center_exposure_s: float = 2.0
-
-
-__all__ = ["IndiSettings", "CameraSettings", "PlanSettings", "AcquisitionError", "run_acquisition",
-           "parse_ra", "parse_dec"]
-
-
 class Events(Protocol):
     async def publish(self, kind: str, payload: dict) -> None: ...
 
 
 class AcquisitionError(RuntimeError):
-    """The plan cannot go on (bad plan, or too many faults in a row)."""
-
-
-def parse_ra(value: float | str) -> float:
-    """RA in degrees from degrees or an hour-angle string ("19h59m36s", "19:59:36")."""
-    from astropy.coordinates import Angle
-
-    if isinstance(value, (int, float)):
-        return float(value) % 360.0
-    text = str(value).strip()
-    try:
-        return float(text) % 360.0
-    except ValueError:
-        pass
-    try:
-        unit = "deg" if "d" in text.lower() or "°" in text else "hourangle"
-        return float(Angle(text, unit=unit).deg) % 360.0
-    except Exception as exc:  # noqa: BLE001 - astropy raises several types
-        raise AcquisitionError(f"[plan] ra = {value!r}: not an angle ({exc})") from None
-
-
-def parse_dec(value: float | str) -> float:
-    """Dec in degrees from degrees or a string ("+22d43m16s", "+22:43:16")."""
-    from astropy.coordinates import Angle
-
-    try:
-        deg = float(value) if isinstance(value, (int, float)) else float(
-            Angle(str(value).strip(), unit="deg").deg)
-    except Exception as exc:  # noqa: BLE001
-        raise AcquisitionError(f"[plan] dec = {value!r}: not an angle ({exc})") from None
-    if not -90.0 <= deg <= 90.0:
-        raise AcquisitionError(f"[plan] dec = {value!r}: outside -90..+90 degrees")
-    return deg
-
-
-def check_coordinates(plan: PlanSettings) -> None:
-    """Raise AcquisitionError naming the key when ra or dec (if given) is no angle."""
-    if plan.ra is not None:
-        parse_ra(plan.ra)
-    if plan.dec is not None:
-        parse_dec(plan.dec)
-
-
-def _parse_until(value: str | datetime | None) -> datetime | None:
-    if value in (None, ""):
-        return None
-    if isinstance(value, datetime):
-        t = value
-    else:
-        try:
-            t = datetime.fromisoformat(str(value))
-        except ValueError:
-            raise AcquisitionError(f"[plan] until = {value!r}: not an ISO time") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    """The plan cannot go on (a plan the devices cannot run, or too many faults in a row)."""
 
 
 @dataclass
@@ -166,20 +64,14 @@ class PlanRunner:
                  max_failures: int = 8, backoff_s: tuple[float, float] = (0.5, 30.0),
                  connect_timeout_s: float = 10.0, slew_timeout_s: float = 180.0,
                  exposure_margin_s: float = 30.0):
-        if plan.frame_type not in ("light", *CALIBRATION_TYPES):
-            raise AcquisitionError(f"[plan] frame_type = {plan.frame_type!r}: expected light, "
-                                   f"{', '.join(CALIBRATION_TYPES)}")
-        self.until = _parse_until(plan.until)
-        if plan.count < 0:
-            raise AcquisitionError(f"[plan] count = {plan.count}: must be >= 0 (0: until stopped)")
-        if plan.exposure_s < 0:
-            raise AcquisitionError(f"[plan] exposure_s = {plan.exposure_s}: must be >= 0")
-        self.light = plan.frame_type == "light"
+        # The settings checked their own values (daemon.settings); what is left depends on the rig.
+        self.until = plan.until_time
+        self.light = plan.frame_type is FrameType.LIGHT
         self.ra = self.dec = None
         if self.light and indi.mount:
             if plan.ra is None or plan.dec is None:
                 raise AcquisitionError("[plan] ra and dec are required for lights with a mount")
-            self.ra, self.dec = parse_ra(plan.ra), parse_dec(plan.dec)
+            self.ra, self.dec = plan.ra_deg, plan.dec_deg
         self.indi, self.cam_settings, self.plan = indi, camera, plan
         self.capture_dir = Path(capture_dir)
         if not self.light:  # calibration frames in their own folder, by type
@@ -279,10 +171,10 @@ class PlanRunner:
             # its short image): abort it before taking frames again.
             await self.camera.abort()
         await self.camera.configure(self.cam_settings, self.capture_dir, self.plan.target)
-        if self.plan.frame_type == "bias":
+        if self.plan.frame_type is FrameType.BIAS:
             self.exposure_s = self.camera.min_exposure_s()
         await self.camera.set_frame_type(
-            "dark" if self.plan.frame_type == "darkflat" else self.plan.frame_type)
+            FrameType.DARK if self.plan.frame_type is FrameType.DARKFLAT else self.plan.frame_type)
         if self.wheel is not None and self.plan.filter:
             await self.wheel.connect(self.connect_timeout_s)
             await self.wheel.select(self.plan.filter)
@@ -301,8 +193,7 @@ class PlanRunner:
     async def recenter(self) -> CenterResult:
         """Plate-solve and sync until the target is within center_tolerance_arcsec (after a
         slew, a fault, a meridian flip); a failure is published and the plan goes on."""
-        # The solver and the pipeline's star detection load only when a plan centres: config
-        # imports this module for its settings and must stay light.
+        # The solver and the pipeline's star detection load only when a plan centres.
         from daemon.centering import CenterSettings, center_on
 
         p = self.plan

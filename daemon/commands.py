@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from daemon.acquisition import PlanSettings
 from daemon.config import ConfigError, build_section
+from daemon.settings import PlanSettings
 
 ACTIONS = {
     # action: {parameter: (type, required)}
@@ -66,8 +66,6 @@ def validate_command(raw: bytes) -> dict:
 def plan_from_command(cmd: dict, default: PlanSettings | None) -> PlanSettings:
     """The PlanSettings of a `plan` command: its keys over the config's [plan] (when there is one).
     Raises CommandError naming the key, as a config error would."""
-    from daemon.acquisition import AcquisitionError, check_coordinates
-
     given = {k: v for k, v in cmd.items() if k not in ("id", "action")}
     base = dataclasses.asdict(default) if default is not None else {}
     if given.get("frame_type", "light") != "light":
@@ -75,8 +73,7 @@ def plan_from_command(cmd: dict, default: PlanSettings | None) -> PlanSettings:
         base.update(count=10, until=None, dither_every=0)  # no slews, no dithers
     try:
         plan = build_section(PlanSettings, {**base, **given}, "plan", "plan command")
-        check_coordinates(plan)
-    except (ConfigError, AcquisitionError) as exc:
+    except ConfigError as exc:
         raise CommandError(str(exc)) from None
     if plan.frame_type not in ("light", *MASTER_KINDS):
         raise CommandError(f"plan: frame_type {plan.frame_type!r}: expected light, {', '.join(MASTER_KINDS)}")

@@ -5,11 +5,14 @@ message naming the key and the file, not three hours later. Every key can be ove
 the command line (`--set section.key=value`, the value parsed as TOML, else taken as a string).
 
 Sections [stack] and [quality] are passed through as dicts: their keys belong to the live
-pipeline's LiveSettings and are validated against it by `daemon.service.live_settings`.
+pipeline's LiveSettings and are validated against it when the service starts. The device
+sections ([indi], [camera], [plan]) are `daemon.settings`: plain dataclasses, so loading a
+config never imports the INDI client (a watch-only install has no PyIndi).
 """
 
 from __future__ import annotations
 
+import enum
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -17,10 +20,8 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any
 
-# [indi], [camera] and [plan] are the settings of the code that uses them.
-from daemon.acquisition import IndiSettings, PlanSettings
 from daemon.io.formats import DEFAULT_PATTERNS
-from drivers.camera import CameraSettings
+from daemon.settings import CameraSettings, IndiSettings, PlanSettings, SettingsError
 
 
 class ConfigError(ValueError):
@@ -195,6 +196,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: expected a path, got {value!r}")
         return Path(value).expanduser()
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        choices = ", ".join(str(m.value) for m in hint)
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}") from None
     raise ConfigError(f"{where}: unsupported type {hint!r}")  # pragma: no cover
 
 
@@ -211,7 +218,10 @@ def build_section(cls: type, data: dict, section: str, source: str) -> Any:
     for name, f in known.items():
         if name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
             raise ConfigError(f"{source}: [{section}] {name}: required key missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except SettingsError as exc:  # a value of the right type that cannot be used
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:
@@ -233,14 +243,6 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     web = kwargs.get("web")
     if web is not None and (web.cert_file is None) != (web.key_file is None):
         raise ConfigError(f"{source}: [web] cert_file and key_file: give both (HTTPS) or neither")
-    plan = kwargs.get("plan")
-    if plan is not None:
-        from daemon.acquisition import AcquisitionError, check_coordinates
-
-        try:
-            check_coordinates(plan)
-        except AcquisitionError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
     return Config(**kwargs)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from daemon import checkpoint
-from daemon.acquisition import PlanSettings
+from daemon.settings import PlanSettings
 from daemon.commands import MASTER_KINDS, CommandError, plan_from_command, validate_command
 from daemon.config import Config
 from daemon.folders import ensure_dir

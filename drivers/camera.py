@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from daemon.names import safe_filename
 from drivers.indi_client import IndiAlert, IndiClient, IndiError, IndiTimeout
+
+if TYPE_CHECKING:  # the settings are the config's; this module only reads them
+    from daemon.settings import CameraSettings
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +30,8 @@ FRAME_TYPES = {"light": "FRAME_LIGHT", "dark": "FRAME_DARK", "bias": "FRAME_BIAS
 UPLOAD_PREFIX = ".lightbucket-upload_"
 
 
-@dataclass(frozen=True)
-class CameraSettings:
-    """Config [camera]. cooler_c: set-point in deg C (None: leave the cooler alone)."""
-
-    cooler_c: float | None = None
-    gain: float | None = None
-    offset: float | None = None
-    binning: int = 1
-    upload_prefix: str = "light"
-
-
 class ExposureTimeout(IndiTimeout):
     """An exposure did not complete in time (it has been aborted)."""
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_+.-]+", "-", str(text)).strip("-") or "x"
 
 
 class Camera:
@@ -167,7 +155,7 @@ class Camera:
         try:
             element = FRAME_TYPES[frame_type]
         except KeyError:
-            raise ValueError(f"frame type {frame_type!r}: expected one of {sorted(FRAME_TYPES)}")
+            raise ValueError(f"frame type {frame_type!r}: expected one of {sorted(FRAME_TYPES)}") from None
         await self._set_switch("CCD_FRAME_TYPE", element)
 
     async def expose(self, seconds: float, name: str, timeout: float | None = None) -> Path:
@@ -195,7 +183,7 @@ class Camera:
                             "(is UPLOAD_MODE local and the folder writable by the driver?)")
         self._seq += 1
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        dest = self.capture_dir / f"{_safe(name)}_{stamp}_{self._seq:04d}{files[-1].suffix}"
+        dest = self.capture_dir / f"{safe_filename(name)}_{stamp}_{self._seq:04d}{files[-1].suffix}"
         os.replace(files[-1], dest)
         return dest
 

@@ -17,7 +17,8 @@ from daemon.autofocus import AutofocusSettings, autofocus_command, hfr_of, run_a
 from daemon.focus import RefocusTrigger
 from daemon.io.load import load_frame
 from daemon.pipeline.live import LivePipeline
-from drivers.camera import Camera, CameraSettings
+from daemon.settings import CameraSettings
+from drivers.camera import Camera
 from drivers.focuser import Focuser
 from drivers.indi_client import IndiClient
 from drivers.indiserver import IndiServer, free_port

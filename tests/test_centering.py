@@ -14,15 +14,16 @@ import types
 import pytest
 from astropy.wcs import WCS
 
-from daemon.acquisition import IndiSettings, PlanSettings, run_acquisition
+from daemon.acquisition import run_acquisition
 from daemon.centering import CenterSettings, PointingCheck, solve_path
 from daemon.io.load import load_frame
 from daemon.pipeline.live import LivePipeline
 from daemon.products import write_stack
 from daemon.reference_solve import ReferenceSolver
+from daemon.settings import CameraSettings, IndiSettings, PlanSettings
 from daemon.solve import Solution
 from daemon.wcs import separation_arcsec
-from drivers.camera import Camera, CameraSettings
+from drivers.camera import Camera
 from drivers.indi_client import IndiClient
 from drivers.indiserver import IndiServer, free_port
 from tests.conftest import require_tools

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.acquisition import parse_dec, parse_ra
 from daemon.config import ConfigError, load_config, parse_override
+from daemon.settings import parse_dec, parse_ra
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,9 @@ import types
 
 import pytest
 
-from daemon.acquisition import AcquisitionError, IndiSettings, PlanSettings, parse_dec, parse_ra, run_acquisition
-from drivers.camera import Camera, CameraSettings, ExposureTimeout
+from daemon.acquisition import AcquisitionError, run_acquisition
+from daemon.settings import CameraSettings, IndiSettings, PlanSettings, SettingsError, parse_dec, parse_ra
+from drivers.camera import Camera, ExposureTimeout
 from drivers.indi_client import IndiClient, IndiDisconnected, PropSnapshot
 from drivers.indiserver import free_port
 from drivers.mount import Mount, SlewTimeout
@@ -152,15 +153,19 @@ def test_stop_during_backoff_ends_the_plan_promptly(tmp_path):
     assert summary["state"] == "stopped" and summary["frames"] == 0
 
 
-def test_bad_plans_are_refused_naming_the_key(tmp_path):
-    with pytest.raises(AcquisitionError, match=r"\[plan\] frame_type"):
-        asyncio.run(run_acquisition(_config(tmp_path, 1, frame_type="science"), Recorder(),
-                                    asyncio.Event()))
-    with pytest.raises(AcquisitionError, match=r"\[plan\] dec"):
-        asyncio.run(run_acquisition(_config(tmp_path, 1, dec="+95d"), Recorder(), asyncio.Event()))
-    with pytest.raises(AcquisitionError, match=r"\[plan\] until"):
-        asyncio.run(run_acquisition(_config(tmp_path, 1, until="tonight"), Recorder(),
-                                    asyncio.Event()))
+@pytest.mark.parametrize("bad, message", [
+    ({"frame_type": "science"}, r"\[plan\] frame_type = 'science'"),
+    ({"dec": "+95d"}, r"\[plan\] dec = '\+95d': outside"),
+    ({"until": "tonight"}, r"\[plan\] until = 'tonight': not an ISO time"),
+    ({"count": -1}, r"\[plan\] count = -1: must be >= 0"),
+    ({"exposure_s": -5.0}, r"\[plan\] exposure_s = -5.0: must be >= 0"),
+    ({"exposure_s": 1e9}, r"\[plan\] exposure_s = 1000000000.0: must be >= 0 and <= 3600"),
+    ({"dither_every": -3}, r"\[plan\] dither_every = -3: must be >= 0"),
+])
+def test_bad_plans_are_refused_naming_the_key(tmp_path, bad, message):
+    """A plan value that cannot be run is refused when the plan is made, before any device moves."""
+    with pytest.raises(SettingsError, match=message):
+        _config(tmp_path, 1, **bad)
 
 
 def test_coordinate_strings():

@@ -18,8 +18,9 @@ import sep
 from astropy.io import fits
 from scipy.spatial import cKDTree
 
-from daemon.acquisition import IndiSettings, PlanSettings, run_acquisition
-from drivers.camera import Camera, CameraSettings
+from daemon.acquisition import run_acquisition
+from daemon.settings import CameraSettings, IndiSettings, PlanSettings
+from drivers.camera import Camera
 from drivers.indi_client import IndiClient
 from drivers.indiserver import IndiServer, free_port
 from drivers.mount import Mount

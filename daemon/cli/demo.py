@@ -136,7 +136,7 @@ async def write_synthetic_frames(capture: Path, n: int, exposure_s: float) -> li
 
 
 async def session(config, args, indi: bool) -> dict:
-    from daemon.acquisition import PlanSettings
+    from daemon.settings import PlanSettings
     from daemon.service import Service
 
     service = Service(config, acquire_at_start=False)

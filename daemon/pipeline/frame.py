@@ -16,12 +16,19 @@ import numpy as np
 BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
 
 
-class FrameType(str, enum.Enum):
+class FrameType(enum.StrEnum):
+    """What a frame is: the one spelling of frame kinds (config, commands, masters, INDI)."""
+
     LIGHT = "light"
     DARK = "dark"
     FLAT = "flat"
     BIAS = "bias"
     DARKFLAT = "darkflat"
+
+    @property
+    def is_calibration(self) -> bool:
+        """Bias, dark, flat or dark flat: frames that end in a master, not in a stack."""
+        return self is not FrameType.LIGHT
 
 
 @dataclass(frozen=True)
