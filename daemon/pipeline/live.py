@@ -569,7 +569,6 @@ def capture_fields(meta: FrameMeta) -> dict:
     return out
 
 
-
 def _snr(stars, metrics) -> float | None:
     """Star signal-to-noise proxy: median flux of the 20 brightest stars over (noise x FWHM)."""
     try:
