@@ -156,11 +156,20 @@ class ReferenceSolver:
         else:
             log.warning("%s: reference %s not solved: %s", stack, path, sol.reason)
         if self._on_solved is not None:
-            out = self._on_solved(stack, path, sol)
+            try:
+                out = self._on_solved(stack, path, sol)
+            except Exception:  # noqa: BLE001 - the caller's bug must not stop later answers
+                log.exception("%s: handling the plate solve of %s failed", stack, path)
+                return
             if inspect.isawaitable(out):
                 task = asyncio.ensure_future(out)
                 self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
+                task.add_done_callback(self._handled)
+
+    def _handled(self, task: asyncio.Task) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("handling a plate solve failed: %s", task.exception())
 
     async def solve_file(self, path: str, target: tuple[float, float] | None = None) -> Solution:
         """Solve one frame file on the solver's thread (after the solves queued before it):

@@ -303,3 +303,22 @@ def test_a_nights_frame_is_solved_on_the_solver_thread_for_the_pointing_check():
     # The frame's centre is about 2' from the given target: a drift, reported and re-centred on.
     assert event["far"] and event["recenter"] and 100 < event["error_arcsec"] < 200
     assert not missing.ok and "unreadable" in missing.reason
+
+
+def test_a_failing_answer_handler_does_not_stop_later_answers(caplog):
+    seen: list[str] = []
+
+    def on_solved(stack, path, sol):
+        seen.append(stack)
+        if stack == "a":
+            raise RuntimeError("handler bug")
+
+    async def main():
+        solver = ReferenceSolver(on_solved, solve=lambda g, s, t: Solution(ok=False, reason="x"))
+        solver.request("a", GridFrame(path="/a.fits", width=1, height=1))
+        solver.request("b", GridFrame(path="/b.fits", width=1, height=1))
+        await solver.drain()
+        solver.close()
+
+    asyncio.run(main())
+    assert seen == ["a", "b"] and "handler bug" in caplog.text
