@@ -143,6 +143,7 @@ def stack_header(
     geometry: StackGeometry | None = None,
     reference_wcs: Any = None,
     height: int | None = None,
+    wcs_solved: bool = False,
 ) -> fits.Header:
     """The header of a stack (pure).
 
@@ -152,7 +153,8 @@ def stack_header(
     settings: the rejection/quality settings used (LiveSettings as a dict, RestackSettings).
     geometry, reference_wcs, height: the stack's geometry, the reference frame's celestial
         WCS (cards or astropy WCS, array convention) and the stack's rows: with all three, the
-        stack's WCS (written BOTTOM-UP) is added.
+        stack's WCS (written BOTTOM-UP) is added; wcs_solved: that WCS comes from a plate
+        solve of the reference (PLTSOLVD = T), not from its header.
     """
     h = fits.Header()
     n = len(provenance)
@@ -181,6 +183,7 @@ def stack_header(
         w = stack_wcs(reference_wcs, geometry, int(height), bottom_up=True)
         if w is not None:
             h.extend(wcs_header(w), update=True)
+            h["PLTSOLVD"] = (bool(wcs_solved), "WCS from a plate solve of the reference frame")
     h["STACKMTH"] = ("online kappa-sigma running mean" if method == "live"
                      else "winsorized sigma clipping", "combination method")
     for key, value in (settings or {}).items():
@@ -284,7 +287,8 @@ def write_stack(
     header = stack_header(provenance or [], masters=masters, settings=settings, reference=reference,
                           method=method, rejected=rejected, extra=extra,
                           geometry=getattr(pipe, "geometry", None), height=data.shape[0],
-                          reference_wcs=getattr(pipe, "reference_wcs", None))
+                          reference_wcs=getattr(pipe, "reference_wcs", None),
+                          wcs_solved=bool(getattr(pipe, "wcs_solved", False)))
     if data.ndim == 3:  # write_fits stores (H, W, 3) as the FITS cube (3, H, W)
         header["CTYPE3"] = ("RGB", "colour planes R, G, B")
     write_fits(Path(path), data, header, bottom_up=True)

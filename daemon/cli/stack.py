@@ -10,7 +10,9 @@ exposures are never stacked together: a mixed folder gives one stack per exposur
 after -o (stack.fits -> stack_60s.fits, stack_2s.fits). Each frame gets a line (stars,
 FWHM, shift, accepted or rejected and why); each stack ends with a summary. --final spools
 the registered frames and writes the winsorized sigma-clipped re-stack instead of the live
-stack.
+stack. When astrometry.net is installed the reference frame is plate-solved (on a thread of its
+own, while the frames stack) and the stack's WCS is the solve's (PLTSOLVD = T); --no-solve
+keeps the reference header's WCS, if any.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -40,6 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preview", type=Path, metavar="OUT.jpg", help="auto-stretched preview (.jpg or .png)")
     p.add_argument("--final", action="store_true",
                    help="re-stack all registered frames with winsorized sigma clipping at the end")
+    p.add_argument("--no-solve", action="store_true",
+                   help="do not plate-solve the reference frame (the stack keeps its header's WCS)")
     p.add_argument("--spool", type=Path, metavar="DIR", help="keep the spooled frames here (default: temporary)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [stack]/[quality] setting, e.g. --set kappa=2.5 (repeatable)")
@@ -150,6 +155,43 @@ def _masters(args):
     return masters, {k: str(v) for k, v in paths.items()}
 
 
+class _GridSolve:
+    """The plate solve of a stack's grid frame on a thread of its own, started as soon as the
+    grid frame is known, so the frames stack meanwhile; `apply` waits for it (at most its time
+    limit) and gives the WCS to the pipeline."""
+
+    def __init__(self, pipe, enabled: bool):
+        from daemon.solve import solver_installed
+
+        self.pipe, self.enabled = pipe, enabled and solver_installed()
+        self.pending = None
+
+    def ask(self) -> None:
+        if not self.enabled or self.pending is not None or (grid := self.pipe.grid_frame()) is None:
+            return
+        from daemon.reference_solve import ReferenceSolveSettings, solve_grid_frame
+
+        box: dict = {}
+        thread = threading.Thread(target=lambda: box.update(sol=solve_grid_frame(grid, ReferenceSolveSettings())),
+                                  name="lightbucket-solve", daemon=True)
+        thread.start()
+        self.pending = (grid.path, thread, box)
+
+    def apply(self) -> None:
+        if self.pending is None:
+            return
+        path, thread, box = self.pending
+        thread.join()
+        sol = box.get("sol")
+        if sol is not None and sol.ok and self.pipe.set_reference_wcs(path, sol.wcs):
+            print(f"reference {Path(path).name} solved: RA {sol.ra_deg:.5f} Dec {sol.dec_deg:+.5f}, "
+                  f"{sol.scale_arcsec_px:.3f}\"/px, up {sol.rotation_deg:.2f} deg E of N ({sol.elapsed_s:.1f} s)",
+                  flush=True)
+        else:
+            print(f"reference {Path(path).name} not solved: {sol.reason if sol else 'solver error'}; "
+                  "the stack keeps its header's WCS", flush=True)
+
+
 def _line(i: int, n: int, path: Path, r) -> str:
     bar_len = 20
     done = int(bar_len * i / n)
@@ -248,6 +290,8 @@ def _stack_one(args, lights: list[Path], scores: dict[Path, float], settings, ma
             pipe.set_reference(load_frame(best))
         except FrameError:
             pass
+    solve = _GridSolve(pipe, not args.no_solve)
+    solve.ask()
     spool = None
     tmp = None
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +317,7 @@ def _stack_one(args, lights: list[Path], scores: dict[Path, float], settings, ma
                 continue
             result = pipe.process(frame)
             print(_line(i, n, path, result), flush=True)
+            solve.ask()
             if result.accepted:
                 if spool is not None:
                     spool.append(result.registered, weight=result.weight, path=str(path),
@@ -284,6 +329,7 @@ def _stack_one(args, lights: list[Path], scores: dict[Path, float], settings, ma
         if pipe.n_stacked == 0:
             print(f"no frame of {n} accepted for {output}", flush=True)
             return 0
+        solve.apply()
         live_settings = dataclasses.asdict(settings)
         if spool is not None:
             from daemon.pipeline.restack import RestackSettings, restack

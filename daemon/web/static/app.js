@@ -58,6 +58,7 @@ function renderStatus(st) {
   $("stack-pick").hidden = names.length < 2;
   if (want) sel.value = want;
   S.stack = sel.value || st.stack || null;
+  pointingStatus(st);
 }
 
 // ---------------------------------------------------------------- preview, last sub, zoom
@@ -341,6 +342,7 @@ function connect() {
     if (m.kind === "status") renderStatus(m.data);
     else if (m.kind === "frame") { addFrame(m.data); if (!m.data.error) refreshSub(m.data.path); }
     else if (m.kind === "preview") { S.meta = m.data; if (!S.stack || S.stack === m.data.stack) S.view = m.data; refreshPreview(); }
+    else if (m.kind === "acquisition") pointingEvent(m.data);
   };
   ws.onclose = () => {
     $("link").textContent = "offline"; $("link").className = "pill dim";
