@@ -97,6 +97,28 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class SolveSettings:
+    """[solve]: plate solving of each stack's reference frame with astrometry.net, for the
+    stack's WCS (daemon.reference_solve). enabled: None (the default) solves when `solve-field`
+    is installed; time_limit_s: each solve's limit (s); radius_deg: how far from the position
+    hint the solver searches (degrees); scale_error: the scale hint's fractional uncertainty;
+    blind: also solve a frame whose pixel scale is unknown (no FOCALLEN or pixel size: a search
+    over every scale, which may take the whole time limit)."""
+
+    enabled: bool | None = None
+    time_limit_s: float = 30.0
+    radius_deg: float = 5.0
+    scale_error: float = 0.15
+    blind: bool = False
+
+    def __post_init__(self) -> None:
+        for key, value, high in (("time_limit_s", self.time_limit_s, 600.0), ("radius_deg", self.radius_deg, 180.0),
+                                 ("scale_error", self.scale_error, 0.9)):
+            if not 0 < value <= high:
+                raise ConfigError(f"[solve] {key} = {value!r}: must be > 0 and <= {high:g}")
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     """Config [calibration]: master files (ours or any FITS/raw frame) for new stacks."""
 
@@ -118,6 +140,7 @@ class Config:
     mqtt: MqttConfig | None = None
     web: WebConfig | None = None
     calibration: CalibrationConfig = CalibrationConfig()
+    solve: SolveSettings = SolveSettings()
     stack: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     indi: IndiSettings | None = None
@@ -136,6 +159,7 @@ _SECTIONS: dict[str, type] = {
     "mqtt": MqttConfig,
     "web": WebConfig,
     "calibration": CalibrationConfig,
+    "solve": SolveSettings,
     "indi": IndiSettings,
     "camera": CameraSettings,
     "plan": PlanSettings,

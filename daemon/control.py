@@ -91,6 +91,7 @@ class Controller:
     async def reset(self, cmd: Command) -> dict:
         name = cmd.params.get("stack")
         reply = await self.service.job(lambda session: session.reset(name))
+        self.service.forget_solve(reply["stack"])
         self.service.publish_status()
         return reply
 
@@ -111,6 +112,7 @@ class Controller:
         if not path.is_file():
             raise CommandError(f"set_reference: {path.relative_to(capture)} is not a file in the capture folder")
         reply, again = await service.job(lambda session: session.set_reference(path))
+        service.forget_solve(reply["stack"])
         for p in sorted(again, key=lambda p: (p.stat().st_mtime if p.exists() else 0, str(p))):
             service.enqueue(p)
         service.publish_status()

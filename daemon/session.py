@@ -119,6 +119,8 @@ class Outcome:
     n_stacked: int = 0
     #: Header values the loader could not use (`EXPTIME='abc' ...`), each naming the key.
     warnings: tuple[str, ...] = ()
+    #: The stack's grid frame while its WCS is not plate-solved (for daemon.reference_solve).
+    grid: Any = None
 
 
 @dataclass(frozen=True)
@@ -306,8 +308,9 @@ class Session:
         self.ledger.record(path, outcome, stack=key.name, reason=result.reason)
         self.current = key.name
         self.products_due = True
+        grid = None if getattr(stack.pipeline, "wcs_solved", True) else stack.pipeline.grid_frame()
         return Outcome(path, outcome, key.name, result, result.reason, stack.pipeline.n_stacked,
-                       tuple(frame.meta.warnings))
+                       tuple(frame.meta.warnings), grid)
 
     # ----------------------------------------------------------------- commands
     def named(self, name: str | None) -> Stack:
@@ -391,6 +394,16 @@ class Session:
         if entry is None or entry.stack is None:
             raise SessionError(f"restack: {Path(path).name} is in no stack")
         return self.restack(entry.stack)
+
+    def set_reference_wcs(self, name: str, path: str, cards: dict) -> bool:
+        """A plate solve of stack `name`'s grid frame `path`: its WCS from now on (the next
+        products carry it). False, nothing changed, when the stack or its grid frame changed
+        meanwhile (a reset, set_reference)."""
+        stack = self.stacks.get(name)
+        if stack is None or not stack.pipeline.set_reference_wcs(path, cards):
+            return False
+        self.products_due = True
+        return True
 
     # ----------------------------------------------------------------- masters
     def build_master(self, kind: FrameType, paths: list[str], *, exposure_s: float, filter_name: str | None) -> Path:

@@ -57,6 +57,15 @@ class PlanSupervisor:
         self._publish, self._progress, self._job, self._processed = publish, progress, job, processed
         self._task: asyncio.Task | None = None
         self._stop: asyncio.Event | None = None
+        self._plan: PlanSettings | None = None
+
+    def target_of(self, name: str | None) -> tuple[float, float] | None:
+        """(RA, Dec) degrees J2000 the mount was sent to for target `name` by the running (or
+        last) plan; None when no plan pointed at it."""
+        plan = self._plan
+        if plan is None or name is None or plan.target != name or plan.ra is None or plan.dec is None:
+            return None
+        return plan.ra_deg, plan.dec_deg
 
     @property
     def running(self) -> bool:
@@ -73,6 +82,7 @@ class PlanSupervisor:
             log.warning("%s: [indi] without [plan]: nothing to acquire, watching only", self.config.source)
             return None
         self._stop = asyncio.Event()
+        self._plan = plan
         self._task = asyncio.create_task(self._run(plan), name="plan")
         return self._task
 
