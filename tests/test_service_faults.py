@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pytest
 from astropy.io import fits
 
 from daemon import checkpoint
@@ -25,8 +24,8 @@ from daemon.config import config_from_dict
 from daemon.ledger import QUARANTINED, InHand
 from daemon.pipeline.frame import Frame, FrameMeta
 from daemon.service import Service
-from daemon.spool import Spool
 from daemon.simulate import Exposure, expose, fits_header, random_star_field, transform_matrix
+from daemon.spool import Spool
 
 
 def make_config(tmp_path: Path, **state):

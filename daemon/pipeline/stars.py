@@ -47,7 +47,7 @@ class Stars:
     shape: tuple[int, int] | None = None
     n_total: int = 0
     #: Registration keeps its pattern index of a reference here, so it is built once.
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    index_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.x.size)
