@@ -269,6 +269,8 @@ class PlanRunner:
             log.info("%s at %.1f C", self.indi.camera, temp)
         if self.mount is not None:
             await self.mount.connect(self.connect_timeout_s)
+            if self.site_source == "config" and self.progress.faults:
+                await self.mount.write_site(self.site, self.connect_timeout_s)  # a restarted driver forgot it
             await self._publish("slewing", ra_deg=self.ra, dec_deg=self.dec)
             self.moved = True
             await self.mount.slew(self.ra, self.dec, timeout=self.slew_timeout_s)

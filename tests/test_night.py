@@ -111,11 +111,12 @@ def test_meridian_flip_keeps_the_stack_and_until_dawn_is_noaa_dawn(server, tmp_p
     side changes, and frames after it register onto those before with the 180 deg turn, with
     round stars. `until = "dawn"` in every event is NOAA's astronomical dawn within 2 min."""
     site = night_site()
-    lat = site.latitude
-    ra, dec = target_at(site, -1.5, lat - 10.0 if lat > 0 else lat + 10.0)  # 80 deg up
+    # Dec 85 on the site's side: at |latitude| 30 it stays above 25 deg all night (circumpolar
+    # above the limit), so dawn and not its setting ends the plan.
+    ra, dec = target_at(site, -1.5, 85.0 if site.latitude > 0 else -85.0)
     events, stop = Recorder(), asyncio.Event()
     cfg = config(tmp_path, server.port, site, MountSettings(flip_after_min=0.25, flip_max_wait_min=1.0, settle_s=1.0),
-                 ra=ra, dec=dec, until="dawn", count=0)
+                 ra=ra, dec=dec, until="dawn", count=0, exposure_s=3.0)
 
     async def main():
         task = asyncio.ensure_future(run_acquisition(cfg, events, stop))
@@ -139,7 +140,8 @@ def test_meridian_flip_keeps_the_stack_and_until_dawn_is_noaa_dawn(server, tmp_p
     # until: the astronomical dawn at this site, by NOAA's equations.
     dawn = noaa.sun_crossing(datetime.now(UTC) - timedelta(minutes=10), site.latitude, site.longitude, -18.0, True)
     iso = {p["until"] for p in events.events[1:]}  # from the first event after "starting"
-    assert events.events[0]["state"] == "starting" and len(iso) == 1 and abs((datetime.fromisoformat(iso.pop()) - dawn).total_seconds()) < 120
+    assert events.events[0]["state"] == "starting" and len(iso) == 1
+    assert abs((datetime.fromisoformat(iso.pop()) - dawn).total_seconds()) < 120
     # The frames: the last before the flip is the reference; after the flip the field is turned
     # by 180 deg and registers onto it (what the live stack does), stars still round.
     before, after = Path(running[k - 1]["path"]), [Path(p["path"]) for p in running[k:]]
@@ -148,12 +150,12 @@ def test_meridian_flip_keeps_the_stack_and_until_dawn_is_noaa_dawn(server, tmp_p
         return measure(fits.getdata(path).astype(np.float32), None)
 
     ref, ref_m = stars(before)
-    assert len(ref) >= 30
+    assert len(ref) >= 20  # 3 s near the pole at binning 1: 30-40 stars (seen)
     for path in after:
         st, m = stars(path)
         reg = register(st, ref)
         assert reg.ok, reg.reason
-        assert abs(abs(reg.rotation_deg) - 180.0) < 0.5 and reg.n_matched >= 20, reg.as_dict()
+        assert abs(abs(reg.rotation_deg) - 180.0) < 0.5 and reg.n_matched >= 15, reg.as_dict()
         assert reg.scale == pytest.approx(1.0, abs=0.01) and reg.rms_px < 0.5
         assert m.fwhm_px == pytest.approx(ref_m.fwhm_px, rel=0.15)
         assert m.eccentricity < 0.5 and m.elongation < 1.2, m.as_dict()
@@ -263,7 +265,7 @@ def test_repeated_faults_park_the_mount_and_a_failed_park_stops_tracking(server,
         return events, await mount_state(server.port)
 
     events, mount = asyncio.run(main(park_fails=False))
-    assert events.states()[-3:] == ["retrying", "parking", "failed"]
+    assert events.states()[-2:] == ["parking", "failed"] and "retrying" in events.states()
     assert events.events[-1]["parked"] is True and mount["parked"] is True
     assert events.plan("parking")[0]["reason"] == "faults"
 
@@ -297,3 +299,57 @@ def test_resume_takes_only_the_frames_left_and_parks_at_the_end(server, tmp_path
     assert len(list(tmp_path.glob("light_*.fits"))) == 1
     assert summary["parked"] is True and asyncio.run(mount_state(server.port))["parked"] is True
     assert events.plan("parking")[0]["reason"] == "end of plan"
+
+
+def test_queue_refuses_one_target_runs_the_next_and_survives_kill_9(server, tmp_path):
+    """A queue of two: the first never rises (refused, the queue moves on), the second takes 6
+    frames; the process running it is killed (SIGKILL) after 2 frames and started again: the
+    plan goes on with the frames it has and ends with 6, none taken twice."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from daemon.plan_queue import PlanQueue
+
+    site = night_site()
+    ra, dec = target_at(site, -60.0, site.latitude)
+    never = -abs(site.latitude) - 60.0 if site.latitude > 0 else abs(site.latitude) + 60.0
+    plans = [dict(target="Never", ra=10.0, dec=never, count=3, exposure_s=0.5, center=False),
+             dict(target="Good", ra=ra, dec=dec, count=6, exposure_s=1.0, center=False, settle_s=0.2)]
+    qfile = tmp_path / "queue.json"
+    args = json.dumps({"port": server.port, "capture": str(tmp_path), "queue_file": str(qfile),
+                       "site": [site.latitude, site.longitude, 100.0], "plans": plans})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def recorded() -> list[str]:
+        try:
+            return json.loads(qfile.read_text())["entries"][1]["paths"]
+        except (OSError, ValueError, IndexError, KeyError):
+            return []
+
+    child = subprocess.Popen([sys.executable, "-m", "tests.queue_child", args], env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while len(recorded()) < 2:
+            assert child.poll() is None and time.monotonic() < deadline, "the queue did not get going"
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        before = recorded()
+        assert 2 <= len(before) < 6
+        child = subprocess.Popen([sys.executable, "-m", "tests.queue_child", args], env=env)
+        assert child.wait(timeout=180) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+    queue = PlanQueue.load(qfile, [PlanSettings(**p) for p in plans])
+    first, second = queue.entries
+    assert first.state == "refused" and "never rises above 20 deg" in first.reason
+    assert second.state == "done" and len(second.paths) == 6 and len(set(second.paths)) == 6
+    assert second.paths[:len(before)] == before  # the frames from before the kill kept, not retaken
+    on_disk = sorted(tmp_path.glob("light_Good_*.fits"))
+    # At most one more on disk than recorded: a frame the driver finished as the process died.
+    assert set(second.paths) <= {str(p) for p in on_disk} and len(on_disk) <= 7
