@@ -64,11 +64,6 @@ class AcquisitionError(RuntimeError):
     meridian flip)."""
 
 
-#: The CCD simulator's field turns by this much (deg) at a flip, as a real camera on a German
-#: mount does; INDI's simulators alone keep the image upright.
-SIM_FLIP_ROTATION_DEG = 180.0
-
-
 @dataclass
 class _Progress:
     done: int = 0
@@ -113,7 +108,6 @@ class PlanRunner:
         self.ended = ""  # why the plan ended: "count", "until", "dawn", "target sets", ...
         self.flip_at: datetime | None = None  # when the pending meridian flip is due
         self.flips = 0
-        self.sim_rotation_deg: float | None = None  # the CCD simulator's field rotation, once turned
         self.connect_timeout_s, self.slew_timeout_s = connect_timeout_s, slew_timeout_s
         self.exposure_margin_s = exposure_margin_s
         self.exposure_s = float(plan.exposure_s)  # bias: the camera's minimum, set in prepare()
@@ -366,27 +360,9 @@ class PlanRunner:
         self.flip_at = None
         self.flips += 1
         log.info("meridian flip at %.1f min past the meridian: pier side %s -> %s", ha_min, before, after)
-        if self.indi.camera == "CCD Simulator":
-            await self._sim_rotate_field()
         await self._sleep(self.mount_settings.settle_s)
         if self.center:
             await self.recenter()
-
-    async def _sim_rotate_field(self) -> None:
-        """Turn the CCD simulator's field by SIM_FLIP_ROTATION_DEG, as a flip turns a real
-        camera against the sky. INDI 1.9.9's simulator takes SIM_ROTATION in 0..360 only and
-        echoes the value it had before, so the plan keeps the angle itself and waits for the
-        answer (Ok), not for the value; it applies its settings by resetting the sensor, so the
-        camera is set up again after."""
-        snap = self.client.prop(self.indi.camera, "SIMULATOR_SETTINGS")
-        if snap is None or "SIM_ROTATION" not in snap.values:
-            return
-        if self.sim_rotation_deg is None:
-            self.sim_rotation_deg = snap.values["SIM_ROTATION"]
-        self.sim_rotation_deg = (self.sim_rotation_deg + SIM_FLIP_ROTATION_DEG) % 360.0
-        gen = self.client.send_number(self.indi.camera, "SIMULATOR_SETTINGS", {"SIM_ROTATION": self.sim_rotation_deg})
-        await self.client.wait_state(self.indi.camera, "SIMULATOR_SETTINGS", gen, 10.0, "simulator field rotation")
-        await self._configure_camera()
 
     async def _expose(self) -> Path | None:
         """One frame; None when it was aborted because a meridian flip could wait no longer

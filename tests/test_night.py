@@ -8,9 +8,10 @@ saves the site it is told in ~/.indi, which would move every later simulator's s
 What INDI 1.9.9's telescope simulator does (read from its source and seen here): it is a German
 equatorial mount (MOUNT_TYPE EQ_GEM, SIM_PIER_SIDE on); each goto picks the pier side from the
 target's hour angle against FLIP_HA (deg, 0 by default): west (looking east) before it, east
-after. Tracking alone never flips it: only a goto past FLIP_HA does. The CCD simulator keeps
-the image upright whatever the pier side; the plan turns its field by 180 deg at a flip
-(SIM_ROTATION), as a real camera turns.
+after. Tracking alone never flips it: only a goto past FLIP_HA does. The CCD simulator draws
+its field turned by 180 deg while the mount reports pier side east (its base class follows
+TELESCOPE_PIER_SIDE; seen: frames of one target at west and east register at -179.9 deg), as a
+real camera on a German mount turns with the tube.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def test_meridian_flip_keeps_the_stack_and_until_dawn_is_noaa_dawn(server, tmp_p
         return measure(fits.getdata(path).astype(np.float32), None)
 
     ref, ref_m = stars(before)
-    assert len(ref) >= 20  # 3 s near the pole at binning 1: 30-40 stars (seen)
+    assert len(ref) >= 40  # 3 s near the pole at binning 1: 77-79 stars (seen)
     for path in after:
         st, m = stars(path)
         reg = register(st, ref)
@@ -158,7 +159,8 @@ def test_meridian_flip_keeps_the_stack_and_until_dawn_is_noaa_dawn(server, tmp_p
         assert abs(abs(reg.rotation_deg) - 180.0) < 0.5 and reg.n_matched >= 15, reg.as_dict()
         assert reg.scale == pytest.approx(1.0, abs=0.01) and reg.rms_px < 0.5
         assert m.fwhm_px == pytest.approx(ref_m.fwhm_px, rel=0.15)
-        assert m.eccentricity < 0.5 and m.elongation < 1.2, m.as_dict()
+        # As round as before the flip (seen: eccentricity 0.26-0.30, elongation 1.03-1.05 both sides).
+        assert m.eccentricity < ref_m.eccentricity + 0.1 and m.elongation < 1.1, m.as_dict()
     # The control: a frame from before the flip registers with no turn.
     reg0 = register(stars(Path(running[k - 2]["path"]))[0], ref)
     assert reg0.ok and abs(reg0.rotation_deg) < 0.5
@@ -272,6 +274,7 @@ def test_repeated_faults_park_the_mount_and_a_failed_park_stops_tracking(server,
     async def unpark():
         client = IndiClient("127.0.0.1", server.port)
         await client.connect()
+        await client.wait_for(SCOPE, "TELESCOPE_PARK", timeout=10)
         gen = client.send_switch(SCOPE, "TELESCOPE_PARK", ["UNPARK"])
         await client.wait_state(SCOPE, "TELESCOPE_PARK", gen, 10)
         await client.close()
