@@ -9,8 +9,9 @@ Three cases over the same synthetic frames, each with a fresh service in this pr
 1. no `[web]`;
 2. `[web]`, nobody connected;
 3. `[web]` with `--clients` (20) clients polling `/api/status` and `/api/frames?n=50` every
-   `--poll-s` (1 s) and `/api/preview.jpg` every 5th time, plus one WebSocket live channel,
-   from a separate process (a phone's work is not the daemon's).
+   `--poll-s` (1 s) and `/api/preview.jpg` and `/api/last_sub.jpg` (read back from the sub's
+   file in a thread) every 5th time, plus one WebSocket live channel, from a separate process
+   (a phone's work is not the daemon's).
 
 Frames are copied into the watched folder (temp name, then rename) every `--interval` s, slow
 enough that the queue stays empty, so latency = watcher + load + pipeline + publish: from the
@@ -68,7 +69,7 @@ async def clients_main(url: str, n: int, poll_s: float, duration_s: float, done:
     async def poller(session: aiohttp.ClientSession, k: int) -> None:
         i = k  # spread the preview fetches
         while time.monotonic() < stop:
-            paths = ["api/status", "api/frames?n=50"] + (["api/preview.jpg"] if i % 5 == 0 else [])
+            paths = ["api/status", "api/frames?n=50"] + (["api/preview.jpg", "api/last_sub.jpg"] if i % 5 == 0 else [])
             for p in paths:
                 try:
                     async with session.get(url + p) as r:

@@ -9,6 +9,9 @@ back where it started and the result says why.
 
 The result is the event payload {"event": "autofocus", "ok", "position", "hfr_px",
 "hfr_px_start", "curve": [{"position", "hfr_px", "n_stars"}, ...], "reason", "model"}.
+`run_autofocus` is what the service and a plan call: one run with its events (a `focusing`
+event per sample, then the result); `autofocus_command` reads the `{"action": "autofocus"}`
+command. When to run it during a night is `daemon.focus.RefocusTrigger`'s to say.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.focus import approach, fit_curve, next_sweep, sweep
 from daemon.io.load import load_frame
 from daemon.pipeline.stars import measure
+from drivers.indi_client import IndiError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,14 @@ class AutofocusSettings:
     max_sweeps: int = 3
     min_stars: int = 5
 
+    def __post_init__(self) -> None:
+        for key, low in (("step", 1), ("points", 5), ("max_sweeps", 1), ("min_stars", 1), ("backlash_steps", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"focus.{key} must be an integer >= {low}, got {value!r}")
+        if not self.exposure_s > 0:
+            raise ValueError(f"focus.exposure_s must be > 0 s, got {self.exposure_s!r}")
+
 
 def hfr_of(path: Path, min_stars: int = 5) -> tuple[float | None, int]:
     """(median HFR px, star count) of one frame file; HFR None with fewer than min_stars (blocking)."""
@@ -54,10 +67,12 @@ class Autofocus:
     """One autofocus run on `focuser` (`drivers.focuser.Focuser`) and `camera`
     (`drivers.camera.Camera`, configured for lights)."""
 
-    def __init__(self, focuser, camera, settings: AutofocusSettings | None = None):
+    def __init__(self, focuser, camera, settings: AutofocusSettings | None = None,
+                 on_sample: Callable[[dict], Awaitable[None]] | None = None):
         self.focuser, self.camera = focuser, camera
         self.settings = settings or AutofocusSettings()
         self.curve: list[dict] = []
+        self._on_sample = on_sample
 
     def _limits(self) -> tuple[float, float]:
         snap = self.focuser.client.prop(self.focuser.device, "ABS_FOCUS_POSITION")
@@ -97,8 +112,10 @@ class Autofocus:
         for _ in range(s.max_sweeps):
             for p in positions:
                 pos, hfr, n = await self._sample(p)
-                self.curve.append({"position": pos, "hfr_px": None if hfr is None else round(hfr, 3),
-                                   "n_stars": n})
+                point = {"position": pos, "hfr_px": None if hfr is None else round(hfr, 3), "n_stars": n}
+                self.curve.append(point)
+                if self._on_sample is not None:
+                    await self._on_sample({**point, "sample": len(self.curve)})
             pts = sorted(self.curve, key=lambda c: c["position"])
             xs, ys = [c["position"] for c in pts], [c["hfr_px"] for c in pts]
             fit = fit_curve(xs, ys)
@@ -121,9 +138,67 @@ class Autofocus:
                                 f"than {hfr_start} px at the start", fit.model)
         return self._result(True, pos, hfr, hfr_start, "", fit.model)
 
+    def failed(self, reason: str) -> dict:
+        """The result payload of a run that could not go on (where the focuser is now)."""
+        return self._result(False, self.focuser.position() or 0, None, None, reason, None)
+
     def _result(self, ok: bool, position: int, hfr, hfr_start, reason: str, model) -> dict:
         return {"event": "autofocus", "ok": ok, "position": int(position),
                 "hfr_px": None if hfr is None else round(hfr, 3),
                 "hfr_px_start": None if hfr_start is None else round(hfr_start, 3),
                 "curve": sorted(self.curve, key=lambda c: c["position"]), "reason": reason or None,
                 "model": model}
+
+
+#: The largest start offset a command may ask for (steps): a typo must not drive a focuser
+#: into its end stop for minutes.
+MAX_START_OFFSET_STEPS = 100_000
+
+
+def autofocus_command(payload: Mapping) -> int:
+    """The start offset (steps, 0 when absent) of an `{"action": "autofocus",
+    "start_offset_steps": N}` command; ValueError naming the key when it is no integer or
+    beyond +-MAX_START_OFFSET_STEPS."""
+    value = payload.get("start_offset_steps", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or abs(value) > MAX_START_OFFSET_STEPS:
+        raise ValueError(f"autofocus: start_offset_steps must be an integer within +-{MAX_START_OFFSET_STEPS}, "
+                         f"got {value!r}")
+    return int(value)
+
+
+Publish = Callable[[str, dict], Awaitable[None]]
+
+
+async def run_autofocus(focuser, camera, settings: AutofocusSettings, publish: Publish, *,
+                        start_offset_steps: int = 0, reason: str = "command") -> dict:
+    """One autofocus run with its events.
+
+    Parameters
+    ----------
+    focuser : `drivers.focuser.Focuser`, connected.
+    camera : `drivers.camera.Camera`, connected and configured for lights (its frames go to
+        the capture folder as hidden files, deleted once measured).
+    settings : `AutofocusSettings`.
+    publish : ``await publish(kind, payload)`` (the plan's `Events.publish`): kind "focusing"
+        for each sample ({"position", "hfr_px", "n_stars", "sample", "reason"}), then
+        "autofocus" with the result (module docstring) and "reason" / "trigger".
+    start_offset_steps : move this far first (a defocused start; the command's option).
+    reason : why this run ("command", "plan start", or `RefocusTrigger`'s reason): in the events.
+
+    Returns the result payload. An INDI fault is published as a failed result, then raised.
+    """
+    async def sample(point: dict) -> None:
+        await publish("focusing", {**point, "trigger": reason})
+
+    af = Autofocus(focuser, camera, settings, on_sample=sample)
+    temperature = getattr(focuser, "temperature", lambda: None)()
+    try:
+        result = await af.run(start_offset_steps=start_offset_steps)
+    except IndiError as exc:
+        result = af.failed(f"INDI: {exc}")
+        await publish("autofocus", {**result, "trigger": reason, "temperature_c": temperature})
+        raise
+    result = {**result, "trigger": reason, "temperature_c": temperature}
+    await publish("autofocus", result)
+    return result

@@ -9,6 +9,10 @@ having said so: a night of slightly off-centre frames beats no night).
 The frames are hidden files (".lightbucket-center_*") in the capture folder, so the watcher
 ignores them, and are deleted once solved; the solve runs in a worker thread (`solve-field`
 is a subprocess), never on the event loop.
+
+During the night `PointingCheck` says when to solve one of the plan's own frames and what
+its answer means: a frame far from the target (the mount slipped, a cable snagged) is
+reported, and re-centred when the plan asks for it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from daemon.io.load import load_frame
@@ -106,3 +110,49 @@ async def center_on(mount, camera, ra_deg: float, dec_deg: float, settings: Cent
         reason = f"{error:.0f}\" from the target after {attempt} tries"
     return CenterResult(False, error, settings.max_tries, reason=reason or "no frame solved",
                         solution=solution)
+
+
+@dataclass
+class PointingCheck:
+    """When to plate-solve one of the night's frames, and what its solve means (pure).
+
+    every_s: seconds between checks (the first frame after a centring is checked at once);
+    far_arcsec: a centre farther than this from the target is a drift, reported; recenter:
+    a drift also asks for a re-centring (`PlanRunner.recenter`) before the next frame.
+    """
+
+    every_s: float = 600.0
+    far_arcsec: float = 120.0
+    recenter: bool = False
+    _last_s: float | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.every_s > 0 or not self.far_arcsec > 0:
+            raise ValueError(f"plan.pointing_check_s and plan.pointing_far_arcsec must be > 0, got "
+                             f"{self.every_s!r} and {self.far_arcsec!r}")
+
+    def due(self, now_s: float) -> bool:
+        """True when a frame taken at `now_s` (time.monotonic seconds) should be solved; the
+        check is then counted as done."""
+        if self._last_s is not None and now_s - self._last_s < self.every_s:
+            return False
+        self._last_s = now_s
+        return True
+
+    def centered(self) -> None:
+        """The mount was just centred: check the next frame."""
+        self._last_s = None
+
+    def verdict(self, path: str, solution: Solution, ra_deg: float, dec_deg: float) -> dict:
+        """The `pointing` event of a solved frame: {"event": "pointing", "path", "ok",
+        "ra_deg", "dec_deg", "error_arcsec", "far", "recenter", "reason"}. A frame that did not
+        solve is reported (ok False, its reason) and never re-centred on."""
+        if not solution.ok:
+            return {"event": "pointing", "path": path, "ok": False, "ra_deg": None, "dec_deg": None,
+                    "error_arcsec": None, "far": False, "recenter": False, "reason": solution.reason}
+        error = separation_arcsec(solution.ra_deg, solution.dec_deg, ra_deg, dec_deg)
+        far = error > self.far_arcsec
+        return {"event": "pointing", "path": path, "ok": True, "ra_deg": round(solution.ra_deg, 5),
+                "dec_deg": round(solution.dec_deg, 5), "error_arcsec": round(error, 1), "far": far,
+                "recenter": far and self.recenter,
+                "reason": f"{error:.0f}\" from the target (limit {self.far_arcsec:g}\")" if far else None}

@@ -5,7 +5,8 @@ message naming the key and the file, not three hours later. Every key can be ove
 the command line (`--set section.key=value`, the value parsed as TOML, else taken as a string).
 
 Sections [stack] and [quality] are passed through as dicts: their keys belong to the live
-pipeline's LiveSettings and are validated against it when the service starts. The device
+pipeline's LiveSettings and are validated against it when the service starts
+(`daemon.session.live_settings`). The device
 sections ([indi], [camera], [plan]) are `daemon.settings`: plain dataclasses, so loading a
 config never imports the INDI client (a watch-only install has no PyIndi).
 """
@@ -39,15 +40,10 @@ class CaptureConfig:
     #: another machine, where the kernel sees no events; completion is then size-stable.
     poll: bool = False
     #: Decode limit (bytes of float32 pixels): a frame declaring more is refused before it is
-    #: decoded. Default: the machine's physical memory / 8 (daemon.io.limits).
+    #: decoded. Default: the memory the process may use / 8 (daemon.io.limits).
     max_frame_bytes: int | None = None
     #: CFA pattern (RGGB, BGGR, GRBG, GBRG) of TIFF frames whose sidecar names none; unset: mono.
     tiff_bayer: str | None = None
-
-    @property
-    def narrowed_patterns(self) -> tuple[str, ...] | None:
-        """The patterns when the config narrows what is read, None for the default (all)."""
-        return None if self.patterns == DEFAULT_PATTERNS else self.patterns
 
     def __post_init__(self) -> None:
         if self.tiff_bayer is not None and self.tiff_bayer.upper() not in ("RGGB", "BGGR", "GRBG", "GBRG"):
@@ -102,10 +98,17 @@ class WebConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
+    """Config [calibration]: master files (ours or any FITS/raw frame) for new stacks."""
+
     bias: Path | None = None
     dark: Path | None = None
     flat: Path | None = None
     darkflat: Path | None = None
+
+    def files(self) -> dict[str, str]:
+        """The masters given, {kind: path}."""
+        return {k: str(v) for k, v in (("bias", self.bias), ("dark", self.dark), ("flat", self.flat),
+                                       ("darkflat", self.darkflat)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key.strip(), value
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check/convert one TOML value against a dataclass field's type hint."""
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert one TOML value against a dataclass field's type hint; ConfigError names
+    `where` (the file and the key) when it does not fit."""
     origin = typing.get_origin(hint)
     if origin in (UnionType, typing.Union):
         args = typing.get_args(hint)
@@ -169,7 +173,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if arg is NoneType:
                 continue
             try:
-                return _coerce(value, arg, where)
+                return coerce(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
@@ -179,7 +183,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item = typing.get_args(hint)[0]
-        return tuple(_coerce(v, item, where) for v in value)
+        return tuple(coerce(v, item, where) for v in value)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -205,7 +209,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         try:
             return hint(value)
         except ValueError:
-            raise ConfigError(f"{where}: {value!r} is not one of {choices}") from None
+            raise ConfigError(f"{where} = {value!r}: expected one of {choices}") from None
     raise ConfigError(f"{where}: unsupported type {hint!r}")  # pragma: no cover
 
 
@@ -218,7 +222,7 @@ def build_section(cls: type, data: dict, section: str, source: str) -> Any:
         where = f"{source}: [{section}] {key}"
         if key not in known:
             raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
-        kwargs[key] = _coerce(value, hints[key], where)
+        kwargs[key] = coerce(value, hints[key], where)
     for name, f in known.items():
         if name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
             raise ConfigError(f"{source}: [{section}] {name}: required key missing")
@@ -244,10 +248,22 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     for required in ("capture", "state"):
         if required not in kwargs:
             raise ConfigError(f"{source}: [{required}] section missing (needs at least 'dir')")
+    _check_folders(kwargs["capture"], kwargs["state"], source)
     web = kwargs.get("web")
     if web is not None and (web.cert_file is None) != (web.key_file is None):
         raise ConfigError(f"{source}: [web] cert_file and key_file: give both (HTTPS) or neither")
     return Config(**kwargs)
+
+
+def _check_folders(capture: CaptureConfig, state: StateConfig, source: str) -> None:
+    """The daemon's own files (checkpoint, spool, stacks, preview.jpg) must not land where it
+    watches: each write would be answered as a new file, forever."""
+    watched = Path(capture.dir).expanduser().absolute()
+    for key, folder in (("state.dir", state.dir), ("state.output_dir", state.output_dir or state.dir / "output")):
+        path = Path(folder).expanduser().absolute()
+        if path == watched or (capture.recursive and path.is_relative_to(watched)):
+            raise ConfigError(f"{source}: [state] {key.split('.')[1]} = '{folder}': inside the watched capture.dir "
+                              f"'{capture.dir}'; the daemon's own files would be read as new frames")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -136,9 +136,17 @@ def approach(current: int, target: int, backlash_steps: int) -> list[int]:
 
 @dataclass
 class RefocusTrigger:
-    """When to focus again during a night: the accepted frames' FWHM has risen by
-    `fwhm_factor` over the best since the last focus, or the temperature has fallen by
-    `temp_drop_c` since then (deg C). Feed it every accepted frame; `due` says why, or None."""
+    """When to focus again during a night (pure; the service feeds it every accepted frame).
+
+    Due when the median FWHM of the last `min_frames` accepted frames has risen to
+    `fwhm_factor` times the best FWHM since the last focus run, or when the temperature has
+    fallen `temp_drop_c` (deg C) below the temperature of the last focus run. Until the first
+    run the best is the night's best; after a run, the best since that run: a run cannot beat
+    the seeing, so a night whose seeing got worse must not refocus after every few frames.
+    Call `focused` after every run, whether it succeeded or not. FWHM in px of one camera and
+    binning (a new trigger per plan); the temperature is the tube's (the focuser's probe), not
+    a cooled sensor's.
+    """
 
     fwhm_factor: float = 1.3
     temp_drop_c: float = 2.0
@@ -146,10 +154,20 @@ class RefocusTrigger:
     best_fwhm: float | None = None
     focus_temp_c: float | None = None
     _recent: list[float] = field(default_factory=list)
+    _runs: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.fwhm_factor > 1.0:
+            raise ValueError(f"focus.refocus_fwhm_factor must be > 1, got {self.fwhm_factor!r}")
+        if not self.temp_drop_c > 0.0:
+            raise ValueError(f"focus.refocus_temp_drop_c must be > 0 C, got {self.temp_drop_c!r}")
+        if int(self.min_frames) < 1:
+            raise ValueError(f"focus.refocus_min_frames must be >= 1, got {self.min_frames!r}")
 
     def focused(self, temp_c: float | None) -> None:
         """A focus run just ended (at temperature temp_c): start over."""
         self.best_fwhm, self.focus_temp_c, self._recent = None, temp_c, []
+        self._runs += 1
 
     def frame(self, fwhm_px: float | None, temp_c: float | None = None) -> str | None:
         """Record an accepted frame; returns the reason to refocus now, or None."""
@@ -166,5 +184,6 @@ class RefocusTrigger:
         if len(self._recent) >= self.min_frames:
             typical = float(np.median(self._recent))
             if typical >= self.fwhm_factor * self.best_fwhm:
-                return f"FWHM {typical:.2f} px, {typical / self.best_fwhm:.2f}x the night's best {self.best_fwhm:.2f}"
+                best = "the best since the last focus" if self._runs else "the night's best"
+                return f"FWHM {typical:.2f} px, {typical / self.best_fwhm:.2f}x {best} {self.best_fwhm:.2f}"
         return None

@@ -12,6 +12,7 @@ being processed, so that one that killed the process is quarantined at restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,17 +35,23 @@ class Entry:
     reason: str | None = None
 
 
+def file_key(root: str | os.PathLike, path: str | os.PathLike) -> str:
+    """A file's ledger key: its path relative to the capture folder `root` (POSIX), or its
+    absolute path when it lies outside."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
 class Ledger:
     def __init__(self, root: Path, entries: dict[str, Entry] | None = None):
         self.root = Path(root)
         self.entries: dict[str, Entry] = dict(entries or {})
 
     def key(self, path: str | os.PathLike) -> str:
-        p = Path(path)
-        try:
-            return p.resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            return p.resolve().as_posix()
+        return file_key(self.root, path)
 
     def done(self, path: str | os.PathLike) -> bool:
         """True when `path` needs no processing: stacked or rejected, or failed and unchanged."""
@@ -110,6 +117,8 @@ class InHand:
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("in-hand marker %s not written: %s", self.path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a full disk: hold no space
 
     def end(self) -> None:
         try:
@@ -132,3 +141,24 @@ class InHand:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) and isinstance(data.get("path"), str) else None
+
+
+def quarantine_left_over(ledger: Ledger, in_hand: InHand) -> str | None:
+    """At start, before any frame is processed: the file the last process died with (`InHand`)
+    recorded in `ledger` as an error with the reason QUARANTINED, and the marker removed.
+
+    A file already decided in the ledger (the process died after its checkpoint) or changed
+    since (a new version: it gets its own answer) is left alone. Returns the quarantined path
+    (for its event and log line), None when there was nothing to quarantine.
+    """
+    marker = in_hand.left_over()
+    if marker is None:
+        return None
+    path = marker["path"]
+    quarantined = None
+    if in_hand.is_version(marker) and not ledger.done(path):
+        ledger.record(path, "error", reason=QUARANTINED)
+        log.error("%s: %s", path, QUARANTINED)
+        quarantined = path
+    in_hand.end()
+    return quarantined

@@ -316,8 +316,8 @@ def load_masters(bias: str | os.PathLike | None = None, dark: str | os.PathLike 
         defects = np.zeros(shape, dtype=bool)
         maps = []
         if m.dark is not None:
-            # Only deviations from the median count: the same with or without the bias.
-            maps.append(("dark", dark, defects_from_dark(m.dark)))
+            # Only deviations from the local level count: the same with or without the bias.
+            maps.append(("dark", dark, defects_from_dark(m.dark, m.bayer)))
         if m.flat is not None:
             maps.append(("flat", flat, defects_from_flat(m.flat, m.bayer) | flat_bad))
         for what, path, found in maps:

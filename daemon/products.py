@@ -143,6 +143,7 @@ def stack_header(
     geometry: StackGeometry | None = None,
     reference_wcs: Any = None,
     height: int | None = None,
+    wcs_solved: bool = False,
 ) -> fits.Header:
     """The header of a stack (pure).
 
@@ -152,19 +153,23 @@ def stack_header(
     settings: the rejection/quality settings used (LiveSettings as a dict, RestackSettings).
     geometry, reference_wcs, height: the stack's geometry, the reference frame's celestial
         WCS (cards or astropy WCS, array convention) and the stack's rows: with all three, the
-        stack's WCS (written BOTTOM-UP) is added.
+        stack's WCS (written BOTTOM-UP) is added; wcs_solved: that WCS comes from a plate
+        solve of the reference (PLTSOLVD = T), not from its header.
     """
     h = fits.Header()
     n = len(provenance)
     h["NCOMBINE"] = (n, "number of frames combined")
     h["STACKCNT"] = (n, "number of frames combined (Siril)")
-    exposures = [float(p.get("exposure_s") or 0.0) for p in provenance]
-    total = float(sum(exposures))
-    one = _agreed(exposures) if exposures else None
-    h["EXPTIME"] = (float(one if one is not None else (total / n if n else 0.0)),
-                    "[s] exposure of one sub" + ("" if one is not None or not n else " (mean)"))
-    h["LIVETIME"] = (total, "[s] total exposure of the combined frames")
-    h["TOTEXP"] = (total, "[s] total exposure of the combined frames")
+    # Exposures the inputs did not state (no or a bad EXPTIME) are unknown, never 0 s.
+    exposures = [float(e) for p in provenance if (e := p.get("exposure_s")) is not None]
+    if exposures:
+        total = float(sum(exposures))
+        one = _agreed(exposures)
+        unknown = f"; {n - len(exposures)} of unknown exposure" if len(exposures) < n else ""
+        h["EXPTIME"] = (float(one if one is not None else total / len(exposures)),
+                        "[s] exposure of one sub" + ("" if one is not None else " (mean)"))
+        h["LIVETIME"] = (total, f"[s] total exposure of the combined frames{unknown}")
+        h["TOTEXP"] = (total, f"[s] total exposure of the combined frames{unknown}")
     times = [(t, float(p.get("exposure_s") or 0.0)) for p in provenance
              if (t := _parse_time(p.get("date_obs"))) is not None]
     if times:
@@ -178,6 +183,7 @@ def stack_header(
         w = stack_wcs(reference_wcs, geometry, int(height), bottom_up=True)
         if w is not None:
             h.extend(wcs_header(w), update=True)
+            h["PLTSOLVD"] = (bool(wcs_solved), "WCS from a plate solve of the reference frame")
     h["STACKMTH"] = ("online kappa-sigma running mean" if method == "live"
                      else "winsorized sigma clipping", "combination method")
     for key, value in (settings or {}).items():
@@ -198,8 +204,8 @@ def stack_header(
     h["CREATOR"] = f"lightbucket {__version__}"
     for i, p in enumerate(provenance, 1):
         t = _parse_time(p.get("date_obs"))
-        h.add_history(f"IN {i:04d} w={float(p.get('weight', 1.0)):.4f} exp={float(p.get('exposure_s') or 0):g}s "
-                      f"date={_fits_time(t) if t else '-'}")
+        exp = "-" if p.get("exposure_s") is None else f"{float(p['exposure_s']):g}s"
+        h.add_history(f"IN {i:04d} w={float(p.get('weight', 1.0)):.4f} exp={exp} date={_fits_time(t) if t else '-'}")
         # a long path wraps onto more cards; non-ASCII escaped (ascii_safe)
         h.add_history(f"IN {i:04d} file={ascii_safe(str(p.get('path') or '-'))}")
     return h
@@ -230,7 +236,7 @@ def inputs_from_header(header: fits.Header) -> list[dict]:
             if key == "w":
                 rec["weight"] = float(value)
             elif key == "exp":
-                rec["exposure_s"] = float(value.rstrip("s"))
+                rec["exposure_s"] = None if value == "-" else float(value.rstrip("s"))
             elif key == "date":
                 rec["date_obs"] = None if value == "-" else value
     return [frames[k] for k in sorted(frames)]
@@ -281,7 +287,8 @@ def write_stack(
     header = stack_header(provenance or [], masters=masters, settings=settings, reference=reference,
                           method=method, rejected=rejected, extra=extra,
                           geometry=getattr(pipe, "geometry", None), height=data.shape[0],
-                          reference_wcs=getattr(pipe, "reference_wcs", None))
+                          reference_wcs=getattr(pipe, "reference_wcs", None),
+                          wcs_solved=bool(getattr(pipe, "wcs_solved", False)))
     if data.ndim == 3:  # write_fits stores (H, W, 3) as the FITS cube (3, H, W)
         header["CTYPE3"] = ("RGB", "colour planes R, G, B")
     write_fits(Path(path), data, header, bottom_up=True)

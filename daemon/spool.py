@@ -16,6 +16,7 @@ the new index, never one that names a half-written frame.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ import numpy as np
 from daemon.checkpoint import fsync_dir
 from daemon.pipeline.fused import RegisteredMosaic, RegisteredView
 from daemon.pipeline.half import to_half
+
+log = logging.getLogger("lightbucket")
 
 _F16_MAX = 60000.0
 INDEX = "index.json"
@@ -132,6 +135,8 @@ class Spool:
                 raise ValueError(f"spool index {index} is unreadable: {exc}") from exc
             # Frames whose file went missing cannot be re-stacked: drop them from the index.
             self.entries = [e for e in self.entries if (self.dir / e["file"]).exists()]
+        for stray in self.dir.glob("*.tmp"):  # a write cut short (kill -9, power): never committed
+            stray.unlink(missing_ok=True)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -142,27 +147,38 @@ class Spool:
     def append(self, image: np.ndarray | RegisteredMosaic | Encoded, *, weight: float, path: str | None = None,
                **meta) -> dict:
         """Spool one registered frame (H, W) or (H, W, C), float32 ADU or already `encode`d,
-        with its weight and provenance (JSON-able keyword values: date_obs, exposure_s, ...)."""
+        with its weight and provenance (JSON-able keyword values: date_obs, exposure_s, ...).
+        OSError (e.g. a full disk): nothing of the frame is left on disk (no partial file
+        holding space), the spool and its index as before."""
         enc = image if isinstance(image, Encoded) else encode(image)
         del image
         seq = (max((e["seq"] for e in self.entries), default=0) + 1)
         name = f"frame_{seq:06d}.npy"
         tmp = self.dir / (name + ".tmp")
-        with open(tmp, "wb") as fh:
-            # A plain write of the float16 array (no memmap, whose written pages would count
-            # against the process's memory).
-            np.lib.format.write_array_header_1_0(
-                fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
-                     "shape": tuple(int(n) for n in enc.data.shape)})
-            fh.write(enc.data.data)
-            fh.flush()
-            os.fsync(fh.fileno())
-            _drop_cached(fh.fileno())
-        os.replace(tmp, self.dir / name)
+        try:
+            with open(tmp, "wb") as fh:
+                # A plain write of the float16 array (no memmap, whose written pages would count
+                # against the process's memory).
+                np.lib.format.write_array_header_1_0(
+                    fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                         "shape": tuple(int(n) for n in enc.data.shape)})
+                fh.write(enc.data.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+                _drop_cached(fh.fileno())
+            os.replace(tmp, self.dir / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         entry = {"seq": seq, "file": name, "path": path, "weight": float(weight), "scale": enc.scale,
                  "shape": list(enc.data.shape), **enc.meta, **meta}
         self.entries.append(entry)
-        self._write_index()
+        try:
+            self._write_index()
+        except BaseException:
+            self.entries.pop()
+            (self.dir / name).unlink(missing_ok=True)
+            raise
         return entry
 
     def frames(self) -> Iterator[np.ndarray]:
@@ -194,11 +210,15 @@ class Spool:
 
     def _write_index(self) -> None:
         tmp = self.dir / (INDEX + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump({"version": 1, "frames": self.entries}, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.dir / INDEX)
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"version": 1, "frames": self.entries}, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / INDEX)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(self.dir)
 
 
@@ -246,3 +266,74 @@ def folder_bytes(directory: str | os.PathLike) -> int:
         except OSError:
             continue
     return total
+
+
+class SpoolWriter:
+    """The spools of a session's stacks, written by one low-priority thread (`writer_thread`)
+    while the next frame is processed. Owned by the worker thread: every method is called
+    there. At most one write is in flight (`submit` waits for the previous one); anything that
+    reads or clears a spool, and the checkpoint, `drain`s first, so every frame a checkpoint
+    records as stacked is in its spool or in `failed`.
+
+    A write that fails (a full or failing disk) is logged and remembered in `failed` (stack
+    name -> frame paths): the live stack has the frame, only the final re-stack would miss it,
+    and it says so.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.failed: dict[str, set[str]] = {}
+        self._spools: dict[str, Spool] = {}
+        self._thread = writer_thread()
+        self._pending: list = []
+
+    def folder(self, name: str) -> Path:
+        """The spool folder of stack `name`."""
+        return self.root / name
+
+    def submit(self, name: str, path: str, image: Encoded, **meta) -> None:
+        """Queue `image` (already `encode`d, on the stacking thread) for stack `name`'s spool,
+        keyed by the frame's `path` (a frame already spooled, e.g. before a crash, is skipped)."""
+        self.drain()  # back-pressure: one write in flight at most
+        self._pending.append(self._thread.submit(self._write, name, path, image, meta))
+
+    def _write(self, name: str, path: str, image: Encoded, meta: dict) -> None:
+        try:
+            spool = self._spools.get(name)
+            if spool is None:
+                spool = self._spools[name] = Spool(self.folder(name))
+            if path not in spool:
+                spool.append(image, path=path, **meta)
+            self.failed.get(name, set()).discard(path)
+        except (OSError, ValueError) as exc:  # the live stack has the frame; only restack misses it
+            self.failed.setdefault(name, set()).add(path)
+            log.error("spooling %s for the final re-stack failed: %s", path, exc)
+
+    def drain(self) -> None:
+        """Wait for the write in flight, if any."""
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def open(self, name: str) -> Spool | None:
+        """Stack `name`'s spool (after the writes in flight), None when it has none."""
+        self.drain()
+        folder = self.folder(name)
+        return Spool(folder) if folder.exists() else None
+
+    def clear(self, name: str) -> int:
+        """Delete stack `name`'s spooled frames; returns how many there were."""
+        self.drain()
+        self._spools.pop(name, None)
+        self.failed.pop(name, None)
+        folder = self.folder(name)
+        if not folder.exists():
+            return 0
+        spool = Spool(folder)
+        n = len(spool)
+        spool.clear()
+        return n
+
+    def shutdown(self) -> None:
+        """Finish the writes in flight and stop the thread."""
+        self.drain()
+        self._thread.shutdown(wait=True)

@@ -2,19 +2,21 @@
 
 Why: the pipeline's numba kernels are compiled on first call and cached on disk
 (`cache=True`): without a warm cache the first frame of the night waits for the compiler
-(17-20 s on the CI machine class, about a minute on a Pi), and again after every upgrade.
-numba compiles per type signature, not per frame size, so a few tiny synthetic frames
-through the same code paths as a real night (FITS decode, calibration with masters, star
-detection, registration, the fused full-resolution colour path and the whole-frame one,
-superpixel, mono, the warm-up re-check, spool encoding, preview, the final re-stack and
-Bayer drizzle) leave every kernel compiled and cached.
+(tens of seconds, minutes on a Pi), and again after every upgrade; with a warm cache it
+still waits for each kernel to be loaded from disk, which costs a first frame about as much
+again as the whole frame. numba compiles per type signature, not per frame size, so a few
+tiny synthetic frames through the same code paths as a real night (FITS decode, calibration
+with masters, star detection, registration, the fused full-resolution colour path and the
+whole-frame one, superpixel, mono, the warm-up re-check, spool encoding, preview, the final
+re-stack and Bayer drizzle) leave every kernel compiled, cached and loaded.
 
 `scripts/bootstrap.sh` runs `python -m daemon.warmup` after installing (the cache beside
-the code, or NUMBA_CACHE_DIR); the daemon calls `ensure_warm()` before it reports READY,
-which warms only when this code has not been warmed into this cache yet (a stamp file). Under systemd NUMBA_CACHE_DIR
+the code, or NUMBA_CACHE_DIR) so that no start compiles; the daemon calls `ensure_warm()`
+before it reports READY, which loads every kernel into the process (compiling what the
+cache lacks), so the first frame runs as the tenth does. Under systemd NUMBA_CACHE_DIR
 (the unit's /var/cache/lightbucket) must be writable by the service, or every start
 compiles again. Failure mode: an exception from the pipeline propagates (a broken install
-should not report READY); nothing is left on disk but numba's cache.
+should not report READY); nothing is left on disk but numba's cache and the stamp.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _SHAPE = (96, 128)
+#: True once `ensure_warm` ran the warm-up in this process.
+_loaded = False
 
 
 def _frames(bayer: str | None, n: int) -> list[np.ndarray]:
@@ -124,16 +128,23 @@ def _stamp() -> Path | None:
 
 
 def ensure_warm() -> float | None:
-    """`warm_up` unless it already ran for this code and cache (`_stamp`): what the daemon
-    calls before READY. Returns the seconds it took, None when the cache was known warm."""
+    """`warm_up`, as the daemon runs it before READY: every kernel loaded into this process
+    from numba's cache, or compiled into it where this code was not warmed into this cache
+    yet (no `_stamp`). Returns the seconds it took when it compiled (the stamp is then
+    written), None when the cache was known warm and the kernels were only loaded."""
+    global _loaded
     stamp = _stamp()
-    if stamp is not None and stamp.exists():
-        return None
+    warm = stamp is not None and stamp.exists()
+    if warm and _loaded:
+        return None  # this process has every kernel already (a second service in one process)
     seconds = warm_up()
+    _loaded = True
+    if warm:
+        return None
     if stamp is not None:
         try:
             stamp.write_text(f"{seconds:.1f} s\n")
-        except OSError:  # advisory: the next start warms again
+        except OSError:  # advisory: the next start says it compiled again
             pass
     return seconds
 

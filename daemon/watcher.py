@@ -9,14 +9,16 @@ A frame is handed on only once its writer is done with it:
   decides, however long the writer pauses);
 - elsewhere (polling/other observers, network shares) once its size and mtime have stayed
   unchanged for `settle_s` seconds.
-Temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) are ignored. Every
-other file is handed on (patterns=None, what the service does), so each gets an answer: the
-loader reads it, or refuses it naming its kind or that capture.patterns excludes it; with
-patterns given, only names matching them (case-insensitive) count. Hidden sub-folders
-(staging folders such as `.incoming/`, where frames are written before a rename) and
-`calibration/` (calibration plans' darks, bias and flats, which become masters, not lights)
-are never watched, recursive or not. `backlog()` lists files already present at start.
-Duplicates are possible (a file closed twice); the ledger decides.
+Which files: with the default patterns (every name the loader reads, or None) every file is
+handed on, so each gets an answer: the loader reads it or refuses it naming its kind. Never
+handed on: temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) and a
+frame's companion files (JSON sidecars, SharpCap's CameraSettings.txt: `daemon.io.formats`).
+Patterns that narrow the default (capture.patterns) leave the other files out, each with one
+log line naming the setting. Hidden sub-folders (staging folders such as `.incoming/`, where
+frames are written before a rename) and `calibration/` (calibration plans' darks, bias and
+flats, which become masters, not lights) are never watched, recursive or not. `backlog()`
+lists files already present at start. Duplicates are possible (a file closed twice); the
+ledger decides.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from daemon.io.formats import matches
+from daemon.io.formats import is_companion, matches, narrowed
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +46,39 @@ def _skipped_dir(name: str) -> bool:
 
 
 def is_candidate(path: str | os.PathLike, patterns: tuple[str, ...] | None = None) -> bool:
-    """True for a name worth an answer: no temp/partial/hidden name, and matching one of
-    `patterns` (fnmatch, case-insensitive) when they are given."""
+    """True for a name worth an answer: no temp/partial/hidden name, no companion file, and
+    matching one of `patterns` (fnmatch, case-insensitive) when they narrow the default."""
+    return _is_file_of_interest(path) and _within(path, narrowed(patterns))
+
+
+def _is_file_of_interest(path: str | os.PathLike) -> bool:
     name = Path(path).name
-    low = name.lower()
-    if name.startswith((".", "~")) or low.endswith(TEMP_SUFFIXES):
-        return False
-    return patterns is None or matches(name, patterns)
+    return not (name.startswith((".", "~")) or name.lower().endswith(TEMP_SUFFIXES) or is_companion(name))
+
+
+def _within(path: str | os.PathLike, patterns: tuple[str, ...] | None) -> bool:
+    return patterns is None or matches(path, patterns)
+
+
+def _log_outside(path: str | os.PathLike, patterns: tuple[str, ...]) -> None:
+    log.info("%s: not read: outside capture.patterns (%s)", path, ", ".join(patterns))
 
 
 def backlog(root: Path, patterns: tuple[str, ...] | None, recursive: bool) -> list[Path]:
-    """Frames already in the folder, oldest first (mtime), hidden sub-folders skipped."""
+    """Frames already in the folder, oldest first (mtime), hidden sub-folders skipped; a file
+    outside narrowed `patterns` is logged (once per call) and left out."""
     root = Path(root)
+    only = narrowed(patterns)
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not _skipped_dir(d)) if recursive else []
-        found += [Path(dirpath) / f for f in filenames if is_candidate(f, patterns)]
+        for f in filenames:
+            if not _is_file_of_interest(f):
+                continue
+            if _within(f, only):
+                found.append(Path(dirpath) / f)
+            else:
+                _log_outside(Path(dirpath) / f, only)
 
     def mtime(p: Path) -> float:
         try:
@@ -78,11 +97,11 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             return
         if isinstance(event, FileMovedEvent):
-            self.w._from_thread(os.fsdecode(event.dest_path), "complete")
+            self.w.from_observer(os.fsdecode(event.dest_path), "complete")
         elif isinstance(event, FileClosedEvent):
-            self.w._from_thread(os.fsdecode(event.src_path), "complete")
+            self.w.from_observer(os.fsdecode(event.src_path), "complete")
         elif event.event_type in ("created", "modified"):
-            self.w._from_thread(os.fsdecode(event.src_path), event.event_type)
+            self.w.from_observer(os.fsdecode(event.src_path), event.event_type)
 
 
 class FolderWatcher:
@@ -92,7 +111,9 @@ class FolderWatcher:
                  recursive: bool = False, settle_s: float = 2.0, force_polling: bool = False):
         self.root = Path(root)
         self.on_file = on_file
-        self.patterns = patterns
+        #: None: every file is handed on (the default patterns); else the narrowing ones.
+        self.patterns = narrowed(patterns)
+        self._outside: set[str] = set()  # names outside the patterns, logged once each
         self.recursive = recursive
         self.settle_s = settle_s
         if force_polling:
@@ -127,10 +148,19 @@ class FolderWatcher:
             return True  # not under the watched folder at all
         return any(_skipped_dir(p) for p in parts)
 
-    def _from_thread(self, path: str, kind: str) -> None:
-        if not is_candidate(path, self.patterns) or self._loop is None or self._in_skipped_dir(path):
+    def from_observer(self, path: str, kind: str) -> None:
+        """Called on the observer thread for each file event: hands it to the loop."""
+        if not _is_file_of_interest(path) or self._loop is None or self._in_skipped_dir(path):
+            return
+        if self.patterns is not None and not matches(path, self.patterns):
+            self._loop.call_soon_threadsafe(self._outside_once, path)
             return
         self._loop.call_soon_threadsafe(self._on_event, path, kind)
+
+    def _outside_once(self, path: str) -> None:
+        if path not in self._outside:
+            self._outside.add(path)
+            _log_outside(path, self.patterns or ())
 
     def _on_event(self, path: str, kind: str) -> None:
         """kind: "complete" (closed after writing, renamed into place), "created", "modified"."""

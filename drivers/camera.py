@@ -195,3 +195,13 @@ class Camera:
             self.client.send_switch(self.device, "CCD_ABORT_EXPOSURE", ["ABORT"])
         except IndiError as exc:
             log.warning("could not abort exposure on %s: %s", self.device, exc)
+
+    async def set_simulator_sensor(self, width_px: int, height_px: int, timeout: float = 10.0) -> None:
+        """INDI's CCD simulator only: make its sensor width x height (unbinned px). Why: drawing
+        the real sky (Tycho-2, complete to about V 11.5), its default 1280 x 1024 field (25' x
+        20' at 900 mm) holds too few catalogue stars to plate-solve; 2560 x 2048 (51' x 41')
+        does. Raises IndiError when the device has no SIMULATOR_SETTINGS (not the simulator)."""
+        await self.client.wait_for(self.device, "SIMULATOR_SETTINGS", timeout=timeout,
+                                   what="CCD simulator settings")
+        await self._set_number("SIMULATOR_SETTINGS", {"SIM_XRES": int(width_px), "SIM_YRES": int(height_px)},
+                               timeout=timeout, confirm=True)

@@ -1,4 +1,6 @@
-"""INDI focuser: absolute moves (ABS_FOCUS_POSITION, steps) and relative moves, abort."""
+"""INDI focuser: absolute moves (ABS_FOCUS_POSITION, steps) and relative moves, abort, and its
+temperature probe (FOCUS_TEMPERATURE, deg C), the one to refocus by: a cooled camera's sensor
+temperature says nothing about the tube's."""
 
 from __future__ import annotations
 
@@ -17,6 +19,14 @@ class Focuser:
     def position(self) -> int | None:
         snap = self.client.prop(self.device, "ABS_FOCUS_POSITION")
         return int(round(snap.values["FOCUS_ABSOLUTE_POSITION"])) if snap else None
+
+    def temperature(self) -> float | None:
+        """The focuser's temperature probe (deg C), None when it has none."""
+        snap = self.client.prop(self.device, "FOCUS_TEMPERATURE")
+        if snap is None:
+            return None
+        value = snap.values.get("TEMPERATURE")
+        return None if value is None else float(value)
 
     async def move_to(self, steps: int, timeout: float = 120.0) -> int:
         """Move to an absolute position (steps); returns where the focuser says it is."""

@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# Installs everything lightbucket needs on Debian 12 / Raspberry Pi OS (bookworm):
-# the Debian packages, then a .venv in the project with the project and its extras
-# (LIGHTBUCKET_EXTRAS, default "test,bench"; empty for the daemon alone, as on a Pi).
-# Idempotent and quick when nothing changed. Sourced by scripts/demo and scripts/test.
+# Installs everything lightbucket needs on Debian 12 / Raspberry Pi OS (bookworm): the Debian
+# packages, then a .venv in the project with the project and its extras. Idempotent and quick
+# when nothing changed. Sourced by scripts/demo and scripts/test.
+#
+# LIGHTBUCKET_EXTRAS chooses the extras (comma-separated):
+#   indi   device control over INDI (pyindi-client, built from source, and indi-bin);
+#   test   the test suite's tools (mosquitto, chromium, playwright, ruff, ...);
+#   bench  the benchmark's reference pipeline (astroalign).
+# Default "indi,test,bench": a development machine runs the whole suite, INDI included. On a
+# Pi: LIGHTBUCKET_EXTRAS= (empty) for a daemon that watches another program's captures,
+# LIGHTBUCKET_EXTRAS=indi for one that drives the camera and mount itself.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-EXTRAS="${LIGHTBUCKET_EXTRAS-test,bench}"
+EXTRAS="${LIGHTBUCKET_EXTRAS-indi,test,bench}"
+has_extra() { [[ ",$EXTRAS," == *",$1,"* ]]; }
 
-# indi-bin: indiserver and the CCD/telescope simulators. mosquitto: the MQTT broker the
-# tests (and the demo) start on a free port; mosquitto-clients: mosquitto_sub/_pub, to watch
-# and command the daemon (docs/mqtt.md). libdbus-1-dev, libglib2.0-dev, pkg-config and
-# python3-dev: dbus-python (a dependency of pyindi-client) builds from source, as does pidng
-# (the test extra) with build-essential.
-# astrometry.net and its Tycho-2 index files: the offline plate solver (fields of about
-# 22 arcmin to several degrees). chromium and chromium-driver: the browser the web page's
-# tests drive headless (the system browser; nothing is downloaded).
-DEBS=(python3 python3-venv python3-dev python3-pip build-essential pkg-config
-      libdbus-1-dev libglib2.0-dev indi-bin mosquitto mosquitto-clients
+# Always: Python, and astrometry.net with the Tycho-2 index files (the offline plate solver:
+# fields of about 22 arcmin to several degrees; README "Plate solving and index files").
+DEBS=(python3 python3-venv python3-pip
       astrometry.net astrometry-data-tycho2-07 astrometry-data-tycho2-08
-      astrometry-data-tycho2-09 astrometry-data-tycho2-10-19
-      chromium chromium-driver)
+      astrometry-data-tycho2-09 astrometry-data-tycho2-10-19)
+# indi: indiserver and its drivers; dbus-python (under pyindi-client) builds from source.
+if has_extra indi; then
+    DEBS+=(indi-bin libdbus-1-dev libglib2.0-dev pkg-config python3-dev build-essential)
+fi
+# test: the mosquitto the tests start on free ports (and mosquitto_sub/_pub, docs/mqtt.md),
+# the system chromium the page's tests drive headless (nothing is downloaded), indiserver
+# and its simulators, and a compiler for pidng.
+if has_extra test; then
+    DEBS+=(mosquitto mosquitto-clients chromium chromium-driver indi-bin python3-dev build-essential)
+fi
 
 missing=()
 for p in "${DEBS[@]}"; do
@@ -55,3 +65,10 @@ fi
 # beside the code, or to NUMBA_CACHE_DIR when set: the systemd unit's cache folder is another
 # one (docs/systemd.md), which the daemon warms itself before it reports READY.
 "$VENV/bin/python" -m daemon.warmup >&2
+# The systemd unit's own cache (docs/systemd.md), when this is the installed copy and the unit's
+# user and cache folder exist: warmed as that user too, so that no start after an upgrade
+# compiles (a cold cache is compiled before READY: minutes on a Pi).
+if [ "$ROOT" = /opt/lightbucket ] && [ -d /var/cache/lightbucket ] && id lightbucket >/dev/null 2>&1; then
+    AS_SERVICE=(sudo -u lightbucket); [ "$(id -u)" -eq 0 ] && AS_SERVICE=(runuser -u lightbucket --)
+    "${AS_SERVICE[@]}" env NUMBA_CACHE_DIR=/var/cache/lightbucket "$VENV/bin/python" -m daemon.warmup >&2
+fi

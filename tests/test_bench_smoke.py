@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.run import STAGES
+from bench.report import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,11 @@ def test_quick_benchmark_produces_full_table(tmp_path):
         # frame's size) and one checkpoint.
         assert live["spool_bytes_median"] <= 1.1 * live["raw_bytes"]
         assert live["snapshot_bytes"] > 320 * 240 * 4 > live["checkpoint_bytes"]
+        # Start-up as the daemon's (every kernel loaded before the frames) and the first frames
+        # (the reference, the first registered one) against the median, in their own table.
+        assert live["ready_s"] > 0 and live["first_frame_s"] > 0 and live["first_registered_s"] > 0
+        assert any(line.startswith(f"| 320x240 | {r['mode']} | ") and "x |" in line
+                   for line in table.split("Start-up and disk")[1].splitlines())
         assert naive["stages"]["match"] > 0 and naive["stages"]["warp"] > 0
         # The spool thread wrote every stacked frame once, as the service's does.
         assert r["live_raw"]["n_spooled"] == live["n_stacked"] and live["spool_write_median_s"] > 0

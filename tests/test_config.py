@@ -72,14 +72,27 @@ def test_plan_coordinates_sexagesimal_or_degrees(tmp_path):
         load_config(p3)
 
 
+def test_state_and_output_inside_the_watched_folder_are_refused(tmp_path):
+    """The daemon's own files (preview.jpg every frame) would be answered as new files."""
+    base = '[capture]\ndir = "/c"\n[state]\n'
+    with pytest.raises(ConfigError, match=r"\[state\] output_dir = '/c': inside the watched capture.dir"):
+        load_config(write(tmp_path, base + 'dir = "/s"\noutput_dir = "/c"\n'))
+    with pytest.raises(ConfigError, match=r"\[state\] dir = '/c': inside"):
+        load_config(write(tmp_path, base + 'dir = "/c"\n'))
+    # A sub-folder is watched only when recursive.
+    assert load_config(write(tmp_path, base + 'dir = "/c/state"\n')).state.dir == Path("/c/state")
+    with pytest.raises(ConfigError, match=r"\[state\] dir = '/c/state': inside"):
+        load_config(write(tmp_path, '[capture]\ndir = "/c"\nrecursive = true\n[state]\ndir = "/c/state"\n'))
+
+
 def test_parse_override_keeps_strings():
     assert parse_override("mqtt.host=broker.local") == ("mqtt", "host", "broker.local")
     assert parse_override("mqtt.port = 1884") == ("mqtt", "port", 1884)
 
 
 def test_unknown_stack_key_is_refused_at_start(tmp_path):
-    from daemon.service import LivePipelineFactory
+    from daemon.session import live_settings
 
     p = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n[stack]\nkapa = 3\n')
     with pytest.raises(ValueError, match=r"lb.toml.*stack.kapa"):
-        LivePipelineFactory(load_config(p))
+        live_settings(load_config(p))

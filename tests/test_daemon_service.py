@@ -54,6 +54,12 @@ async def wait_for(predicate, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def idle(service: Service) -> bool:
+    """Nothing queued and nothing in the worker's hands: every file received is answered."""
+    frames = service.status()["frames"]
+    return frames["received"] == frames["stacked"] + frames["rejected"] + frames["errors"]
+
+
 def events_by_name(sub: Subscriber) -> dict[str, dict]:
     return {Path(e["path"]).name: e for e in sub.json("frame")}
 
@@ -76,13 +82,15 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         sub = await asyncio.to_thread(Subscriber, broker.port, "svc")
         await wait_for(lambda: service.mqtt and service.mqtt.connected.is_set(), what="mqtt")
 
-        # Ignored names: temp/partial/hidden files and other extensions never reach the queue.
-        for name in ("x.fits.tmp", "x.fits.part", ".x.fits", "~x.fits", "x.fits.crdownload", "notes.txt"):
+        # Ignored names: temp/partial/hidden files never reach the queue; another kind of file
+        # (notes.txt) is answered: an error event naming its kind.
+        for name in ("x.fits.tmp", "x.fits.part", ".x.fits", "~x.fits", "x.fits.crdownload"):
             shutil.copy(stage / "L_0.fits", capture / name)
+        (capture / "notes.txt").write_text("seeing 2/5, dew at 23:10\n")
 
         for name in ("L_0.fits", "L_1.fits", "R_0.fits", "cloudy.fits", "corrupt.fits"):
             shutil.copy(stage / name, capture / name)
-        await wait_for(lambda: len(sub.json("frame")) >= 5, what="5 frame events")
+        await wait_for(lambda: len(sub.json("frame")) >= 6, what="6 frame events")
 
         # A file still being written (writer pauses 1.5 s mid-file) is not picked early.
         with open(capture / "slow.fits", "wb") as fh:
@@ -90,26 +98,29 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
             fh.flush()
             await asyncio.sleep(1.5)
             assert "slow.fits" not in events_by_name(sub)
-            assert service.ledger.entries.get("slow.fits") is None
+            assert "slow.fits" not in service.snapshot.files
             fh.write(big[len(big) // 2:])
         await wait_for(lambda: "slow.fits" in events_by_name(sub), what="slow.fits event")
 
         ev = events_by_name(sub)
-        assert set(ev) == {"L_0.fits", "L_1.fits", "R_0.fits", "cloudy.fits", "corrupt.fits", "slow.fits"}
+        assert set(ev) == {"L_0.fits", "L_1.fits", "R_0.fits", "cloudy.fits", "corrupt.fits", "slow.fits",
+                           "notes.txt"}
+        assert ev["notes.txt"]["error"] is True and "unsupported file type (.txt)" in ev["notes.txt"]["reason"]
         assert ev["slow.fits"]["accepted"] is True
         assert ev["corrupt.fits"]["accepted"] is False and ev["corrupt.fits"]["error"] is True
         assert "corrupt.fits" in ev["corrupt.fits"]["reason"] or "FITS" in ev["corrupt.fits"]["reason"]
         assert ev["cloudy.fits"]["accepted"] is False and ev["cloudy.fits"]["reason"].startswith("clouds")
-        assert ev["L_1.fits"]["dx"] == pytest.approx(-0.7, abs=0.1) and ev["L_1.fits"]["dy"] == pytest.approx(0.4, abs=0.1)
+        assert ev["L_1.fits"]["dx"] == pytest.approx(-0.7, abs=0.1)
+        assert ev["L_1.fits"]["dy"] == pytest.approx(0.4, abs=0.1)
         assert ev["L_0.fits"]["stack"] == "SIM-FIELD_L_10s_bin1" and ev["R_0.fits"]["stack"] == "SIM-FIELD_R_10s_bin1"
         # Separate stacks per filter; the R frame never entered the L stack.
-        assert service.stacks["SIM-FIELD_L_10s_bin1"].pipeline.n_stacked == 3
-        assert service.stacks["SIM-FIELD_R_10s_bin1"].pipeline.n_stacked == 1
+        assert service.snapshot.stacks["SIM-FIELD_L_10s_bin1"].frames == 3
+        assert service.snapshot.stacks["SIM-FIELD_R_10s_bin1"].frames == 1
 
         await wait_for(lambda: sub.json("status") and sub.json("status")[-1]["frames"]["stacked"] == 4
                        and sub.json("status")[-1]["queue"] == 0, what="status")
         status = sub.json("status")[-1]
-        assert status["frames"] == {"received": 6, "stacked": 4, "rejected": 1, "errors": 1}
+        assert status["frames"] == {"received": 7, "stacked": 4, "rejected": 1, "errors": 2}
         assert status["state"] == "running" and status["disk_free_bytes"] > 0 and isinstance(status["state_bytes"], int)
 
         # Malformed commands: error replies with the id, and nothing changes.
@@ -138,20 +149,22 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
         assert "L_2.fits" not in events_by_name(sub)
         sub.send("cmd", json.dumps({"id": "r", "action": "resume"}))
         await wait_for(lambda: "L_2.fits" in events_by_name(sub), what="L_2 after resume")
-        assert service.stacks["SIM-FIELD_L_10s_bin1"].pipeline.n_stacked == 4
+        assert service.snapshot.stacks["SIM-FIELD_L_10s_bin1"].frames == 4
 
         sub.send("cmd", json.dumps({"id": "ref", "action": "set_reference", "path": "L_1.fits"}))
         sub.send("cmd", json.dumps({"id": "z", "action": "reset", "stack": "SIM-FIELD_R_10s_bin1"}))
         await wait_for(lambda: {r["id"] for r in sub.json("cmd/result")} >= {"p", "r", "ref", "z"}, what="replies")
         ok = {r["id"]: r for r in sub.json("cmd/result")}
-        assert ok["ref"]["ok"] and ok["ref"]["stack"] == "SIM-FIELD_L_10s_bin1" and ok["ref"]["requeued"] == 5  # 4 stacked + cloudy
-        assert service.stacks["SIM-FIELD_L_10s_bin1"].pipeline.reference_path.endswith("L_1.fits")
+        assert ok["ref"]["ok"] and ok["ref"]["stack"] == "SIM-FIELD_L_10s_bin1"
+        assert ok["ref"]["requeued"] == 5  # 4 stacked + cloudy
+        assert service.snapshot.stacks["SIM-FIELD_L_10s_bin1"].reference.endswith("L_1.fits")
         # The L frames are stacked again against the new reference: L_0 now sits at +0.7, -0.4.
-        await wait_for(lambda: sum(Path(e["path"]).name == "L_0.fits" for e in sub.json("frame")) == 2
-                       and service.status()["queue"] == 0 and not service._in_hand, what="L re-stacked")
+        await wait_for(lambda: sum(Path(e["path"]).name == "L_0.fits" for e in sub.json("frame")) == 2,
+                       what="L re-stacked")
+        await asyncio.wait_for(service.idle(), 20)
         redo = [e for e in sub.json("frame") if Path(e["path"]).name == "L_0.fits"][-1]
         assert redo["dx"] == pytest.approx(0.7, abs=0.1) and redo["dy"] == pytest.approx(-0.4, abs=0.1)
-        assert ok["z"]["ok"] and service.stacks["SIM-FIELD_R_10s_bin1"].pipeline.n_stacked == 0
+        assert ok["z"]["ok"] and service.snapshot.stacks["SIM-FIELD_R_10s_bin1"].frames == 0
         # Destructive commands say what they removed: R had one frame, spooled; L four.
         assert ok["z"]["removed"]["frames"] == 1 and ok["z"]["removed"]["spooled_frames"] == 1
         assert ok["ref"]["removed"]["frames"] == 4 and ok["ref"]["removed"]["spooled_frames"] == 4
@@ -183,9 +196,10 @@ def test_watch_stack_publish_partial_corrupt_commands(broker, tmp_path):
     ledger = state["ledger"]["entries"]
     assert {k: v["outcome"] for k, v in ledger.items()} == {
         "L_0.fits": "stacked", "L_1.fits": "stacked", "L_2.fits": "stacked", "R_0.fits": "stacked",
-        "slow.fits": "stacked", "cloudy.fits": "rejected", "corrupt.fits": "error"}
+        "slow.fits": "stacked", "cloudy.fits": "rejected", "corrupt.fits": "error", "notes.txt": "error"}
     lstack = state["stacks"]["SIM-FIELD_L_10s_bin1"]["pipeline"]
-    assert sorted(Path(p["path"]).name for p in lstack["provenance"]) == ["L_0.fits", "L_1.fits", "L_2.fits", "slow.fits"]
+    stacked = sorted(Path(p["path"]).name for p in lstack["provenance"])
+    assert stacked == ["L_0.fits", "L_1.fits", "L_2.fits", "slow.fits"]
     assert fits.getheader(cfg.output_dir / "SIM-FIELD_L_10s_bin1.fits")["NCOMBINE"] == 4
 
 
@@ -205,7 +219,7 @@ def test_broker_down_then_up_no_frame_lost_status_catches_up(broker, tmp_path):
         for i in range(4):
             shutil.copy(stage / f"f{i}.fits", cfg.capture.dir / f"f{i}.fits")
         # Stacking goes on while the broker is away.
-        await wait_for(lambda: service.counts["stacked"] == 4 and service.mqtt.backlog == 4,
+        await wait_for(lambda: service.snapshot.counts["stacked"] == 4 and service.mqtt.backlog == 4,
                        what="4 stacked and their events queued with the broker down")
         await asyncio.sleep(1.0)
         broker.start()
@@ -234,7 +248,8 @@ def test_backlog_and_restart_without_mqtt_never_stacks_twice(tmp_path):
     async def session(expect: int):
         service = Service(cfg)
         run = asyncio.create_task(service.run())
-        await wait_for(lambda: service.counts["stacked"] == expect and service._queue.empty(), what=f"{expect}")
+        await wait_for(lambda: service.snapshot.counts["stacked"] == expect, what=f"{expect}")
+        await asyncio.wait_for(service.idle(), 20)
         service.request_stop()
         assert await asyncio.wait_for(run, 20) == 0
         return service
@@ -242,9 +257,9 @@ def test_backlog_and_restart_without_mqtt_never_stacks_twice(tmp_path):
     asyncio.run(session(3))  # the backlog at start
     make_frame(cfg.capture.dir / "a3.fits", 3)  # arrives while the daemon is down
     svc = asyncio.run(session(4))
-    pipe = svc.stacks["SIM-FIELD_L_10s_bin1"].pipeline
-    assert pipe.n_stacked == 4
-    assert sorted(Path(p["path"]).name for p in pipe.provenance()) == ["a0.fits", "a1.fits", "a2.fits", "a3.fits"]
+    assert svc.snapshot.stacks["SIM-FIELD_L_10s_bin1"].frames == 4
+    pipe = checkpoint.load(cfg.state.dir)["stacks"]["SIM-FIELD_L_10s_bin1"]["pipeline"]
+    assert sorted(Path(p["path"]).name for p in pipe["provenance"]) == ["a0.fits", "a1.fits", "a2.fits", "a3.fits"]
 
 
 def test_periodic_checkpoint_saves_when_frames_stop_coming(tmp_path):
@@ -258,7 +273,7 @@ def test_periodic_checkpoint_saves_when_frames_stop_coming(tmp_path):
         await asyncio.sleep(0.2)
         for i in range(2):
             make_frame(cfg.capture.dir / f"p{i}.fits", i)
-        await wait_for(lambda: service.counts["stacked"] == 2, what="2 stacked")
+        await wait_for(lambda: service.snapshot.counts["stacked"] == 2, what="2 stacked")
         assert service.watcher.close_events is False  # polling observer, size-stable completion
 
         def saved() -> int:
@@ -291,7 +306,7 @@ def test_failing_checkpoint_disk_does_not_stop_stacking(tmp_path, monkeypatch):
     async def scenario():
         service = Service(cfg)
         run = asyncio.create_task(service.run())
-        await wait_for(lambda: service.counts["stacked"] == 2, what="both stacked despite the failure")
+        await wait_for(lambda: service.snapshot.counts["stacked"] == 2, what="both stacked despite the failure")
         service.request_stop()
         assert await asyncio.wait_for(run, 20) == 0
 
@@ -339,7 +354,7 @@ def test_real_colour_frames_from_a_live_stacker(als_m27, broker, tmp_path):
             shutil.copy(f, cfg.capture.dir / f.name)
         await wait_for(lambda: len(sub.json("frame")) == len(frames), timeout=60, what="all frame events")
         await wait_for(lambda: sub.json("preview/meta") and sub.json("preview/meta")[-1]["frames"]
-                       == service.counts["stacked"], timeout=20, what="final preview")
+                       == service.snapshot.counts["stacked"], timeout=20, what="final preview")
         service.request_stop()
         assert await asyncio.wait_for(run, 30) == 0
         sub.close()
@@ -347,8 +362,8 @@ def test_real_colour_frames_from_a_live_stacker(als_m27, broker, tmp_path):
 
     service, sub = asyncio.run(scenario())
     accepted = [e for e in sub.json("frame") if e["accepted"]]
-    assert len(accepted) >= 5 and len(service.stacks) == 1
-    (name,) = service.stacks
+    assert len(accepted) >= 5 and len(service.snapshot.stacks) == 1
+    (name,) = service.snapshot.stacks
     header = fits.getheader(cfg.output_dir / f"{name}.fits")
     assert header["NCOMBINE"] == len(accepted) and header["NAXIS3"] == 3  # colour planes
     import cv2
@@ -358,3 +373,49 @@ def test_real_colour_frames_from_a_live_stacker(als_m27, broker, tmp_path):
     assert jpeg.shape[2] == 3 and max(jpeg.shape[:2]) <= cfg.mqtt.preview_max_edge
     b, g, r = (jpeg[..., c].astype(float) for c in range(3))
     assert np.abs(r - g).mean() > 1.0  # really colour, not grey in three planes
+
+
+def test_mixed_exposures_get_a_stack_each_and_keep_the_deep_frames(tmp_path):
+    """A night of 2 s, 3 s and 60 s frames of one target, as a capture program writes them:
+    the daemon keeps one stack per exposure, so none of the 60 s frames is thrown away as a
+    "background jump" against the 2 s frames. Control: one pipeline fed the same frames
+    in the same order rejects every 60 s frame so."""
+    from daemon.io.load import load_frame
+    from daemon.pipeline.live import LivePipeline
+
+    cfg = make_config(tmp_path, None, "x")
+    field = random_star_field(SHAPE, 150, seed=3, margin=0.1)
+    plan = [2.0, 2.0, 2.0, 3.0, 3.0, 60.0, 60.0, 60.0]
+    paths = []
+    for i, exposure_s in enumerate(plan):
+        exp = Exposure(exposure_s=exposure_s, matrix=transform_matrix(i * 0.7, -i * 0.4), sky_adu_s=10.0, seed=i)
+        path = tmp_path / "stage" / f"m_{i:02d}.fits"
+        path.parent.mkdir(exist_ok=True)
+        fits.writeto(path, expose(SHAPE, field, exp), fits.Header(fits_header(exposure_s=exposure_s, filter_name="L")))
+        paths.append(path)
+
+    async def scenario():
+        service = Service(cfg)
+        run = asyncio.create_task(service.run())
+        await asyncio.sleep(0.2)
+        for path in paths:  # in the order they were taken
+            shutil.copy(path, cfg.capture.dir / path.name)
+            await asyncio.sleep(0.05)
+        def judged() -> int:
+            return service.snapshot.counts["stacked"] + service.snapshot.counts["rejected"]
+
+        await wait_for(lambda: judged() == len(plan) and service.status()["queue"] == 0, timeout=60,
+                       what="all frames judged")
+        service.request_stop()
+        assert await asyncio.wait_for(run, 20) == 0
+        return service
+
+    svc = asyncio.run(scenario())
+    assert svc.snapshot.counts["rejected"] == 0
+    stacks = {name: (s.frames, s.total_exposure_s) for name, s in svc.snapshot.stacks.items()}
+    assert stacks == {"SIM-FIELD_L_2s_bin1": (3, 6.0), "SIM-FIELD_L_3s_bin1": (2, 6.0),
+                      "SIM-FIELD_L_60s_bin1": (3, 180.0)}, stacks
+    one = LivePipeline()
+    results = [one.process(load_frame(p)) for p in paths]
+    assert [r.accepted for r in results[5:]] == [False] * 3
+    assert all(r.reason.startswith("background jump") for r in results[5:]), [r.reason for r in results]

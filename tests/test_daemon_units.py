@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from daemon import checkpoint
-from daemon.ledger import Ledger
+from daemon.ledger import QUARANTINED, InHand, Ledger, quarantine_left_over
 from daemon.watcher import FolderWatcher, backlog, is_candidate
 
 PATTERNS = ("*.fits", "*.fit", "*.cr2")
@@ -30,7 +30,8 @@ def test_checkpoint_round_trip_nested_arrays():
         checkpoint.save(Path(d), state)
         back = checkpoint.load(Path(d))
     p = back["stacks"]["a"]["pipeline"]
-    assert p["stack.mean"].dtype == np.float32 and np.array_equal(p["stack.mean"], state["stacks"]["a"]["pipeline"]["stack.mean"])
+    assert p["stack.mean"].dtype == np.float32
+    assert np.array_equal(p["stack.mean"], state["stacks"]["a"]["pipeline"]["stack.mean"])
     assert p["n"] == 3 and np.isnan(p["nan"]) and p["prov"] == [{"path": "x"}] and p["ref"] is None and p["t"] == [1, 2]
 
 
@@ -65,6 +66,35 @@ def test_ledger_errors_are_retried_only_when_the_file_changes(tmp_path):
     assert not led.done(g)
     back = Ledger.from_json(led.to_json(), tmp_path)
     assert back.done(tmp_path / "a.fits") and back.entries["a.fits"].stack == "s"
+
+
+def test_a_file_in_hand_at_death_is_quarantined_once_unless_decided_or_changed(tmp_path):
+    state, capture = tmp_path / "state", tmp_path / "capture"
+    state.mkdir()
+    capture.mkdir()
+    bad, good, later = (capture / n for n in ("bad.fits", "good.fits", "later.fits"))
+    for f in (bad, good, later):
+        f.write_bytes(b"SIMPLE  = T" + bytes(100))
+    led = Ledger(capture)
+    InHand(state).begin(bad)  # the process dies here: no end()
+    assert quarantine_left_over(led, InHand(state)) == str(bad)
+    assert led.entries["bad.fits"].outcome == "error" and led.entries["bad.fits"].reason == QUARANTINED
+    assert led.done(bad) and InHand(state).left_over() is None
+    assert quarantine_left_over(led, InHand(state)) is None  # marker gone: nothing twice
+    # died after the checkpoint recorded it: already decided, left alone
+    led.record(good, "stacked", stack="s")
+    InHand(state).begin(good)
+    assert quarantine_left_over(led, InHand(state)) is None and led.entries["good.fits"].outcome == "stacked"
+    # rewritten since: a new version gets its own answer
+    InHand(state).begin(later)
+    time.sleep(0.01)
+    later.write_bytes(b"SIMPLE  = T" + bytes(200))
+    assert quarantine_left_over(led, InHand(state)) is None and "later.fits" not in led.entries
+    # control: a clean end leaves no marker
+    hand = InHand(state)
+    hand.begin(later)
+    hand.end()
+    assert hand.left_over() is None
 
 
 def test_candidate_names_and_backlog(tmp_path):
@@ -171,6 +201,8 @@ def test_systemd_unit_is_notify_watchdog_hardened_and_verifies(tmp_path):
     assert "lightbucket run --config" in svc["ExecStart"]
     # `lightbucket run` exits 2 for a refused config/folder (test_daemon_process): not retried.
     assert svc["RestartPreventExitStatus"] == "2"
+    # A cold numba cache is compiled before READY (daemon.warmup): minutes on a Pi, not 90 s.
+    assert int(svc["TimeoutStartSec"]) >= 300
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "StateDirectory": "lightbucket"}.items():
         assert svc[key] == value, key
@@ -207,7 +239,7 @@ def test_plan_command_takes_defaults_from_the_config_and_refuses_bad_keys(tmp_pa
                            ({"count": "many"}, "[plan] count: expected an integer"),
                            ({"dec": "+95d"}, "outside -90..+90"),
                            ({"ra": "noon"}, "not an angle"),
-                           ({"frame_type": "sky"}, "frame_type 'sky'")):
+                           ({"frame_type": "sky"}, "frame_type = 'sky'")):
         with pytest.raises(CommandError, match=re.escape(message)):
             plan(**given)
     with pytest.raises(CommandError, match="target: required key missing"):
@@ -218,4 +250,4 @@ def test_plan_command_takes_defaults_from_the_config_and_refuses_bad_keys(tmp_pa
     service = Service(watch_only)
     reply = asyncio.run(service.handle_command(b'{"id": "p", "action": "plan", "target": "x"}'))
     assert reply == {"id": "p", "ok": False, "error": "plan: no [indi] section in the config: nothing to acquire with"}
-    assert service._acq_task is None
+    assert not service.plans.running

@@ -60,3 +60,25 @@ def test_refocus_trigger_on_fwhm_rise_and_temperature_drop():
     assert reasons[0] is None and "1.35x the night's best 2.00" in reasons[1]
     t.focused(10.0)
     assert t.frame(2.0, 9.0) is None and "below the last focus" in t.frame(2.0, 7.9)
+
+
+def test_after_a_focus_run_worse_seeing_sets_the_baseline_not_a_refocus_loop():
+    t = RefocusTrigger(fwhm_factor=1.3, temp_drop_c=2.0, min_frames=3)
+    for f in (2.0, 2.0, 2.0, 2.7, 2.7):
+        reason = t.frame(f)
+    assert "the night's best 2.00" in reason
+    t.focused(None)  # the run could not beat a seeing that is now 2.8 px
+    assert [t.frame(f) for f in (2.8, 2.9, 2.8, 2.9, 2.8)] == [None] * 5  # 1.04x the new best
+    late = [t.frame(f) for f in (3.7, 3.7)]
+    assert late[0] is None and "x the best since the last focus 2.80" in late[1]  # 1.32x
+
+
+def test_refocus_trigger_without_a_temperature_probe_and_bad_settings():
+    t = RefocusTrigger(min_frames=1)
+    assert t.frame(2.0, None) is None and t.frame(2.0, None) is None and t.focus_temp_c is None
+    assert RefocusTrigger().frame(None, -1.0) is None  # the first reading is the baseline
+    t2 = RefocusTrigger()
+    assert t2.frame(None, 5.0) is None and t2.frame(None, 3.5) is None and "2.0 C below" in t2.frame(None, 3.0)
+    for bad in ({"fwhm_factor": 1.0}, {"temp_drop_c": 0.0}, {"min_frames": 0}):
+        with pytest.raises(ValueError, match="focus.refocus_"):
+            RefocusTrigger(**bad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -18,7 +19,7 @@ from daemon.cli import main
 from daemon.config import DEFAULT_PATTERNS, ConfigError, config_from_dict
 from daemon.io.formats import ALL_SUFFIXES, RAW_SUFFIXES
 from daemon.io.load import FrameError, FrameTooLarge, LoadOptions, load_frame
-from daemon.watcher import is_candidate
+from daemon.watcher import backlog, is_candidate
 
 xisf = pytest.importorskip("xisf")
 tifffile = pytest.importorskip("tifffile")
@@ -92,14 +93,60 @@ def test_tiff_cfa_pattern_from_config_and_colour_tiff_refused(tmp_path):
         config_from_dict({"capture": {"dir": "/x", "tiff_bayer": "RGBG"}, "state": {"dir": "/y"}})
 
 
+#: LibRaw's file types as digiKam lists them for its LibRaw engine (core/libs/rawengine/
+#: drawfiles.cpp), less `.hdr` and `.cin` (mostly Radiance HDR and Cineon images, not raws).
+LIBRAW_SUFFIXES = {f".{s}" for s in (
+    "bay bmq cr2 crw cs1 dc2 dcr dng erf fff k25 kdc mdc mos mrw nef orf pef pxn raf raw rdc sr2 srf x3f arw "
+    "3fr cine ia kc2 mef nrw qtk rw2 sti rwl srw cr3 ori iiq ari cap").split()}
+
+
 def test_one_suffix_list_for_watcher_and_loader(tmp_path):
     assert DEFAULT_PATTERNS == tuple(f"*{s}" for s in ALL_SUFFIXES)
     for name in ("a.rw2", "b.KDC", "c.xisf", "d.tiff", "e.fits.gz", "f.fts", "g.srw"):
         assert is_candidate(name, DEFAULT_PATTERNS), name
-    assert {".kdc", ".rw2", ".cr3", ".nef", ".srw", ".mrw"} <= set(RAW_SUFFIXES)
+    assert LIBRAW_SUFFIXES <= set(RAW_SUFFIXES), sorted(LIBRAW_SUFFIXES - set(RAW_SUFFIXES))
+    assert len(ALL_SUFFIXES) == len(set(ALL_SUFFIXES))
     (tmp_path / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0 not an image we read")
     with pytest.raises(FrameError, match=r"unsupported file type \(\.jpg\)"):
         load_frame(tmp_path / "x.jpg")
+    (tmp_path / "y.cs1").write_bytes(b"not a raw at all" * 64)  # a LibRaw name: LibRaw's answer
+    with pytest.raises(FrameError, match="not a readable camera raw file"):
+        load_frame(tmp_path / "y.cs1")
+
+
+#: Suffix lists are spelt once, in daemon/io/formats.py: a tuple or set of two or more
+#: quoted image suffixes anywhere else in the code or the example configs is a second list.
+_SUFFIX_LIST = re.compile(r"""["'](?:\*)?\.(?:fits?|fts|xisf|tiff?|cr2|cr3|nef|arw|dng|rw2)["']\s*,\s*"""
+                          r"""["'](?:\*)?\.[a-z0-9.]+["']""", re.IGNORECASE)
+
+
+def test_no_second_suffix_list_in_the_repository():
+    root = Path(__file__).resolve().parents[1]
+    files = [p for d in ("daemon", "drivers", "bench", "scripts", "config", "systemd", "docs")
+             for p in (root / d).rglob("*") if p.is_file() and p.suffix in (".py", ".toml", ".sh", ".md", ".js",
+                                                                            ".html", ".service")]
+    files.append(root / "README.md")
+    hits = [f"{p.relative_to(root)}: {m.group(0)}" for p in files if p.name != "formats.py"
+            for m in _SUFFIX_LIST.finditer(p.read_text(errors="replace"))]
+    assert not hits, hits
+    # control: the pattern finds the one list where it is
+    assert _SUFFIX_LIST.search((root / "daemon" / "io" / "formats.py").read_text())
+
+
+def test_default_patterns_hand_on_every_file_narrowed_ones_log_the_rest(tmp_path, caplog):
+    names = ["a.fits", "b.xisf", "c.jpg", "d.ser", "no_suffix", "e.tif", "e.tif.json", "info.json",
+             "f.fits.CameraSettings.txt", ".hidden.fits", "g.fits.part", "h.fits.tmp"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    answered = {"a.fits", "b.xisf", "c.jpg", "d.ser", "no_suffix", "e.tif"}
+    for patterns in (None, DEFAULT_PATTERNS):
+        assert {p.name for p in backlog(tmp_path, patterns, False)} == answered
+        assert not caplog.records
+    with caplog.at_level(logging.INFO, logger="daemon.watcher"):
+        assert [p.name for p in backlog(tmp_path, ("*.fits",), False)] == ["a.fits"]
+    logged = sorted(r.getMessage() for r in caplog.records)
+    assert len(logged) == len(answered) - 1 and all("outside capture.patterns (*.fits)" in m for m in logged)
+    assert any("c.jpg: not read" in m for m in logged)
 
 
 def _compressed(path: Path, shape=(4000, 4000)) -> Path:
@@ -172,25 +219,14 @@ def test_bad_header_values_warn_naming_key_and_file(tmp_path, caplog, cards, war
     assert getattr(load_frame(plain).meta, field) == value
 
 
-def test_patterns_narrow_what_is_read_and_name_the_setting(tmp_path):
-    fits.PrimaryHDU(np.zeros((8, 8), np.uint16)).writeto(tmp_path / "a.fits")
-    (tmp_path / "b.xisf").write_bytes(b"XISF0100")
-    narrowed = LoadOptions(patterns=("*.fits",))
-    assert load_frame(tmp_path / "a.fits", options=narrowed).data.shape == (8, 8)
-    with pytest.raises(FrameError, match=r"a XISF file \(\.xisf\) excluded by capture.patterns \(\*\.fits\)"):
-        load_frame(tmp_path / "b.xisf", options=narrowed)
-    (tmp_path / "c.jpg").write_bytes(b"\xff\xd8")  # an unsupported kind is named as such, narrowed or not
-    with pytest.raises(FrameError, match=r"unsupported file type \(\.jpg\)"):
-        load_frame(tmp_path / "c.jpg", options=narrowed)
-
-
-def _xisf_by_hand(path: Path, data: np.ndarray, image_children: str) -> Path:
+def _xisf_by_hand(path: Path, data: np.ndarray, image_children: str, block_size: int | None = None) -> Path:
     """A monolithic XISF 1.0 file written from the specification (not by the xisf package):
-    signature, header length, XML header, the data block attached at byte 4096."""
+    signature, header length, XML header, the data block attached at byte 4096 (its
+    declared size `block_size`, default the data's)."""
     block = data.astype("<u2").tobytes()
     xml = (f'<?xml version="1.0" encoding="UTF-8"?><xisf version="1.0" xmlns="http://www.pixinsight.com/xisf">'
            f'<Image geometry="{data.shape[1]}:{data.shape[0]}:1" sampleFormat="UInt16" colorSpace="Gray" '
-           f'location="attachment:4096:{len(block)}">{image_children}</Image></xisf>').encode()
+           f'location="attachment:4096:{block_size or len(block)}">{image_children}</Image></xisf>').encode()
     head = b"XISF0100" + len(xml).to_bytes(4, "little") + bytes(4) + xml
     assert len(head) < 4096
     path.write_bytes(head + bytes(4096 - len(head)) + block)
@@ -212,3 +248,25 @@ def test_xisf_cfa_element_and_keywords_by_the_specification(tmp_path):
     truncated.write_bytes((tmp_path / "d.xisf").read_bytes()[:-10])
     with pytest.raises(FrameError, match="truncated or still being written"):
         load_frame(truncated)
+
+
+def test_xisf_unicode_keyword_values_are_kept_and_a_huge_block_refused(tmp_path):
+    data = np.arange(60, dtype=np.uint16).reshape(6, 10)
+    children = ('<FITSKeyword name="OBJECT" value="\'M42 星\'" comment=""/>'
+                '<FITSKeyword name="EXPTIME" value="30." comment=""/>')
+    frame = load_frame(_xisf_by_hand(tmp_path / "u.xisf", data, children))
+    assert frame.meta.target == "M42 星" and frame.meta.exposure_s == 30.0
+    np.testing.assert_array_equal(frame.data, data)
+    # a data block far larger than the geometry's image is not read
+    _xisf_by_hand(tmp_path / "big.xisf", data, children, block_size=99999999)
+    with pytest.raises(FrameError, match="data block of 99999999 bytes for an image of 120"):
+        load_frame(tmp_path / "big.xisf")
+
+
+def test_xisf_floats_are_scaled_to_adu_only_when_normalised(tmp_path):
+    adu = np.arange(12, dtype=np.float32).reshape(3, 4) * 1000.0  # ADU, written with bounds="0:1" anyway
+    xisf.XISF.write(str(tmp_path / "adu.xisf"), adu[:, :, None])
+    assert b'bounds="0:1"' in (tmp_path / "adu.xisf").read_bytes()[:2000]
+    np.testing.assert_array_equal(load_frame(tmp_path / "adu.xisf").data, adu)
+    xisf.XISF.write(str(tmp_path / "norm.xisf"), (adu / 11000.0)[:, :, None])  # control: normalised [0, 1]
+    np.testing.assert_allclose(load_frame(tmp_path / "norm.xisf").data, adu / 11000.0 * 65535.0, rtol=1e-6)

@@ -59,16 +59,16 @@ def test_dithered_plan_stacks_round_stars_and_dark_plan_by_command_builds_a_mast
         runner = asyncio.create_task(service.run())
         try:
             # 1. The config's light plan starts with the daemon.
-            await until(lambda: service._acq_task is not None, 30)
-            lights = await asyncio.wait_for(service._acq_task, 150)
+            await until(lambda: service.plans.running, 30)
+            lights = await asyncio.wait_for(service.plans.wait(), 150)
             assert lights["state"] == "done", lights
             assert await service.wait_processed(lights["paths"], 60)
-            await service._maybe_products(force=True)
+            await service.write_products(force=True)
             # 2. Darks matching the lights (1 s), asked for over MQTT.
             sub.send("cmd", json.dumps({"id": "d1", "action": "plan", "frame_type": "dark", "count": 3}))
             await until(lambda: any(r["id"] == "d1" for r in sub.json("cmd/result")), 20)
-            await until(lambda: service._acq_task is not None and service._acq_task.done(), 60)
-            darks = service._acq_task.result()
+            await until(lambda: service.plans.running, 20)
+            darks = await asyncio.wait_for(service.plans.wait(), 60)
             # 2b. Flats: 0.01 s (the simulator's flat field saturates at 0.5 s).
             flats = await service.run_plan(service.config.plan.__class__(
                 target="", filter="Luminance", exposure_s=0.01, count=3, frame_type="flat"))
@@ -77,7 +77,7 @@ def test_dithered_plan_stacks_round_stars_and_dark_plan_by_command_builds_a_mast
                 service.config.plan.__class__(**{**service.config.plan.__dict__, "target": "NGC 7789 b",
                                                  "count": 2, "dither_every": 0}))
             assert await service.wait_processed(more["paths"], 60)
-            await service._maybe_products(force=True)
+            await service.write_products(force=True)
             return {"lights": lights, "darks": darks, "flats": flats, "more": more}
         finally:
             service.request_stop()

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import subprocess
 import threading
 import time
+from importlib import metadata
 from pathlib import Path
 
 import jinja2
 import paho.mqtt.client as paho
+from aiomqtt import MqttError
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
+from daemon import ha
 from daemon.commands import validate_command
 from daemon.config import MqttConfig
-from daemon.mqtt import MqttLink
+from daemon.mqtt import MqttLink, describe_failure
 from drivers.indiserver import free_port
 from tests.mqtt_broker import Broker, Subscriber
 
@@ -46,12 +53,14 @@ def test_link_publishes_retained_state_queues_while_broker_down_and_catches_up(b
 
         broker.stop()
         await _until(lambda: not link.connected.is_set())
+        await _until(lambda: link.state == "unreachable: connection refused")  # after "lost: ..."
         for i in range(1, 6):  # produced while the broker is down: must not block, must not be lost
             link.event("frame", {"i": i})
             link.set_status({"state": "running", "n": i + 1})
         assert link.backlog == 5
         broker.start()
         await asyncio.wait_for(link.connected.wait(), 15)
+        assert link.state == "connected"
         await _until(lambda: link.backlog == 0)
 
         sub2 = Subscriber(broker.port, "t1")  # a fresh client sees the retained values
@@ -82,7 +91,7 @@ def test_bounded_buffer_drops_oldest_when_broker_never_comes():
             link.event("frame", {"i": i})
         await asyncio.sleep(0.3)
         assert link.backlog == 3 and link.dropped == 7
-        assert [json.loads(m.payload)["i"] for m in link._fifo] == [7, 8, 9]
+        assert [json.loads(payload)["i"] for _, payload in link.queued()] == [7, 8, 9]
         task.cancel()
 
     asyncio.run(scenario())
@@ -123,7 +132,9 @@ def test_home_assistant_discovery(broker):
     stacked = confs["homeassistant/sensor/lightbucket_ha/stacked/config"]
     assert stacked["state_topic"] == "lightbucket/ha/status" and stacked["state_class"] == "total_increasing"
     device = stacked["device"]
-    assert device["configuration_url"] == "http://192.168.1.5:8080/" and device["model"] and device["sw_version"]
+    assert device["configuration_url"] == "http://192.168.1.5:8080/" and device["model"] == ha.MODEL
+    assert device["sw_version"] == metadata.version("lightbucket")
+    assert all(c["device"] == device for c in confs.values())  # one device
     image = confs["homeassistant/image/lightbucket_ha/preview/config"]
     assert image["image_topic"] == "lightbucket/ha/preview" and image["content_type"] == "image/jpeg"
     for action in ("pause", "resume", "stop", "restack"):
@@ -151,29 +162,77 @@ def test_home_assistant_discovery(broker):
     # Discovery switched off: every config is removed (empty retained payloads).
     off = _discovery_messages(MqttConfig(host="127.0.0.1", port=broker.port, rig="ha"), broker.port)
     assert set(confs) <= set(off) and all(off[t] == b"" for t in confs)
+    # ... so a Home Assistant that connects now finds none of them retained
+    assert _discovery_messages(MqttConfig(host="127.0.0.1", port=broker.port, rig="ha2"), broker.port).keys() \
+        .isdisjoint(confs)
 
 
-def test_username_password_wrong_ones_retry_without_crashing(tmp_path):
+def test_refused_or_unreachable_broker_is_never_silent(tmp_path, caplog):
+    """Wrong or missing credentials against a real mosquitto with a password file: the link's
+    `state` says why, an error line names the broker and the user, repeated with back-off (not
+    once per attempt), and the link connects once the broker accepts the password."""
     passwd = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "rig", "s3cret"], check=True,
-                   capture_output=True)
-    passwd.chmod(0o600)
+
+    def set_password(pw: str) -> None:
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if not passwd.exists() else []), str(passwd), "rig", pw],
+                       check=True, capture_output=True)
+        passwd.chmod(0o600)
+
+    set_password("s3cret")
     b = Broker(tmp_path, f"allow_anonymous false\npassword_file {passwd}\n")
     b.start()
+    nobody = free_port()
     try:
         async def scenario():
-            bad = MqttLink(MqttConfig(port=b.port, rig="auth", username="rig", password="wrong"), reconnect_max_s=0.2)
+            changes: list[str] = []
+            bad = MqttLink(MqttConfig(port=b.port, rig="auth", username="rig", password="wrong"),
+                           reconnect_max_s=0.05, on_state=changes.append)
+            anonymous = MqttLink(MqttConfig(port=b.port, rig="anon"), reconnect_max_s=0.05)
+            away = MqttLink(MqttConfig(port=nobody, rig="away", username="rig"), reconnect_max_s=0.05)
             good = MqttLink(MqttConfig(port=b.port, rig="auth2", username="rig", password="s3cret"))
-            tasks = [asyncio.create_task(bad.run()), asyncio.create_task(good.run())]
+            links = (bad, anonymous, away, good)
+            assert all(link.state == "connecting" for link in links)
+            tasks = [asyncio.create_task(link.run()) for link in links]
             await asyncio.wait_for(good.connected.wait(), 10)
-            await asyncio.sleep(1.0)  # several refused attempts
-            assert not bad.connected.is_set() and not tasks[0].done()  # still retrying
+            await _until(lambda: bad.failures >= 20 and away.failures >= 20)
+            assert good.state == "connected"
+            assert bad.state == anonymous.state == "refused: not authorised"
+            assert away.state == "unreachable: connection refused"
+            assert not any(t.done() for t in tasks)  # still retrying
+            assert changes == ["refused: not authorised"]  # a change, not every attempt
+
+            lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+            mine = [m for m in lines if f"MQTT broker 127.0.0.1:{b.port} (user rig): refused: not authorised" in m]
+            attempts = [int(re.search(r"attempt (\d+)", m).group(1)) for m in mine]
+            assert attempts[:5] == [1, 2, 4, 8, 16] and len(mine) < bad.failures / 3, (attempts, bad.failures)
+            assert any(f"127.0.0.1:{b.port} (anonymous: no mqtt.username): refused" in m for m in lines)
+            assert any(f"127.0.0.1:{nobody} (user rig): unreachable" in m for m in lines)
+
+            # The broker's owner puts the rig's password right: the link connects by itself.
+            set_password("wrong")
+            await asyncio.to_thread(b.stop)
+            await asyncio.to_thread(b.start)
+            await asyncio.wait_for(bad.connected.wait(), 15)
+            assert bad.state == "connected" and bad.failures == 0 and changes[-1] == "connected"
+            assert any("MQTT connected to" in r.getMessage() and "after" in r.getMessage() for r in caplog.records)
             for t in tasks:
                 t.cancel()
 
-        asyncio.run(scenario())
+        with caplog.at_level(logging.INFO, logger="daemon.mqtt"):
+            asyncio.run(scenario())
     finally:
         b.stop()
+
+
+def test_failures_in_words():
+    """What `MqttLink.state` says for each kind of failure (a control for the mapping)."""
+    assert describe_failure(MqttConnectError(ReasonCode(PacketTypes.CONNACK, identifier=134))) == \
+        "refused: bad user name or password"
+    assert describe_failure(MqttConnectError(5)) == "refused: not authorised"
+    assert describe_failure(MqttError("[Errno -2] Name or service not known")) == \
+        "unreachable: name or service not known"
+    assert describe_failure(MqttError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+                            ).startswith("tls error: ")
 
 
 def test_tls_with_private_ca(tmp_path):
@@ -194,10 +253,13 @@ def test_tls_with_private_ca(tmp_path):
         async def scenario():
             plain = MqttLink(MqttConfig(port=b.port, rig="plain"), reconnect_max_s=0.2)
             tls = MqttLink(MqttConfig(port=b.port, rig="tls", tls=True, ca_file=tmp_path / "ca.crt"))
-            tasks = [asyncio.create_task(plain.run()), asyncio.create_task(tls.run())]
+            unknown_ca = MqttLink(MqttConfig(port=b.port, rig="ca", tls=True), reconnect_max_s=0.2)
+            tasks = [asyncio.create_task(link.run()) for link in (plain, unknown_ca, tls)]
             await asyncio.wait_for(tls.connected.wait(), 10)
-            await asyncio.sleep(0.5)
+            await _until(lambda: plain.failures and unknown_ca.failures)
             assert not plain.connected.is_set() and not tasks[0].done()  # refused, still retrying
+            assert plain.state.startswith("unreachable: ")  # a TLS port does not answer plain MQTT
+            assert unknown_ca.state.startswith("tls error: ") and "certificate verify failed" in unknown_ca.state
             for t in tasks:
                 t.cancel()
 
@@ -255,3 +317,49 @@ def test_docs_acl_recipe_lets_only_the_rig_and_home_assistant_command(tmp_path):
             c.loop_stop()
             c.disconnect()
         b.stop()
+
+
+def test_cancel_is_not_lost_when_the_connection_drops_at_the_same_time(broker):
+    """Stopping the daemon cancels the link; if the broker drops the connection in the same
+    instant, Python 3.11's TaskGroup raises the drop and forgets the cancel. The link must
+    still end (a daemon hung for 13 minutes after SIGTERM on exactly this)."""
+
+    class Dropping(MqttLink):
+        drop: asyncio.Event
+
+        async def _receiver(self, client):
+            await self.drop.wait()
+            raise MqttError("Disconnected during message iteration")
+
+    async def scenario():
+        link = Dropping(MqttConfig(host="127.0.0.1", port=broker.port, rig="t4"), reconnect_max_s=0.1)
+        link.drop = asyncio.Event()
+        task = asyncio.create_task(link.run())
+        await asyncio.wait_for(link.connected.wait(), 10)
+        link.drop.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done and task.cancelled(), link.state
+
+    asyncio.run(scenario())
+
+
+def test_two_daemons_with_the_same_rig_are_named_in_the_log(broker, caplog):
+    """Two links with one mqtt.rig share a client id, and the broker keeps dropping the older
+    one: the warning says what is most likely going on instead of only "connection lost"."""
+    async def scenario():
+        cfg = MqttConfig(host="127.0.0.1", port=broker.port, rig="twin")
+        first, second = MqttLink(cfg, reconnect_max_s=0.2), MqttLink(cfg, reconnect_max_s=0.2)
+        tasks = [asyncio.create_task(first.run())]
+        await asyncio.wait_for(first.connected.wait(), 10)
+        tasks.append(asyncio.create_task(second.run()))
+        await _until(lambda: any("does another client use the id lightbucket-twin" in r.getMessage()
+                                 for r in caplog.records))
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks, timeout=5)
+        assert all(t.done() for t in tasks)
+
+    with caplog.at_level(logging.WARNING, logger="daemon.mqtt"):
+        asyncio.run(scenario())
+    assert any("a second daemon with mqtt.rig = 'twin'" in r.getMessage() for r in caplog.records)

@@ -4,6 +4,9 @@ The gate's inputs here are metrics; tests/test_live.py drives it with real simul
 (cloud, trailing) through star detection and registration.
 """
 
+import pytest
+
+from daemon.pipeline.live import LiveSettings
 from daemon.pipeline.quality import QualityHistory, QualitySettings, assess
 
 GOOD = dict(n_stars=140, fwhm_px=3.0, eccentricity=0.3, background=100.0)
@@ -61,3 +64,28 @@ def test_slow_drift_is_not_a_jump_and_thresholds_switch_off():
                           background_jump=0)
     assert assess(**{**GOOD, **REF, "n_stars": 1, "eccentricity": 0.99, "fwhm_px": 50.0,
                      "background": 1e4, "history": history()}, settings=off).accepted
+
+
+def test_a_lasting_change_needs_every_frame_of_the_run():
+    """Nine sky levels 3x the session's seen in a row, then a tenth: the session moves to
+    them (accepted); with one frame of the run at the old level, it does not (rejected).
+    Rows of an older checkpoint (without the background column) count as not beyond."""
+    s = QualitySettings(session_change=10)
+    for gap in (None, 4):
+        h = history()
+        for i in range(9):
+            bg = 100.0 if i == gap else 300.0
+            h.observe(3.0, 1.05, 140, keep=20, background=bg)
+        v = assess(**{**GOOD, **REF, "background": 300.0, "history": h}, settings=s)
+        assert v.accepted == (gap is None), v.reason
+    h = history()
+    h.seen = [[3.0, 1.05, 140.0]] * 9  # as restored from a checkpoint written before the column
+    v = assess(**{**GOOD, **REF, "background": 300.0, "history": h}, settings=s)
+    assert v.check == "background", v.reason
+
+
+
+def test_session_change_beyond_the_window_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"quality.session_change must be within 0..quality.history \(20\), got 30"):
+        LiveSettings.from_config(quality={"session_change": 30})
+    assert LiveSettings.from_config(quality={"session_change": 0}).quality_settings.session_change == 0

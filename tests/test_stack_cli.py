@@ -84,6 +84,13 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
         main(["stack", str(tmp_path), "-o", str(tmp_path / "x.fits"), "--set", "kapa=3"])
     assert "kapa" in str(exc.value)
     assert main(["stack", str(tmp_path), "-o", str(tmp_path / "x.fits")]) == 2
+    # a folder's other files are named, not dropped without a word (a frame's sidecar is no file of its own)
+    (tmp_path / "thumb.jpg").write_bytes(b"\xff\xd8")
+    (tmp_path / "light.tif.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["stack", str(tmp_path), "-o", str(tmp_path / "x.fits")]) == 2
+    err = capsys.readouterr().err
+    assert "1 files not read (not a frame format: thumb.jpg)" in err and "json" not in err
 
 
 @pytest.mark.realdata

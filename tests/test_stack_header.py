@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import tifffile
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS
@@ -20,9 +22,9 @@ from daemon.io.load import load_frame
 from daemon.io.wcs import StackGeometry, frame_wcs, stack_wcs, wcs_header
 from daemon.pipeline.geometry import SUPERPIXEL
 from daemon.pipeline.live import LivePipeline
-from daemon.products import inputs_from_header, preview_image, preview_jpeg, write_stack
+from daemon.products import capture_header, inputs_from_header, preview_image, preview_jpeg, stack_header, write_stack
 from daemon.service import Service
-from tests.conftest import shared_set
+from tests.conftest import require_tools, shared_set
 from tests.test_daemon_service import make_config, make_frame, wait_for
 
 
@@ -161,7 +163,7 @@ def test_non_ascii_file_names_stack_and_fits_preview_restack_are_written(tmp_pat
     async def session(expect: int, restack: bool):
         service = Service(cfg)
         run = asyncio.create_task(service.run())
-        await wait_for(lambda: service.counts["stacked"] == expect and service.status()["queue"] == 0, timeout=90,
+        await wait_for(lambda: service.snapshot.counts["stacked"] == expect and service.status()["queue"] == 0, timeout=90,
                        what=f"{expect} stacked")
         reply = None
         if restack:
@@ -174,7 +176,7 @@ def test_non_ascii_file_names_stack_and_fits_preview_restack_are_written(tmp_pat
         shutil.copy(make_frame(stage / f"{i}.fits", i), cfg.capture.dir / name)
     service, reply = asyncio.run(session(3, True))
     assert reply["ok"], reply
-    (stack_name,) = service.stacks
+    (stack_name,) = service.snapshot.stacks
     live, final = cfg.output_dir / f"{stack_name}.fits", Path(reply["path"])
     assert final.name == f"{stack_name}_final.fits" and final.exists()
     assert (cfg.output_dir / "preview.jpg").read_bytes()[:2] == b"\xff\xd8"
@@ -182,8 +184,113 @@ def test_non_ascii_file_names_stack_and_fits_preview_restack_are_written(tmp_pat
         got = sorted(Path(p["path"]).name for p in inputs_from_header(fits.getheader(product)))
         assert got == sorted(names[:3]), product
     # after a restart the same stack keeps being written, with the next frame in it
-    before = live.stat().st_mtime_ns
+    before = {p: p.stat().st_mtime_ns for p in (live, final, cfg.output_dir / "preview.jpg")}
     shutil.copy(make_frame(stage / "3.fits", 3), cfg.capture.dir / names[3])
     asyncio.run(session(4, True))
-    assert live.stat().st_mtime_ns > before
+    assert all(p.stat().st_mtime_ns > t for p, t in before.items()), "FITS, re-stack and preview written again"
     assert fits.getheader(live)["NCOMBINE"] == 4 and fits.getheader(final)["NCOMBINE"] == 4
+
+
+def _solve(path: Path, out: Path) -> WCS:
+    """astrometry.net's own answer for the image as stored in the file (its own star detection,
+    no hint from our header): the ground truth of what each stored pixel shows."""
+    subprocess.run(["solve-field", str(path), "--dir", str(out), "--overwrite", "--no-plots", "--downsample", "2",
+                    "--scale-units", "arcsecperpix", "--scale-low", "1.2", "--scale-high", "1.8", "--cpulimit", "60",
+                    "--tweak-order", "1", "--new-fits", "none", "--no-remove-lines", "--uniformize", "0"],
+                   check=True, capture_output=True, timeout=180)
+    return _wcs(fits.getheader(out / (path.stem + ".wcs")))
+
+
+@pytest.mark.realdata
+def test_m27_stack_wcs_and_row_order_agree_with_astrometry_net(m27_stack, tmp_path):
+    require_tools("solve-field")
+    out, pipe, frames = m27_stack
+    with fits.open(out) as hdul:
+        stored, h = hdul[0].data, hdul[0].header
+    luminance = tmp_path / "stack_l.fits"  # the stack's stored rows, no header: solve-field knows no ROWORDER
+    fits.writeto(luminance, stored.mean(axis=0).astype(np.float32))
+    solved_stack = _solve(luminance, tmp_path)
+    solved_ref = _solve(frames[0], tmp_path)  # INDI's frames: stored top-down = the array
+    height, width = stored.shape[1:]
+    grid = [(x, y) for x in np.linspace(0, width - 1, 5) for y in np.linspace(0, height - 1, 5)]
+
+    def worst(w, truth):
+        return max(_sky_distance_arcsec(w.pixel_to_world_values(x, y), truth.pixel_to_world_values(x, y))
+                   for x, y in grid)
+
+    # The reference's true sky carried through the stack's geometry and its BOTTOM-UP rows is
+    # the stack's true sky, to the solver's accuracy; read top-down it is not (the control).
+    assert worst(stack_wcs(solved_ref, pipe.geometry, height, bottom_up=True), solved_stack) < 3.0
+    assert worst(stack_wcs(solved_ref, pipe.geometry, height, bottom_up=False), solved_stack) > 60.0
+    # The header's WCS (INDI's pointing and rotation, not a solve) is off the sky by exactly
+    # what INDI's WCS is off on the reference frame at the same array position.
+    indi = _wcs(fits.getheader(frames[0]))
+    for x, y in grid:
+        header_err = _sky_distance_arcsec(_wcs(h).pixel_to_world_values(x, y),
+                                          solved_stack.pixel_to_world_values(x, y))
+        indi_err = _sky_distance_arcsec(indi.pixel_to_world_values(x, height - 1 - y),
+                                        solved_ref.pixel_to_world_values(x, height - 1 - y))
+        assert abs(header_err - indi_err) < 3.0, (x, y, header_err, indi_err)
+    assert np.sign(np.linalg.det(_wcs(h).pixel_scale_matrix)) == np.sign(np.linalg.det(solved_stack.pixel_scale_matrix))
+
+
+@pytest.mark.realdata
+def test_m27_stack_as_siril_shows_it_is_the_preview(m27_stack, tmp_path):
+    """Siril (1.0.6 ignores ROWORDER) exports the image as it displays it: the same rows as the
+    pipeline's top-down array, which the preview shows. Optional: Siril is not installed by bootstrap."""
+    if shutil.which("siril-cli") is None:
+        pytest.skip("siril-cli not installed (optional check: apt install siril)")
+    out, pipe, _ = m27_stack
+    shutil.copy(out, tmp_path / "stack.fits")
+    (tmp_path / "export.ssf").write_text("requires 1.0.0\nload stack.fits\nsavetif32 shown\n")
+    subprocess.run(["siril-cli", "-d", str(tmp_path), "-s", str(tmp_path / "export.ssf")], check=True,
+                   capture_output=True, timeout=120)
+    shown = tifffile.imread(tmp_path / "shown.tif").astype(np.float64)
+    array = pipe.stack_image().astype(np.float64)  # what preview_jpeg stretches
+    ok = np.isfinite(shown) & np.isfinite(array)
+
+    def corr(a):
+        return np.corrcoef(a[ok], shown[ok])[0, 1]
+
+    assert corr(array) > 0.999  # Siril normalises to [0, 1]: the same image up to scale
+    assert corr(array[::-1]) < 0.5  # control: upside down is another image
+
+
+def test_capture_header_writes_what_all_inputs_agree_on():
+    base = {"camera": "ZWO ASI2600MC", "telescope": "RedCat 51", "target": "M42", "filter": "L", "gain": 100.0,
+            "offset": 50.0, "binning": [1, 1], "pixel_size_um": 3.76, "focal_length_mm": 250.0, "sensor_temp_c": -10.2,
+            "set_temp_c": -10.0, "site_lat_deg": 52.1, "site_lon_deg": 5.2, "ra_deg": 83.82, "dec_deg": -5.39}
+    frames = [dict(base), {**base, "sensor_temp_c": -9.8, "ra_deg": 83.83}, {**base, "sensor_temp_c": -10.0}]
+    h = capture_header(frames, SUPERPIXEL)
+    for key, value in (("INSTRUME", "ZWO ASI2600MC"), ("TELESCOP", "RedCat 51"), ("OBJECT", "M42"), ("FILTER", "L"),
+                       ("GAIN", 100.0), ("OFFSET", 50.0), ("XBINNING", 1), ("YBINNING", 1), ("FOCALLEN", 250.0),
+                       ("SET-TEMP", -10.0), ("SITELAT", 52.1), ("SITELONG", 5.2)):
+        assert h[key] == value, key
+    assert h["CCD-TEMP"] == pytest.approx(-10.0)  # the mean
+    assert h["XPIXSZ"] == pytest.approx(2 * 3.76)  # a superpixel stack pixel
+    assert h["RA"] == pytest.approx(83.8233, abs=1e-3) and h["DEC"] == pytest.approx(-5.39)
+    assert h["OBJCTRA"].startswith("05 35 17") and h["OBJCTDEC"].startswith("-05 23")
+    assert "BAYERPAT" not in h  # the stack is debayered: a viewer must not debayer it again
+    # what the inputs disagree on (or one lacks) is not written; a pointing spread over 0.5 deg neither
+    mixed = [dict(base), {**base, "filter": "R", "gain": None, "ra_deg": 84.9}]
+    h = capture_header(mixed)
+    assert "FILTER" not in h and "GAIN" not in h and "RA" not in h and "OBJCTRA" not in h
+    assert h["INSTRUME"] == "ZWO ASI2600MC" and h["XPIXSZ"] == pytest.approx(3.76)
+
+
+def test_stack_header_counts_and_exposures_as_siril_writes_them():
+    t0 = "2026-11-24T21:00:00"
+    prov = [{"path": f"/c/L_{i}.fits", "exposure_s": 30.0, "weight": 1.0,
+             "date_obs": f"2026-11-24T21:0{i}:00"} for i in range(3)]
+    h = stack_header(prov)
+    assert h["STACKCNT"] == h["NCOMBINE"] == 3 and h["EXPTIME"] == 30.0 and h["LIVETIME"] == 90.0
+    assert h["DATE-OBS"] == t0 + ".000" and h["DATE-END"] == "2026-11-24T21:02:30.000"
+
+
+def test_unknown_exposures_are_not_written_as_zero_seconds():
+    prov = [{"path": f"/c/L_{i}.fits", "exposure_s": None, "weight": 1.0} for i in range(2)]
+    h = stack_header(prov)  # frames whose EXPTIME was absent or bad ('abc'): the header does not say 0 s
+    assert "EXPTIME" not in h and "LIVETIME" not in h and h["STACKCNT"] == 2
+    assert [p["exposure_s"] for p in inputs_from_header(h)] == [None, None]
+    h = stack_header([*prov, {"path": "/c/L_9.fits", "exposure_s": 30.0}])
+    assert h["EXPTIME"] == 30.0 and h["LIVETIME"] == 30.0 and "2 of unknown exposure" in h.comments["LIVETIME"]

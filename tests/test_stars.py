@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from daemon.pipeline.stars import Stars, auto_bin, detect_stars, measure, refine_fullres
+from daemon.pipeline.moments import refine_fullres
+from daemon.pipeline.stars import Stars, auto_bin, detect_stars, measure
 from daemon.simulate import Exposure, Sensor, expose, random_star_field
 
 SHAPE = (400, 600)
 
 
-def _frame(fwhm=3.0, seed=1, sensor=Sensor(), n=150, **kw):
+def _frame(fwhm=3.0, seed=1, sensor: Sensor | None = None, n=150, **kw):
+    sensor = sensor or Sensor()
     field = random_star_field(SHAPE, n, seed=seed, margin=-0.03, flux_range=(300.0, 20000.0))
     data = expose(SHAPE, field, Exposure(fwhm_px=fwhm, seed=seed, **kw), sensor).astype(np.float32)
     return field, data
@@ -178,7 +180,7 @@ def _gaussian_stars(shape, x, y, fwhm, *, elongation=1.0, angle_deg=0.0, seed=0)
     t = np.radians(angle_deg)
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
     img = 600.0 + np.random.default_rng(seed).normal(0.0, 3.0, shape)
-    for cx, cy in zip(x, y):
+    for cx, cy in zip(x, y, strict=True):
         u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
         v = -(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)
         img += 5000.0 * np.exp(-0.5 * ((u / sa) ** 2 + (v / sb) ** 2))

@@ -52,14 +52,75 @@ def test_warm_up_leaves_every_kernel_a_night_uses_in_numbas_cache():
     assert stats["misses"] == {} and stats["hits"] >= 5, stats
 
 
-def test_daemon_warms_once_per_code_and_cache(tmp_path, monkeypatch):
-    """ensure_warm (called before READY) warms when this code was not warmed into this cache
-    yet, then leaves a stamp; the next start only finds it."""
+def test_daemon_warms_at_every_start_and_compiles_once_per_code_and_cache(tmp_path, monkeypatch):
+    """ensure_warm (called before READY) runs the warm-up at every start (loading the kernels
+    into the process); it reports a compile (seconds) only when this code was not warmed into
+    this cache yet, and leaves a stamp saying it was."""
     import daemon.warmup as warmup
 
     calls = []
     monkeypatch.setattr(warmup.numba.config, "CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(warmup, "warm_up", lambda: calls.append(1) or 1.5)
+    monkeypatch.setattr(warmup, "_loaded", False)  # as in a fresh process
     assert warmup.ensure_warm() == 1.5 and calls == [1]
     assert [p.name.startswith("lightbucket-warm-") for p in tmp_path.iterdir()] == [True]
-    assert warmup.ensure_warm() is None and calls == [1]
+    monkeypatch.setattr(warmup, "_loaded", False)  # the next start: a fresh process
+    assert warmup.ensure_warm() is None and calls == [1, 1]
+    # A second service in the same process: its kernels are loaded already.
+    assert warmup.ensure_warm() is None and calls == [1, 1]
+
+
+FIRST_FRAMES = r"""
+import json, sys
+import numba, numpy as np
+from daemon.warmup import ensure_warm
+ensure_warm()  # what the daemon does before READY
+from daemon.pipeline.frame import Frame, FrameMeta
+from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.products import preview_jpeg
+from daemon.simulate import Exposure, Sensor, expose, random_star_field, transform_matrix
+from daemon.spool import encode
+
+def loads():
+    out = {}
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("daemon"):
+            for name, obj in vars(mod).items():
+                if isinstance(obj, numba.core.registry.CPUDispatcher):
+                    n = sum(obj.stats.cache_hits.values()) + sum(obj.stats.cache_misses.values())
+                    if n:
+                        out[mod.__name__ + "." + name] = n
+    return out
+
+before = loads()
+shape = (150, 200)
+field = random_star_field(shape, 60, seed=3, margin=0.1, flux_range=(3000.0, 30000.0))
+for bayer in (None, "GRBG"):
+    pipe = LivePipeline(LiveSettings(warmup=4))
+    for i in range(3):  # the first frames of a night: the reference, then registered ones
+        m = None if i == 0 else transform_matrix(1.1 * i, 0.7 * i, 0.1, center=(100, 75))
+        data = expose(shape, field, Exposure(exposure_s=5.0, matrix=m, seed=i),
+                      Sensor(read_noise_adu=3.0, bayer=bayer), as_uint16=False)
+        r = pipe.process(Frame(data, FrameMeta(path=str(i), exposure_s=5.0, bayer=bayer)), consume=True)
+        assert r.accepted
+        encode(r.registered)
+        preview_jpeg(pipe.stack_image(), max_edge=64)
+after = loads()
+print(json.dumps({"warm_up_loads": sum(before.values()),
+                  "frame_loads": {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}}))
+"""
+
+
+def test_first_frames_after_ready_load_no_kernel():
+    """After ensure_warm (before READY) a fresh process's first frames, mono and colour, with
+    their spool encoding and preview, neither compile nor load a single kernel from numba's
+    cache: everything they call is in the process already. Control: the warm-up itself did
+    load kernels (a fresh process starts with none)."""
+    warm = subprocess.run([sys.executable, "-m", "daemon.warmup"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-c", FIRST_FRAMES], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["warm_up_loads"] >= 10 and stats["frame_loads"] == {}, stats

@@ -9,15 +9,18 @@ import ssl
 import subprocess
 
 import aiohttp
+import cv2
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from daemon.config import ConfigError, WebConfig, config_from_dict
+from daemon.io.load import load_frame
 from daemon.pipeline.stretch import StretchSettings, apply_transfer, stretch_uint8
 from daemon.web.auth import RateLimiter
 from daemon.web.server import WebServer, make_app
-from daemon.web.tiles import crop_for_tile, tile_jpeg
+from daemon.web.tiles import crop_for_tile, thumbnail_of, tile_jpeg
+from tests.test_daemon_service import make_frame
 
 
 class FakeDaemon:
@@ -84,6 +87,7 @@ def test_reading_is_open_and_matches_the_daemon():
             frames = (await (await c.get("/api/frames")).json())["frames"]
             assert [f["path"] for f in frames] == ["/c/a.fits", "/c/b.fits"]
             assert (await (await c.get("/api/frames?n=1")).json())["frames"][0]["reason"] == "clouds"
+            assert (await (await c.get("/api/frames?n=-1")).json())["frames"] == []
             r = await c.get("/api/preview.jpg")
             assert r.content_type == "image/jpeg" and await r.read() == b"\xff\xd8fakejpeg"
             assert (await c.get("/api/stack/M27_L_300s_bin1/tile?x=10&y=10")).status == 200
@@ -162,6 +166,10 @@ def test_page_session_is_csrf_safe():
             assert cookie["httponly"] and cookie["samesite"] == "Strict"
             # the cookie alone (what a cross-site form would carry) is not enough
             assert (await c.post("/api/cmd", data=cmd)).status == 401
+            # a foreign page cannot log the phone in either (login CSRF), nor can a sandboxed one
+            for origin in ("http://evil.example", "null"):
+                assert (await c.post("/api/login", json={"password": "s3cret"},
+                                     headers={"Origin": origin})).status == 403
             # a foreign page's script with the token is refused by its Origin
             r = await c.post("/api/cmd", data=cmd, headers={"X-CSRF-Token": body["csrf"],
                                                             "Origin": "http://evil.example"})
@@ -290,3 +298,23 @@ def test_https_with_cert_and_key(tmp_path):
     bad = WebServer(FakeDaemon(), WebConfig(port=0, cert_file=tmp_path / "none.pem", key_file=key))
     with pytest.raises(ValueError, match="none.pem"):
         run(bad.start())
+
+
+def test_last_sub_thumbnail_is_the_frame_itself(tmp_path):
+    """The thumbnail is the sub as received (stretched), not the stack: it follows the frame's
+    own pixels (rank correlation; a shifted crop is the control); an unreadable file is an
+    error naming it."""
+    path = make_frame(tmp_path / "L_7.fits", 7)
+    data = np.asarray(load_frame(path).data, float)
+    jpeg = thumbnail_of(str(path))
+    thumb = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE).astype(float)
+    assert thumb.shape == data.shape  # under THUMB_EDGE: not resized
+
+    def rank_corr(a, b):
+        return np.corrcoef(np.argsort(np.argsort(a.ravel())), np.argsort(np.argsort(b.ravel())))[0, 1]
+
+    assert rank_corr(thumb, data) > 0.9 > 0.5 > rank_corr(thumb[:-6], data[6:])
+    bad = tmp_path / "broken.fits"
+    bad.write_bytes(b"SIMPLE  = T" + b"\0" * 100)
+    with pytest.raises((OSError, ValueError), match="broken.fits"):
+        thumbnail_of(str(bad))

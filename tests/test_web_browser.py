@@ -1,31 +1,43 @@
 """The page through the real thing: `lightbucket run` as a subprocess with [web] and a real
 mosquitto, driven by Debian's chromium (headless, Playwright against the system browser;
 nothing is downloaded). One daemon and one browser for the module; the tests run in order.
+The last test drives the page against a fake daemon (a plan running, the broker refusing us:
+what the simulator-free rig cannot show).
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from PIL import Image
 
+from daemon.config import WebConfig
+from daemon.io.load import load_frame
+from daemon.web.server import WebServer
 from drivers.indiserver import free_port
 from tests.conftest import require_tools
 from tests.mqtt_broker import MOSQUITTO, Broker, Subscriber
 from tests.test_daemon_service import make_frame
+from tests.test_web import FakeDaemon
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
 
 pytestmark = pytest.mark.slow
+# Commands that work on the pipeline thread (set_reference, restack) can take seconds on a
+# loaded 2-core machine: a generous wait for what the page shows (a timeout, not a timing assert).
+sync_api.expect.set_options(timeout=20_000)
 ROOT = Path(__file__).resolve().parents[1]
 LIGHTBUCKET = ROOT / ".venv" / "bin" / "lightbucket"
 CHROMIUM = "/usr/bin/chromium"
@@ -35,6 +47,10 @@ PASSWORD = "clear-skies"
 RIG = "web"
 STACK = "SIM-FIELD_L_10s_bin1"
 VOLATILE = ("time", "disk_free_bytes", "state_bytes")
+#: The preview is smaller than the 160 px frames, so a tile at full resolution is told from it.
+PREVIEW_EDGE = 100
+#: A cold numba cache compiles for minutes before the daemon serves the page (daemon.warmup).
+START_TIMEOUT_S = 400
 
 
 def wait_until(predicate, timeout=30.0, what="condition"):
@@ -72,6 +88,7 @@ checkpoint_every_s = 0
 port = {self.broker.port}
 rig = "{RIG}"
 preview_interval_s = 0.5
+preview_max_edge = {PREVIEW_EDGE}
 [web]
 host = "127.0.0.1"
 port = {self.port}
@@ -81,8 +98,13 @@ password = "{PASSWORD}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([str(LIGHTBUCKET), "run", "--config", str(config)], env=env,
                                      stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        wait_until(lambda: self._up(), 60, "the page to be served")
-        self.sub = Subscriber(self.broker.port, RIG)
+        self.sub = None
+        try:
+            wait_until(lambda: self._up(), START_TIMEOUT_S, "the page to be served")
+            self.sub = Subscriber(self.broker.port, RIG)
+        except BaseException:
+            self.close()  # no daemon or broker left behind
+            raise
 
     def _up(self) -> bool:
         if self.proc.poll() is not None:
@@ -115,12 +137,23 @@ password = "{PASSWORD}"
     def stacked(self) -> int:
         return self.get_json("/api/status")["stacked_current"]
 
+    def image(self, path: str) -> np.ndarray:
+        """A JPEG the daemon serves, as grey levels (float)."""
+        return np.asarray(Image.open(io.BytesIO(self.get(path))).convert("L"), float)
+
     def close(self) -> None:
-        self.sub.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-        self.broker.stop()
+        if self.sub is not None:
+            self.sub.close()
+        try:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    assert self.proc.wait(30) == 0, self.log.read_text()[-2000:]
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    raise AssertionError("the daemon did not stop on SIGTERM within 30 s") from None
+        finally:
+            self.broker.stop()
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +176,35 @@ def browser():
 
 
 def preview_pixels(page, name: str, tmp: Path) -> np.ndarray:
-    """The screenshot's pixels inside the preview image's box (not the DOM's word for it)."""
+    """The screenshot's pixels where the preview picture is drawn (not the DOM's word for it):
+    the image element's box, less the bars of `object-fit: contain`, less 2 px of edge."""
     box = page.locator("#preview").bounding_box()
-    assert box and box["width"] > 100 and box["height"] > 100, box
+    nw, nh = page.evaluate("(() => { const i = document.getElementById('preview'); "
+                           "return [i.naturalWidth, i.naturalHeight]; })()")
+    k = min(box["width"] / nw, box["height"] / nh)
+    w, h = nw * k, nh * k
+    assert w > 100 and h > 100, (box, nw, nh)
+    x0, y0 = box["x"] + (box["width"] - w) / 2, box["y"] + (box["height"] - h) / 2
     shot = page.screenshot(path=str(tmp / f"{name}.png"))
-    img = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
-    x0, y0 = int(box["x"]) + 2, int(box["y"]) + 2
-    return img[y0:int(box["y"] + box["height"]) - 2, x0:int(box["x"] + box["width"]) - 2]
+    img = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(float)
+    return img[int(round(y0)) + 2:int(y0 + h) - 2, int(round(x0)) + 2:int(x0 + w) - 2]
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def assert_shows_preview(pixels: np.ndarray, preview: np.ndarray) -> None:
+    """The screenshot's preview box holds the daemon's preview (scaled to the box), in red only
+    (night vision: no green or blue light); a mirrored preview is the control."""
+    h, w = pixels.shape[:2]
+    scaled = np.asarray(Image.fromarray(preview.astype(np.uint8)).resize((w + 4, h + 4), Image.BILINEAR), float)
+    scaled = scaled[2:-2, 2:-2]
+    red = pixels[..., 0]
+    assert red.max() > 150 and red.std() > 10, (red.max(), red.std())
+    assert pixels[..., 1:].max() <= 12, pixels[..., 1:].max()  # red only
+    match, mirrored = corr(red, scaled), corr(red, scaled[:, ::-1])
+    assert match > 0.9 and mirrored < 0.5, (match, mirrored)
 
 
 def test_phone_page_shows_preview_name_count_and_updates_live(rig, browser, tmp_path):
@@ -159,11 +214,11 @@ def test_phone_page_shows_preview_name_count_and_updates_live(rig, browser, tmp_
         sync_api.expect(page.locator("#stack-name")).to_have_text(STACK)
         sync_api.expect(page.locator("#n-stacked")).to_have_text("3")
         sync_api.expect(page.locator("#link")).to_have_text("live")
+        sync_api.expect(page.locator("#mqtt")).to_have_text("connected")
         page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
-        pixels = preview_pixels(page, "phone", tmp_path)
-        # Stars on a sky: a bright tail over a dark background, far from the flat black page.
-        assert pixels.max() > 150 and np.median(pixels) < 120 and pixels.std() > 5, (pixels.max(), pixels.std())
+        assert page.locator("#preview").bounding_box()["y"] < 200  # at the top, not below the fold
+        assert_shows_preview(preview_pixels(page, "phone", tmp_path), rig.image("/api/preview.jpg"))
         chart = page.locator("#c-fwhm")
         assert chart.get_attribute("data-n") == "3"
         before = page.evaluate("document.getElementById('c-fwhm').toDataURL()")
@@ -176,18 +231,54 @@ def test_phone_page_shows_preview_name_count_and_updates_live(rig, browser, tmp_
         sync_api.expect(page.locator("#frames li")).to_have_count(4)
         sync_api.expect(page.locator("#frames li").first).to_contain_text("L_3.fits")
         page.wait_for_function("() => document.getElementById('sub').naturalWidth > 0")  # the last sub
-        # Tap to zoom: a full-resolution tile of the stack around the tapped point.
+        assert page.evaluate("document.getElementById('sub').src").split("?")[0].endswith("/api/last_sub.jpg")
+
+        # A cloudy frame: rejected, marked on the charts, its reason in the log and under the chart.
+        make_frame(rig.stage / "cloud.fits", 9, transmission=0.05)
+        shutil.copy(rig.stage / "cloud.fits", rig.capture / "cloud.fits")
+        sync_api.expect(page.locator("#n-rejected")).to_have_text("1", timeout=30_000)
+        sync_api.expect(chart).to_have_attribute("data-rejected", "1")
+        sync_api.expect(page.locator("#frames li").first).to_contain_text("rejected: clouds")
+        x = page.evaluate("(() => { const p = document.getElementById('c-fwhm')._pick; "
+                          "return p.X(p.frames.findIndex((f) => !f.accepted)); })()")
+        chart.click(position={"x": x, "y": 60})
+        pick = page.locator("#c-fwhm + .pick")
+        sync_api.expect(pick).to_contain_text("cloud.fits")
+        sync_api.expect(pick).to_contain_text("rejected: clouds")
+        chart.click(position={"x": page.evaluate("document.getElementById('c-fwhm')._pick.X(0)"), "y": 60})
+        sync_api.expect(pick).to_contain_text("L_0.fits")  # the control: another point, another frame
+
+        # Tap to zoom: a full-resolution tile of the stack around the tapped point. The preview
+        # is 100 px wide; the tile shows the stack's own 160 px.
+        assert page.evaluate("document.getElementById('preview').naturalWidth") == PREVIEW_EDGE
         page.locator("#preview").click(position={"x": 60, "y": 60})
         sync_api.expect(page.locator("#zoom")).to_be_visible()
         page.wait_for_function("() => document.getElementById('zoom-img').naturalWidth > 0")
         assert page.evaluate("document.getElementById('zoom-img').naturalWidth") == 160  # the whole 160 px frame
+        sync_api.expect(page.locator("#zoom-where")).to_contain_text("160×160 px")
         # the tile is centred on the stack pixel under the tap (60 px into a ~372 px picture of 160 px)
         box = page.locator("#preview").bounding_box()
         src = page.evaluate("document.getElementById('zoom-img').src")
         x = int(src.split("x=")[1].split("&")[0])
         assert abs(x - 60 / box["width"] * 160) <= 1, (src, box)
+        page.click("#zoom-close")
     finally:
         page.close()
+
+
+def test_tile_holds_the_stacks_own_pixels(rig):
+    """A tile is the stack at full resolution at the place asked for: it matches that crop of
+    the stack FITS the daemon wrote (read as the daemon reads it: FITS rows are bottom-up), and
+    not a crop 6 px away (the control). Rank correlation: the tile is stretched, not linear."""
+    stack = np.nan_to_num(np.asarray(load_frame(rig.tmp / "state" / "output" / f"{STACK}.fits").data, float))
+    tile = rig.image(f"/api/stack/{STACK}/tile?x=70&y=90&size=48")
+    assert tile.shape == (48, 48)
+
+    def rank_corr(a, b):
+        return corr(np.argsort(np.argsort(a.ravel())), np.argsort(np.argsort(b.ravel())))
+
+    here, away = rank_corr(tile, stack[66:114, 46:94]), rank_corr(tile, stack[72:120, 46:94])
+    assert here > 0.9 and away < 0.5, (here, away)
 
 
 def test_pause_needs_the_password_then_pauses(rig, browser):
@@ -199,6 +290,7 @@ def test_pause_needs_the_password_then_pauses(rig, browser):
         sync_api.expect(page.locator("#cmd-result")).to_contain_text("refused")
         assert rig.get_json("/api/status")["state"] == "running"  # nothing changed
         sync_api.expect(page.locator("#login")).to_be_visible()  # the page asks for the password
+        sync_api.expect(page.locator("#login-result")).to_contain_text("pause needs the password")
         page.fill("#password", "wrong")
         page.click("#login-submit")
         sync_api.expect(page.locator("#login-result")).to_contain_text("wrong password")
@@ -217,6 +309,21 @@ def test_pause_needs_the_password_then_pauses(rig, browser):
         page.click("#confirm button[value=no]")
         time.sleep(0.5)
         assert rig.stacked() == 4
+        # stop asks too; a stopped daemon resumes only with Start, and the page says so
+        page.click("button[data-action=stop]")
+        page.click("#confirm button[value=yes]")
+        sync_api.expect(page.locator("#state")).to_have_text("stopped")
+        sync_api.expect(page.locator("#toast")).to_contain_text("stop: done")  # seen wherever scrolled
+        page.click("button[data-action=resume]")
+        sync_api.expect(page.locator("#cmd-result")).to_contain_text("resume: refused: resume: stacking is stopped")
+        page.click("button[data-action=start]")
+        sync_api.expect(page.locator("#state")).to_have_text("running")
+        assert rig.get_json("/api/status")["state"] == "running"
+        # darks matching the lights: the stack's exposure goes with the plan; this rig has no [indi]
+        sync_api.expect(page.locator("#darks-label")).to_have_text("Darks matching the lights (10 s)")
+        page.fill("#dark-count", "15")
+        page.click("#darks")
+        sync_api.expect(page.locator("#cmd-result")).to_contain_text("plan: refused: plan: no [indi] section")
     finally:
         page.close()
 
@@ -229,8 +336,10 @@ def test_desktop_screenshot_holds_the_preview(rig, browser, tmp_path):
         sync_api.expect(page.locator("#n-stacked")).to_have_text("4")
         box = page.locator("#preview").bounding_box()
         assert box["width"] > 500 and box["x"] < 720  # the left column of the two
-        pixels = preview_pixels(page, "desktop", tmp_path)
-        assert pixels.max() > 150 and np.median(pixels) < 120 and pixels.std() > 5
+        assert_shows_preview(preview_pixels(page, "desktop", tmp_path), rig.image("/api/preview.jpg"))
+        page.click("#night")  # true colour: the control for "red only"
+        page.wait_for_timeout(200)
+        assert preview_pixels(page, "desktop-colour", tmp_path)[..., 1].max() > 100
     finally:
         page.close()
 
@@ -252,6 +361,14 @@ def test_api_status_and_commands_equal_mqtt(rig):
     assert over_http == {"id": "r", "ok": True, "action": "resume"}
     code, reply = rig.post_cmd({"id": "x", "action": "pause"}, password=None)
     assert code == 401 and rig.get_json("/api/status")["state"] == "running"
+    # set_reference only takes a file under the capture folder, also through a symlink (to a
+    # folder: a symlinked file in the capture folder would be answered as a frame of its own)
+    (rig.capture / "elsewhere").symlink_to(rig.stage, target_is_directory=True)
+    before = rig.get_json("/api/status")["stacks"]
+    for path in ("elsewhere/L_5.fits", str(rig.stage / "L_5.fits"), "../stage/L_5.fits"):
+        code, reply = rig.post_cmd({"id": "ref", "action": "set_reference", "path": path})
+        assert code == 200 and not reply["ok"] and "is not under the capture folder" in reply["error"], reply
+    assert rig.get_json("/api/status")["stacks"] == before
 
 
 def test_page_works_with_the_broker_down(rig, browser):
@@ -260,9 +377,11 @@ def test_page_works_with_the_broker_down(rig, browser):
     try:
         page.goto(rig.url + "/")
         sync_api.expect(page.locator("#n-stacked")).to_have_text("4")
+        sync_api.expect(page.locator("#mqtt")).to_contain_text("unreachable", timeout=30_000)
+        sync_api.expect(page.locator("#c-fwhm")).to_have_attribute("data-n", "5")  # 4 stacked, the cloud
         rig.add(4)
         sync_api.expect(page.locator("#n-stacked")).to_have_text("5", timeout=30_000)
-        sync_api.expect(page.locator("#c-fwhm")).to_have_attribute("data-n", "5")
+        sync_api.expect(page.locator("#c-fwhm")).to_have_attribute("data-n", "6")
         code, reply = rig.post_cmd({"id": "down", "action": "pause"})
         assert code == 200 and reply["ok"]
         sync_api.expect(page.locator("#state")).to_have_text("paused")
@@ -303,3 +422,102 @@ def test_switch_between_stacks(rig, browser):
         assert rig.get_json("/api/status")["stacks"] == {STACK: 5, "SIM-FIELD_R_10s_bin1": 0}
     finally:
         page.close()
+
+
+def test_set_reference_from_the_frame_log(rig, browser):
+    """The log's "reference" button: asks, then the stack is emptied and stacked again against
+    that frame; the reply says how many frames were requeued and what was removed."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(rig.url + "/")
+        page.click("#login-open")
+        page.fill("#password", PASSWORD)
+        page.click("#login-submit")
+        sync_api.expect(page.locator("#login-open")).to_have_text("log out")
+        row = page.locator("#frames li", has_text="L_2.fits").first
+        row.locator("button").click()
+        sync_api.expect(page.locator("#confirm-text")).to_contain_text("Make L_2.fits the reference?")
+        page.click("#confirm button[value=yes]")
+        # 5 L frames and the cloudy one go round again
+        sync_api.expect(page.locator("#cmd-result")).to_contain_text(
+            f'set_reference: done — stack: {STACK}, requeued: 6, removed: {{"frames":5,"spooled_frames":5')
+        wait_until(lambda: (lambda st: st["stacks"][STACK] == 5 and st["queue"] == 0)(rig.get_json("/api/status")),
+                   60, "the L stack stacked again")
+        out = rig.tmp / "state" / "output" / f"{STACK}.fits"  # it named L_0.fits, the first frame
+        wait_until(lambda: fits.getheader(out).get("REFFRAME") == "L_2.fits", 30, "the FITS naming the new reference")
+    finally:
+        page.close()
+
+
+class ServedFake:
+    """The web server over a fake daemon, on a loop in a thread (for what the rig cannot show)."""
+
+    def __init__(self, daemon: FakeDaemon, password: str | None = PASSWORD):
+        self.loop = asyncio.new_event_loop()
+        self.server = WebServer(daemon, WebConfig(host="127.0.0.1", port=0, password=password))
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+        self.url = self.server.url
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class PlanDaemon(FakeDaemon):
+    """A plan running, the camera cooled, the broker refusing the rig's password."""
+
+    def status(self) -> dict:
+        return {**super().status(), "exposure_s": 300.0, "disk_free_bytes": 51_234_567_168, "mqtt":
+                "refused: not authorised", "plan": {"state": "running", "frame_type": "light", "frame": 12,
+                                                    "count": 60, "eta_s": 14400.2, "temperature_c": -9.96}}
+
+
+def test_plan_progress_camera_disk_and_broker_state_shown(browser, tmp_path):
+    d = PlanDaemon()
+    served = ServedFake(d)
+    page = browser.new_page(viewport={"width": 360, "height": 740})
+    try:
+        page.goto(served.url)
+        sync_api.expect(page.locator("#plan")).to_have_text("light 12/60 running")
+        sync_api.expect(page.locator("#eta")).to_have_text("4 h 00 m")
+        sync_api.expect(page.locator("#temp")).to_have_text("-10.0 °C")
+        sync_api.expect(page.locator("#disk")).to_have_text("51.2 GB")
+        sync_api.expect(page.locator("#mqtt")).to_have_text("refused: not authorised")
+        sync_api.expect(page.locator("#mqtt")).to_have_class("mid bad")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 360
+        # no picture yet (the fake's JPEG is not one): a sentence, not a broken-image icon
+        sync_api.expect(page.locator("#preview-none")).to_be_visible()
+        sync_api.expect(page.locator("#preview")).to_be_hidden()
+        sync_api.expect(page.locator("#sub")).to_be_hidden()
+        page.screenshot(path=str(tmp_path / "plan.png"), full_page=True)
+        # darks matching the lights: the current stack's 300 s, the count typed
+        page.click("#login-open")
+        page.fill("#password", PASSWORD)
+        page.click("#login-submit")
+        sync_api.expect(page.locator("#login-open")).to_have_text("log out")
+        page.fill("#dark-count", "12")
+        page.click("#darks")
+        sync_api.expect(page.locator("#cmd-result")).to_contain_text("plan: done")
+        sent = {k: v for k, v in d.commands[-1].items() if k != "id"}
+        assert sent == {"action": "plan", "frame_type": "dark", "count": 12, "exposure_s": 300.0}
+    finally:
+        page.close()
+        served.close()
+
+
+def test_without_a_password_the_page_says_view_only(browser):
+    d = FakeDaemon()
+    served = ServedFake(d, password=None)
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(served.url)
+        sync_api.expect(page.locator("#viewonly")).to_be_visible()
+        sync_api.expect(page.locator("#viewonly")).to_contain_text("View only")
+        sync_api.expect(page.locator("#login-open")).to_be_hidden()
+        sync_api.expect(page.locator("button[data-action=pause]")).to_be_disabled()
+        sync_api.expect(page.locator("#n-stacked")).to_have_text("3")  # reading still works
+        assert d.commands == []
+    finally:
+        page.close()
+        served.close()

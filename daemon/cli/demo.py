@@ -136,8 +136,8 @@ async def write_synthetic_frames(capture: Path, n: int, exposure_s: float) -> li
 
 
 async def session(config, args, indi: bool) -> dict:
-    from daemon.settings import PlanSettings
     from daemon.service import Service
+    from daemon.settings import PlanSettings
 
     service = Service(config, acquire_at_start=False)
     runner = asyncio.create_task(service.run())
@@ -165,8 +165,8 @@ async def session(config, args, indi: bool) -> dict:
         else:
             reply = await service.handle_command(json.dumps({"id": "demo", "action": "restack"}).encode())
             summary["restack"] = reply
-        summary["stack"] = service.stacks.get(service.current or "")
-        summary["counts"] = dict(service.counts)
+        summary["stack"] = service.snapshot.stacks.get(service.snapshot.current or "")
+        summary["counts"] = dict(service.snapshot.counts)
         return summary
     finally:
         service.request_stop()
@@ -208,7 +208,7 @@ def report(summary: dict, out: Path) -> int:
                  f"{counts.get('errors', 0)} errors")
     if stack is not None:
         lines.append(f"  live stack:  {out / (stack.key.name + '.fits')} "
-                     f"({stack.pipeline.n_stacked} frames, {stack.pipeline.total_exposure_s:g} s)")
+                     f"({stack.frames} frames, {stack.total_exposure_s:g} s)")
     if restack.get("ok"):
         lines.append(f"  final stack: {restack['path']} (winsorized sigma clipping)")
     else:

@@ -10,7 +10,9 @@ exposures are never stacked together: a mixed folder gives one stack per exposur
 after -o (stack.fits -> stack_60s.fits, stack_2s.fits). Each frame gets a line (stars,
 FWHM, shift, accepted or rejected and why); each stack ends with a summary. --final spools
 the registered frames and writes the winsorized sigma-clipped re-stack instead of the live
-stack.
+stack. When astrometry.net is installed the reference frame is plate-solved (on a thread of its
+own, while the frames stack) and the stack's WCS is the solve's (PLTSOLVD = T); --no-solve
+keeps the reference header's WCS, if any.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import hashlib
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from daemon.io.formats import ALL_SUFFIXES
+from daemon.io.formats import format_of
+from daemon.watcher import is_candidate
 
 
 def add_parser(sub) -> None:
@@ -39,6 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preview", type=Path, metavar="OUT.jpg", help="auto-stretched preview (.jpg or .png)")
     p.add_argument("--final", action="store_true",
                    help="re-stack all registered frames with winsorized sigma clipping at the end")
+    p.add_argument("--no-solve", action="store_true",
+                   help="do not plate-solve the reference frame (the stack keeps its header's WCS)")
     p.add_argument("--spool", type=Path, metavar="DIR", help="keep the spooled frames here (default: temporary)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [stack]/[quality] setting, e.g. --set kappa=2.5 (repeatable)")
@@ -46,38 +52,46 @@ def add_parser(sub) -> None:
 
 
 def _expand(paths: list[Path]) -> list[Path]:
+    """Files as given; folders as their frame files (the loader's suffixes), sorted by name.
+    Other files in a folder are named on stderr, never dropped without a word (a frame's
+    companions, hidden and temporary files excepted)."""
     out: list[Path] = []
     for p in paths:
-        if p.is_dir():
-            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(ALL_SUFFIXES)
-                              and not f.name.startswith(".")))
-        else:
+        if not p.is_dir():
             out.append(p)
+            continue
+        files = sorted(f for f in p.iterdir() if f.is_file() and is_candidate(f))
+        out.extend(f for f in files if format_of(f))
+        other = [f.name for f in files if not format_of(f)]
+        if other:
+            print(f"{p}: {len(other)} files not read (not a frame format: "
+                  f"{', '.join(other[:5])}{', ...' if len(other) > 5 else ''})", file=sys.stderr, flush=True)
     return out
 
 
 def _settings(overrides: list[str]):
-    from daemon.pipeline.live import LiveSettings
+    """LiveSettings from `--set` items, parsed as the daemon's `--set` is (daemon.config:
+    `stack.kappa=2.5`, the value as TOML); a bare key (`kappa=2.5`) is looked up in [stack],
+    then [quality]. Exits naming the item when a key or value is refused."""
+    from daemon.config import ConfigError, parse_override
+    from daemon.pipeline.quality import QualitySettings
+    from daemon.session import live_settings_from
 
-    fields = {f.name: f for f in dataclasses.fields(LiveSettings)}
-    kwargs = {}
+    quality_keys = {f.name for f in dataclasses.fields(QualitySettings)}
+    tables: dict[str, dict] = {"stack": {}, "quality": {}}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip().split(".")[-1]  # accept "stack.kappa" as well as "kappa"
-        if not sep or key not in fields:
-            raise SystemExit(f"lightbucket stack: --set {item!r}: unknown setting (known: {', '.join(fields)})")
-        default = fields[key].default
+        text = item if "." in item.partition("=")[0] else f"_.{item}"
         try:
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                kwargs[key] = value.lower() in ("true", "1", "yes")
-            else:
-                kwargs[key] = type(default)(value)
-        except ValueError:
-            raise SystemExit(f"lightbucket stack: --set {item!r}: expected a {type(default).__name__}") from None
+            section, key, value = parse_override(text)
+        except ConfigError as exc:
+            raise SystemExit(f"lightbucket stack: {exc}") from None
+        if section == "_":
+            section = "quality" if key in quality_keys else "stack"
+        if section not in tables:
+            raise SystemExit(f"lightbucket stack: --set {item!r}: only [stack] and [quality] settings apply here")
+        tables[section][key] = value
     try:
-        return LiveSettings(**kwargs)
+        return live_settings_from(tables["stack"], tables["quality"], "--set")
     except ValueError as exc:
         raise SystemExit(f"lightbucket stack: {exc}") from None
 
@@ -139,6 +153,43 @@ def _masters(args):
     except (FrameError, MasterError) as exc:
         raise SystemExit(f"lightbucket stack: calibration masters: {exc}") from None
     return masters, {k: str(v) for k, v in paths.items()}
+
+
+class _GridSolve:
+    """The plate solve of a stack's grid frame on a thread of its own, started as soon as the
+    grid frame is known, so the frames stack meanwhile; `apply` waits for it (at most its time
+    limit) and gives the WCS to the pipeline."""
+
+    def __init__(self, pipe, enabled: bool):
+        from daemon.solve import solver_installed
+
+        self.pipe, self.enabled = pipe, enabled and solver_installed()
+        self.pending = None
+
+    def ask(self) -> None:
+        if not self.enabled or self.pending is not None or (grid := self.pipe.grid_frame()) is None:
+            return
+        from daemon.reference_solve import ReferenceSolveSettings, solve_grid_frame
+
+        box: dict = {}
+        thread = threading.Thread(target=lambda: box.update(sol=solve_grid_frame(grid, ReferenceSolveSettings())),
+                                  name="lightbucket-solve", daemon=True)
+        thread.start()
+        self.pending = (grid.path, thread, box)
+
+    def apply(self) -> None:
+        if self.pending is None:
+            return
+        path, thread, box = self.pending
+        thread.join()
+        sol = box.get("sol")
+        if sol is not None and sol.ok and self.pipe.set_reference_wcs(path, sol.wcs):
+            print(f"reference {Path(path).name} solved: RA {sol.ra_deg:.5f} Dec {sol.dec_deg:+.5f}, "
+                  f"{sol.scale_arcsec_px:.3f}\"/px, up {sol.rotation_deg:.2f} deg E of N ({sol.elapsed_s:.1f} s)",
+                  flush=True)
+        else:
+            print(f"reference {Path(path).name} not solved: {sol.reason if sol else 'solver error'}; "
+                  "the stack keeps its header's WCS", flush=True)
 
 
 def _line(i: int, n: int, path: Path, r) -> str:
@@ -239,6 +290,8 @@ def _stack_one(args, lights: list[Path], scores: dict[Path, float], settings, ma
             pipe.set_reference(load_frame(best))
         except FrameError:
             pass
+    solve = _GridSolve(pipe, not args.no_solve)
+    solve.ask()
     spool = None
     tmp = None
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +317,7 @@ def _stack_one(args, lights: list[Path], scores: dict[Path, float], settings, ma
                 continue
             result = pipe.process(frame)
             print(_line(i, n, path, result), flush=True)
+            solve.ask()
             if result.accepted:
                 if spool is not None:
                     spool.append(result.registered, weight=result.weight, path=str(path),
@@ -275,6 +329,7 @@ def _stack_one(args, lights: list[Path], scores: dict[Path, float], settings, ma
         if pipe.n_stacked == 0:
             print(f"no frame of {n} accepted for {output}", flush=True)
             return 0
+        solve.apply()
         live_settings = dataclasses.asdict(settings)
         if spool is not None:
             from daemon.pipeline.restack import RestackSettings, restack

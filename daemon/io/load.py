@@ -18,7 +18,7 @@ import numpy as np
 
 from daemon.io.errors import FrameError, FrameTooLarge
 from daemon.io.fits import read_fits_frame
-from daemon.io.formats import ALL_SUFFIXES, FITS_SUFFIXES, RAW_SUFFIXES, describe_suffix, format_of, matches
+from daemon.io.formats import ALL_SUFFIXES, FITS_SUFFIXES, RAW_SUFFIXES, describe_suffix, format_of
 from daemon.io.raw import read_raw_frame
 from daemon.io.tiff import read_tiff_frame
 from daemon.io.xisf import read_xisf_frame
@@ -33,14 +33,12 @@ log = logging.getLogger("lightbucket.io")
 @dataclass(frozen=True)
 class LoadOptions:
     """How frames are read (from [capture]): the decode limit in bytes of float32 pixels
-    (None: from the machine's memory, daemon.io.limits) and the CFA pattern of TIFFs whose
-    sidecar names none (None: mono)."""
+    (None: from the memory the process may use, daemon.io.limits) and the CFA pattern of
+    TIFFs whose sidecar names none (None: mono). Which names are read at all is the
+    watcher's business (capture.patterns narrow it there)."""
 
     max_frame_bytes: int | None = None
     tiff_bayer: str | None = None
-    #: capture.patterns: names outside them are refused ("excluded by capture.patterns");
-    #: None: every name the loader reads.
-    patterns: tuple[str, ...] | None = None
 
 
 def is_fits(path: str | os.PathLike) -> bool:
@@ -83,12 +81,10 @@ def load_frame(path: str | os.PathLike, frame_type: FrameType | None = None, *,
     path = os.fspath(path)
     opts = options or LoadOptions()
     if not os.path.isfile(path):
-        reason = "is a directory" if os.path.isdir(path) else "no such file"
+        reason = ("is a directory" if os.path.isdir(path) else
+                  "not a regular file (a pipe, socket or device)" if os.path.exists(path) else "no such file")
         raise FrameError(path, reason)
     fmt = format_of(path) or ("fits" if is_fits(path) else None)
-    if fmt is not None and opts.patterns is not None and not matches(path, opts.patterns):
-        raise FrameError(path, f"a {fmt.upper()} file ({describe_suffix(path)}) excluded by capture.patterns "
-                               f"({', '.join(opts.patterns)}): not read")
     limit = opts.max_frame_bytes
     if fmt == "fits":
         frame = read_fits_frame(path, out, max_bytes=limit)

@@ -12,6 +12,7 @@ import os
 from datetime import UTC, datetime
 
 import numpy as np
+import tifffile
 
 from daemon.io.errors import FrameError, FrameTooLarge
 from daemon.io.formats import RAW_SUFFIXES
@@ -56,7 +57,7 @@ def read_raw_frame(path: str | os.PathLike, frame_type: FrameType = FrameType.LI
             meta = _meta(path, pattern, other, frame_type)
     except (FrameError, FrameTooLarge):
         raise
-    except Exception as exc:  # rawpy.LibRawError subclasses, OSError
+    except Exception as exc:  # noqa: BLE001 - rawpy.LibRawError subclasses, OSError: this file's fault
         raise FrameError(path, f"not a readable camera raw file ({type(exc).__name__}: {exc})") from None
     if meta.bayer not in BAYER_PATTERNS:
         raise FrameError(path, f"unexpected colour layout {meta.bayer!r} at the image origin")
@@ -102,11 +103,9 @@ def _tiff_fields(path: str) -> dict:
     (CR2, NEF, ARW, DNG...), for what LibRaw does not report. {} for other containers."""
     out: dict = {}
     try:
-        import tifffile
-
         with tifffile.TiffFile(path) as tif:
             tags = {t.name: t.value for t in tif.pages[0].tags.values()}
-    except Exception:
+    except Exception:  # noqa: BLE001 - not a TIFF container (CR3, RAF...): LibRaw's fields only
         return out
     exif = tags.get("ExifTag") if isinstance(tags.get("ExifTag"), dict) else {}
     tags = {**exif, **tags}

@@ -69,17 +69,21 @@ def read_xisf_frame(path: str | os.PathLike, *, max_bytes: int | None = None) ->
     data = np.frombuffer(raw, dtype=dtype).reshape(height, width).astype(np.float32)
     if dtype.kind == "f":
         lo, hi = _bounds(image)
-        if hi <= 1.0 and lo >= 0.0:  # normalised [0, 1] floats (PixInsight's default): as 16-bit ADU
+        # Normalised [0, 1] floats (PixInsight's default) as 16-bit ADU; the data must say so
+        # too: writers put bounds="0:1" on floats in ADU as well (the `xisf` package does).
+        if hi <= 1.0 and lo >= 0.0 and data.size and float(np.nanmax(data)) <= 1.0:
             data *= np.float32(65535.0)
     header = fits.Header()
+    text: dict[str, Any] = {}  # values FITS cannot hold (XML is Unicode: OBJECT = 'M42 星')
     for key, value in keywords:
-        if key in ("COMMENT", "HISTORY", "") or key in header:
+        if key in ("COMMENT", "HISTORY", "") or key in header or key in text:
             continue
         try:
             header[key] = value
         except (ValueError, TypeError):
-            continue
-    meta = meta_with_sidecar(header_values(header), path)
+            if isinstance(value, str) and len(key) <= 8:
+                text[key] = value
+    meta = meta_with_sidecar({**header_values(header), **text}, path)
     bayer = cfa or meta.bayer
     wcs = frame_wcs(header, height, bottom_up=False)
     meta = replace(meta, bayer=bayer if bayer in BAYER_PATTERNS else None,
@@ -167,6 +171,8 @@ def _data_block(path: str, fh, image: ET.Element, nbytes: int, itemsize: int) ->
             pos, size = int(location[1]), int(location[2])
         except ValueError:
             raise FrameError(path, f"XISF location {image.get('location')!r} is malformed") from None
+        if not 0 <= size <= _max_block(nbytes, bool(image.get("compression"))):
+            raise FrameError(path, f"XISF data block of {size} bytes for an image of {nbytes}: not plausible")
         fh.seek(pos)
         block = fh.read(size)
         if len(block) < size:
@@ -182,6 +188,12 @@ def _data_block(path: str, fh, image: ET.Element, nbytes: int, itemsize: int) ->
     if len(block) != nbytes:
         raise FrameError(path, f"XISF data block holds {len(block)} bytes, the geometry needs {nbytes}")
     return block
+
+
+def _max_block(nbytes: int, compressed: bool) -> int:
+    """The largest data block read for an image of `nbytes` (a compressed block of noise may
+    be a little larger than the pixels it holds)."""
+    return nbytes + (nbytes // 8 + (1 << 16) if compressed else 0)
 
 
 def _decompress(path: str, block: bytes, spec: str, nbytes: int, itemsize: int) -> bytes:

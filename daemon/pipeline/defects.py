@@ -7,6 +7,7 @@ defect by the median of its same-colour neighbours: on a Bayer mosaic those are 
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -30,16 +31,24 @@ def _sample(values: np.ndarray) -> np.ndarray:
     return sample[np.isfinite(sample)].astype(np.float64)
 
 
-def noise_scale(values: np.ndarray, read_noise_adu: float = 0.0) -> tuple[float, float]:
+def quantisation_step(values: np.ndarray) -> float:
+    """Smallest difference between distinct values of a master (ADU): 1 for an integer
+    master, ~0 for a float one (0 with fewer than two distinct values)."""
+    distinct = np.unique(_sample(values)[:200_000])
+    return float(np.min(np.diff(distinct))) if distinct.size > 1 else 0.0
+
+
+def noise_scale(values: np.ndarray, read_noise_adu: float = 0.0, step: float | None = None) -> tuple[float, float]:
     """(median, robust sigma) of a master's pixels (ADU), safe on quantised data.
 
     The MAD alone is 0 on an integer master whose noise is below 1 ADU (most pixels equal the
     median), and small on a dark clipped at 0 (bias-free, stored unsigned). So the sigma is
     the largest of: 1.4826 MAD; half the distance from the median to the 97.7th or the 2.3rd
     percentile (2 sigma each side of a normal distribution, whichever side is not clipped;
-    hot pixels are far fewer than 2.3 %); the quantisation step of the values (1 ADU for an
-    integer master: the noise cannot be resolved below it); and `read_noise_adu`, the
-    sensor's read noise where known (a master of N frames has read_noise / sqrt(N): give that).
+    hot pixels are far fewer than 2.3 %); the quantisation step `step` (default: that of
+    `values`, 1 ADU for an integer master: the noise cannot be resolved below it); and
+    `read_noise_adu`, the sensor's read noise where known (a master of N frames has
+    read_noise / sqrt(N): give that).
     """
     sample = _sample(values)
     if sample.size == 0:
@@ -48,28 +57,61 @@ def noise_scale(values: np.ndarray, read_noise_adu: float = 0.0) -> tuple[float,
     mad = 1.4826 * float(np.median(np.abs(sample - med)))
     lo, hi = np.percentile(sample, [2.275, 97.725])
     spread = max(hi - med, med - lo) / 2.0
-    distinct = np.unique(sample[: 200_000])
-    step = float(np.min(np.diff(distinct))) if distinct.size > 1 else 0.0
+    if step is None:
+        step = quantisation_step(values)
     return med, max(mad, spread, step, float(read_noise_adu))
 
 
-def defects_from_dark(dark: np.ndarray, kappa: float = DARK_KAPPA, read_noise_adu: float = 0.0) -> np.ndarray:
-    """Hot (and stuck-low) pixels of a master dark: beyond `kappa` robust sigmas of its median.
+#: The local dark level is the median of this many px square around each pixel (of its own
+#: colour on a mosaic): it follows amp glow and gradients, which are smooth on this scale,
+#: while a hot pixel, or a cluster of up to 12 of them, stands out of it.
+LOCAL_MEDIAN_PX = 5
+
+
+def _local_residual(plane: np.ndarray) -> np.ndarray:
+    """`plane` minus its `LOCAL_MEDIAN_PX` running median (float32; non-finite pixels count
+    at the plane's median and stay non-finite in the result)."""
+    x = np.array(plane, dtype=np.float32, order="C")
+    finite = np.isfinite(x)
+    if not finite.all():
+        x[~finite] = np.median(x[finite]) if finite.any() else 0.0
+    level = cv2.medianBlur(x, LOCAL_MEDIAN_PX)
+    x -= level
+    x[~finite] = np.nan
+    return x
+
+
+def defects_from_dark(dark: np.ndarray, bayer: str | None = None, kappa: float = DARK_KAPPA,
+                      read_noise_adu: float = 0.0) -> np.ndarray:
+    """Hot (and stuck-low) pixels of a master dark: beyond `kappa` robust sigmas of their
+    local dark level.
+
+    Each pixel is compared with the median of the `LOCAL_MEDIAN_PX` square around it (of its
+    own colour on a mosaic, whose channels may have their own black levels), not with the
+    frame's median: amp glow or a gradient then neither passes for hot pixels nor inflates the
+    noise scale until real hot pixels hide below it. The scale is `noise_scale` of those
+    deviations, floored at the dark's own quantisation step.
 
     Parameters
     ----------
     dark : the master dark's signal (ADU at the dark's exposure), float or integer, with or
-        without its bias (only deviations from the median count).
+        without its bias (only deviations from the local level count).
+    bayer : CFA pattern of the sensor ("RGGB", ...), None for mono.
     kappa : threshold (sigma of `noise_scale`).
     read_noise_adu : noise floor where the sensor's read noise is known (ADU; 0 = unknown).
 
     Returns a boolean map, True = defect. Check its fraction (`MAX_DEFECT_FRACTION`) before
     applying it.
     """
-    med, sigma = noise_scale(dark, read_noise_adu)
-    sigma = max(sigma, 1e-3 * max(abs(med), 1.0), 1e-6)
-    dev = np.asarray(dark, dtype=np.float32) - np.float32(med)
-    return (dev > kappa * sigma) | (dev < -kappa * sigma)
+    dark = np.asarray(dark)
+    dev = np.empty(dark.shape, np.float32)
+    for sl in cfa_planes(dark.shape, bayer):
+        dev[sl] = _local_residual(dark[sl])
+    med, sigma = noise_scale(dev, read_noise_adu, step=quantisation_step(dark))
+    level = float(np.median(_sample(dark))) if dark.size else 0.0
+    sigma = max(sigma, 1e-3 * max(abs(level), 1.0))
+    with np.errstate(invalid="ignore"):
+        return (dev - np.float32(med) > kappa * sigma) | (dev - np.float32(med) < -kappa * sigma)
 
 
 def defects_from_flat(flat: np.ndarray, bayer: str | None, tolerance: float = FLAT_TOLERANCE,

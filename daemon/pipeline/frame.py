@@ -20,9 +20,9 @@ class FrameType(enum.StrEnum):
     """What a frame is: the one spelling of frame kinds (config, commands, masters, INDI)."""
 
     LIGHT = "light"
+    BIAS = "bias"
     DARK = "dark"
     FLAT = "flat"
-    BIAS = "bias"
     DARKFLAT = "darkflat"
 
     @property

@@ -13,7 +13,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -26,6 +26,7 @@ from daemon.pipeline.frame import Frame, FrameMeta
 from daemon.pipeline.fused import RegisteredMosaic, is_affine, mosaic_sky, stack_mosaic
 from daemon.pipeline.geometry import SUPERPIXEL, StackGeometry
 from daemon.pipeline.quality import QualityHistory, QualitySettings, assess
+from daemon.pipeline.reference import REFERENCE_MARGIN, GridFrame, Reference, grid_frame, reference_score
 from daemon.pipeline.stack import RunningStack, StackSettings
 from daemon.pipeline.stars import Stars, measure
 from daemon.pipeline.warp import INTERPOLATIONS, warp
@@ -35,9 +36,6 @@ WEIGHTINGS = ("noise", "snr", "equal")
 #: "drizzle": the live stack as "bilinear", the final re-stack by Bayer drizzle;
 #: "superpixel": half resolution, a quarter of the pixels (for machines short of memory).
 DEBAYER_METHODS = ("bilinear", "auto", "drizzle", "superpixel")
-#: A better reference must score this much higher (`reference_score`): frames of one night
-#: differ by a few % by chance, which is no reason to change.
-REFERENCE_MARGIN = 1.05
 
 
 @dataclass(frozen=True)
@@ -48,15 +46,16 @@ class LiveSettings:
     plane's noise), reject (bool), weighting ("noise": 1/noise^2, "snr": star SNR^2,
     "equal"), debayer ("bilinear": full resolution; "auto": the same; "drizzle": full
     resolution, and the final re-stack drops each CFA sample onto the output grid instead of
-    interpolating, see `daemon.pipeline.drizzle`; "superpixel": half resolution and 4x
-    lighter), drizzle_pixfrac (drop size of the drizzle, fraction of a pixel, 0.1..1), fused
-    (colour at full resolution band by band, `daemon.pipeline.fused`; False: whole-frame
-    debayer, warp and stack, the reference the fused path is tested against), interpolation
-    of the warp ("bicubic": stacked stars as sharp as a single frame's; "bilinear" is 2x
-    faster but widens 3-px stars by ~5 %), normalize_background (bring each frame's sky to
-    the reference level), registration_model ("similarity", "affine", ...), reference_frames (the registration
-    reference is the best of the first this many accepted frames: most stars, smallest FWHM;
-    1 = the first frame).
+    interpolating: sharper stars, more noise per pixel, see `daemon.pipeline.drizzle`;
+    "superpixel": half resolution and 4x lighter), drizzle_pixfrac (drop size of the
+    drizzle, fraction of a pixel, 0.1..1), fused (colour at full resolution band by band,
+    `daemon.pipeline.fused`; False: whole-frame debayer, warp and stack, the reference the
+    fused path is tested against), interpolation of the warp ("bicubic": stacked stars as
+    sharp as a single frame's; "bilinear" is 2x faster but widens 3-px stars by ~5 %),
+    normalize_background (bring each frame's sky to the reference level),
+    registration_model ("similarity", "affine", ...), reference_frames (the registration
+    reference is the best of the first this many accepted frames: most stars, smallest
+    FWHM; 1 = the first frame).
     Quality: see daemon.pipeline.quality.QualitySettings for the meaning of each field.
     """
 
@@ -86,6 +85,7 @@ class LiveSettings:
     session_kappa: float = QualitySettings.session_kappa
     session_warmup: int = QualitySettings.session_warmup
     history: int = QualitySettings.history
+    session_change: int = QualitySettings.session_change
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -102,6 +102,9 @@ class LiveSettings:
             raise ValueError("stack.kappa and stack.warmup_kappa must be > 0")
         if self.reference_frames < 1:
             raise ValueError(f"stack.reference_frames must be >= 1, got {self.reference_frames}")
+        if not 0 <= self.session_change <= self.history:
+            raise ValueError(f"quality.session_change must be within 0..quality.history ({self.history}), "
+                             f"got {self.session_change}")
 
     @property
     def stack_settings(self) -> StackSettings:
@@ -150,34 +153,6 @@ def _num(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
-@dataclass
-class _Reference:
-    """What the pipeline remembers about the registration reference and the stack's grid.
-
-    The stack's pixel grid is that of its first frame (or of `set_reference`'s); the
-    registration reference may be a better frame chosen later among the first few
-    (`reference_frames`): frames are registered to it and warped into the grid through
-    `grid_from_ref`, the (fixed) transform of the reference into the grid, so nothing stacked
-    so far is resampled again or held back when the reference changes. `noise` and `snr`
-    stay the grid frame's: they are the unit of every frame's weight."""
-
-    path: str | None
-    stars: Any  # daemon.pipeline.stars.Stars
-    n_stars: int
-    noise: float | None
-    snr: float | None
-    frame_shape: tuple[int, int]  # raw (CFA) frame shape
-    bayer: str | None
-    sky: list[float] = field(default_factory=list)  # per-plane background of the stacked image (ADU)
-    wcs: dict | None = None  # the reference's celestial WCS cards (FrameMeta.wcs), array convention
-    #: Reference pixels -> grid pixels (3x3; identity when the reference is the grid frame).
-    grid_from_ref: np.ndarray = field(default_factory=lambda: np.eye(3))
-    #: FWHM (px) of the reference frame, for choosing a better one.
-    fwhm_px: float | None = None
-    #: Accepted frames still to be considered as a better reference.
-    candidates_left: int = 0
-
-
 class LivePipeline:
     """Stateful live stacker. Not re-entrant: one `process` at a time (the service runs
     them in one worker thread); `stack_image` may be called from another thread."""
@@ -196,7 +171,7 @@ class LivePipeline:
     def reset(self) -> None:
         """Forget the stack and the reference (a new target or a new session)."""
         with getattr(self, "_lock", threading.Lock()):
-            self._ref: _Reference | None = None
+            self._ref: Reference | None = None
             self._stack: RunningStack | None = None
             self._history = QualityHistory()
             self._provenance: list[dict] = []
@@ -223,10 +198,8 @@ class LivePipeline:
 
         `consume=True`: the caller hands over the pixels and will not read `frame.data` again
         (the service, the bench). A colour mosaic is then dropped (`frame.data = None`) as
-        soon as it is debayered, before the warp allocates its output: 104 MB less at the
-        peak of a 26 Mpx colour session (bench, 6248x4176: peak RSS 1.16-1.20 -> 1.11-1.12 GB).
-        A mono frame's pixels are the warp's input and are freed when the caller drops the
-        frame."""
+        soon as it is debayered, before the warp allocates its output (one mosaic less at the
+        peak). A mono frame's pixels are the warp's input, freed when the caller drops it."""
         t0 = time.perf_counter()
         s = self.settings
         path = frame.meta.path
@@ -275,7 +248,7 @@ class LivePipeline:
             settings=s.quality_settings, registration_ok=reg_ok, registration_reason=reg_reason,
             elongation=elong,
         )
-        self._history.observe(fwhm, elong, n_stars, s.history)
+        self._history.observe(fwhm, elong, n_stars, s.history, background=bkg)
         if not verdict.accepted:
             return result(False, verdict.reason, dx=dx, dy=dy, rotation_deg=rot)
 
@@ -415,9 +388,28 @@ class LivePipeline:
 
     @property
     def reference_wcs(self) -> dict | None:
-        """The reference frame's celestial WCS cards ({key: value}, the array convention of
-        daemon.io.wcs), None when it had none."""
+        """The grid frame's celestial WCS cards ({key: value}, the array convention of
+        daemon.io.wcs): its header's, or its plate solve's; None when it has none."""
         return None if self._ref is None or not self._ref.wcs else dict(self._ref.wcs)
+
+    @property
+    def wcs_solved(self) -> bool:
+        """`reference_wcs` comes from a plate solve (not from the frame's header)."""
+        return self._ref is not None and self._ref.wcs_solved
+
+    def grid_frame(self) -> GridFrame | None:
+        """The frame whose pixel grid the stack uses, as the plate solver needs it (a copy)."""
+        with self._lock:
+            return grid_frame(self._ref)
+
+    def set_reference_wcs(self, path: str, cards: dict) -> bool:
+        """Make `cards` (a plate solve of `path`, array convention) the stack's WCS source.
+        False, and nothing changed, when `path` is not the grid frame (any more)."""
+        with self._lock:
+            if self._ref is None or self._ref.grid_path != path:
+                return False
+            self._ref.wcs, self._ref.wcs_solved = dict(cards), True
+            return True
 
     @property
     def geometry(self) -> StackGeometry:
@@ -451,7 +443,8 @@ class LivePipeline:
                     "path": r.path, "n_stars": r.n_stars, "noise": r.noise, "snr": r.snr,
                     "frame_shape": list(r.frame_shape), "bayer": r.bayer, "sky": list(r.sky),
                     "grid_from_ref": np.asarray(r.grid_from_ref).tolist(), "fwhm_px": r.fwhm_px,
-                    "candidates_left": r.candidates_left, "wcs": r.wcs,
+                    "candidates_left": r.candidates_left, "wcs": r.wcs, "grid_path": r.grid_path,
+                    "wcs_solved": r.wcs_solved,
                     "stars_arrays": [], "stars_values": {},
                 }
                 for f in dataclasses.fields(r.stars):
@@ -481,10 +474,11 @@ class LivePipeline:
         if ref is not None:
             values = {k: tuple(v) if isinstance(v, list) else v for k, v in ref["stars_values"].items()}
             stars = Stars(**{name: np.asarray(state[f"ref_stars.{name}"]) for name in ref["stars_arrays"]}, **values)
-            pipe._ref = _Reference(
+            pipe._ref = Reference(
                 path=ref["path"], stars=stars, n_stars=int(ref["n_stars"]), noise=ref["noise"],
                 snr=ref["snr"], frame_shape=tuple(ref["frame_shape"]), bayer=ref["bayer"], sky=list(ref["sky"]),
-                wcs=ref.get("wcs"),
+                wcs=ref.get("wcs"), grid_path=ref.get("grid_path"), wcs_solved=bool(ref.get("wcs_solved")),
+                grid_stars=stars if ref.get("grid_path") == ref["path"] else None,
                 grid_from_ref=np.asarray(ref.get("grid_from_ref", np.eye(3)), np.float64),
                 fwhm_px=ref.get("fwhm_px"), candidates_left=int(ref.get("candidates_left", 0)),
             )
@@ -508,12 +502,12 @@ class LivePipeline:
     def _measure(self, data: np.ndarray, frame: Frame):
         return measure(data, bayer=frame.meta.bayer, plate_scale=frame.meta.plate_scale_arcsec)
 
-    def _make_reference(self, frame: Frame, stars, metrics) -> _Reference:
-        return _Reference(
+    def _make_reference(self, frame: Frame, stars, metrics) -> Reference:
+        return Reference(
             path=frame.meta.path, stars=stars, n_stars=int(metrics.n_stars), noise=_num(metrics.noise),
             snr=_snr(stars, metrics), frame_shape=tuple(frame.data.shape), bayer=frame.meta.bayer,
-            wcs=dict(frame.meta.wcs) if frame.meta.wcs else None,
-            fwhm_px=_num(metrics.fwhm_px),
+            wcs=dict(frame.meta.wcs) if frame.meta.wcs else None, fwhm_px=_num(metrics.fwhm_px),
+            grid_path=frame.meta.path, grid_stars=stars, grid_meta=frame.meta,
         )
 
     def _weight(self, metrics, stars) -> float:
@@ -576,14 +570,6 @@ def capture_fields(meta: FrameMeta) -> dict:
         value = getattr(meta, name)
         out[name] = list(value) if isinstance(value, tuple) else value
     return out
-
-
-def reference_score(n_stars: int, fwhm_px: float | None) -> float:
-    """How good a registration reference a frame is: more stars and sharper ones are both
-    better matches for every later frame (stars per px of FWHM; 0 if unmeasured). A frame
-    replaces the reference only when it scores `REFERENCE_MARGIN` times higher."""
-    return float(n_stars) / fwhm_px if fwhm_px else 0.0
-
 
 
 def _snr(stars, metrics) -> float | None:

@@ -14,6 +14,13 @@ A rejection is "clearly worse than the session": beyond `session_kappa` MADs AND
 minimum physical excess (`elongation_excess`, `fwhm_factor`, `min_star_fraction`), so a
 session whose frames happen to agree to 0.01 does not reject a frame for 0.02.
 
+A change that lasts is the night's new state, not a run of bad frames: when the last
+`session_change` frames measured (this one included) were all beyond the session on the
+same measure (elongation, FWHM or sky background: a meridian flip that leaves the stars a
+little longer, seeing that stays worse, a neighbour's light switched on), the session on
+that measure is those frames, so the rest of the night is not rejected for good. A frame
+still has to agree with them, and clouds (the star count) never become the norm.
+
 Each rejection carries a human-readable reason naming the measured value, the session's
 and the distance in MADs, because the observer at the telescope needs to know *why* (cloud?
 wind? focus?) to act: `trailing: elongation 1.62 vs session 1.19 (+8.1 MAD)`. The gate is
@@ -51,6 +58,10 @@ class QualitySettings:
         sigma of a normal distribution) a frame must be worse than the session (MAD).
     session_warmup: accepted frames before the window's median and MAD are used (count).
     history: number of recent accepted frames forming the session window (count).
+    session_change: this many frames in a row beyond the session on one measure (elongation,
+        FWHM, background) are a lasting change: the session on that measure becomes those
+        frames (count; 0 = never). Half the window by default: as many as would move the
+        window's median were the rejected frames in it.
     """
 
     min_star_fraction: float = 0.5
@@ -64,6 +75,7 @@ class QualitySettings:
     session_kappa: float = 5.0
     session_warmup: int = 5
     history: int = 20
+    session_change: int = 10
 
 
 @dataclass
@@ -87,8 +99,9 @@ class QualityHistory:
     """Metrics of the session (for its medians); JSON-able.
 
     fwhm_px, background, elongation, n_stars: the recent accepted frames (the window).
-    seen: [fwhm_px, elongation, n_stars] of every frame measured so far, up to the window
-    size (None where not measured): the session during the warm-up.
+    seen: [fwhm_px, elongation, n_stars, background] of every frame measured, accepted or
+    not, the last `history` of them (None where not measured): the session during the
+    warm-up, and the frames that show a lasting change.
     """
 
     fwhm_px: list[float] = field(default_factory=list)
@@ -109,9 +122,10 @@ class QualityHistory:
         if n_stars is not None:
             self.n_stars = (self.n_stars + [float(n_stars)])[-keep:]
 
-    def observe(self, fwhm_px: float | None, elongation: float | None, n_stars: int, keep: int) -> None:
-        """Record a measured frame, accepted or not (the warm-up session)."""
-        self.seen = (self.seen + [[fwhm_px, elongation, float(n_stars)]])[-keep:]
+    def observe(self, fwhm_px: float | None, elongation: float | None, n_stars: int, keep: int,
+                background: float | None = None) -> None:
+        """Record a measured frame, accepted or not."""
+        self.seen = (self.seen + [[fwhm_px, elongation, float(n_stars), background]])[-keep:]
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,24 @@ def _session(window: list[float], seen: list[list[float | None]], col: int, warm
     if not pool:
         return None
     return _Session(median(pool), None, len(pool))
+
+
+def _lasting(seen: list[list[float | None]], col: int, value: float, n: int, beyond) -> list[float] | None:
+    """The values of the last `n` frames, this one (`value`) the last, when all of them are
+    `beyond(v)` the session: a lasting change. None otherwise (or with `n` = 0)."""
+    if n <= 0:
+        return None
+    recent = [row[col] if len(row) > col else None for row in seen[-(n - 1):]] if n > 1 else []
+    recent.append(value)
+    if len(recent) < n or any(v is None or not beyond(v) for v in recent):
+        return None
+    return recent
+
+
+def _changed(values: list[float], floor: float) -> _Session:
+    """The session of a lasting change: median and MAD (floored) of its frames."""
+    med = median(values)
+    return _Session(med, max(median(abs(v - med) for v in values), floor), len(values))
 
 
 def elongation_of(eccentricity: float | None) -> float | None:
@@ -197,9 +229,15 @@ def assess(
         return Verdict(False, f"clouds: only {n_stars} stars (minimum {s.min_stars})", "clouds")
     if background is not None and history.background and s.background_jump:
         recent = median(history.background)
-        jump = background - recent
         spread = median(abs(v - recent) for v in history.background) if len(history.background) >= 3 else 0.0
-        limit = max(s.background_jump * abs(recent), s.background_jump_noise * (ref_noise or 0.0), k * spread)
+        limit = _background_limit(recent, spread, ref_noise, s)
+        if abs(background - recent) > limit:
+            lasting = _lasting(history.seen, 3, background, s.session_change,
+                               lambda v, r=recent, lim=limit: abs(v - r) > lim)
+            if lasting is not None:
+                new = _changed(lasting, 0.0)
+                recent, limit = new.median, _background_limit(new.median, new.mad, ref_noise, s)
+        jump = background - recent
         if abs(jump) > limit:
             return Verdict(
                 False,
@@ -211,6 +249,11 @@ def assess(
         sess = _session(history.elongation, history.seen, 1, s.session_warmup, _MAD_FLOOR_ELONGATION)
         if sess is not None:
             limit = sess.median + max(s.elongation_excess, k * sess.mad if sess.mad else 0.0)
+            if elongation > limit:
+                lasting = _lasting(history.seen, 1, elongation, s.session_change, lambda v, lim=limit: v > lim)
+                if lasting is not None:
+                    sess = _changed(lasting, _MAD_FLOOR_ELONGATION)
+                    limit = sess.median + max(s.elongation_excess, k * sess.mad)
             if elongation > limit:
                 return Verdict(False, f"trailing: elongation {elongation:.2f} {sess.describe(elongation, '.2f')}",
                                "trailing")
@@ -224,16 +267,30 @@ def assess(
         if s.fwhm_factor:
             sess = _session(history.fwhm_px, history.seen, 0, s.session_warmup, 0.0)
             if sess is not None:
-                mad = max(sess.mad, _MAD_FLOOR_FWHM * sess.median) if sess.mad is not None else None
-                limit = max(s.fwhm_factor * sess.median, sess.median + k * mad if mad else 0.0)
+                sess, limit = _fwhm_limit(sess, s)
                 if fwhm_px > limit:
-                    sess = _Session(sess.median, mad, sess.n)
+                    lasting = _lasting(history.seen, 0, fwhm_px, s.session_change, lambda v, lim=limit: v > lim)
+                    if lasting is not None:
+                        sess, limit = _fwhm_limit(_changed(lasting, 0.0), s)
+                if fwhm_px > limit:
                     return Verdict(
                         False,
                         f"FWHM {fwhm_px:.2f} px > {s.fwhm_factor:g}x session median {sess.median:.2f} px"
-                        + (f" ({(fwhm_px - sess.median) / mad:+.1f} MAD)" if mad else ""),
+                        + (f" ({(fwhm_px - sess.median) / sess.mad:+.1f} MAD)" if sess.mad else ""),
                         "fwhm",
                     )
     if not registration_ok:
         return Verdict(False, f"registration failed: {registration_reason or 'no match'}", "registration")
     return Verdict(True)
+
+
+def _fwhm_limit(sess: _Session, s: QualitySettings) -> tuple[_Session, float]:
+    """The FWHM session with its MAD floored, and the FWHM beyond which a frame is blurred."""
+    mad = max(sess.mad, _MAD_FLOOR_FWHM * sess.median) if sess.mad is not None else None
+    limit = max(s.fwhm_factor * sess.median, sess.median + s.session_kappa * mad if mad else 0.0)
+    return _Session(sess.median, mad, sess.n), limit
+
+
+def _background_limit(recent: float, spread: float, ref_noise: float | None, s: QualitySettings) -> float:
+    """How far (ADU) the sky may move from `recent`, whose frames spread by `spread` (MAD)."""
+    return max(s.background_jump * abs(recent), s.background_jump_noise * (ref_noise or 0.0), s.session_kappa * spread)

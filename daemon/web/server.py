@@ -39,6 +39,7 @@ from aiohttp import WSMsgType, web
 
 from daemon.config import WebConfig
 from daemon.web.auth import COOKIE, CSRF_HEADER, Auth
+from daemon.web.tiles import sub_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,6 @@ def make_app(daemon: Daemon, cfg: WebConfig, *, hub: EventHub | None = None,
     thumbnail : async callable(path) -> JPEG bytes, optional
         Makes the last sub's thumbnail (default `daemon.web.tiles.sub_thumbnail`, in a thread).
     """
-    from daemon.web.tiles import sub_thumbnail
-
     hub = hub or EventHub()
     auth = Auth(cfg.password)
     thumb = thumbnail or sub_thumbnail
@@ -189,7 +188,8 @@ def make_app(daemon: Daemon, cfg: WebConfig, *, hub: EventHub | None = None,
             n = int(request.query.get("n", FRAMES_KEPT))
         except ValueError:
             raise web.HTTPBadRequest(text="n: expected an integer") from None
-        items = list(hub.frames)[-max(n, 0):] if n else []
+        n = max(n, 0)
+        items = list(hub.frames)[-n:] if n else []
         return _json({"frames": items})
 
     async def preview_jpg(request: web.Request) -> web.Response:

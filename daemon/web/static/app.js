@@ -25,19 +25,29 @@ const base = (p) => String(p || "").split("/").pop();
 // ---------------------------------------------------------------- status
 function renderStatus(st) {
   S.status = st;
-  $("state").textContent = st.state || "?";
-  $("state").className = "pill" + (st.state === "running" ? "" : " dim");
-  if (!S.stack || S.stack === st.stack) $("stack-name").textContent = st.stack || "no stack yet";
+  if (S.pinned && S.stack === st.stack) S.pinned = false;  // the picked stack is being fed again
+  const state = st.state || "?";
+  $("state").textContent = state;
+  $("state").className = "pill" + (state === "running" ? "" : " alert");
+  if (!S.pinned) $("stack-name").textContent = st.stack || "no stack yet";
   const f = st.frames || {};
   $("n-stacked").textContent = st.stacked_current ?? 0;
   $("n-rejected").textContent = f.rejected ?? 0;
   $("integration").textContent = fmtDuration(st.total_exposure_s);
   $("queue").textContent = st.queue ?? 0;
   const plan = st.plan;
-  $("plan").textContent = plan ? `${plan.frame_type || ""} ${plan.frame ?? 0}/${plan.count ?? "∞"} ${plan.state || ""}` : "–";
+  $("plan").textContent = plan ? `${plan.frame_type || ""} ${plan.frame ?? 0}/${plan.count || "∞"} ${plan.state || ""}` : "–";
   $("eta").textContent = plan && plan.eta_s != null ? fmtDuration(plan.eta_s) : "–";
   $("disk").textContent = fmtBytes(st.disk_free_bytes);
   $("temp").textContent = plan && plan.temperature_c != null ? `${num(plan.temperature_c, 1)} °C` : "–";
+  // The broker link (status.mqtt), when the daemon has [mqtt]: the page itself does not need it.
+  $("mqtt-cell").hidden = st.mqtt == null;
+  if (st.mqtt != null) {
+    $("mqtt").textContent = st.mqtt;
+    $("mqtt").className = "mid" + (st.mqtt === "connected" ? "" : " bad");
+  }
+  const exp = st.exposure_s;
+  $("darks-label").textContent = exp ? `Darks matching the lights (${num(exp, exp % 1 ? 1 : 0)} s)` : "Darks matching the lights";
   const sel = $("stack-select"), names = Object.keys(st.stacks || {});
   const want = S.pinned && names.includes(S.stack) ? S.stack : st.stack;
   if (sel.options.length !== names.length || names.some((n, i) => sel.options[i].value !== n)) {
@@ -45,8 +55,10 @@ function renderStatus(st) {
   } else {
     names.forEach((n, i) => { sel.options[i].text = `${n} (${st.stacks[n]})`; });
   }
+  $("stack-pick").hidden = names.length < 2;
   if (want) sel.value = want;
   S.stack = sel.value || st.stack || null;
+  pointingStatus(st);
 }
 
 // ---------------------------------------------------------------- preview, last sub, zoom
@@ -83,8 +95,10 @@ function openTile(x, y, size) {
   if (!name) return;
   S.tile = { name, x: Math.round(x), y: Math.round(y), size: size || (S.tile ? S.tile.size : 512) };
   const t = S.tile;
-  $("zoom-img").src = `/api/stack/${encodeURIComponent(t.name)}/tile?x=${t.x}&y=${t.y}&size=${t.size}`;
-  $("zoom-where").textContent = `${t.name} @ ${t.x}, ${t.y} (${t.size} px)`;
+  const img = $("zoom-img");
+  img.onload = () => { $("zoom-where").textContent = `${t.name} @ ${t.x}, ${t.y}: ${img.naturalWidth}×${img.naturalHeight} px, 1:1`; };
+  img.src = `/api/stack/${encodeURIComponent(t.name)}/tile?x=${t.x}&y=${t.y}&size=${t.size}`;
+  $("zoom-where").textContent = `${t.name} @ ${t.x}, ${t.y}`;
   $("zoom").hidden = false;
 }
 function setupZoom() {
@@ -111,7 +125,12 @@ function setupZoom() {
 }
 
 // ---------------------------------------------------------------- charts (canvas)
-const COLORS = ["#d42a1e", "#c86420"];
+// One chart per quantity, x = frame number of the night (times at the ends), y = value; accepted
+// frames joined by a line, rejected ones a × labelled with the reason's first word (a rejected
+// frame without that value sits on the bottom edge). Tapping a chart names the nearest frame.
+const COLORS = ["#d42a1e", "#d42a1e"], DASHES = [[], [5, 4]];
+const hhmm = (t) => { const d = new Date(t); return isNaN(d) ? "" : d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23" }); };
+const reasonWord = (r) => String(r || "rejected").split(":")[0].trim();
 function drawChart(canvas) {
   const keys = canvas.dataset.key.split(","), frames = S.frames.filter((f) => !f.error);
   const dpr = window.devicePixelRatio || 1, w = canvas.clientWidth, h = canvas.clientHeight;
@@ -121,30 +140,62 @@ function drawChart(canvas) {
   g.clearRect(0, 0, w, h);
   const vals = frames.flatMap((f) => keys.map((k) => f[k])).filter((v) => v != null && isFinite(v));
   canvas.dataset.n = frames.length;
+  canvas.dataset.rejected = frames.filter((f) => !f.accepted).length;
   g.strokeStyle = "#2a0804"; g.lineWidth = 1; g.strokeRect(0.5, 0.5, w - 1, h - 1);
-  if (!vals.length) return;
-  let lo = Math.min(...vals), hi = Math.max(...vals);
+  const pad = 18, X = (i) => pad + (frames.length < 2 ? 0.5 : i / (frames.length - 1)) * (w - 2 * pad);
+  canvas._pick = { frames, X };
+  if (!frames.length) return;
+  let lo = vals.length ? Math.min(...vals) : 0, hi = vals.length ? Math.max(...vals) : 1;
   if (hi - lo < 1e-9) { lo -= 1; hi += 1; }
-  const pad = 16, X = (i) => pad + (frames.length < 2 ? 0.5 : i / (frames.length - 1)) * (w - 2 * pad);
-  const Y = (v) => h - 12 - (v - lo) / (hi - lo) * (h - 24);
-  g.fillStyle = "#7a1a12"; g.font = "11px system-ui";
-  g.fillText(num(hi, hi >= 100 ? 0 : 2), 3, 11); g.fillText(num(lo, hi >= 100 ? 0 : 2), 3, h - 2);
+  const top = 16, bottom = h - 14, Y = (v) => bottom - (v - lo) / (hi - lo) * (bottom - top);
+  const ints = vals.every((v) => Number.isInteger(v)), digits = ints || hi - lo >= 100 ? 0 : hi - lo >= 10 ? 1 : 2;
+  g.fillStyle = "#93261a"; g.font = "12px system-ui";
+  g.textAlign = "left"; g.fillText(num(hi, digits), 3, 12); g.fillText(num(lo, digits), 3, h - 3);
+  g.textAlign = "right";
+  const t0 = hhmm(frames[0].time), t1 = hhmm(frames[frames.length - 1].time);
+  if (t0) g.fillText(t0 === t1 ? t0 : `${t0} – ${t1}`, w - 3, h - 3);
   keys.forEach((k, j) => {
-    g.strokeStyle = COLORS[j % COLORS.length]; g.lineWidth = 1.5; g.beginPath();
+    g.strokeStyle = COLORS[j]; g.lineWidth = 1.5; g.setLineDash(DASHES[j]); g.beginPath();
     let started = false;
     frames.forEach((f, i) => {
       if (f[k] == null || !f.accepted) return;
       if (started) g.lineTo(X(i), Y(f[k])); else { g.moveTo(X(i), Y(f[k])); started = true; }
     });
-    g.stroke();
-    frames.forEach((f, i) => {
-      const v = f[k]; if (v == null || !isFinite(v)) return;
-      const x = X(i), y = Y(v);
-      if (f.accepted) { g.fillStyle = COLORS[j % COLORS.length]; g.fillRect(x - 2, y - 2, 4, 4); }
-      else { g.strokeStyle = "#ff5040"; g.lineWidth = 2; g.beginPath();
-        g.moveTo(x - 4, y - 4); g.lineTo(x + 4, y + 4); g.moveTo(x + 4, y - 4); g.lineTo(x - 4, y + 4); g.stroke(); }
-    });
+    g.stroke(); g.setLineDash([]);
+    g.fillStyle = COLORS[j];
+    frames.forEach((f, i) => { if (f.accepted && f[k] != null && isFinite(f[k])) g.fillRect(X(i) - 2, Y(f[k]) - 2, 4, 4); });
   });
+  // Rejected frames: one × each (at the first key's value), labelled where there is room.
+  let labelEnd = -Infinity;
+  g.textAlign = "center"; g.font = "11px system-ui";
+  frames.forEach((f, i) => {
+    if (f.accepted) return;
+    const v = keys.map((k) => f[k]).find((u) => u != null && isFinite(u));
+    const x = X(i), y = v == null ? bottom : Y(v);
+    g.strokeStyle = "#ff4a3a"; g.lineWidth = 2; g.beginPath();
+    g.moveTo(x - 4, y - 4); g.lineTo(x + 4, y + 4); g.moveTo(x + 4, y - 4); g.lineTo(x - 4, y + 4); g.stroke();
+    const word = reasonWord(f.reason), half = g.measureText(word).width / 2 + 2;
+    if (x - half > labelEnd) {
+      g.fillStyle = "#ff4a3a"; g.fillText(word, Math.min(Math.max(x, half), w - half), y < top + 14 ? y + 15 : y - 7);
+      labelEnd = x + half;
+    }
+  });
+}
+function frameText(f) {
+  const when = hhmm(f.time);
+  const what = f.accepted ? `stacked · FWHM ${num(f.fwhm_px)} · ecc ${num(f.eccentricity)} · ${f.stars ?? "–"}★`
+    : `rejected: ${f.reason}`;
+  return `${base(f.path)}${when ? " · " + when : ""} · ${what}`;
+}
+function pickOnChart(e) {
+  const c = e.currentTarget, p = c._pick;
+  if (!p || !p.frames.length) return;
+  const x = e.clientX - c.getBoundingClientRect().left;
+  let best = 0;
+  p.frames.forEach((f, i) => { if (Math.abs(p.X(i) - x) < Math.abs(p.X(best) - x)) best = i; });
+  const f = p.frames[best], out = c.parentElement.querySelector(".pick");
+  out.textContent = frameText(f);
+  out.className = "pick" + (f.accepted ? "" : " bad");
 }
 let chartTimer = null;
 function drawCharts() {
@@ -158,9 +209,10 @@ function frameItem(f) {
   li.className = f.error ? "error" : f.accepted ? "stacked" : "rejected";
   const name = document.createElement("span"); name.className = "name"; name.textContent = base(f.path);
   const verdict = document.createElement("span"); verdict.className = "verdict";
-  verdict.textContent = f.error ? `error: ${f.reason}` : f.accepted
-    ? `stacked · FWHM ${num(f.fwhm_px)} · ${f.stars ?? "–"}★` : `rejected: ${f.reason}`;
-  li.append(name, verdict);
+  const when = hhmm(f.time);
+  verdict.textContent = (when ? when + " · " : "") + (f.error ? `error: ${f.reason}` : f.accepted
+    ? `stacked · FWHM ${num(f.fwhm_px)} · ${f.stars ?? "–"}★` : `rejected: ${f.reason}`);
+  li.append(name);
   if (!f.error) {
     const b = document.createElement("button"); b.textContent = "reference";
     b.title = "make this frame the stack's registration reference";
@@ -168,6 +220,7 @@ function frameItem(f) {
       () => send({ action: "set_reference", path: f.path }));
     li.append(b);
   }
+  li.append(verdict);
   return li;
 }
 function addFrame(f) {
@@ -180,25 +233,33 @@ function addFrame(f) {
 }
 
 // ---------------------------------------------------------------- commands and login
-let cmdId = 0;
+let cmdId = 0, toastTimer = null;
 function showResult(el, ok, text) { el.textContent = text; el.className = "result " + (ok ? "ok" : "bad"); }
+function reply(ok, text) {  // a command's result: in the controls and as a toast wherever the page is scrolled
+  showResult($("cmd-result"), ok, text);
+  const t = $("toast");
+  showResult(t, ok, text); t.hidden = false;
+  clearTimeout(toastTimer); toastTimer = setTimeout(() => { t.hidden = true; }, ok ? 5000 : 10000);
+}
 async function send(cmd) {
-  const out = $("cmd-result");
   if ((cmd.action === "reset" || cmd.action === "restack") && !cmd.stack && S.stack) cmd.stack = S.stack;
   const body = JSON.stringify({ id: `web-${Date.now()}-${++cmdId}`, ...cmd });
-  showResult(out, true, `${cmd.action}…`);
+  reply(true, `${cmd.action}…`);
   let r;
   try {
     r = await fetch("/api/cmd", { method: "POST", body, credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": S.csrf || "" } });
-  } catch (e) { showResult(out, false, `${cmd.action}: the daemon cannot be reached (${e})`); return; }
-  const reply = await r.json().catch(() => ({ ok: false, error: `HTTP ${r.status}` }));
-  if (r.status === 401) { showResult(out, false, `${cmd.action}: refused: ${reply.error}`); openLogin(); return; }
-  if (reply.ok) {
-    const extra = Object.entries(reply).filter(([k]) => !["id", "ok", "action"].includes(k))
+  } catch (e) { reply(false, `${cmd.action}: the daemon cannot be reached (${e})`); return; }
+  const answer = await r.json().catch(() => ({ ok: false, error: `HTTP ${r.status}` }));
+  if (r.status === 401) {
+    reply(false, `${cmd.action}: refused: ${answer.error}`);
+    openLogin(`${cmd.action} needs the password; log in, then press it again.`); return;
+  }
+  if (answer.ok) {
+    const extra = Object.entries(answer).filter(([k]) => !["id", "ok", "action"].includes(k))
       .map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
-    showResult(out, true, `${cmd.action}: done${extra ? " — " + extra : ""}`);
-  } else showResult(out, false, `${cmd.action}: refused: ${reply.error}`);
+    reply(true, `${cmd.action}: done${extra ? " — " + extra : ""}`);
+  } else reply(false, `${cmd.action}: refused: ${answer.error}`);
 }
 function confirmThen(text, fn) {
   const d = $("confirm");
@@ -206,9 +267,9 @@ function confirmThen(text, fn) {
   d.onclose = () => { if (d.returnValue === "yes") fn(); };
   d.returnValue = ""; d.showModal();
 }
-function openLogin() {
+function openLogin(why) {
   if (!S.passwordSet) return;
-  $("login-result").textContent = ""; $("password").value = "";
+  showResult($("login-result"), true, why || ""); $("password").value = "";
   $("login").showModal(); $("password").focus();
 }
 async function session() {
@@ -230,19 +291,21 @@ function setupControls() {
         confirmThen(`Reset ${name}? Its frames and its spool (for the final re-stack) are removed.`,
           () => send({ action: "reset" }));
       } else if (action === "stop") {
-        confirmThen("Stop acquisition and stacking?", () => send({ action: "stop" }));
+        confirmThen("Stop acquisition and stacking? (Start resumes both.)", () => send({ action: "stop" }));
       } else send({ action });
     };
   });
   $("darks").onclick = () => {
     const n = parseInt($("dark-count").value, 10);
-    if (!(n > 0)) { showResult($("cmd-result"), false, "darks: give a count"); return; }
-    send({ action: "plan", frame_type: "dark", count: n });
+    if (!(n > 0)) { reply(false, "darks: give a count"); return; }
+    // The current stack's exposure when known (the lights being taken), else the config's [plan].
+    const exp = S.status && S.status.exposure_s;
+    send({ action: "plan", frame_type: "dark", count: n, ...(exp ? { exposure_s: exp } : {}) });
   };
   $("stack-select").onchange = (e) => {
     S.stack = e.target.value;
     S.pinned = !!S.status && S.stack !== S.status.stack;  // follow the fed stack unless another is picked
-    if (S.status) $("stack-name").textContent = S.status.stack || "no stack yet";
+    if (S.status && !S.pinned) $("stack-name").textContent = S.status.stack || "no stack yet";
     refreshPreview();
   };
   $("login-open").onclick = async () => {
@@ -251,9 +314,10 @@ function setupControls() {
       await session();
     } else openLogin();
   };
-  $("night").onclick = () => {  // red-tinted images (night vision) or true colour
+  $("night").onclick = () => {  // red images (night vision) or true colour
     const on = document.body.classList.toggle("night");
     $("night").setAttribute("aria-pressed", String(on));
+    $("night").textContent = on ? "true colour" : "red";
     try { localStorage.setItem("lb-night", on ? "1" : "0"); } catch (e) { /* private mode */ }
   };
   try { if (localStorage.getItem("lb-night") === "0") $("night").click(); } catch (e) { /* private mode */ }
@@ -262,9 +326,9 @@ function setupControls() {
     e.preventDefault();
     const r = await fetch("/api/login", { method: "POST", credentials: "same-origin",
       headers: { "Content-Type": "application/json" }, body: JSON.stringify({ password: $("password").value }) });
-    const reply = await r.json().catch(() => ({ ok: false, error: `HTTP ${r.status}` }));
-    if (reply.ok) { S.csrf = reply.csrf; $("login").close(); await session(); showResult($("cmd-result"), true, "logged in"); }
-    else showResult($("login-result"), false, reply.error);
+    const answer = await r.json().catch(() => ({ ok: false, error: `HTTP ${r.status}` }));
+    if (answer.ok) { S.csrf = answer.csrf; $("login").close(); await session(); showResult($("cmd-result"), true, "logged in"); }
+    else showResult($("login-result"), false, answer.error);
   };
 }
 
@@ -278,6 +342,7 @@ function connect() {
     if (m.kind === "status") renderStatus(m.data);
     else if (m.kind === "frame") { addFrame(m.data); if (!m.data.error) refreshSub(m.data.path); }
     else if (m.kind === "preview") { S.meta = m.data; if (!S.stack || S.stack === m.data.stack) S.view = m.data; refreshPreview(); }
+    else if (m.kind === "acquisition") pointingEvent(m.data);
   };
   ws.onclose = () => {
     $("link").textContent = "offline"; $("link").className = "pill dim";
@@ -300,6 +365,10 @@ async function loadFrames() {
 
 window.addEventListener("DOMContentLoaded", async () => {
   setupControls(); setupZoom();
+  document.querySelectorAll("#charts canvas").forEach((c) => {
+    const p = document.createElement("p"); p.className = "pick"; p.setAttribute("aria-live", "polite");
+    c.after(p); c.addEventListener("click", pickOnChart);
+  });
   await session(); await poll(); await loadFrames(); refreshPreview(); connect();
   window.addEventListener("resize", drawCharts);
 });

@@ -1,0 +1,157 @@
+"""The plan supervisor: runs acquisition plans over INDI, one at a time, and what ends them.
+
+One plan at a time: the config's [plan] at start, or one sent with the `plan` command. Its
+frames reach the stacks only through the folder watcher, like any other program's. When a
+plan ends:
+- a light plan that ran to its end gets its stack's final re-stack, once all its frames are
+  processed (what `restack` does on demand);
+- a calibration plan (bias, dark, flat, darkflat) ends in a master built from its frames; from
+  then on the master calibrates every new stack (and any stack still empty), and the checkpoint
+  keeps it, so a restart calibrates the same way.
+
+The supervisor runs on the event loop; the stacking work it asks for (the master, the final
+re-stack) runs on the worker thread through the service's `job`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from daemon.config import Config, ConfigError
+from daemon.session import SessionError
+from daemon.settings import PlanSettings
+
+log = logging.getLogger("lightbucket")
+
+#: Install line for device control, named when a plan is asked of a daemon without it.
+INDI_EXTRA = "pip install 'lightbucket[indi]' (or LIGHTBUCKET_EXTRAS=indi scripts/bootstrap.sh)"
+
+
+def indi_available() -> bool:
+    """Whether the INDI extra (pyindi-client) is installed (found, not imported)."""
+    try:
+        return importlib.util.find_spec("PyIndi") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class PlanSupervisor:
+    """Starts, stops and finishes plans. Loop only.
+
+    publish: (kind, payload) -> None, an event to MQTT and the page; progress: called with
+    each `plan` progress payload (the service keeps the latest for `status`); job: runs
+    fn(session) on the worker thread and awaits its result; processed: awaits until given frame
+    paths are in the ledger (or the timeout, seconds, passes) and says whether they are.
+    """
+
+    def __init__(self, config: Config, publish: Callable[[str, dict], None], progress: Callable[[dict], None],
+                 job: Callable[..., Awaitable[Any]], processed: Callable[[list[str], float], Awaitable[bool]]):
+        if config.indi is not None and not indi_available():
+            raise ConfigError(f"{config.source}: [indi]: device control is not installed: {INDI_EXTRA}")
+        self.config = config
+        self._publish, self._progress, self._job, self._processed = publish, progress, job, processed
+        self._task: asyncio.Task | None = None
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def running(self) -> bool:
+        """A plan is running."""
+        return self._task is not None and not self._task.done()
+
+    def start(self, plan: PlanSettings | None = None) -> asyncio.Task | None:
+        """Run `plan` (default: the config's [plan]) as a task, unless one is running or the
+        config has no [indi]; returns the task (None when nothing started)."""
+        if self.config.indi is None or self.running:
+            return None
+        plan = plan or self.config.plan
+        if plan is None:
+            log.warning("%s: [indi] without [plan]: nothing to acquire, watching only", self.config.source)
+            return None
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run(plan), name="plan")
+        return self._task
+
+    async def run(self, plan: PlanSettings) -> dict:
+        """Run one plan to its end and return its summary (state, frames, paths, master, final)."""
+        if self.running:
+            raise RuntimeError("a plan is already running")
+        task = self.start(plan)
+        if task is None:
+            raise RuntimeError("no [indi] section: nothing to acquire with")
+        return await task
+
+    async def wait(self) -> dict | None:
+        """The summary of the running (or last) plan once it ends; None when none ran."""
+        if self._task is None:
+            return None
+        return await asyncio.shield(self._task)
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the running plan (the exposure in hand is aborted); cancel it if it does not
+        stop within `timeout_s`."""
+        if self.running:
+            self._stop.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                self._task.cancel()
+
+    async def _run(self, plan: PlanSettings) -> dict:
+        from daemon.acquisition import run_acquisition  # PyIndi: the [indi] extra, only with plans
+
+        supervisor = self
+        config = dataclasses.replace(self.config, plan=plan)
+
+        class Events:
+            async def publish(self, kind: str, payload: dict) -> None:
+                if kind == "plan":
+                    supervisor._progress({k: v for k, v in payload.items() if k != "paths"})
+                supervisor._publish("acquisition", {"event": kind, **payload})
+
+        try:
+            summary = await run_acquisition(config, Events(), self._stop)
+        except Exception as exc:  # noqa: BLE001 - stacking of what arrives goes on
+            log.exception("acquisition failed")
+            error = f"{type(exc).__name__}: {exc}"
+            self._publish("acquisition", {"event": "error", "error": error})
+            return {"state": "failed", "frames": 0, "paths": [], "error": error}
+        log.info("acquisition %s: %s frames", summary.get("state"), summary.get("frames"))
+        self._publish("acquisition", {"event": "finished", **summary})
+        paths = summary.get("paths") or []
+        if not paths:
+            return summary
+        if not plan.frame_type.is_calibration:
+            if summary.get("state") == "done":
+                summary["final"] = await self._final_restack(paths)
+        elif summary.get("state") == "done" or len(paths) >= 3:
+            try:
+                out = await self._job(lambda session: session.build_master(
+                    plan.frame_type, paths, exposure_s=plan.exposure_s, filter_name=plan.filter))
+            except (ValueError, OSError) as exc:
+                log.error("master %s from %d frames not built: %s", plan.frame_type, len(paths), exc)
+                summary["error"] = f"master not built: {exc}"
+                self._publish("acquisition", {"event": "error", "error": summary["error"]})
+            else:
+                summary["master"] = str(out)
+                self._publish("acquisition", {"event": "master", "kind": str(plan.frame_type),
+                                              "path": str(out), "frames": len(paths)})
+        return summary
+
+    async def _final_restack(self, paths: list[str], timeout_s: float = 600.0) -> str | None:
+        """The session-end product of a light plan that ran to its end: once its frames are all
+        processed, the final re-stack of their stack."""
+        if not await self._processed(paths, timeout_s):
+            log.warning("final re-stack skipped: frames of the plan still unprocessed after %g s", timeout_s)
+            return None
+        try:
+            reply = await self._job(lambda session: session.restack_of_file(paths[-1]))
+        except (SessionError, ValueError, OSError) as exc:
+            log.error("final re-stack not written: %s", exc)
+            return None
+        self._publish("acquisition", {"event": "final", "stack": reply["stack"], "path": reply["path"]})
+        return reply["path"]
