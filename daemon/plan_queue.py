@@ -120,6 +120,16 @@ class PlanQueue:
         """Let pending entries run again (the next evening)."""
         self.night_over = False
 
+    def rearm(self) -> bool:
+        """At a (re)start of the daemon: a new night for what is left, and entries that failed
+        get another try with their frames (the restart may have been the fix). False when
+        nothing is left to run (every entry done or refused)."""
+        self.night_over = False
+        for e in self.entries:
+            if e.state == FAILED:
+                e.state = STOPPED
+        return any(e.state in (PENDING, RUNNING, STOPPED) for e in self.entries)
+
     def status(self) -> dict:
         """For the status: {"night_over", "halted", "entries": [...]}."""
         return {"night_over": self.night_over, "halted": self.halted,

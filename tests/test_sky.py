@@ -223,7 +223,7 @@ def test_site_and_mount_settings(tmp_path):
 def test_config_sections(tmp_path):
     from daemon.config import ConfigError, config_from_dict
 
-    base = {"capture": {"dir": str(tmp_path)}, "state": {"dir": str(tmp_path)}}
+    base = {"capture": {"dir": str(tmp_path / "capture")}, "state": {"dir": str(tmp_path / "state")}}
     cfg = config_from_dict({**base, "site": {"latitude": 50.1, "longitude": 8.7, "elevation_m": 120},
                             "mount": {"flip_after_min": 2.5}})
     assert cfg.site.latitude == 50.1 and cfg.mount.flip_after_min == 2.5 and cfg.mount.meridian_flip
