@@ -22,7 +22,7 @@ from types import NoneType, UnionType
 from typing import Any
 
 from daemon.io.formats import DEFAULT_PATTERNS
-from daemon.settings import CameraSettings, IndiSettings, PlanSettings, SettingsError
+from daemon.settings import CameraSettings, IndiSettings, MountSettings, PlanSettings, SettingsError, SiteSettings
 
 
 class ConfigError(ValueError):
@@ -146,6 +146,8 @@ class Config:
     indi: IndiSettings | None = None
     camera: CameraSettings = CameraSettings()
     plan: PlanSettings | None = None
+    site: SiteSettings | None = None
+    mount: MountSettings = MountSettings()
     source: str = "<config>"
 
     @property
@@ -163,6 +165,8 @@ _SECTIONS: dict[str, type] = {
     "indi": IndiSettings,
     "camera": CameraSettings,
     "plan": PlanSettings,
+    "site": SiteSettings,
+    "mount": MountSettings,
 }
 _PASSTHROUGH = ("stack", "quality")
 

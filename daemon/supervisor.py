@@ -1,8 +1,11 @@
 """The plan supervisor: runs acquisition plans over INDI, one at a time, and what ends them.
 
-One plan at a time: the config's [plan] at start, or one sent with the `plan` command. Its
-frames reach the stacks only through the folder watcher, like any other program's. When a
-plan ends:
+One plan at a time: the night's queue at start (the config's plans, `config.queue` or its
+[plan]), or one sent with the `plan` command. The queue is kept in <state.dir>/queue.json
+(daemon.plan_queue, run by daemon.night.run_queue): a daemon restarted mid-night resumes the
+plan that was running with the frames it has, and goes on with the rest; `queue` events carry
+its status. Frames reach the stacks only through the folder watcher, like any other program's.
+When a plan ends:
 - a light plan that ran to its end gets its stack's final re-stack, once all its frames are
   processed (what `restack` does on demand);
 - a calibration plan (bias, dark, flat, darkflat) ends in a master built from its frames; from
@@ -16,13 +19,13 @@ re-stack) runs on the worker thread through the service's `job`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib.util
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from daemon.config import Config, ConfigError
+from daemon.plan_queue import PlanQueue
 from daemon.session import SessionError
 from daemon.settings import PlanSettings
 
@@ -57,15 +60,31 @@ class PlanSupervisor:
         self._publish, self._progress, self._job, self._processed = publish, progress, job, processed
         self._task: asyncio.Task | None = None
         self._stop: asyncio.Event | None = None
-        self._plan: PlanSettings | None = None
+        #: The queue running (or last run): the night's, or the `plan` command's one plan.
+        self.queue: PlanQueue | None = None
+
+    @property
+    def queue_file(self):
+        return self.config.state.dir / "queue.json"
+
+    def night_plans(self) -> tuple[PlanSettings, ...]:
+        """The night's plans: the config's queue ([[plan]] entries) or its one [plan]."""
+        plans = tuple(getattr(self.config, "queue", None) or ())
+        return plans or ((self.config.plan,) if self.config.plan is not None else ())
+
+    def queue_status(self) -> dict | None:
+        """The queue's status for `status` (None before any plan ran)."""
+        return None if self.queue is None else self.queue.status()
 
     def target_of(self, name: str | None) -> tuple[float, float] | None:
-        """(RA, Dec) degrees J2000 the mount was sent to for target `name` by the running (or
-        last) plan; None when no plan pointed at it."""
-        plan = self._plan
-        if plan is None or name is None or plan.target != name or plan.ra is None or plan.dec is None:
+        """(RA, Dec) degrees J2000 the mount was sent to for target `name` by a plan of the
+        running (or last) queue; None when no plan pointed at it."""
+        if self.queue is None or name is None:
             return None
-        return plan.ra_deg, plan.dec_deg
+        for plan in (e.plan for e in self.queue.entries):
+            if plan.target == name and plan.ra is not None and plan.dec is not None:
+                return plan.ra_deg, plan.dec_deg
+        return None
 
     @property
     def running(self) -> bool:
@@ -77,13 +96,19 @@ class PlanSupervisor:
         config has no [indi]; returns the task (None when nothing started)."""
         if self.config.indi is None or self.running:
             return None
-        plan = plan or self.config.plan
-        if plan is None:
-            log.warning("%s: [indi] without [plan]: nothing to acquire, watching only", self.config.source)
-            return None
+        if plan is not None:  # the plan command: a queue of its own, not the night's
+            queue, save_to = PlanQueue([plan]), None
+        else:
+            plans = self.night_plans()
+            if not plans:
+                log.warning("%s: [indi] without [plan]: nothing to acquire, watching only", self.config.source)
+                return None
+            queue, save_to = PlanQueue.load(self.queue_file, plans), self.queue_file
+            if not queue.rearm():  # all ran: a new run of the night's plans
+                queue = PlanQueue(plans)
+        self.queue = queue
         self._stop = asyncio.Event()
-        self._plan = plan
-        self._task = asyncio.create_task(self._run(plan), name="plan")
+        self._task = asyncio.create_task(self._run_queue(queue, save_to), name="plan")
         return self._task
 
     async def run(self, plan: PlanSettings) -> dict:
@@ -111,11 +136,11 @@ class PlanSupervisor:
             except TimeoutError:
                 self._task.cancel()
 
-    async def _run(self, plan: PlanSettings) -> dict:
-        from daemon.acquisition import run_acquisition  # PyIndi: the [indi] extra, only with plans
+    async def _run_queue(self, queue: PlanQueue, save_to) -> dict:
+        """Run the queue's plans; returns the last plan's summary, with "queue" (its status)."""
+        from daemon.night import run_queue  # PyIndi: the [indi] extra, only with plans
 
         supervisor = self
-        config = dataclasses.replace(self.config, plan=plan)
 
         class Events:
             async def publish(self, kind: str, payload: dict) -> None:
@@ -124,17 +149,26 @@ class PlanSupervisor:
                 supervisor._publish("acquisition", {"event": kind, **payload})
 
         try:
-            summary = await run_acquisition(config, Events(), self._stop)
+            summaries = await run_queue(self.config, queue, Events(), self._stop, save_to=save_to,
+                                        on_finished=self._finished)
         except Exception as exc:  # noqa: BLE001 - stacking of what arrives goes on
             log.exception("acquisition failed")
             error = f"{type(exc).__name__}: {exc}"
             self._publish("acquisition", {"event": "error", "error": error})
-            return {"state": "failed", "frames": 0, "paths": [], "error": error}
+            return {"state": "failed", "frames": 0, "paths": [], "error": error, "queue": queue.status()}
+        summary = dict(summaries[-1]) if summaries else {"state": "done", "frames": 0, "paths": []}
+        if summary.get("state") == "failed":
+            self._publish("acquisition", {"event": "error", "error": summary.get("error")})
+        summary["queue"] = queue.status()
+        return summary
+
+    async def _finished(self, plan: PlanSettings, summary: dict) -> None:
+        """After each plan: its event, then its product (final re-stack, master) into summary."""
         log.info("acquisition %s: %s frames", summary.get("state"), summary.get("frames"))
         self._publish("acquisition", {"event": "finished", **summary})
         paths = summary.get("paths") or []
         if not paths:
-            return summary
+            return
         if not plan.frame_type.is_calibration:
             if summary.get("state") == "done":
                 summary["final"] = await self._final_restack(paths)
@@ -150,7 +184,6 @@ class PlanSupervisor:
                 summary["master"] = str(out)
                 self._publish("acquisition", {"event": "master", "kind": str(plan.frame_type),
                                               "path": str(out), "frames": len(paths)})
-        return summary
 
     async def _final_restack(self, paths: list[str], timeout_s: float = 600.0) -> str | None:
         """The session-end product of a light plan that ran to its end: once its frames are all
