@@ -146,6 +146,8 @@ class Config:
     indi: IndiSettings | None = None
     camera: CameraSettings = CameraSettings()
     plan: PlanSettings | None = None
+    #: The night's plans in order: `[[plan]]` entries (`plan` is the first), or the one [plan].
+    queue: tuple[PlanSettings, ...] = ()
     site: SiteSettings | None = None
     mount: MountSettings = MountSettings()
     source: str = "<config>"
@@ -253,13 +255,18 @@ def build_section(cls: type, data: dict, section: str, source: str) -> Any:
     try:
         return cls(**kwargs)
     except SettingsError as exc:  # a value of the right type that cannot be used
-        raise ConfigError(f"{source}: {exc}") from None
+        base = section.split()[0]  # "plan 2" (a [[plan]] entry): the settings say "[plan]"
+        raise ConfigError(f"{source}: {str(exc).replace(f'[{base}]', f'[{section}]', 1)}") from None
 
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     """Validate a parsed TOML document; errors name `source` and the key."""
     kwargs: dict[str, Any] = {"source": source}
     for section, value in raw.items():
+        if section == "plan" and isinstance(value, list):  # [[plan]]: the night's queue
+            kwargs["queue"] = _plan_queue(value, source)
+            kwargs["plan"] = kwargs["queue"][0]
+            continue
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {section}: expected a [section], got {value!r}")
         if section in _PASSTHROUGH:
@@ -276,7 +283,21 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     web = kwargs.get("web")
     if web is not None and (web.cert_file is None) != (web.key_file is None):
         raise ConfigError(f"{source}: [web] cert_file and key_file: give both (HTTPS) or neither")
+    if "plan" in kwargs and "queue" not in kwargs:
+        kwargs["queue"] = (kwargs["plan"],)
     return Config(**kwargs)
+
+
+def _plan_queue(entries: list, source: str) -> tuple[PlanSettings, ...]:
+    """`[[plan]]` entries, each a [plan] of its own; errors name the entry (`[plan 2]`)."""
+    if not entries:
+        raise ConfigError(f"{source}: [[plan]]: no entries")
+    plans = []
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: [[plan]] entry {i}: expected a table, got {entry!r}")
+        plans.append(build_section(PlanSettings, entry, f"plan {i}", source))
+    return tuple(plans)
 
 
 def _check_folders(capture: CaptureConfig, state: StateConfig, source: str) -> None:
@@ -302,6 +323,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})
+        if section == "plan" and isinstance(raw[section], list):
+            for entry in raw[section]:  # [[plan]]: the override holds for every plan of the night
+                if isinstance(entry, dict):
+                    entry[key] = value
+            continue
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{path}: --set {text!r}: {section} is not a section")
         raw[section][key] = value

@@ -36,7 +36,7 @@ class Controller:
         self.handlers: dict[str, Handler] = {
             "start": self.start, "stop": self.stop, "pause": self.pause, "resume": self.resume,
             "reset": self.reset, "restack": self.restack, "set_reference": self.set_reference,
-            "plan": self.plan,
+            "plan": self.plan, "queue": self.queue,
         }
         missing = set(COMMANDS) ^ set(self.handlers)
         assert not missing, f"commands without handlers (or handlers without commands): {missing}"
@@ -77,16 +77,32 @@ class Controller:
 
     async def plan(self, cmd: Command) -> dict:
         service = self.service
-        if service.config.indi is None:
-            raise CommandError("plan: no [indi] section in the config: nothing to acquire with")
-        if not indi_available():
-            raise CommandError(f"plan: device control is not installed: {INDI_EXTRA}")
+        self._can_acquire("plan")
         if service.plans.running:
             raise CommandError("plan: a plan is running; send stop first")
         if service.state != "running":
             service.set_state("running")
         service.plans.start(cmd.plan)
         return {"plan": dataclasses.asdict(cmd.plan)}
+
+    async def queue(self, cmd: Command) -> dict:
+        """Append a plan to the night's queue (run at once when nothing runs)."""
+        service = self.service
+        self._can_acquire("queue")
+        try:
+            status = service.plans.enqueue(cmd.plan)
+        except RuntimeError as exc:
+            raise CommandError(f"queue: {exc}") from None
+        if service.state != "running":
+            service.set_state("running")
+        service.publish_status()
+        return {"plan": dataclasses.asdict(cmd.plan), "queue": status}
+
+    def _can_acquire(self, action: str) -> None:
+        if self.service.config.indi is None:
+            raise CommandError(f"{action}: no [indi] section in the config: nothing to acquire with")
+        if not indi_available():
+            raise CommandError(f"{action}: device control is not installed: {INDI_EXTRA}")
 
     async def reset(self, cmd: Command) -> dict:
         name = cmd.params.get("stack")

@@ -48,12 +48,20 @@ class Entry:
     paths: list[str] = field(default_factory=list)
     ended: str | None = None
     reason: str | None = None
+    #: Added by the `queue` command (not one of the config's plans): saved with its settings.
+    added: bool = False
 
     def as_dict(self) -> dict:
         p = self.plan
         return {"target": p.target, "frame_type": str(p.frame_type), "filter": p.filter, "exposure_s": p.exposure_s,
                 "count": p.count, "frames": len(self.paths), "state": self.state, "ended": self.ended,
                 "reason": self.reason}
+
+
+def _restore(entry: Entry, old: dict) -> None:
+    entry.state = old.get("state", PENDING)
+    entry.paths = [str(p) for p in old.get("paths", [])]
+    entry.ended, entry.reason = old.get("ended"), old.get("reason")
 
 
 class PlanQueue:
@@ -83,8 +91,8 @@ class PlanQueue:
         return entry
 
     def add(self, plan: PlanSettings) -> Entry:
-        """Append a plan (the `queue` command)."""
-        entry = Entry(plan)
+        """Append a plan (the `queue` command); it is saved with its settings."""
+        entry = Entry(plan, added=True)
         self.entries.append(entry)
         return entry
 
@@ -138,8 +146,9 @@ class PlanQueue:
     # -- persistence -----------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps({"night_over": self.night_over, "entries": [
-            {"key": plan_key(e.plan), "state": e.state, "paths": e.paths, "ended": e.ended, "reason": e.reason}
-            for e in self.entries]})
+            {"key": plan_key(e.plan), "state": e.state, "paths": e.paths, "ended": e.ended, "reason": e.reason,
+             **({"added": True, "plan": dataclasses.asdict(e.plan)} if e.added else {})}
+            for e in self.entries]}, default=str)
 
     @classmethod
     def from_json(cls, text: str, plans: Sequence[PlanSettings]) -> PlanQueue:
@@ -150,17 +159,23 @@ class PlanQueue:
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
             raise ValueError("not a saved plan queue")
         queue = cls(plans)
-        saved = data["entries"]
-        for entry, old in zip(queue.entries, saved, strict=False):
-            if not isinstance(old, dict) or old.get("key") != plan_key(entry.plan):
+        saved = [old for old in data["entries"] if isinstance(old, dict)]
+        for entry, old in zip(queue.entries, [o for o in saved if not o.get("added")], strict=False):
+            if old.get("key") != plan_key(entry.plan):
                 break  # the queue was changed from here on: the rest starts afresh
-            entry.state = old.get("state", PENDING)
-            entry.paths = [str(p) for p in old.get("paths", [])]
-            entry.ended, entry.reason = old.get("ended"), old.get("reason")
+            _restore(entry, old)
+        for old in saved:  # plans the `queue` command added, with their own settings
+            if old.get("added") and isinstance(old.get("plan"), dict):
+                try:
+                    entry = queue.add(PlanSettings(**old["plan"]))
+                except (TypeError, ValueError):
+                    continue  # settings this version no longer takes: that entry is dropped
+                _restore(entry, old)
         queue.night_over = bool(data.get("night_over"))
         return queue
 
     def save(self, path: str | Path) -> None:
+        """Write the queue to `path` atomically (see the module docstring)."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "w") as f:

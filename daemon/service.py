@@ -160,6 +160,7 @@ class Service:
         return status_document(
             self.snapshot, state=self.state, queue=len(self._queue), pending=pending,
             last_frame=self.last_frame, last_reject=self.last_reject, plan=self.plan_progress,
+            plan_queue=self.plans.queue_status(),
             mqtt=self.mqtt.state if self.mqtt is not None else None, solve=self.solves.get(self.snapshot.current),
             disk_free_bytes=disk_free, state_bytes=self._disk_use())
 

@@ -60,6 +60,7 @@ class PlanSupervisor:
         self._publish, self._progress, self._job, self._processed = publish, progress, job, processed
         self._task: asyncio.Task | None = None
         self._stop: asyncio.Event | None = None
+        self._save_to = None  # where the running queue is kept (None: a plan command's own)
         #: The queue running (or last run): the night's, or the `plan` command's one plan.
         self.queue: PlanQueue | None = None
 
@@ -106,10 +107,30 @@ class PlanSupervisor:
             queue, save_to = PlanQueue.load(self.queue_file, plans), self.queue_file
             if not queue.rearm():  # all ran: a new run of the night's plans
                 queue = PlanQueue(plans)
-        self.queue = queue
+        return self._run(queue, save_to)
+
+    def _run(self, queue: PlanQueue, save_to) -> asyncio.Task:
+        self.queue, self._save_to = queue, save_to
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self._run_queue(queue, save_to), name="plan")
         return self._task
+
+    def enqueue(self, plan: PlanSettings) -> dict:
+        """Append `plan` to the night's queue (kept in queue.json, so a restart keeps it) and
+        run the queue when nothing runs. Returns the queue's status. Raises RuntimeError while
+        a single `plan` command's plan runs (stop it first)."""
+        if self.running:
+            if self._save_to is None:
+                raise RuntimeError("a plan sent with `plan` is running; send stop first, or queue plans only")
+            self.queue.add(plan)
+            self.queue.save(self.queue_file)
+        else:
+            queue = PlanQueue.load(self.queue_file, self.night_plans())
+            queue.rearm()
+            queue.add(plan)
+            queue.save(self.queue_file)
+            self._run(queue, self.queue_file)
+        return self.queue.status()
 
     async def run(self, plan: PlanSettings) -> dict:
         """Run one plan to its end and return its summary (state, frames, paths, master, final)."""

@@ -85,6 +85,21 @@ def test_state_and_output_inside_the_watched_folder_are_refused(tmp_path):
         load_config(write(tmp_path, '[capture]\ndir = "/c"\nrecursive = true\n[state]\ndir = "/c/state"\n'))
 
 
+def test_plan_entries_are_the_nights_queue_and_errors_name_the_entry(tmp_path):
+    base = '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n'
+    night = (base + '[[plan]]\ntarget = "M 31"\nra = 10.68\ndec = 41.27\ncount = 30\n'
+             '[[plan]]\ntarget = "M 1"\nra = 83.6\ndec = 22.0\ncount = 20\n')
+    cfg = load_config(write(tmp_path, night), ["plan.exposure_s=60"])  # --set holds for every plan
+    assert [(p.target, p.count, p.exposure_s) for p in cfg.queue] == [("M 31", 30, 60.0), ("M 1", 20, 60.0)]
+    assert cfg.plan == cfg.queue[0]
+    with pytest.raises(ConfigError, match=r"lb.toml: \[plan 2\] count = -1: must be >= 0"):
+        load_config(write(tmp_path, night.replace("count = 20", "count = -1")))
+    with pytest.raises(ConfigError, match=r"\[plan 1\] exposure: unknown key"):
+        load_config(write(tmp_path, night.replace("count = 30", "exposure = 30")))
+    one = load_config(write(tmp_path, base + '[plan]\ntarget = "M 31"\n'))
+    assert one.queue == (one.plan,)
+
+
 def test_parse_override_keeps_strings():
     assert parse_override("mqtt.host=broker.local") == ("mqtt", "host", "broker.local")
     assert parse_override("mqtt.port = 1884") == ("mqtt", "port", 1884)

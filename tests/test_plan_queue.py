@@ -66,3 +66,67 @@ def test_restart_resumes_the_running_plan_with_its_frames(tmp_path):
     path.write_text('{"entries": [')
     assert [e.state for e in PlanQueue.load(path, [M31]).entries] == ["pending"]
     assert [e.state for e in PlanQueue.load(tmp_path / "none.json", [M31]).entries] == ["pending"]
+
+
+def test_plans_added_by_the_queue_command_survive_a_restart(tmp_path):
+    path = tmp_path / "queue.json"
+    q = PlanQueue([M31])
+    added = q.add(PlanSettings(target="NGC 7000", ra=314.7, dec=44.3, count=5, frame_type="light"))
+    assert added.added
+    q.next()
+    q.frame("/c/a1.fits")
+    q.save(path)
+    back = PlanQueue.load(path, [M31])  # the config still has only M 31
+    assert [e.plan.target for e in back.entries] == ["M 31", "NGC 7000"]
+    assert back.entries[1].plan == added.plan and back.entries[1].added
+    assert back.entries[0].paths == ["/c/a1.fits"] and back.entries[0].state == "running"
+    # A saved plan this version cannot take any more is dropped, the rest kept.
+    text = path.read_text().replace('"count": 5', '"count": -5')
+    path.write_text(text)
+    assert [e.plan.target for e in PlanQueue.load(path, [M31]).entries] == ["M 31"]
+
+
+def test_queue_command_appends_to_the_night_and_runs_it(tmp_path, monkeypatch):
+    """The `queue` command through the service's command table: the plan is checked like any
+    [plan], appended to the night's queue (saved), and the queue runs; run_queue (INDI) is a
+    fake that takes every entry as done."""
+    import asyncio
+    import json
+
+    import daemon.night
+    from daemon.config import config_from_dict
+    from daemon.service import Service
+
+    async def fake_run_queue(config, queue, events, stop, *, save_to=None, on_finished=None, **kw):
+        done = []
+        while (entry := queue.next()) is not None:
+            queue.finish({"state": "done", "paths": [], "ended": "count"})
+            done.append(entry.plan.target)
+            if save_to:
+                queue.save(save_to)
+        return [{"state": "done", "frames": 0, "paths": [], "targets": done}]
+
+    monkeypatch.setattr(daemon.night, "run_queue", fake_run_queue)
+    cfg = config_from_dict({
+        "capture": {"dir": str(tmp_path / "c")}, "state": {"dir": str(tmp_path / "s")},
+        "indi": {"drivers": []},
+        "plan": [{"target": "M 31", "ra": "00h42m44s", "dec": "+41d16m09s", "count": 3},
+                 {"target": "M 1", "ra": 83.6, "dec": 22.0, "count": 2}]}, "night.toml")
+    assert [p.target for p in cfg.queue] == ["M 31", "M 1"] and cfg.plan.target == "M 31"
+    service = Service(cfg)
+
+    async def scenario():
+        bad = await service.handle_command(json.dumps(
+            {"id": 1, "action": "queue", "target": "X", "ra": 1.0, "dec": 2.0, "exposure_s": -1}).encode())
+        ok = await service.handle_command(json.dumps(
+            {"id": 2, "action": "queue", "target": "NGC 7000", "ra": 314.7, "dec": 44.3, "count": 4}).encode())
+        summary = await service.plans.wait()
+        return bad, ok, summary
+
+    bad, ok, summary = asyncio.run(scenario())
+    assert not bad["ok"] and "[plan] exposure_s = -1.0" in bad["error"]
+    assert ok["ok"] and [e["target"] for e in ok["queue"]["entries"]] == ["M 31", "M 1", "NGC 7000"]
+    assert summary["targets"] == ["M 31", "M 1", "NGC 7000"]
+    assert [e["state"] for e in service.status()["plan_queue"]["entries"]] == ["done"] * 3
+    saved = json.loads((tmp_path / "s" / "queue.json").read_text())
+    assert saved["entries"][2]["added"] and saved["entries"][2]["plan"]["target"] == "NGC 7000"
