@@ -31,7 +31,8 @@ from daemon.ledger import InHand, Ledger, quarantine_left_over
 from daemon.masters import build_master, load_masters
 from daemon.names import safe_filename
 from daemon.pipeline.frame import FrameType
-from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.restack import restack
 from daemon.products import preview_jpeg, write_stack
 from daemon.routing import StackKey
@@ -357,19 +358,23 @@ class Session:
     def restack(self, name: str | None) -> dict:
         """Final winsorized sigma-clipped combine of a stack's spooled frames into
         <stack>_final.fits. Frames the live stack holds that are not in the spool (a failed
-        write, a full disk) are named in the reply and the log: the final stack lacks them."""
+        write, a full disk) are spooled again from their files when they still exist
+        (`LivePipeline.respool`); those that cannot be are named in the reply and the log: the
+        final stack lacks them."""
         stack = self.named(name)
-        spool = self.spools.open(stack.key.name)
         # Only frames the ledger has as stacked here (a frame spooled just before a crash and
         # rejected when processed again after it is left out).
-        stacked = {str((self.capture_dir / k).resolve()) for k, e in self.ledger.entries.items()
+        stacked = {(self.capture_dir / k).resolve(): self.capture_dir / k for k, e in self.ledger.entries.items()
                    if e.outcome == "stacked" and e.stack == stack.key.name}
+        spool = self.spools.open(stack.key.name)
+        spooled = {Path(e["path"]).resolve() for e in (spool.entries if spool else []) if e.get("path")}
+        respooled = self._respool(stack, [p for r, p in stacked.items() if r not in spooled])
+        spool = self.spools.open(stack.key.name) if respooled else spool
         entries = [e for e in (spool.entries if spool else [])
-                   if e.get("path") and str(Path(e["path"]).resolve()) in stacked]
+                   if e.get("path") and Path(e["path"]).resolve() in stacked]
         if not entries:
             raise SessionError(f"restack: no spooled frames for stack {stack.key.name}")
-        spooled = {str(Path(e["path"]).resolve()) for e in entries}
-        missing = sorted(Path(p).name for p in stacked - spooled)
+        missing = sorted(p.name for p in set(stacked) - {Path(e["path"]).resolve() for e in entries})
         result = restack([spool.open(e) for e in entries], [e["weight"] for e in entries],
                          [e["scale"] for e in entries])
         out = self.output_dir / f"{stack.key.name}_final.fits"
@@ -381,12 +386,34 @@ class Session:
         log.info("restack of %s: %d frames -> %s", stack.key.name, result.n_frames, out)
         reply = {"stack": stack.key.name, "path": str(out), "frames": result.n_frames,
                  "live_frames": stack.pipeline.n_stacked}
+        if respooled:
+            reply["respooled"] = respooled
         if missing:
             log.warning("restack of %s: %d of the live stack's %d frames are not in the spool (a failed "
                         "write?) and are not in %s: %s", stack.key.name, len(missing), len(stacked), out.name,
                         ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
             reply["missing"] = {"frames": len(missing), "first": missing[:10]}
         return reply
+
+    def _respool(self, stack: Stack, paths: list[Path]) -> int:
+        """Spool again the frames of `paths` the stack holds, from their files; returns how
+        many were written (a file gone or changed, or a disk still full, is logged)."""
+        done = 0
+        for path in paths:
+            try:
+                frame = self.loader(path)
+                item, weight = stack.pipeline.respool(frame)
+            except (KeyError, ValueError, OSError) as exc:
+                log.warning("restack of %s: %s not spooled again: %s", stack.key.name, path.name, exc)
+                continue
+            date_obs = frame.meta.date_obs.isoformat() if frame.meta.date_obs else None
+            self.spools.submit(stack.key.name, str(path), encode(item), weight=weight, date_obs=date_obs,
+                               exposure_s=frame.meta.exposure_s)
+            self.spools.drain()
+            if str(path) not in self.spools.failed.get(stack.key.name, set()):
+                done += 1
+                log.info("restack of %s: %s spooled again from its file", stack.key.name, path.name)
+        return done
 
     def restack_of_file(self, path: str | Path) -> dict:
         """`restack` of the stack that file `path` went to (a plan's last frame)."""

@@ -24,7 +24,7 @@ def test_example_watch_config_loads_and_builds_live_settings():
     assert "*.fits" in cfg.capture.patterns and cfg.mqtt.port == 1883 and cfg.mqtt.rig == "default"
     assert cfg.indi is None and cfg.plan is None
     assert cfg.output_dir == Path("/var/lib/lightbucket/output")
-    from daemon.pipeline.live import LiveSettings
+    from daemon.pipeline.live_settings import LiveSettings
 
     assert LiveSettings.from_config(cfg.stack, cfg.quality).max_eccentricity == 0.85
 
