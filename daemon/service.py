@@ -144,6 +144,9 @@ class Service:
             due = every <= 0 or time.monotonic() - self.snapshot.last_checkpoint >= every
             try:
                 out = await self.job(lambda session, path=path, due=due: session.process(path, due))
+            except Exception:  # noqa: BLE001 - a bug on one file must not end the night
+                log.exception("processing %s failed; the daemon goes on with the next file", path)
+                continue
             finally:
                 self._queue.done()
             self._report(out)

@@ -245,6 +245,9 @@ class Session:
         except OSError as exc:
             self.unsaved = True
             log.error("checkpoint to %s failed: %s (stacking goes on; retried)", self.state_dir, exc)
+        except Exception:  # noqa: BLE001 - a checkpoint bug must not stop the night's stacking
+            self.unsaved = True
+            log.exception("checkpoint to %s failed (stacking goes on; retried)", self.state_dir)
 
     def checkpoint_if_unsaved(self) -> None:
         if self.unsaved:

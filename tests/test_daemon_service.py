@@ -220,7 +220,10 @@ def test_broker_down_then_up_no_frame_lost_status_catches_up(broker, tmp_path):
         for i in range(4):
             shutil.copy(stage / f"f{i}.fits", cfg.capture.dir / f"f{i}.fits")
         # Stacking goes on while the broker is away.
-        await wait_for(lambda: service.snapshot.counts["stacked"] == 4 and service.mqtt.backlog == 4,
+        def frame_events_queued() -> int:
+            return sum(topic.endswith("/frame") for topic, _ in service.mqtt.queued())
+
+        await wait_for(lambda: service.snapshot.counts["stacked"] == 4 and frame_events_queued() == 4,
                        what="4 stacked and their events queued with the broker down")
         await asyncio.sleep(1.0)
         broker.start()
@@ -294,11 +297,11 @@ def test_failing_checkpoint_disk_does_not_stop_stacking(tmp_path, monkeypatch):
     real_save = checkpoint.save
     calls = {"n": 0}
 
-    def flaky_save(state_dir, state):
+    def flaky_save(state_dir, state, **options):
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(28, "No space left on device")
-        return real_save(state_dir, state)
+        return real_save(state_dir, state, **options)
 
     monkeypatch.setattr(checkpoint, "save", flaky_save)
     for i in range(2):
