@@ -13,11 +13,11 @@ import asyncio
 
 import pytest
 
-from daemon.autofocus import AutofocusSettings, autofocus_command, hfr_of, run_autofocus
+from daemon.autofocus import autofocus_command, hfr_of, run_autofocus
 from daemon.focus import RefocusTrigger
 from daemon.io.load import load_frame
 from daemon.pipeline.live import LivePipeline
-from daemon.settings import CameraSettings
+from daemon.settings import CameraSettings, FocusSettings
 from drivers.camera import Camera
 from drivers.focuser import Focuser
 from drivers.indi_client import IndiClient
@@ -61,7 +61,7 @@ def test_autofocus_from_far_off_and_the_refocus_triggers(tmp_path):
 
         # 1. {"action": "autofocus", "start_offset_steps": 12000} from 50000: 25300 steps off.
         await focuser.move_to(50000)
-        settings = AutofocusSettings(step=8000, points=5, exposure_s=0.5)
+        settings = FocusSettings(step=8000, points=5, exposure_s=0.5)
         offset = autofocus_command({"action": "autofocus", "start_offset_steps": 12000})
         out["first"] = await run_autofocus(focuser, cam, settings, publish, start_offset_steps=offset)
         out["first_fwhm"] = fwhm_sim()
