@@ -448,7 +448,7 @@ class LivePipeline:
                     "stars_arrays": [], "stars_values": {},
                 }
                 for f in dataclasses.fields(r.stars):
-                    if f.name.startswith("_"):
+                    if f.metadata.get("cache"):
                         continue  # caches (e.g. registration's pattern index) are rebuilt
                     value = getattr(r.stars, f.name)
                     if isinstance(value, np.ndarray):
