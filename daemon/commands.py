@@ -51,6 +51,7 @@ COMMANDS: Mapping[str, Mapping[str, Param] | None] = MappingProxyType({
     "restack": {"stack": Param(str, max_chars=255)},
     "set_reference": {"path": Param(str, required=True)},
     "plan": None,
+    "autofocus": {"start_offset_steps": Param(int)},
 })
 
 
