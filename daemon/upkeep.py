@@ -75,6 +75,7 @@ class Upkeep:
         self._focus_request: tuple[str, int] | None = None  # (reason, start offset) asked for
         self._recenter_request = False
         self._start_focus_done = False
+        self._busy = ""  # "focus" or "centre" while one runs: frames then say nothing new
         # Frames counted by the trigger and the check: those taken after the last focus run /
         # centring ended (an index into runner.progress.paths).
         self._focus_mark = self._center_mark = 0
@@ -106,7 +107,7 @@ class Upkeep:
         was accepted or rejected for its FWHM (a blurred frame is what the trigger looks for),
         taken after the last focus run and with no focus run asked for. Returns the trigger's
         reason when it fired (an autofocus is then asked for), else None."""
-        if self.trigger is None or self._focus_request is not None:
+        if self.trigger is None or self._focus_request is not None or self._busy:
             return None
         index = self.runner.frame_index(path)
         if index is None or index < self._focus_mark:
@@ -121,7 +122,7 @@ class Upkeep:
     def check_due(self, path: str | Path) -> bool:
         """Whether this frame of the plan (stacked) is the one to plate-solve for the pointing
         check now (counted as checked when True)."""
-        if self.check is None or self._recenter_request:
+        if self.check is None or self._recenter_request or self._busy:
             return False
         index = self.runner.frame_index(path)
         if index is None or index < self._center_mark:
@@ -163,16 +164,20 @@ class Upkeep:
         """Plate-solve and sync until the target is within center_tolerance_arcsec; a failure
         is published and the plan goes on."""
         r, p = self.runner, self.runner.plan
-        self._recenter_request = False
+        self._recenter_request, self._busy = False, "centre"
         settings = CenterSettings(tolerance_arcsec=p.center_tolerance_arcsec, max_tries=p.center_max_tries,
                                   exposure_s=p.center_exposure_s)
-        self.centered = await center_on(r.mount, r.camera, r.ra, r.dec, settings, r.publish_state, r.slew_timeout_s)
+        try:
+            self.centered = await center_on(r.mount, r.camera, r.ra, r.dec, settings, r.publish_state,
+                                            r.slew_timeout_s)
+        finally:
+            self._busy = ""
+            self._center_mark = r.progress.done
+            if self.check is not None:
+                self.check.centered()
         if not self.centered.ok:
             await r.publish_state("centering failed", error=self.centered.reason,
                                   error_arcsec=self.centered.error_arcsec)
-        self._center_mark = r.progress.done
-        if self.check is not None:
-            self.check.centered()
         return self.centered
 
     async def autofocus(self, reason: str, start_offset_steps: int = 0) -> dict:
@@ -180,11 +185,12 @@ class Upkeep:
         at the focuser's temperature. An INDI fault raises (a plan fault: the runner retries
         the devices, the focus is not retried unless asked again)."""
         r = self.runner
-        self._focus_request = None
+        self._focus_request, self._busy = None, "focus"
         try:
             self.focused = await run_autofocus(self.focuser, r.camera, self.settings, r.events.publish,
                                                start_offset_steps=start_offset_steps, reason=reason)
         finally:
+            self._busy = ""
             self._focus_mark = r.progress.done
             if self.trigger is not None:
                 self.trigger.focused(self.focuser.temperature())

@@ -111,4 +111,4 @@ def test_autofocus_from_far_off_and_the_refocus_triggers(tmp_path):
     assert out["second_fwhm"] < 1.2 * seeing
     assert out["after"] == [None] * 3
     assert out["cooled"] is not None and "2.5 C below the last focus" in out["cooled"]
-    assert not list(tmp_path.glob(".lightbucket-focus*"))
+    assert not list(tmp_path.glob("*lightbucket-focus*"))
