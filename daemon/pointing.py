@@ -92,6 +92,11 @@ class Pointing:
         if self.solver is not None:
             self.solver.forget(stack)
 
+    async def drain(self) -> None:
+        """Wait for the pointing checks in hand to be answered and published."""
+        while self._checks:
+            await asyncio.gather(*list(self._checks), return_exceptions=True)
+
     async def close(self) -> None:
         """Drop the checks in hand and stop the solver."""
         for task in list(self._checks):
