@@ -90,7 +90,8 @@ class Controller:
 
     async def autofocus(self, cmd: Command) -> dict:
         """Queued on the running light plan (done before its next frame), else run now in an
-        INDI session of its own; the reply says which, or has the result."""
+        INDI session of its own; the reply says which, or what came of it (the curve is in the
+        `autofocus` event and the status's `focus`)."""
         service = self.service
         if service.config.indi is None or not service.config.indi.focuser:
             raise CommandError("autofocus: no focuser: set [indi] focuser to its INDI device name")
@@ -110,7 +111,8 @@ class Controller:
         except RuntimeError as exc:
             raise CommandError(f"autofocus: {exc}") from None
         service.publish_status()
-        return {"queued": False, "result": result}
+        return {"queued": False, "focused": result["ok"],
+                **{k: result.get(k) for k in ("position", "hfr_px", "hfr_px_start", "reason")}}
 
     async def reset(self, cmd: Command) -> dict:
         name = cmd.params.get("stack")

@@ -157,9 +157,10 @@ def test_autofocus_centring_refocus_and_pointing_through_the_daemon(tmp_path):
     # 1. The command: a bad offset refused with the reason, then a focus from 12000 steps off.
     assert not out["refused"]["ok"] and "start_offset_steps" in out["refused"]["error"]
     reply = out["command"]
-    assert reply["ok"] and reply["queued"] is False, reply
-    first = reply["result"]
+    assert reply["ok"] and reply["queued"] is False and reply["focused"], reply
+    first = [e for e in acq if e.get("event") == "autofocus"][0]
     assert KEYS <= set(first) and first["ok"] and first["trigger"] == "command", first
+    assert (reply["position"], reply["hfr_px"]) == (first["position"], first["hfr_px"])
     assert first["hfr_px_start"] > 2.0 * best  # it did start far off
     assert first["hfr_px"] <= 1.2 * best, (first, best)  # within 20 % of the simulator's best
     assert out["status_focus"]["position"] == first["position"]

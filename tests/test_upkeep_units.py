@@ -226,7 +226,7 @@ def test_the_autofocus_command_refused_queued_or_run(tmp_path, monkeypatch):
     assert not wrong_type["ok"] and "start_offset_steps" in wrong_type["error"]
     assert queued["ok"] and queued["queued"] is True and queued["target"] == "T" and plan.asked == [("command", -3000)]
     assert not dark["ok"] and "dark frames: focus after it" in dark["error"]
-    assert now["ok"] and now["queued"] is False and now["result"]["position"] == 100 and ran == [500]
+    assert now["ok"] and now["queued"] is False and now["focused"] and now["position"] == 100 and ran == [500]
     assert status["focus"]["position"] == 100  # the last autofocus event
 
 
