@@ -8,7 +8,8 @@ rig's, so the focuser keeps its position between the command and the plan):
 2. a plan with center = true (the mount misses by [300, -200]"), autofocus = true (the focuser
    knocked 10000 steps off first) and a pointing check;
 3. during that plan the focuser is knocked off again: the FWHM of its frames rises, the refocus
-   trigger fires, an autofocus runs between two frames;
+   trigger fires, an autofocus runs between two frames; then the focuser's temperature probe
+   drops 2.5 C: the trigger fires again;
 4. the stack's WCS (the daemon's reference solve) is centred on the target.
 The simulator's best HFR is measured first at its best position (where indi_simulator_focus's
 FWHM equals its seeing), with the same sensor and binning.
@@ -42,6 +43,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("indi_installed")]
 CCD, FOCUSER, MOUNT = "CCD Simulator", "Focuser Simulator", "Telescope Simulator"
 RA, DEC = 10.0, 70.0
 ERROR = (300.0, -200.0)
+COUNT = 14
 KEYS = {"event", "ok", "position", "hfr_px", "hfr_px_start", "curve", "trigger", "temperature_c"}
 
 
@@ -54,7 +56,7 @@ def _config(tmp_path, port: int):
         "camera": {"binning": 2, "gain": 90},
         "focus": {"step": 8000, "points": 5, "exposure_s": 0.5, "refocus_min_frames": 2},
         "plan": {"target": "Cas field", "ra": RA, "dec": DEC, "filter": "Luminance", "exposure_s": 1.0,
-                 "count": 12, "settle_s": 0.2, "center": True, "center_exposure_s": 1.0, "autofocus": True,
+                 "count": COUNT, "settle_s": 0.2, "center": True, "center_exposure_s": 1.0, "autofocus": True,
                  "pointing_check_s": 600},
     }, "test.toml")
 
@@ -101,6 +103,13 @@ class Probe:
     async def knock(self, steps: int) -> int:
         return await self.focuser.move_to(self.focuser.position() + steps)
 
+    async def cool(self, by_c: float) -> float:
+        c = self.client
+        to = c.prop(FOCUSER, "FOCUS_TEMPERATURE").values["TEMPERATURE"] - by_c
+        c.send_number(FOCUSER, "FOCUS_TEMPERATURE", {"TEMPERATURE": to})
+        await c.wait_for(FOCUSER, "FOCUS_TEMPERATURE", lambda p: p.values["TEMPERATURE"] == to, 10)
+        return to
+
 
 @pytest.mark.timeout(660)
 def test_autofocus_centring_refocus_and_pointing_through_the_daemon(tmp_path):
@@ -138,7 +147,10 @@ def test_autofocus_centring_refocus_and_pointing_through_the_daemon(tmp_path):
         await _until(lambda: service.snapshot.counts["stacked"] >= mark + 2, 120, "2 frames in focus", run)
         out["knocked_at"] = await probe.knock(9000)
         await _until(lambda: len(autofocus()) >= 3, 240, "the refocus", run)
-        out["stacked_before_refocus"] = service.snapshot.counts["stacked"]
+        mark = service.snapshot.counts["stacked"]
+        await _until(lambda: service.snapshot.counts["stacked"] >= mark + 1, 120, "a frame after it", run)
+        out["cooled_to"] = await probe.cool(2.5)
+        await _until(lambda: len(autofocus()) >= 4, 240, "the refocus for the cold", run)
         out["summary"] = await asyncio.wait_for(service.plans.wait(), 240)
         await _until(lambda: service.status()["solve"] is not None, 120, "the reference solve", run)
         await _until(lambda: service.status()["pointing"] is not None, 60, "the pointing check", run)
@@ -180,17 +192,19 @@ def test_autofocus_centring_refocus_and_pointing_through_the_daemon(tmp_path):
     assert acq.index(start) < acq.index(next(e for e in plan if e["state"] == "running"))
 
     # 3. The refocus: the knocked frames' FWHM fired the trigger; a run between two frames.
-    assert len(focus_runs) == 3, [e["trigger"] for e in focus_runs]  # frames from before a run: ignored
+    assert len(focus_runs) == 4, [e["trigger"] for e in focus_runs]  # frames from before a run: ignored
     refocus = focus_runs[2]
     assert refocus["trigger"].startswith("FWHM") and "best since the last focus" in refocus["trigger"], refocus
     assert refocus["ok"] and refocus["hfr_px"] <= 1.2 * best and refocus["hfr_px_start"] > 1.3 * best
     i = acq.index(refocus)
     assert any(e.get("state") == "running" for e in acq[i:] if e.get("event") == "plan")  # frames went on
-    assert out["summary"]["state"] == "done" and out["summary"]["frames"] == 12
+    cold = focus_runs[3]
+    assert "2.5 C below the last focus" in cold["trigger"] and cold["temperature_c"] == out["cooled_to"], cold
+    assert out["summary"]["state"] == "done" and out["summary"]["frames"] == COUNT
 
     # 4. The stack's WCS from the daemon's reference solve, centred on the target; the check.
     status = out["status"]
-    assert status["solve"]["ok"] and status["focus"]["trigger"] == refocus["trigger"]
+    assert status["solve"]["ok"] and status["focus"]["trigger"] == cold["trigger"]
     pointing = status["pointing"]
     assert pointing["ok"] and pointing["error_arcsec"] <= 60.0 and not pointing["far"], pointing
     header = fits.getheader(tmp_path / "state" / "output" / f"{out['stack']}.fits")
@@ -200,10 +214,10 @@ def test_autofocus_centring_refocus_and_pointing_through_the_daemon(tmp_path):
     # The centring and focus frames were hidden from the watcher (and removed): only the plan's
     # lights reached the stack, its reference one of them.
     assert not list((tmp_path / "capture").glob("*lightbucket-*"))
-    assert len(frames) == 12 and all(Path(f).name.startswith("light_Cas-field_") for f in frames), frames
+    assert len(frames) == COUNT and all(Path(f).name.startswith("light_Cas-field_") for f in frames), frames
     assert Path(status["solve"]["path"]).name.startswith("light_Cas-field_")
-    assert header["NCOMBINE"] == status["stacked_current"] <= 12
+    assert header["NCOMBINE"] == status["stacked_current"] <= COUNT
     print({"best_hfr": best, "command": (first["hfr_px_start"], first["hfr_px"]),
-           "start": (start["hfr_px_start"], start["hfr_px"]), "refocus": (refocus["hfr_px_start"], refocus["hfr_px"]),
+           "start": (start["hfr_px_start"], start["hfr_px"]), "refocus": (refocus["hfr_px_start"], refocus["hfr_px"]), "cold": cold["trigger"],
            "centering": [e["error_arcsec"] for e in centering], "pointing": pointing["error_arcsec"],
            "wcs_centre_arcsec": separation_arcsec(float(ra), float(dec), RA, DEC)})
