@@ -218,6 +218,7 @@ def test_autofocus_centring_refocus_and_pointing_through_the_daemon(tmp_path):
     assert Path(status["solve"]["path"]).name.startswith("light_Cas-field_")
     assert header["NCOMBINE"] == status["stacked_current"] <= COUNT
     print({"best_hfr": best, "command": (first["hfr_px_start"], first["hfr_px"]),
-           "start": (start["hfr_px_start"], start["hfr_px"]), "refocus": (refocus["hfr_px_start"], refocus["hfr_px"]), "cold": cold["trigger"],
+           "start": (start["hfr_px_start"], start["hfr_px"]), "refocus": (refocus["hfr_px_start"], refocus["hfr_px"]),
+           "cold": cold["trigger"],
            "centering": [e["error_arcsec"] for e in centering], "pointing": pointing["error_arcsec"],
            "wcs_centre_arcsec": separation_arcsec(float(ra), float(dec), RA, DEC)})
