@@ -21,6 +21,10 @@ side, settle, re-centre, and frames go on into the same stack (the next "running
 the new pier_side). Safe ends: the mount parks at dawn, after a failed flip, after giving up on
 faults ([mount] park_on_fault) and, with [plan] park, at every end; when parking fails,
 tracking is switched off and both are said in the "park failed" event.
+
+Light plans are kept on target and in focus by `daemon.upkeep` (centring after each slew,
+autofocus at the start with [plan] autofocus, and what the service asks for between frames:
+`request_autofocus`, `request_recenter`).
 """
 
 from __future__ import annotations
@@ -28,27 +32,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import shutil
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from daemon import schedule, sky
 from daemon.pipeline.frame import FrameType
-from daemon.settings import CameraSettings, IndiSettings, MountSettings, PlanSettings, SiteSettings
+from daemon.settings import CameraSettings, FocusSettings, IndiSettings, MountSettings, PlanSettings, SiteSettings
+from daemon.upkeep import Upkeep, prepare_simulator, server_for
 from drivers.camera import Camera, ExposureTimeout
 from drivers.filterwheel import FilterWheel
 from drivers.indi_client import IndiClient, IndiError
 from drivers.indiserver import IndiServer
 from drivers.mount import FlipFailed, Mount, PointingErrorMount, SlewTimeout
-
-if TYPE_CHECKING:
-    from daemon.centering import CenterResult
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +82,14 @@ class PlanRunner:
                  capture_dir: str | Path, events: Events, stop: asyncio.Event,
                  server: IndiServer | None = None, *, client: IndiClient | None = None,
                  site: SiteSettings | None = None, mount_settings: MountSettings | None = None,
-                 done_paths: Sequence[str] = (),
+                 focus: FocusSettings | None = None, done_paths: Sequence[str] = (),
                  max_failures: int | None = None, backoff_s: tuple[float, float] = (0.5, 30.0),
                  connect_timeout_s: float = 10.0, slew_timeout_s: float = 180.0,
                  exposure_margin_s: float = 30.0):
-        """site: [site] (None: the mount's own, if it has one). mount_settings: [mount].
-        done_paths: frames of this plan taken before a restart: they count, and are not taken
-        again. max_failures: faults in a row before giving up (default [plan] max_faults)."""
+        """site: [site] (None: the mount's own, if it has one). mount_settings: [mount]. focus:
+        [focus] (autofocus with [indi] focuser). done_paths: frames of this plan taken before a
+        restart: they count, and are not taken again. max_failures: faults in a row before
+        giving up (default [plan] max_faults)."""
         # The settings checked their own values (daemon.settings); what is left depends on the rig.
         self.until = plan.until_time
         self.light = plan.frame_type is FrameType.LIGHT
@@ -122,11 +126,12 @@ class PlanRunner:
         solvable = shutil.which("solve-field") is not None and not (
             indi.camera == "CCD Simulator" and indi.sim_sky == "synthetic")
         self.center = (solvable if plan.center is None else plan.center) and self.mount is not None
-        self.centered: CenterResult | None = None
         self.wheel = FilterWheel(self.client, indi.filter_wheel) if indi.filter_wheel else None
         # Seeded by the target, so a re-run of the same plan dithers the same way.
         self.rng = random.Random(zlib.crc32(f"{plan.target}|{plan.filter or ''}".encode()))
         self.progress = _Progress(done=len(done_paths), paths=list(done_paths))
+        self._index = {_key(p): i for i, p in enumerate(done_paths)}
+        self.upkeep = Upkeep(self, focus)
         self.ready = False
         self.moved = False  # the mount was sent somewhere by this plan (so a safe end parks it)
         self.plate_scale_arcsec = 1.0
@@ -157,6 +162,22 @@ class PlanRunner:
         prefix = self.cam_settings.upload_prefix if self.light else p.frame_type
         parts = [prefix, p.target if self.light else "", p.filter, f"{self.exposure_s:g}s"]
         return "_".join(x for x in parts if x)
+
+    def frame_index(self, path: str | Path) -> int | None:
+        """The place (0-based) of a frame among those this plan took, None when it is not one."""
+        return self._index.get(_key(path))
+
+    def request_autofocus(self, reason: str, start_offset_steps: int = 0) -> None:
+        """Focus before the next frame (ValueError without a focuser); see daemon.upkeep."""
+        self.upkeep.request_autofocus(reason, start_offset_steps)
+
+    def request_recenter(self) -> None:
+        """Centre on the target again before the next frame (with a mount)."""
+        self.upkeep.request_recenter()
+
+    async def publish_state(self, state: str, **extra: Any) -> None:
+        """A `plan` event with the plan's progress (the centring's, too)."""
+        await self._publish(state, **extra)
 
     async def _publish(self, state: str, **extra: Any) -> None:
         payload = {"state": state, "target": self.plan.target, "filter": self.plan.filter,
@@ -249,6 +270,8 @@ class PlanRunner:
         """(Re)connect and bring every device to the plan's state. Idempotent."""
         await self._connect()
         await self.camera.connect(self.connect_timeout_s)
+        await prepare_simulator(self.camera, self.indi)
+        await self.upkeep.connect(self.connect_timeout_s)
         if self.progress.faults:
             # After a fault an exposure may still run in the driver (the INDI CCD simulator keeps
             # the one it was taking when it was switched off and on, and ends the next one with
@@ -270,8 +293,8 @@ class PlanRunner:
             await self.mount.slew(self.ra, self.dec, timeout=self.slew_timeout_s)
             self._schedule_flip()
             self.plate_scale_arcsec = self._plate_scale()
-            if self.center:
-                await self.recenter()
+            await self.upkeep.after_slew()
+        await self.upkeep.at_start()
         self.ready = True
 
     async def _configure_camera(self) -> None:
@@ -280,22 +303,6 @@ class PlanRunner:
             self.exposure_s = self.camera.min_exposure_s()
         await self.camera.set_frame_type(
             FrameType.DARK if self.plan.frame_type is FrameType.DARKFLAT else self.plan.frame_type)
-
-    async def recenter(self) -> CenterResult:
-        """Plate-solve and sync until the target is within center_tolerance_arcsec (after a
-        slew, a fault, a meridian flip); a failure is published and the plan goes on."""
-        # The solver and the pipeline's star detection load only when a plan centres.
-        from daemon.centering import CenterSettings, center_on
-
-        p = self.plan
-        settings = CenterSettings(tolerance_arcsec=p.center_tolerance_arcsec, max_tries=p.center_max_tries,
-                                  exposure_s=p.center_exposure_s)
-        self.centered = await center_on(self.mount, self.camera, self.ra, self.dec, settings, self._publish,
-                                        self.slew_timeout_s)
-        if not self.centered.ok:
-            await self._publish("centering failed", error=self.centered.reason,
-                                error_arcsec=self.centered.error_arcsec)
-        return self.centered
 
     def _plate_scale(self) -> float:
         """arcsec per (binned) pixel from the camera's pixel size and the scope's focal length."""
@@ -361,8 +368,7 @@ class PlanRunner:
         self.flips += 1
         log.info("meridian flip at %.1f min past the meridian: pier side %s -> %s", ha_min, before, after)
         await self._sleep(self.mount_settings.settle_s)
-        if self.center:
-            await self.recenter()
+        await self.upkeep.after_slew()
 
     async def _expose(self) -> Path | None:
         """One frame; None when it was aborted because a meridian flip could wait no longer
@@ -427,6 +433,7 @@ class PlanRunner:
                         raise _GiveUp(f"meridian flip failed: {exc}") from exc
                     flipped = True
                     continue
+                await self._until_stopped(self.upkeep.between_frames())
                 extra = {}
                 due = (self.mount is not None and self.plan.dither_every > 0
                        and self.progress.done > 0 and self.progress.done % self.plan.dither_every == 0
@@ -438,6 +445,7 @@ class PlanRunner:
                 path = await self._expose()
                 if path is None:
                     continue  # aborted for the flip, which is due now
+                self._index[_key(path)] = self.progress.done
                 self.progress.done += 1
                 self.progress.paths.append(str(path))
                 self.progress.cycle_s.append(time.monotonic() - t0 + (self.plan.settle_s if due else 0))
@@ -514,27 +522,38 @@ class _GiveUp(Exception):
     """The plan cannot go on (faults in a row, a failed flip): the message says why."""
 
 
-async def run_acquisition(config: Any, events: Events, stop: asyncio.Event, **runner_options) -> dict:
+def _key(path: str | Path) -> str:
+    """One spelling of a frame's path (the camera's and the watcher's may differ)."""
+    return os.path.realpath(path)
+
+
+async def run_acquisition(config: Any, events: Events, stop: asyncio.Event,
+                          on_runner: Callable[[PlanRunner | None], None] | None = None, **runner_options) -> dict:
     """Run config.plan on config.indi/config.camera into config.capture.dir until done or stop.
 
     Starts (and finally stops) its own indiserver when config.indi.drivers is non-empty. Uses
-    config.site ([site]) and config.mount ([mount]) when the config has them.
+    config.site ([site]), config.mount ([mount]) and config.focus ([focus]) when the config has
+    them. on_runner: called with the PlanRunner once it exists, and with None when it has ended
+    (so the service can ask it for a refocus or a re-centring).
     Returns a summary: state ("done" | "stopped" | "refused"), frames, paths, faults, folder,
     parked, ended (why: "count", "until", "dawn", "daylight", "target sets"), until (ISO),
     reason (why refused). Raises AcquisitionError when the plan fails.
     """
-    indi = config.indi
-    env = {"LIGHTBUCKET_GSC_SKY": indi.sim_sky} if indi.sim_sky != "synthetic" else None
-    server = IndiServer(list(indi.drivers), indi.port, env=env) if indi.drivers else None
+    server = server_for(config.indi)
     runner_options.setdefault("site", getattr(config, "site", None))
     runner_options.setdefault("mount_settings", getattr(config, "mount", None))
-    runner = PlanRunner(indi, config.camera, config.plan, config.capture.dir, events, stop,
+    runner_options.setdefault("focus", getattr(config, "focus", None))
+    runner = PlanRunner(config.indi, config.camera, config.plan, config.capture.dir, events, stop,
                         server, **runner_options)
+    if on_runner is not None:
+        on_runner(runner)
     try:
         if server is not None:
             await server.start()
         return await runner.run()
     finally:
+        if on_runner is not None:
+            on_runner(None)
         await runner.client.close()
         if server is not None:
             await server.stop()

@@ -52,6 +52,7 @@ COMMANDS: Mapping[str, Mapping[str, Param] | None] = MappingProxyType({
     "set_reference": {"path": Param(str, required=True)},
     "plan": None,
     "queue": None,
+    "autofocus": {"start_offset_steps": Param(int)},
 })
 
 

@@ -22,7 +22,15 @@ from types import NoneType, UnionType
 from typing import Any
 
 from daemon.io.formats import DEFAULT_PATTERNS
-from daemon.settings import CameraSettings, IndiSettings, MountSettings, PlanSettings, SettingsError, SiteSettings
+from daemon.settings import (
+    CameraSettings,
+    FocusSettings,
+    IndiSettings,
+    MountSettings,
+    PlanSettings,
+    SettingsError,
+    SiteSettings,
+)
 
 
 class ConfigError(ValueError):
@@ -150,6 +158,7 @@ class Config:
     queue: tuple[PlanSettings, ...] = ()
     site: SiteSettings | None = None
     mount: MountSettings = MountSettings()
+    focus: FocusSettings = FocusSettings()
     source: str = "<config>"
 
     @property
@@ -169,6 +178,7 @@ _SECTIONS: dict[str, type] = {
     "plan": PlanSettings,
     "site": SiteSettings,
     "mount": MountSettings,
+    "focus": FocusSettings,
 }
 _PASSTHROUGH = ("stack", "quality")
 

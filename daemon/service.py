@@ -30,11 +30,9 @@ from daemon.frame_queue import FrameQueue
 from daemon.io.load import FrameLoader, LoadOptions
 from daemon.ledger import QUARANTINED, file_key
 from daemon.memory import retain_freed_memory
-from daemon.reference_solve import ReferenceSolver, solve_event
+from daemon.pointing import Pointing
 from daemon.sdnotify import Notifier, watchdog_interval_s
 from daemon.session import LivePipelineFactory, Outcome, PipelineFactory, Session, SessionSnapshot, live_settings
-from daemon.settings import PlanSettings
-from daemon.solve import Solution, solver_installed
 from daemon.spool import folder_bytes
 from daemon.supervisor import PlanSupervisor
 from daemon.warmup import ensure_warm
@@ -52,7 +50,7 @@ class Service:
 
     Public, for the page, the CLI and tests: `status()`, `snapshot`, `command()`,
     `subscribe()`, `preview()`, `stack_preview()`, `tile()`, `idle()`, `wait_processed()`,
-    `run_plan()`; all on the event loop.
+    `plans` (run, wait for, stop plans); all on the event loop.
     """
 
     def __init__(self, config: Config, *, factory: PipelineFactory | None = None,
@@ -86,14 +84,13 @@ class Service:
         self.last_reject: dict | None = None
         #: The running (or last) plan's latest progress event, also in `status` as "plan".
         self.plan_progress: dict | None = None
-        #: Each stack's reference plate solve (the `solve` event); the current one's in `status`.
-        self.solves: dict[str, dict] = {}
-        self.solver: ReferenceSolver | None = None
         self.mqtt = None
         self.web = None
         self.watcher: FolderWatcher | None = None
         self.plans = PlanSupervisor(config, self.publish_event, self._plan_progress, self.job, self.wait_processed)
         self.controller = Controller(self)
+        #: The plate solves: each stack's reference, the night's pointing check (daemon.pointing).
+        self.pointing = Pointing(self)
         self._listeners: list[Callable[[str, dict], None]] = []
         self._preview: tuple[bytes, dict] | None = None  # the latest (JPEG, preview/meta)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
@@ -164,8 +161,8 @@ class Service:
             self.snapshot, state=self.state, queue=len(self._queue), pending=pending,
             last_frame=self.last_frame, last_reject=self.last_reject, plan=self.plan_progress,
             plan_queue=self.plans.queue_status(),
-            mqtt=self.mqtt.state if self.mqtt is not None else None, solve=self.solves.get(self.snapshot.current),
-            disk_free_bytes=disk_free, state_bytes=self._disk_use())
+            mqtt=self.mqtt.state if self.mqtt is not None else None, **self.pointing.status(self.snapshot.current),
+            focus=self.plans.focus, disk_free_bytes=disk_free, state_bytes=self._disk_use())
 
     def _disk_use(self) -> int:
         """Bytes under the state folder (spool, checkpoint, snapshots, masters), counted at
@@ -209,9 +206,8 @@ class Service:
     def _report(self, out: Outcome) -> None:
         if out.outcome == "skipped":
             return
-        if out.grid is not None and self.solver is not None:
-            summary = self.snapshot.stacks.get(out.stack)
-            self.solver.request(out.stack, out.grid, self.plans.target_of(summary.key.target if summary else None))
+        self.pointing.frame_done(out, self.plans.runner)
+        self.plans.frame_done(out)
         event = self.last_frame = frame_event(out)
         if not event["accepted"]:
             self.last_reject = {k: event.get(k) for k in ("path", "reason", "stack", "time")}
@@ -278,27 +274,6 @@ class Service:
         self.notifier.status(f"{state}; {self.snapshot.counts['stacked']} stacked, queue {len(self._queue)}")
         self.publish_status()
 
-    async def _solved(self, stack: str, path: str, solution: Solution) -> None:
-        """A stack's reference frame plate-solved (or not): its WCS to the stack, the event out."""
-        if solution.ok:
-            await self.job(lambda session: session.set_reference_wcs(stack, path, solution.wcs))
-            await self.write_products(force=True)
-        summary = self.snapshot.stacks.get(stack)
-        event = solve_event(stack, path, solution, self.plans.target_of(summary.key.target if summary else None))
-        self.solves[stack] = event
-        self.publish_event("acquisition", event)
-        self.publish_status()
-
-    def forget_solve(self, stack: str) -> None:
-        """Stack `stack` was reset or got a new reference: solve its next grid frame."""
-        self.solves.pop(stack, None)
-        if self.solver is not None:
-            self.solver.forget(stack)
-
-    async def run_plan(self, plan: PlanSettings) -> dict:
-        """Run one plan to its end and return its summary (state, frames, paths, master)."""
-        return await self.plans.run(plan)
-
     # ----------------------------------------------------------------- lifecycle
     async def _heartbeat(self) -> None:
         """Watchdog pings from the event loop itself (a blocked loop stops them, and systemd
@@ -361,9 +336,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         quarantined = await self.job(lambda session: session.restore())
-        solve = self.config.solve
-        if solve.enabled or (solve.enabled is None and solver_installed()):
-            self.solver = ReferenceSolver(self._solved, solve)
+        self.pointing.start()
         tasks: list[asyncio.Task] = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
         await self._start_links(tasks)  # the page and MQTT say "starting" while kernels compile
         try:
@@ -413,8 +386,7 @@ class Service:
             await self.mqtt.close()
         if self.web is not None:
             await self.web.stop()
-        if self.solver is not None:
-            self.solver.close()
+        await self.pointing.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,5 +1,5 @@
-"""Settings of the device side: [indi], [camera], [plan], [site] and [mount], as plain frozen
-dataclasses.
+"""Settings of the device side: [indi], [camera], [plan], [site], [mount] and [focus], as plain
+frozen dataclasses.
 
 Why a module of their own: the config (and a watch-only daemon, the most common install)
 needs these shapes without the code that drives devices; `daemon.acquisition` and
@@ -196,7 +196,10 @@ class PlanSettings:
     frame_type: light, dark, bias, flat or darkflat. park: park the mount when the plan ends.
     center: centre on the target by plate solving after each slew (None: when a solver is
     installed), within center_tolerance_arcsec, at most center_max_tries times, each with a
-    center_exposure_s frame.
+    center_exposure_s frame. autofocus: focus with the [indi] focuser at the plan's start
+    (after centring; see [focus]). pointing_check_s: every this many seconds one of the plan's
+    stacked frames is plate-solved to check where it points (0: never); one farther than
+    pointing_far_arcsec from the target is reported, and re-centred on with pointing_recenter.
 
     Sky limits (they need a site: [site], or the mount's own): until may also be "dawn"
     (astronomical, sun at -18 deg), "nautical-dawn" (-12) or "civil-dawn" (-6); start: "dusk",
@@ -226,6 +229,10 @@ class PlanSettings:
     min_altitude_deg: float = 20.0
     horizon_file: str | None = None
     max_faults: int = 8
+    autofocus: bool = False
+    pointing_check_s: float = 0.0
+    pointing_far_arcsec: float = 120.0
+    pointing_recenter: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -243,6 +250,8 @@ class PlanSettings:
         _check_range("plan", "center_exposure_s", self.center_exposure_s, 0.0, 600.0, low_open=True)
         _check_range("plan", "min_altitude_deg", self.min_altitude_deg, -10.0, 89.0)
         _check_range("plan", "max_faults", self.max_faults, 1, 1000)
+        _check_range("plan", "pointing_check_s", self.pointing_check_s, 0.0, 86400.0)
+        _check_range("plan", "pointing_far_arcsec", self.pointing_far_arcsec, 0.0, 36000.0, low_open=True)
         parse_until(self.until)
         parse_until(self.start, "start")
         if self.horizon_file:
@@ -334,3 +343,40 @@ class MountSettings:
         _check_range("mount", "flip_after_min", self.flip_after_min, 0.0, 120.0)
         _check_range("mount", "flip_max_wait_min", self.flip_max_wait_min, 0.0, 120.0)
         _check_range("mount", "settle_s", self.settle_s, 0.0, 600.0)
+
+
+@dataclass(frozen=True)
+class FocusSettings:
+    """Config [focus]: autofocus with the [indi] focuser (daemon.autofocus) and when a night
+    focuses again (daemon.focus.RefocusTrigger).
+
+    step: focuser steps between samples; points: samples per sweep (a fit needs 5);
+    exposure_s: each sample's exposure (s); backlash_steps: the overshoot before a move inward
+    (steps); max_sweeps: sweeps before giving up; min_stars: a sample with fewer stars counts
+    as none. refocus: focus again during a light plan when the FWHM of its frames (accepted, or
+    rejected for their FWHM) has risen to refocus_fwhm_factor times the best since the last
+    focus (the median of refocus_min_frames frames), or when the focuser's temperature probe
+    has fallen refocus_temp_drop_c (deg C) below the last focus's.
+    """
+
+    step: int = 4000
+    points: int = 7
+    exposure_s: float = 1.0
+    backlash_steps: int = 1000
+    max_sweeps: int = 3
+    min_stars: int = 5
+    refocus: bool = True
+    refocus_fwhm_factor: float = 1.3
+    refocus_temp_drop_c: float = 2.0
+    refocus_min_frames: int = 3
+
+    def __post_init__(self) -> None:
+        for key, low, high in (("step", 1, 1_000_000), ("points", 5, 51), ("backlash_steps", 0, 1_000_000),
+                               ("max_sweeps", 1, 20), ("min_stars", 1, 10_000), ("refocus_min_frames", 1, 100)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SettingsError(f"[focus] {key} = {value!r}: must be an integer")
+            _check_range("focus", key, value, low, high)
+        _check_range("focus", "exposure_s", self.exposure_s, 0.0, 600.0, low_open=True)
+        _check_range("focus", "refocus_fwhm_factor", self.refocus_fwhm_factor, 1.0, 10.0, low_open=True)
+        _check_range("focus", "refocus_temp_drop_c", self.refocus_temp_drop_c, 0.0, 50.0, low_open=True)

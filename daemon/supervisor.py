@@ -13,7 +13,9 @@ When a plan ends:
   keeps it, so a restart calibrates the same way.
 
 The supervisor runs on the event loop; the stacking work it asks for (the master, the final
-re-stack) runs on the worker thread through the service's `job`.
+re-stack) runs on the worker thread through the service's `job`. It also hands each stacked
+frame of the running light plan to that plan's refocus trigger (`frame_done`, daemon.upkeep),
+and runs the `autofocus` command: queued on the running plan, else on its own.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ class PlanSupervisor:
         self._save_to = None  # where the running queue is kept (None: a plan command's own)
         #: The queue running (or last run): the night's, or the `plan` command's one plan.
         self.queue: PlanQueue | None = None
+        #: The running plan's PlanRunner (daemon.acquisition), None between plans.
+        self.runner = None
+        #: The latest `autofocus` event (status `focus`), None before the first.
+        self.focus: dict | None = None
+        self._focusing = False
 
     @property
     def queue_file(self):
@@ -157,21 +164,64 @@ class PlanSupervisor:
             except TimeoutError:
                 self._task.cancel()
 
-    async def _run_queue(self, queue: PlanQueue, save_to) -> dict:
-        """Run the queue's plans; returns the last plan's summary, with "queue" (its status)."""
-        from daemon.night import run_queue  # PyIndi: the [indi] extra, only with plans
+    def frame_done(self, out: Any) -> None:
+        """A frame judged by the pipeline (daemon.session.Outcome): when it is one of the
+        running light plan's, its FWHM goes to the plan's refocus trigger."""
+        runner, r = self.runner, getattr(out, "result", None)
+        if runner is None or r is None:
+            return
+        why = runner.upkeep.frame_measured(out.path, r.accepted, r.reason, r.fwhm_px)
+        if why:
+            log.info("refocus: %s", why)
 
+    def request_autofocus(self, start_offset_steps: int = 0) -> str:
+        """The autofocus command during a plan: queued on the running light plan (before its
+        next frame). Returns the plan's target; RuntimeError saying why when it cannot be."""
+        runner = self.runner
+        if runner is None or not self.running:
+            raise RuntimeError("no plan is running")
+        if not runner.light:
+            raise RuntimeError(f"the running plan takes {runner.plan.frame_type} frames: focus after it")
+        runner.request_autofocus("command", start_offset_steps)
+        return runner.plan.target
+
+    async def autofocus_now(self, start_offset_steps: int = 0) -> dict:
+        """The autofocus command with no plan running: its own INDI session (daemon.upkeep.
+        focus_once); returns the result. RuntimeError when one runs already."""
+        from daemon.upkeep import focus_once  # PyIndi: the [indi] extra
+
+        if self._focusing:
+            raise RuntimeError("an autofocus is running")
+        self._focusing = True
+        try:
+            return await focus_once(self.config, self._events(), start_offset_steps)
+        finally:
+            self._focusing = False
+
+    def _events(self):
+        """The plans' event sink: `plan` progress to the status, everything as `acquisition`."""
         supervisor = self
 
         class Events:
             async def publish(self, kind: str, payload: dict) -> None:
                 if kind == "plan":
                     supervisor._progress({k: v for k, v in payload.items() if k != "paths"})
+                elif kind == "autofocus":
+                    supervisor.focus = {**payload, "event": "autofocus"}
                 supervisor._publish("acquisition", {"event": kind, **payload})
 
+        return Events()
+
+    def _set_runner(self, runner) -> None:
+        self.runner = runner
+
+    async def _run_queue(self, queue: PlanQueue, save_to) -> dict:
+        """Run the queue's plans; returns the last plan's summary, with "queue" (its status)."""
+        from daemon.night import run_queue  # PyIndi: the [indi] extra, only with plans
+
         try:
-            summaries = await run_queue(self.config, queue, Events(), self._stop, save_to=save_to,
-                                        on_finished=self._finished)
+            summaries = await run_queue(self.config, queue, self._events(), self._stop, save_to=save_to,
+                                        on_finished=self._finished, on_runner=self._set_runner)
         except Exception as exc:  # noqa: BLE001 - stacking of what arrives goes on
             log.exception("acquisition failed")
             error = f"{type(exc).__name__}: {exc}"

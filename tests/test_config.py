@@ -111,3 +111,23 @@ def test_unknown_stack_key_is_refused_at_start(tmp_path):
     p = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n[stack]\nkapa = 3\n')
     with pytest.raises(ValueError, match=r"lb.toml.*stack.kapa"):
         live_settings(load_config(p))
+
+
+def test_focus_section_and_the_plans_focus_and_pointing_keys(tmp_path):
+    base = '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n'
+    cfg = load_config(write(tmp_path, base + '[focus]\nstep = 2000\npoints = 9\nrefocus_temp_drop_c = 1.5\n'
+                                             '[plan]\ntarget = "X"\nautofocus = true\npointing_check_s = 300\n'))
+    f = cfg.focus
+    assert (f.step, f.points, f.refocus_temp_drop_c, f.exposure_s) == (2000, 9, 1.5, 1.0)
+    plan = cfg.plan
+    assert plan.autofocus and plan.pointing_check_s == 300.0 and plan.pointing_far_arcsec == 120.0
+    assert not plan.pointing_recenter
+    assert not load_config(write(tmp_path, base + '[plan]\ntarget = "X"\n')).plan.autofocus
+    for text, message in (('[focus]\npoints = 3\n', r"lb.toml: \[focus\] points = 3: must be >= 5"),
+                          ('[focus]\nstep = 2.5\n', r"lb.toml: \[focus\] step: expected an integer"),
+                          ('[focus]\nrefocus_fwhm_factor = 0.9\n', r"\[focus\] refocus_fwhm_factor = 0.9: must be > 1"),
+                          ('[focus]\nbacklash = 10\n', r"\[focus\] backlash: unknown key"),
+                          ('[plan]\ntarget = "X"\npointing_check_s = -1\n', r"\[plan\] pointing_check_s = -1.0"),
+                          ('[plan]\ntarget = "X"\npointing_far_arcsec = 0\n', r"\[plan\] pointing_far_arcsec = 0.0")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, base + text))
