@@ -136,6 +136,9 @@ class Mount:
         before = self.pier_side()
         try:
             await self.slew(ra_deg, dec_deg, timeout=timeout)
+        except SlewNotStarted as exc:  # the goto never moved the mount: it thinks it is there
+            raise FlipFailed(f"pier side did not change ({before} before the flip slew, {self.pier_side()} after: "
+                             f"the mount did not move: {exc})") from exc
         except IndiError as exc:
             raise FlipFailed(f"flip slew failed: {exc}") from exc
         after = self.pier_side()
