@@ -48,8 +48,8 @@ def make_frame(i: int, *, sensor: Sensor = SENSOR, bayer: str | None = None, **e
     return Frame(data, meta)
 
 
-def run(frames, settings=LiveSettings()):
-    pipe = LivePipeline(settings)
+def run(frames, settings: LiveSettings | None = None):
+    pipe = LivePipeline(settings or LiveSettings())
     results = [pipe.process(f) for f in frames]
     return pipe, results
 
@@ -124,7 +124,7 @@ def _star_free_mask():
     """Pixels further than 10 px from every simulated star, away from the dithered border."""
     yy, xx = np.mgrid[0:SHAPE[0], 0:SHAPE[1]]
     mask = np.ones(SHAPE, bool)
-    for x, y in zip(FIELD.x, FIELD.y):
+    for x, y in zip(FIELD.x, FIELD.y, strict=True):
         mask &= (xx - x) ** 2 + (yy - y) ** 2 > 100
     mask[:15], mask[-15:], mask[:, :15], mask[:, -15:] = False, False, False, False
     return mask

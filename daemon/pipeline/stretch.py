@@ -82,7 +82,7 @@ def _area_weights(n: int, dn: int) -> tuple[np.ndarray, np.ndarray]:
     k = max(len(t) for t in rows)
     idx, wt = np.full((dn, k), n, np.int64), np.zeros((dn, k), np.float32)
     for d, taps in enumerate(rows):
-        idx[d, :len(taps)], wt[d, :len(taps)] = zip(*taps)
+        idx[d, :len(taps)], wt[d, :len(taps)] = zip(*taps, strict=True)
     return idx, wt
 
 
