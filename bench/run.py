@@ -48,6 +48,7 @@ from pathlib import Path
 from bench.naive import naive_worker
 from bench.report import STAGES, _gb, live_settings_line, machine_info, machine_line, markdown, summarize
 from bench.sessions import BAYER, make_session, parse_size
+from daemon.session import live_overrides, live_settings_from
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -172,14 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     settings_kw: dict = {"reject": False} if args.no_reject else {}
     if args.debayer:
         settings_kw["debayer"] = args.debayer
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set needs FIELD=VALUE, got {item!r}")
-        try:
-            settings_kw[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            settings_kw[key.strip()] = value
+    try:  # --set as the daemon's and lightbucket stack's (daemon.session.live_overrides)
+        tables = live_overrides(args.set)
+        live_settings_from(tables["stack"], tables["quality"], "--set")
+    except ValueError as exc:
+        parser.error(str(exc))
+    settings_kw.update({**tables["stack"], **tables["quality"]})
     n_total = args.warmup + args.frames
 
     machine = machine_info()

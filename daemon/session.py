@@ -14,10 +14,11 @@ kill -9) is quarantined at the next start instead of killing it again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from daemon import checkpoint
-from daemon.config import Config, coerce
+from daemon.config import Config, ConfigError, coerce, parse_override
 from daemon.io.load import FrameLoader
 from daemon.ledger import InHand, Ledger, quarantine_left_over
 from daemon.masters import build_master, load_masters
@@ -33,6 +34,7 @@ from daemon.names import safe_filename
 from daemon.pipeline.frame import FrameType
 from daemon.pipeline.live import LivePipeline
 from daemon.pipeline.live_settings import LiveSettings
+from daemon.pipeline.quality import QualitySettings
 from daemon.pipeline.restack import restack
 from daemon.products import preview_jpeg, write_stack
 from daemon.routing import StackKey
@@ -47,6 +49,23 @@ class SessionError(ValueError):
 def live_settings(config: Config) -> LiveSettings:
     """The live pipeline's settings from the config's [stack] and [quality]."""
     return live_settings_from(config.stack, config.quality, config.source)
+
+
+def live_overrides(items: Iterable[str]) -> dict[str, dict]:
+    """`--set` items for the live pipeline, parsed as the daemon's `--set` is
+    (`daemon.config.parse_override`: `stack.kappa=2.5`, the value as TOML); a bare key
+    (`kappa=2.5`) is looked up in [quality], else [stack]. Returns {"stack": {...},
+    "quality": {...}}; ConfigError naming the item for any other section or a malformed item."""
+    quality_keys = {f.name for f in dataclasses.fields(QualitySettings)}
+    tables: dict[str, dict] = {"stack": {}, "quality": {}}
+    for item in items:
+        section, key, value = parse_override(item if "." in item.partition("=")[0] else f"_.{item}")
+        if section == "_":
+            section = "quality" if key in quality_keys else "stack"
+        if section not in tables:
+            raise ConfigError(f"--set {item!r}: only [stack] and [quality] settings apply here")
+        tables[section][key] = value
+    return tables
 
 
 def live_settings_from(stack: dict, quality: dict, source: str) -> LiveSettings:

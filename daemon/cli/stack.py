@@ -70,27 +70,12 @@ def _expand(paths: list[Path]) -> list[Path]:
 
 
 def _settings(overrides: list[str]):
-    """LiveSettings from `--set` items, parsed as the daemon's `--set` is (daemon.config:
-    `stack.kappa=2.5`, the value as TOML); a bare key (`kappa=2.5`) is looked up in [stack],
-    then [quality]. Exits naming the item when a key or value is refused."""
-    from daemon.config import ConfigError, parse_override
-    from daemon.pipeline.quality import QualitySettings
-    from daemon.session import live_settings_from
+    """LiveSettings from `--set` items (`daemon.session.live_overrides`: as the daemon's
+    `--set`). Exits naming the item when a key or value is refused."""
+    from daemon.session import live_overrides, live_settings_from
 
-    quality_keys = {f.name for f in dataclasses.fields(QualitySettings)}
-    tables: dict[str, dict] = {"stack": {}, "quality": {}}
-    for item in overrides:
-        text = item if "." in item.partition("=")[0] else f"_.{item}"
-        try:
-            section, key, value = parse_override(text)
-        except ConfigError as exc:
-            raise SystemExit(f"lightbucket stack: {exc}") from None
-        if section == "_":
-            section = "quality" if key in quality_keys else "stack"
-        if section not in tables:
-            raise SystemExit(f"lightbucket stack: --set {item!r}: only [stack] and [quality] settings apply here")
-        tables[section][key] = value
     try:
+        tables = live_overrides(overrides)
         return live_settings_from(tables["stack"], tables["quality"], "--set")
     except ValueError as exc:
         raise SystemExit(f"lightbucket stack: {exc}") from None
