@@ -37,8 +37,9 @@ def test_resume_replays_the_frames_since_the_snapshot(tmp_path):
         pipe, state_dir, sizes = _session(tmp_path / (bayer or "mono"), bayer)
         snapshots = list(state_dir.glob("stack-*.npz"))
         assert len(snapshots) == 1
-        # The checkpoint after the snapshot holds no statistics: a few kB, not the stack.
-        assert sizes[1] < 0.01 * snapshots[0].stat().st_size
+        # The checkpoint after the snapshot holds no statistics: a few kB, not the stack (here
+        # 15 kB beside the 1.4 MB a mono stack's statistics take during its warm-up).
+        assert sizes[1] < 0.02 * snapshots[0].stat().st_size
         state = checkpoint.load(state_dir)
         pst = state["stacks"]["s"]["pipeline"]
         assert pst[checkpoint.REPLAY_KEY] == [f"/sim/light_{i:03d}.fits" for i in range(4, 9)]
