@@ -256,6 +256,28 @@ def test_state_round_trips_in_either_form_of_m2(cut):
         np.testing.assert_allclose(converted.image()[same], full.image()[same], rtol=1e-6)
 
 
+def test_resuming_with_a_lower_warm_up_rechecks_the_pixels_it_completes():
+    """Pixels that hold enough samples for the lower warm-up of the config resumed with are
+    re-checked at once: the early trail of frame 0 goes, their m2 is whole from then on (the
+    kernels take them as steady), and the rest stay in their warm-up."""
+    frames, weights = session()
+    part = RunningStack(frames[0].shape, StackSettings(warmup=6))
+    for x, w in zip(frames[:4], weights[:4], strict=True):
+        part.add(x, w)
+    before = part.sigma()
+    state = part.state()
+    resumed = RunningStack.from_state(state, StackSettings(warmup=4))
+    done = resumed.state()["top1_idx"] == NONE
+    covered = state["count"] > 0
+    np.testing.assert_array_equal(done[covered], state["count"][covered] >= 4)
+    trail = render_trail(SHAPE, BRIGHT) > 1.0
+    assert resumed.rejected_pixels - part.rejected_pixels > 0.9 * (trail & done).sum()  # the trail, hot pixels
+    clean = done & ~trail & (resumed.count == state["count"])
+    np.testing.assert_allclose(resumed.sigma()[clean], before[clean], rtol=2.0 ** -7)
+    control = RunningStack.from_state(state)  # the same warm-up: nothing re-checked yet
+    assert (control.state()["top1_idx"][covered] != NONE).all() and control.rejected_pixels == part.rejected_pixels
+
+
 def test_a_state_without_m2_is_refused_naming_it():
     frames, weights = session()
     s = RunningStack(frames[0].shape, SETTINGS)

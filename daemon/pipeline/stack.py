@@ -265,6 +265,10 @@ class RunningStack:
             else:  # float32 m2 of an older version
                 for rows in _row_bands(stack.mean.shape[0]):
                     stack._m2_bf16[rows] = bfloat16_bits(state["m2"][rows] - _state_share(state, rows))
+            # With a lower warm-up now, pixels already holding enough samples are re-checked
+            # at once (the kernels take them as steady, with their m2 whole).
+            due = (stack._top_idx[0] != _NONE) & (stack.count >= stack.settings.warmup)
+            stack.rejected_pixels += stack._recheck(due)
         else:
             stack._top = stack._top_idx = None
             stack._m2_bf16 = None
@@ -285,6 +289,19 @@ class RunningStack:
         weights = np.zeros(_NONE + 1, np.float32)
         weights[: len(self._warm_weights)] = self._warm_weights
         return weights
+
+    def _recheck(self, due: np.ndarray) -> int:
+        """The warm-up re-check of the open pixels where `due` (bool, (H, W)) now; returns the
+        samples it took out."""
+        if not due.any():
+            return 0
+        idx = [np.where(due, i, np.uint8(_NONE)) for i in self._top_idx]
+        per_row = _recheck_all(self.mean, self._m2_bf16, self.wsum, self.count, *self._top, *idx,
+                               self._weights_table(), np.float32(self.settings.warmup_kappa ** 2),
+                               self._floor2(), _HALF_TABLE)
+        for i in self._top_idx:
+            i[due] = _NONE
+        return int(per_row.sum())
 
     def _end_warmup(self) -> int:
         """Re-check pixels still short of `warmup` samples with what they have; free buffers."""
