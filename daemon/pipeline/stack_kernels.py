@@ -70,6 +70,9 @@ def _m2_set_impl(m2, i, j, c, q):
 def _add_band(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
               tracking, top1, top2, idx1, idx2, frame_no, weights, table):
     """`_add_frame` of one band on the calling thread (see `RunningStack.add_banded`)."""
+    if not tracking:
+        steady = {1: _steady_band_1, 3: _steady_band_3}.get(mean.shape[2], _steady_frame_n)
+        return steady(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2)
     kernel = _add_band_3 if mean.shape[2] == 3 else _add_band_1 if mean.shape[2] == 1 else None
     if kernel is None:
         return _add_frame_n(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
@@ -83,7 +86,12 @@ def _add_frame(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2
     """One frame into the stack, in place. Returns per row (samples rejected against the
     running statistics, warm-up samples removed by the re-check). Mono and RGB stacks get
     kernels compiled for their number of planes (the plane loops unrolled): ~30 % faster
-    than one kernel for any number (measured at 4144x2822 mono)."""
+    than one kernel for any number (measured at 4144x2822 mono). Once the warm-up
+    bookkeeping is over (`tracking` False), kernels with the steady pass only: m2 is float32
+    then, bfloat16 before (see `_m2_get`), and each form compiles only the code it runs."""
+    if not tracking:
+        steady = {1: _steady_frame_1, 3: _steady_frame_3}.get(mean.shape[2], _steady_frame_n)
+        return steady(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2)
     kernel = {1: _add_frame_1, 3: _add_frame_3}.get(mean.shape[2], _add_frame_n)
     return kernel(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
                   tracking, top1, top2, idx1, idx2, frame_no, weights, table)
@@ -126,6 +134,50 @@ def _add_frame_n(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkapp
                  tracking, top1, top2, idx1, idx2, frame_no, weights, table):
     return _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
                      tracking, top1, top2, idx1, idx2, frame_no, weights, table, mean.shape[2])
+
+
+def _steady_band_1_py(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 1)
+
+
+def _steady_band_3_py(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 3)
+
+
+#: `_steady_frame_1/_3` on the calling thread, as `_add_band_1/_3` are `_add_frame_1/_3`.
+_steady_band_1 = numba.njit(cache=True, nogil=True, error_model="numpy")(_steady_band_1_py)
+_steady_band_3 = numba.njit(cache=True, nogil=True, error_model="numpy")(_steady_band_3_py)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _steady_frame_1(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 1)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _steady_frame_3(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 3)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _steady_frame_n(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, mean.shape[2])
+
+
+@numba.njit(inline="always")
+def _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, nc):
+    """`_add_rows` without the warm-up bookkeeping: every pixel steady. The same
+    `_steady_run` as there: the same statistics whichever kernel a frame takes."""
+    h = mean.shape[0]
+    counts = np.zeros((h, 2), np.int64)
+    for i in numba.prange(h):
+        if nc == 1:
+            counts[i, 0] += _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
+        elif nc == 3:
+            counts[i, 0] += _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
+        else:
+            counts[i, 0] += _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0, nc)
+    return counts
 
 
 @numba.njit(inline="always")
