@@ -321,8 +321,13 @@ class RunningStack:
         if self.m2 is not None:
             return self.m2[rows, cols]
         sel = (rows, cols)
-        return bfloat16_values(self._m2_bf16[sel]) + _brightest_share(
-            self._top[0][sel], self._top_idx[0][sel], self._weights_table(), self.mean[sel], self.wsum[sel])
+        out = bfloat16_values(self._m2_bf16[sel])
+        idx1 = self._top_idx[0][sel]
+        open_ = idx1 != _NONE  # (pixels whose warm-up is over have m2 whole)
+        if open_.any():
+            out[open_] += _brightest_share(self._top[0][sel][open_], idx1[open_], self._weights_table(),
+                                           self.mean[sel][open_], self.wsum[sel][open_])
+        return out
 
     def _noise_estimate(self) -> np.ndarray:
         """Background sigma per plane (ADU) from a sparse grid of ~40k pixels: the mean
