@@ -18,14 +18,15 @@ bytes per pixel and plane for the first `3 * warmup` frames only; then pixels st
 `warmup` samples get their re-check with what they have and the buffers are freed.
 
 While that bookkeeping runs (when the stack's memory peaks) m2 is kept as bfloat16 (the top
-half of its float32, `daemon.pipeline.half`): 6 bytes a pixel less. m2 only sets the rejection
-threshold. Each store rounds it to 8 significant bits, within 2^-8 of itself, and it only grows
-by non-negative terms: after k samples its relative error is <= k * 2^-8 (k <= 3 * warmup;
-typically ~0.2 % at 15, sigma's half that), far below the ~30 % statistical error of a sigma
-from 5 samples. A pixel in its warm-up keeps its m2 without the share of its brightest sample
-(added back when read), so that taking that sample out (a trail) leaves the rest's m2 with its
-own relative error, not one of the trail's m2; only where both brightest are taken out, the
-second's share cancels at that precision. Then m2 is float32 again (exactly) and stays so.
+half of its float32, `daemon.pipeline.half`): 2 bytes a pixel and plane less. m2 only sets
+the rejection threshold. Each store rounds it to 8 significant bits, within 2^-8 of itself,
+and it only grows by non-negative terms: after k samples its relative error is <= k * 2^-8
+(k <= 3 * warmup; typically ~0.2 % at 15, sigma's half that), far below the ~30 % statistical
+error of a sigma from 5 samples. A pixel in its warm-up keeps its m2 without the share of its
+brightest sample (added back when read), so that taking that sample out (a trail) leaves the
+rest's m2 with its own relative error, not one of the trail's m2; only where both brightest
+are taken out, the second's share cancels at that precision. Then m2 is float32 again
+(exactly) and stays so.
 
 The per-pixel work is one fused pass in a numba kernel, parallel over rows: numpy needed
 ~25 full-size passes (0.7 s per 4144x2822 RGB frame on 2 cores, 2 s during the warm-up);
