@@ -19,7 +19,8 @@ from bench.timing import StageTimer, _cpu_s, _rss_bytes, just_written
 from daemon import checkpoint
 from daemon.io.load import FrameLoader
 from daemon.pipeline.calibrate import Masters
-from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.stack import RunningStack
 from daemon.products import preview_jpeg
 from daemon.spool import Spool, encode, writer_thread

@@ -15,7 +15,7 @@ import numpy as np
 import scipy
 import sep
 
-from daemon.pipeline.live import LiveSettings
+from daemon.pipeline.live_settings import LiveSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

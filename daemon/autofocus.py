@@ -20,39 +20,17 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.focus import approach, fit_curve, next_sweep, sweep
 from daemon.io.load import load_frame
 from daemon.pipeline.stars import measure
+from daemon.settings import FocusSettings
 from drivers.indi_client import IndiError
 
 log = logging.getLogger(__name__)
 
 FRAME_NAME = ".lightbucket-focus"
-
-
-@dataclass(frozen=True)
-class AutofocusSettings:
-    """step: focuser steps between samples; points: samples per sweep; exposure_s: each
-    sample's exposure; backlash_steps: overshoot before an inward move; max_sweeps: sweeps
-    before giving up; min_stars: a sample with fewer stars counts as none."""
-
-    step: int = 4000
-    points: int = 7
-    exposure_s: float = 1.0
-    backlash_steps: int = 1000
-    max_sweeps: int = 3
-    min_stars: int = 5
-
-    def __post_init__(self) -> None:
-        for key, low in (("step", 1), ("points", 5), ("max_sweeps", 1), ("min_stars", 1), ("backlash_steps", 0)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"focus.{key} must be an integer >= {low}, got {value!r}")
-        if not self.exposure_s > 0:
-            raise ValueError(f"focus.exposure_s must be > 0 s, got {self.exposure_s!r}")
 
 
 def hfr_of(path: Path, min_stars: int = 5) -> tuple[float | None, int]:
@@ -67,10 +45,10 @@ class Autofocus:
     """One autofocus run on `focuser` (`drivers.focuser.Focuser`) and `camera`
     (`drivers.camera.Camera`, configured for lights)."""
 
-    def __init__(self, focuser, camera, settings: AutofocusSettings | None = None,
+    def __init__(self, focuser, camera, settings: FocusSettings | None = None,
                  on_sample: Callable[[dict], Awaitable[None]] | None = None):
         self.focuser, self.camera = focuser, camera
-        self.settings = settings or AutofocusSettings()
+        self.settings = settings or FocusSettings()
         self.curve: list[dict] = []
         self._on_sample = on_sample
 
@@ -170,7 +148,7 @@ def autofocus_command(payload: Mapping) -> int:
 Publish = Callable[[str, dict], Awaitable[None]]
 
 
-async def run_autofocus(focuser, camera, settings: AutofocusSettings, publish: Publish, *,
+async def run_autofocus(focuser, camera, settings: FocusSettings, publish: Publish, *,
                         start_offset_steps: int = 0, reason: str = "command") -> dict:
     """One autofocus run with its events.
 
@@ -179,7 +157,7 @@ async def run_autofocus(focuser, camera, settings: AutofocusSettings, publish: P
     focuser : `drivers.focuser.Focuser`, connected.
     camera : `drivers.camera.Camera`, connected and configured for lights (its frames go to
         the capture folder as hidden files, deleted once measured).
-    settings : `AutofocusSettings`.
+    settings : `FocusSettings`.
     publish : ``await publish(kind, payload)`` (the plan's `Events.publish`): kind "focusing"
         for each sample ({"position", "hfr_px", "n_stars", "sample", "reason"}), then
         "autofocus" with the result (module docstring) and "reason" / "trigger".

@@ -39,9 +39,9 @@ class Param:
     max_chars: int = 4096
 
 
-#: action -> its parameters. `plan` takes every [plan] key (daemon.settings.PlanSettings); those
-#: left out come from the config's [plan], so {"frame_type": "dark", "count": 20} takes darks
-#: matching the lights' exposure.
+#: action -> its parameters. `plan` and `queue` take every [plan] key (daemon.settings.PlanSettings);
+#: those left out come from the config's [plan], so {"frame_type": "dark", "count": 20} takes darks
+#: matching the lights' exposure. `plan` runs one plan now; `queue` appends one to the night's.
 COMMANDS: Mapping[str, Mapping[str, Param] | None] = MappingProxyType({
     "start": {},
     "stop": {},
@@ -51,6 +51,8 @@ COMMANDS: Mapping[str, Mapping[str, Param] | None] = MappingProxyType({
     "restack": {"stack": Param(str, max_chars=255)},
     "set_reference": {"path": Param(str, required=True)},
     "plan": None,
+    "queue": None,
+    "autofocus": {"start_offset_steps": Param(int)},
 })
 
 
@@ -115,7 +117,7 @@ def validate_command(raw: bytes | str) -> dict:
     if not isinstance(action, str) or action not in COMMANDS:
         raise CommandError(f"unknown action {clip(action)} (known: {', '.join(COMMANDS)})")
     params = COMMANDS[action]
-    if params is None:  # plan: its values are checked by PlanSettings in parse_command
+    if params is None:  # plan, queue: their values are checked by PlanSettings in parse_command
         return cmd
     for key, value in cmd.items():
         if key in ("id", "action"):
@@ -143,7 +145,7 @@ def plan_from_command(cmd: dict, default: PlanSettings | None, now: datetime | N
     base = dataclasses.asdict(default) if default is not None else {}
     if given.get("frame_type", "light") != "light":
         base.setdefault("target", "")
-        base.update(count=10, until=None, dither_every=0)  # no slews, no dithers
+        base.update(count=10, until=None, start=None, dither_every=0)  # no slews, no dithers, no wait
     try:
         plan = build_section(PlanSettings, {**base, **given}, "plan", "plan command")
     except ConfigError as exc:
@@ -171,7 +173,7 @@ def parse_command(raw: bytes | str, plan_default: PlanSettings | None = None) ->
     """
     cmd = validate_command(raw)
     params = MappingProxyType({k: v for k, v in cmd.items() if k not in ("id", "action")})
-    plan = plan_from_command(cmd, plan_default) if cmd["action"] == "plan" else None
+    plan = plan_from_command(cmd, plan_default) if cmd["action"] in ("plan", "queue") else None
     return Command(cmd["id"], cmd["action"], params, plan)
 
 

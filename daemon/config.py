@@ -22,7 +22,15 @@ from types import NoneType, UnionType
 from typing import Any
 
 from daemon.io.formats import DEFAULT_PATTERNS
-from daemon.settings import CameraSettings, IndiSettings, PlanSettings, SettingsError
+from daemon.settings import (
+    CameraSettings,
+    FocusSettings,
+    IndiSettings,
+    MountSettings,
+    PlanSettings,
+    SettingsError,
+    SiteSettings,
+)
 
 
 class ConfigError(ValueError):
@@ -97,6 +105,28 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class SolveSettings:
+    """[solve]: plate solving of each stack's reference frame with astrometry.net, for the
+    stack's WCS (daemon.reference_solve). enabled: None (the default) solves when `solve-field`
+    is installed; time_limit_s: each solve's limit (s); radius_deg: how far from the position
+    hint the solver searches (degrees); scale_error: the scale hint's fractional uncertainty;
+    blind: also solve a frame whose pixel scale is unknown (no FOCALLEN or pixel size: a search
+    over every scale, which may take the whole time limit)."""
+
+    enabled: bool | None = None
+    time_limit_s: float = 30.0
+    radius_deg: float = 5.0
+    scale_error: float = 0.15
+    blind: bool = False
+
+    def __post_init__(self) -> None:
+        for key, value, high in (("time_limit_s", self.time_limit_s, 600.0), ("radius_deg", self.radius_deg, 180.0),
+                                 ("scale_error", self.scale_error, 0.9)):
+            if not 0 < value <= high:
+                raise ConfigError(f"[solve] {key} = {value!r}: must be > 0 and <= {high:g}")
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     """Config [calibration]: master files (ours or any FITS/raw frame) for new stacks."""
 
@@ -118,11 +148,17 @@ class Config:
     mqtt: MqttConfig | None = None
     web: WebConfig | None = None
     calibration: CalibrationConfig = CalibrationConfig()
+    solve: SolveSettings = SolveSettings()
     stack: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     indi: IndiSettings | None = None
     camera: CameraSettings = CameraSettings()
     plan: PlanSettings | None = None
+    #: The night's plans in order: `[[plan]]` entries (`plan` is the first), or the one [plan].
+    queue: tuple[PlanSettings, ...] = ()
+    site: SiteSettings | None = None
+    mount: MountSettings = MountSettings()
+    focus: FocusSettings = FocusSettings()
     source: str = "<config>"
 
     @property
@@ -136,9 +172,13 @@ _SECTIONS: dict[str, type] = {
     "mqtt": MqttConfig,
     "web": WebConfig,
     "calibration": CalibrationConfig,
+    "solve": SolveSettings,
     "indi": IndiSettings,
     "camera": CameraSettings,
     "plan": PlanSettings,
+    "site": SiteSettings,
+    "mount": MountSettings,
+    "focus": FocusSettings,
 }
 _PASSTHROUGH = ("stack", "quality")
 
@@ -225,13 +265,18 @@ def build_section(cls: type, data: dict, section: str, source: str) -> Any:
     try:
         return cls(**kwargs)
     except SettingsError as exc:  # a value of the right type that cannot be used
-        raise ConfigError(f"{source}: {exc}") from None
+        base = section.split()[0]  # "plan 2" (a [[plan]] entry): the settings say "[plan]"
+        raise ConfigError(f"{source}: {str(exc).replace(f'[{base}]', f'[{section}]', 1)}") from None
 
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     """Validate a parsed TOML document; errors name `source` and the key."""
     kwargs: dict[str, Any] = {"source": source}
     for section, value in raw.items():
+        if section == "plan" and isinstance(value, list):  # [[plan]]: the night's queue
+            kwargs["queue"] = _plan_queue(value, source)
+            kwargs["plan"] = kwargs["queue"][0]
+            continue
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {section}: expected a [section], got {value!r}")
         if section in _PASSTHROUGH:
@@ -248,7 +293,21 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     web = kwargs.get("web")
     if web is not None and (web.cert_file is None) != (web.key_file is None):
         raise ConfigError(f"{source}: [web] cert_file and key_file: give both (HTTPS) or neither")
+    if "plan" in kwargs and "queue" not in kwargs:
+        kwargs["queue"] = (kwargs["plan"],)
     return Config(**kwargs)
+
+
+def _plan_queue(entries: list, source: str) -> tuple[PlanSettings, ...]:
+    """`[[plan]]` entries, each a [plan] of its own; errors name the entry (`[plan 2]`)."""
+    if not entries:
+        raise ConfigError(f"{source}: [[plan]]: no entries")
+    plans = []
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: [[plan]] entry {i}: expected a table, got {entry!r}")
+        plans.append(build_section(PlanSettings, entry, f"plan {i}", source))
+    return tuple(plans)
 
 
 def _check_folders(capture: CaptureConfig, state: StateConfig, source: str) -> None:
@@ -274,6 +333,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})
+        if section == "plan" and isinstance(raw[section], list):
+            for entry in raw[section]:  # [[plan]]: the override holds for every plan of the night
+                if isinstance(entry, dict):
+                    entry[key] = value
+            continue
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{path}: --set {text!r}: {section} is not a section")
         raw[section][key] = value

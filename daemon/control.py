@@ -36,7 +36,7 @@ class Controller:
         self.handlers: dict[str, Handler] = {
             "start": self.start, "stop": self.stop, "pause": self.pause, "resume": self.resume,
             "reset": self.reset, "restack": self.restack, "set_reference": self.set_reference,
-            "plan": self.plan,
+            "plan": self.plan, "queue": self.queue, "autofocus": self.autofocus,
         }
         missing = set(COMMANDS) ^ set(self.handlers)
         assert not missing, f"commands without handlers (or handlers without commands): {missing}"
@@ -77,10 +77,7 @@ class Controller:
 
     async def plan(self, cmd: Command) -> dict:
         service = self.service
-        if service.config.indi is None:
-            raise CommandError("plan: no [indi] section in the config: nothing to acquire with")
-        if not indi_available():
-            raise CommandError(f"plan: device control is not installed: {INDI_EXTRA}")
+        self._can_acquire("plan")
         if service.plans.running:
             raise CommandError("plan: a plan is running; send stop first")
         if service.state != "running":
@@ -88,9 +85,55 @@ class Controller:
         service.plans.start(cmd.plan)
         return {"plan": dataclasses.asdict(cmd.plan)}
 
+    async def queue(self, cmd: Command) -> dict:
+        """Append a plan to the night's queue (run at once when nothing runs)."""
+        service = self.service
+        self._can_acquire("queue")
+        try:
+            status = service.plans.enqueue(cmd.plan)
+        except RuntimeError as exc:
+            raise CommandError(f"queue: {exc}") from None
+        if service.state != "running":
+            service.set_state("running")
+        service.publish_status()
+        return {"plan": dataclasses.asdict(cmd.plan), "queue": status}
+
+    def _can_acquire(self, action: str) -> None:
+        if self.service.config.indi is None:
+            raise CommandError(f"{action}: no [indi] section in the config: nothing to acquire with")
+        if not indi_available():
+            raise CommandError(f"{action}: device control is not installed: {INDI_EXTRA}")
+
+    async def autofocus(self, cmd: Command) -> dict:
+        """Queued on the running light plan (done before its next frame), else run now in an
+        INDI session of its own; the reply says which, or what came of it (the curve is in the
+        `autofocus` event and the status's `focus`)."""
+        service = self.service
+        if service.config.indi is None or not service.config.indi.focuser:
+            raise CommandError("autofocus: no focuser: set [indi] focuser to its INDI device name")
+        if not indi_available():
+            raise CommandError(f"autofocus: device control is not installed: {INDI_EXTRA}")
+        from daemon.autofocus import autofocus_command  # PyIndi: the [indi] extra
+
+        try:
+            offset = autofocus_command(cmd.params)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        try:
+            if service.plans.running:
+                target = service.plans.request_autofocus(offset)
+                return {"queued": True, "target": target, "start_offset_steps": offset}
+            result = await service.plans.autofocus_now(offset)
+        except RuntimeError as exc:
+            raise CommandError(f"autofocus: {exc}") from None
+        service.publish_status()
+        return {"queued": False, "focused": result["ok"],
+                **{k: result.get(k) for k in ("position", "hfr_px", "hfr_px_start", "reason")}}
+
     async def reset(self, cmd: Command) -> dict:
         name = cmd.params.get("stack")
         reply = await self.service.job(lambda session: session.reset(name))
+        self.service.pointing.forget(reply["stack"])
         self.service.publish_status()
         return reply
 
@@ -111,6 +154,7 @@ class Controller:
         if not path.is_file():
             raise CommandError(f"set_reference: {path.relative_to(capture)} is not a file in the capture folder")
         reply, again = await service.job(lambda session: session.set_reference(path))
+        service.pointing.forget(reply["stack"])
         for p in sorted(again, key=lambda p: (p.stat().st_mtime if p.exists() else 0, str(p))):
             service.enqueue(p)
         service.publish_status()

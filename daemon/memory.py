@@ -1,21 +1,18 @@
 """Keep the memory of one frame for the next (glibc malloc settings of the daemon's process).
 
 Why: every frame allocates the same frame-sized arrays again (the decoded frame, the warped
-image, the spool's float16 copy: 20-50 MB each at 12 Mpx). glibc serves allocations above
-32 MB with a fresh `mmap` and unmaps them on free, so each frame writes into new pages: the
-kernel zeroes every page on first touch, and in a virtual machine that hands freed memory
-back to its host (virtio free page reporting, as on the CI machines) the host must supply
-it again. Measured on the 2-core CI VM at 4144x2822 mono: decoding the frame into fresh
-memory took 50 ms, into reused memory 1.5 ms; the whole frame 0.16-0.18 -> 0.12-0.13 s.
+image, the spool's float16 copy: tens of MB each). glibc serves allocations above 32 MB with
+a fresh `mmap` and unmaps them on free, so each frame writes into new pages: the kernel
+zeroes every page on first touch, and a virtual machine that hands freed memory back to its
+host (virtio free page reporting) must get it supplied again. Reused memory costs neither.
 
 `retain_freed_memory` stops the mmap-per-block and the trimming, so freed blocks stay in
 malloc's heaps and the next frame reuses them. The pipeline runs on its own thread, whose
 glibc arena is made of heaps of at most 64 MB: blocks up to that size are kept, larger ones
-are still mapped fresh and returned at once. That limit is welcome: a 26 Mpx camera's 78-104
-MB arrays, where memory is what a Pi lacks, are not kept (measured: 6248x4176 colour peak RSS
-1.05-1.09 GB with or without), while a 12 Mpx camera's are (4144x2822: +0 MB mono, +130 MB
-colour, from heap fragmentation). What is kept stays resident while the daemon runs: at
-most the session's peak, which the live stack holds most of anyway.
+are still mapped fresh and returned at once. That limit is welcome: a 26 Mpx camera's
+arrays, where memory is what a Pi lacks, are not kept, while a 12 Mpx camera's are. What is
+kept stays resident while the daemon runs: at most the session's peak, which the live stack
+holds most of anyway. The measurements behind this are in bench/PERFORMANCE.md.
 
 Not glibc (musl, macOS): nothing changes, and the log says so.
 """

@@ -23,8 +23,9 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from daemon.config import SolveSettings
 from daemon.io.load import FrameError, load_frame
 from daemon.pipeline.reference import GridFrame
 from daemon.solve import Solution, SolveHints, hints_from_meta, solve_frame, solve_stars
@@ -33,20 +34,7 @@ from daemon.wcs import separation_arcsec
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ReferenceSolveSettings:
-    """time_limit_s: each solve's limit (s); radius_deg: how far from the position hint the
-    solver searches (degrees); scale_error: the scale hint's fractional uncertainty; blind:
-    also solve a frame whose pixel scale is unknown (no FOCALLEN or pixel size: a search over
-    every scale, which may take the whole time limit)."""
-
-    time_limit_s: float = 30.0
-    radius_deg: float = 5.0
-    scale_error: float = 0.15
-    blind: bool = False
-
-
-def grid_hints(grid: GridFrame, settings: ReferenceSolveSettings,
+def grid_hints(grid: GridFrame, settings: SolveSettings,
                target: tuple[float, float] | None = None) -> SolveHints:
     """Hints for a grid frame: its header's position and scale; the target (RA, Dec degrees,
     where the mount was sent) instead of the header's position when given."""
@@ -58,14 +46,14 @@ def grid_hints(grid: GridFrame, settings: ReferenceSolveSettings,
     return base
 
 
-def solve_grid_frame(grid: GridFrame, settings: ReferenceSolveSettings,
+def solve_grid_frame(grid: GridFrame, settings: SolveSettings,
                      target: tuple[float, float] | None = None) -> Solution:
     """Solve a stack's grid frame (blocking: run it on a worker thread).
 
     Parameters
     ----------
     grid : the `GridFrame` (its stars when known, else its file is read and measured).
-    settings : `ReferenceSolveSettings`.
+    settings : `SolveSettings`.
     target : (RA, Dec) degrees J2000 the mount was sent to, or None (the header's position).
 
     Returns a `Solution` whose WCS is for the grid frame's array; never raises (an unreadable
@@ -115,9 +103,9 @@ class ReferenceSolver:
     Use from the event loop only (`request`, `solution`, `forget`, `drain`, `close`).
     """
 
-    def __init__(self, on_solved: OnSolved | None = None, settings: ReferenceSolveSettings | None = None,
+    def __init__(self, on_solved: OnSolved | None = None, settings: SolveSettings | None = None,
                  *, solve: Callable[..., Solution] = solve_grid_frame):
-        self.settings = settings or ReferenceSolveSettings()
+        self.settings = settings or SolveSettings()
         self._on_solved = on_solved
         self._solve = solve
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightbucket-solve")

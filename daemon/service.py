@@ -30,9 +30,9 @@ from daemon.frame_queue import FrameQueue
 from daemon.io.load import FrameLoader, LoadOptions
 from daemon.ledger import QUARANTINED, file_key
 from daemon.memory import retain_freed_memory
+from daemon.pointing import Pointing
 from daemon.sdnotify import Notifier, watchdog_interval_s
 from daemon.session import LivePipelineFactory, Outcome, PipelineFactory, Session, SessionSnapshot, live_settings
-from daemon.settings import PlanSettings
 from daemon.spool import folder_bytes
 from daemon.supervisor import PlanSupervisor
 from daemon.warmup import ensure_warm
@@ -50,7 +50,7 @@ class Service:
 
     Public, for the page, the CLI and tests: `status()`, `snapshot`, `command()`,
     `subscribe()`, `preview()`, `stack_preview()`, `tile()`, `idle()`, `wait_processed()`,
-    `run_plan()`; all on the event loop.
+    `plans` (run, wait for, stop plans); all on the event loop.
     """
 
     def __init__(self, config: Config, *, factory: PipelineFactory | None = None,
@@ -89,6 +89,8 @@ class Service:
         self.watcher: FolderWatcher | None = None
         self.plans = PlanSupervisor(config, self.publish_event, self._plan_progress, self.job, self.wait_processed)
         self.controller = Controller(self)
+        #: The plate solves: each stack's reference, the night's pointing check (daemon.pointing).
+        self.pointing = Pointing(self)
         self._listeners: list[Callable[[str, dict], None]] = []
         self._preview: tuple[bytes, dict] | None = None  # the latest (JPEG, preview/meta)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline")
@@ -139,6 +141,9 @@ class Service:
             due = every <= 0 or time.monotonic() - self.snapshot.last_checkpoint >= every
             try:
                 out = await self.job(lambda session, path=path, due=due: session.process(path, due))
+            except Exception:  # noqa: BLE001 - a bug on one file must not end the night
+                log.exception("processing %s failed; the daemon goes on with the next file", path)
+                continue
             finally:
                 self._queue.done()
             self._report(out)
@@ -155,8 +160,9 @@ class Service:
         return status_document(
             self.snapshot, state=self.state, queue=len(self._queue), pending=pending,
             last_frame=self.last_frame, last_reject=self.last_reject, plan=self.plan_progress,
-            mqtt=self.mqtt.state if self.mqtt is not None else None, disk_free_bytes=disk_free,
-            state_bytes=self._disk_use())
+            plan_queue=self.plans.queue_status(),
+            mqtt=self.mqtt.state if self.mqtt is not None else None, **self.pointing.status(self.snapshot.current),
+            focus=self.plans.focus, disk_free_bytes=disk_free, state_bytes=self._disk_use())
 
     def _disk_use(self) -> int:
         """Bytes under the state folder (spool, checkpoint, snapshots, masters), counted at
@@ -200,6 +206,8 @@ class Service:
     def _report(self, out: Outcome) -> None:
         if out.outcome == "skipped":
             return
+        self.pointing.frame_done(out, self.plans.runner)
+        self.plans.frame_done(out)
         event = self.last_frame = frame_event(out)
         if not event["accepted"]:
             self.last_reject = {k: event.get(k) for k in ("path", "reason", "stack", "time")}
@@ -266,10 +274,6 @@ class Service:
         self.notifier.status(f"{state}; {self.snapshot.counts['stacked']} stacked, queue {len(self._queue)}")
         self.publish_status()
 
-    async def run_plan(self, plan: PlanSettings) -> dict:
-        """Run one plan to its end and return its summary (state, frames, paths, master)."""
-        return await self.plans.run(plan)
-
     # ----------------------------------------------------------------- lifecycle
     async def _heartbeat(self) -> None:
         """Watchdog pings from the event loop itself (a blocked loop stops them, and systemd
@@ -332,6 +336,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         quarantined = await self.job(lambda session: session.restore())
+        self.pointing.start()
         tasks: list[asyncio.Task] = [asyncio.create_task(self._heartbeat(), name="heartbeat")]
         await self._start_links(tasks)  # the page and MQTT say "starting" while kernels compile
         try:
@@ -381,6 +386,7 @@ class Service:
             await self.mqtt.close()
         if self.web is not None:
             await self.web.stop()
+        await self.pointing.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -31,7 +31,8 @@ from daemon.ledger import InHand, Ledger, quarantine_left_over
 from daemon.masters import build_master, load_masters
 from daemon.names import safe_filename
 from daemon.pipeline.frame import FrameType
-from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.restack import restack
 from daemon.products import preview_jpeg, write_stack
 from daemon.routing import StackKey
@@ -119,6 +120,8 @@ class Outcome:
     n_stacked: int = 0
     #: Header values the loader could not use (`EXPTIME='abc' ...`), each naming the key.
     warnings: tuple[str, ...] = ()
+    #: The stack's grid frame while its WCS is not plate-solved (for daemon.reference_solve).
+    grid: Any = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,9 @@ class Session:
         except OSError as exc:
             self.unsaved = True
             log.error("checkpoint to %s failed: %s (stacking goes on; retried)", self.state_dir, exc)
+        except Exception:  # noqa: BLE001 - a checkpoint bug must not stop the night's stacking
+            self.unsaved = True
+            log.exception("checkpoint to %s failed (stacking goes on; retried)", self.state_dir)
 
     def checkpoint_if_unsaved(self) -> None:
         if self.unsaved:
@@ -306,8 +312,9 @@ class Session:
         self.ledger.record(path, outcome, stack=key.name, reason=result.reason)
         self.current = key.name
         self.products_due = True
+        grid = None if getattr(stack.pipeline, "wcs_solved", True) else stack.pipeline.grid_frame()
         return Outcome(path, outcome, key.name, result, result.reason, stack.pipeline.n_stacked,
-                       tuple(frame.meta.warnings))
+                       tuple(frame.meta.warnings), grid)
 
     # ----------------------------------------------------------------- commands
     def named(self, name: str | None) -> Stack:
@@ -354,19 +361,23 @@ class Session:
     def restack(self, name: str | None) -> dict:
         """Final winsorized sigma-clipped combine of a stack's spooled frames into
         <stack>_final.fits. Frames the live stack holds that are not in the spool (a failed
-        write, a full disk) are named in the reply and the log: the final stack lacks them."""
+        write, a full disk) are spooled again from their files when they still exist
+        (`LivePipeline.respool`); those that cannot be are named in the reply and the log: the
+        final stack lacks them."""
         stack = self.named(name)
-        spool = self.spools.open(stack.key.name)
         # Only frames the ledger has as stacked here (a frame spooled just before a crash and
         # rejected when processed again after it is left out).
-        stacked = {str((self.capture_dir / k).resolve()) for k, e in self.ledger.entries.items()
+        stacked = {(self.capture_dir / k).resolve(): self.capture_dir / k for k, e in self.ledger.entries.items()
                    if e.outcome == "stacked" and e.stack == stack.key.name}
+        spool = self.spools.open(stack.key.name)
+        spooled = {Path(e["path"]).resolve() for e in (spool.entries if spool else []) if e.get("path")}
+        respooled = self._respool(stack, [p for r, p in stacked.items() if r not in spooled])
+        spool = self.spools.open(stack.key.name) if respooled else spool
         entries = [e for e in (spool.entries if spool else [])
-                   if e.get("path") and str(Path(e["path"]).resolve()) in stacked]
+                   if e.get("path") and Path(e["path"]).resolve() in stacked]
         if not entries:
             raise SessionError(f"restack: no spooled frames for stack {stack.key.name}")
-        spooled = {str(Path(e["path"]).resolve()) for e in entries}
-        missing = sorted(Path(p).name for p in stacked - spooled)
+        missing = sorted(p.name for p in set(stacked) - {Path(e["path"]).resolve() for e in entries})
         result = restack([spool.open(e) for e in entries], [e["weight"] for e in entries],
                          [e["scale"] for e in entries])
         out = self.output_dir / f"{stack.key.name}_final.fits"
@@ -378,6 +389,8 @@ class Session:
         log.info("restack of %s: %d frames -> %s", stack.key.name, result.n_frames, out)
         reply = {"stack": stack.key.name, "path": str(out), "frames": result.n_frames,
                  "live_frames": stack.pipeline.n_stacked}
+        if respooled:
+            reply["respooled"] = respooled
         if missing:
             log.warning("restack of %s: %d of the live stack's %d frames are not in the spool (a failed "
                         "write?) and are not in %s: %s", stack.key.name, len(missing), len(stacked), out.name,
@@ -385,12 +398,42 @@ class Session:
             reply["missing"] = {"frames": len(missing), "first": missing[:10]}
         return reply
 
+    def _respool(self, stack: Stack, paths: list[Path]) -> int:
+        """Spool again the frames of `paths` the stack holds, from their files; returns how
+        many were written (a file gone or changed, or a disk still full, is logged)."""
+        done = 0
+        for path in paths:
+            try:
+                frame = self.loader(path)
+                item, weight = stack.pipeline.respool(frame)
+            except (KeyError, ValueError, OSError) as exc:
+                log.warning("restack of %s: %s not spooled again: %s", stack.key.name, path.name, exc)
+                continue
+            date_obs = frame.meta.date_obs.isoformat() if frame.meta.date_obs else None
+            self.spools.submit(stack.key.name, str(path), encode(item), weight=weight, date_obs=date_obs,
+                               exposure_s=frame.meta.exposure_s)
+            self.spools.drain()
+            if str(path) not in self.spools.failed.get(stack.key.name, set()):
+                done += 1
+                log.info("restack of %s: %s spooled again from its file", stack.key.name, path.name)
+        return done
+
     def restack_of_file(self, path: str | Path) -> dict:
         """`restack` of the stack that file `path` went to (a plan's last frame)."""
         entry = self.ledger.entries.get(self.ledger.key(path))
         if entry is None or entry.stack is None:
             raise SessionError(f"restack: {Path(path).name} is in no stack")
         return self.restack(entry.stack)
+
+    def set_reference_wcs(self, name: str, path: str, cards: dict) -> bool:
+        """A plate solve of stack `name`'s grid frame `path`: its WCS from now on (the next
+        products carry it). False, nothing changed, when the stack or its grid frame changed
+        meanwhile (a reset, set_reference)."""
+        stack = self.stacks.get(name)
+        if stack is None or not stack.pipeline.set_reference_wcs(path, cards):
+            return False
+        self.products_due = True
+        return True
 
     # ----------------------------------------------------------------- masters
     def build_master(self, kind: FrameType, paths: list[str], *, exposure_s: float, filter_name: str | None) -> Path:

@@ -43,11 +43,10 @@ WRITER_NICE = 10
 def writer_thread() -> ThreadPoolExecutor:
     """One background thread for `Spool.append`, at a lower CPU priority than the thread that
     stacks: the spool is only needed for the final re-stack, while the live stack and its
-    preview are what the observer waits for. At equal priority, a writer copying 23-52 MB
-    into the page cache (and, as it once did, converting to float16) slowed the next frame's
-    parallel kernels on 2 cores by ~100 ms per 12 Mpx frame (measured); niced, it runs in the
-    gaps (sep holds one core, waits on the disk) and still finishes long before the next
-    exposure."""
+    preview are what the observer waits for. At equal priority a writer copying tens of MB
+    into the page cache slows the next frame's parallel kernels on 2 cores (bench); niced, it
+    runs in the gaps (sep holds one core, waits on the disk) and still finishes long before
+    the next exposure."""
 
     def lower_priority() -> None:
         try:
@@ -107,11 +106,9 @@ def _to_half_rows(rows: np.ndarray, scale: np.float32, out: np.ndarray) -> None:
 
 def _drop_cached(fd: int) -> None:
     """Drop a written spool file from the page cache (it is on disk: fsync'ed). It is read
-    again only by the final re-stack, hours later; cached, 23-52 MB a frame would push out
+    again only by the final re-stack, hours later; cached, tens of MB a frame would push out
     what is worth caching (the frames just captured) on a Pi. The freed pages take the next
-    frame's write: on the CI VM, whose host takes back memory the guest leaves free or cold,
-    new page-cache pages cost the stacking thread ~45 ms per 12 Mpx frame written, re-used
-    ones ~10 ms (bench, 4144x2822 mono back to back: median 0.17 -> 0.13 s per frame)."""
+    frame's write, cheaper than new page-cache pages (bench/PERFORMANCE.md)."""
     if hasattr(os, "posix_fadvise"):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

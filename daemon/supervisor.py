@@ -1,8 +1,11 @@
 """The plan supervisor: runs acquisition plans over INDI, one at a time, and what ends them.
 
-One plan at a time: the config's [plan] at start, or one sent with the `plan` command. Its
-frames reach the stacks only through the folder watcher, like any other program's. When a
-plan ends:
+One plan at a time: the night's queue at start (the config's plans, `config.queue` or its
+[plan]), or one sent with the `plan` command. The queue is kept in <state.dir>/queue.json
+(daemon.plan_queue, run by daemon.night.run_queue): a daemon restarted mid-night resumes the
+plan that was running with the frames it has, and goes on with the rest; `queue` events carry
+its status. Frames reach the stacks only through the folder watcher, like any other program's.
+When a plan ends:
 - a light plan that ran to its end gets its stack's final re-stack, once all its frames are
   processed (what `restack` does on demand);
 - a calibration plan (bias, dark, flat, darkflat) ends in a master built from its frames; from
@@ -10,19 +13,21 @@ plan ends:
   keeps it, so a restart calibrates the same way.
 
 The supervisor runs on the event loop; the stacking work it asks for (the master, the final
-re-stack) runs on the worker thread through the service's `job`.
+re-stack) runs on the worker thread through the service's `job`. It also hands each stacked
+frame of the running light plan to that plan's refocus trigger (`frame_done`, daemon.upkeep),
+and runs the `autofocus` command: queued on the running plan, else on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib.util
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from daemon.config import Config, ConfigError
+from daemon.plan_queue import PlanQueue
 from daemon.session import SessionError
 from daemon.settings import PlanSettings
 
@@ -57,6 +62,37 @@ class PlanSupervisor:
         self._publish, self._progress, self._job, self._processed = publish, progress, job, processed
         self._task: asyncio.Task | None = None
         self._stop: asyncio.Event | None = None
+        self._save_to = None  # where the running queue is kept (None: a plan command's own)
+        #: The queue running (or last run): the night's, or the `plan` command's one plan.
+        self.queue: PlanQueue | None = None
+        #: The running plan's PlanRunner (daemon.acquisition), None between plans.
+        self.runner = None
+        #: The latest `autofocus` event (status `focus`), None before the first.
+        self.focus: dict | None = None
+        self._focusing = False
+
+    @property
+    def queue_file(self):
+        return self.config.state.dir / "queue.json"
+
+    def night_plans(self) -> tuple[PlanSettings, ...]:
+        """The night's plans: the config's queue ([[plan]] entries) or its one [plan]."""
+        plans = tuple(getattr(self.config, "queue", None) or ())
+        return plans or ((self.config.plan,) if self.config.plan is not None else ())
+
+    def queue_status(self) -> dict | None:
+        """The queue's status for `status` (None before any plan ran)."""
+        return None if self.queue is None else self.queue.status()
+
+    def target_of(self, name: str | None) -> tuple[float, float] | None:
+        """(RA, Dec) degrees J2000 the mount was sent to for target `name` by a plan of the
+        running (or last) queue; None when no plan pointed at it."""
+        if self.queue is None or name is None:
+            return None
+        for plan in (e.plan for e in self.queue.entries):
+            if plan.target == name and plan.ra is not None and plan.dec is not None:
+                return plan.ra_deg, plan.dec_deg
+        return None
 
     @property
     def running(self) -> bool:
@@ -68,13 +104,40 @@ class PlanSupervisor:
         config has no [indi]; returns the task (None when nothing started)."""
         if self.config.indi is None or self.running:
             return None
-        plan = plan or self.config.plan
-        if plan is None:
-            log.warning("%s: [indi] without [plan]: nothing to acquire, watching only", self.config.source)
-            return None
+        if plan is not None:  # the plan command: a queue of its own, not the night's
+            queue, save_to = PlanQueue([plan]), None
+        else:
+            plans = self.night_plans()
+            if not plans:
+                log.warning("%s: [indi] without [plan]: nothing to acquire, watching only", self.config.source)
+                return None
+            queue, save_to = PlanQueue.load(self.queue_file, plans), self.queue_file
+            if not queue.rearm():  # all ran: a new run of the night's plans
+                queue = PlanQueue(plans)
+        return self._run(queue, save_to)
+
+    def _run(self, queue: PlanQueue, save_to) -> asyncio.Task:
+        self.queue, self._save_to = queue, save_to
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._run(plan), name="plan")
+        self._task = asyncio.create_task(self._run_queue(queue, save_to), name="plan")
         return self._task
+
+    def enqueue(self, plan: PlanSettings) -> dict:
+        """Append `plan` to the night's queue (kept in queue.json, so a restart keeps it) and
+        run the queue when nothing runs. Returns the queue's status. Raises RuntimeError while
+        a single `plan` command's plan runs (stop it first)."""
+        if self.running:
+            if self._save_to is None:
+                raise RuntimeError("a plan sent with `plan` is running; send stop first, or queue plans only")
+            self.queue.add(plan)
+            self.queue.save(self.queue_file)
+        else:
+            queue = PlanQueue.load(self.queue_file, self.night_plans())
+            queue.rearm()
+            queue.add(plan)
+            queue.save(self.queue_file)
+            self._run(queue, self.queue_file)
+        return self.queue.status()
 
     async def run(self, plan: PlanSettings) -> dict:
         """Run one plan to its end and return its summary (state, frames, paths, master, final)."""
@@ -101,30 +164,82 @@ class PlanSupervisor:
             except TimeoutError:
                 self._task.cancel()
 
-    async def _run(self, plan: PlanSettings) -> dict:
-        from daemon.acquisition import run_acquisition  # PyIndi: the [indi] extra, only with plans
+    def frame_done(self, out: Any) -> None:
+        """A frame judged by the pipeline (daemon.session.Outcome): when it is one of the
+        running light plan's, its FWHM goes to the plan's refocus trigger."""
+        runner, r = self.runner, getattr(out, "result", None)
+        if runner is None or r is None:
+            return
+        why = runner.upkeep.frame_measured(out.path, r.accepted, r.reason, r.fwhm_px)
+        if why:
+            log.info("refocus: %s", why)
 
+    def request_autofocus(self, start_offset_steps: int = 0) -> str:
+        """The autofocus command during a plan: queued on the running light plan (before its
+        next frame). Returns the plan's target; RuntimeError saying why when it cannot be."""
+        runner = self.runner
+        if runner is None or not self.running:
+            raise RuntimeError("no plan is running")
+        if not runner.light:
+            raise RuntimeError(f"the running plan takes {runner.plan.frame_type} frames: focus after it")
+        runner.request_autofocus("command", start_offset_steps)
+        return runner.plan.target
+
+    async def autofocus_now(self, start_offset_steps: int = 0) -> dict:
+        """The autofocus command with no plan running: its own INDI session (daemon.upkeep.
+        focus_once); returns the result. RuntimeError when one runs already."""
+        from daemon.upkeep import focus_once  # PyIndi: the [indi] extra
+
+        if self._focusing:
+            raise RuntimeError("an autofocus is running")
+        self._focusing = True
+        try:
+            return await focus_once(self.config, self._events(), start_offset_steps)
+        finally:
+            self._focusing = False
+
+    def _events(self):
+        """The plans' event sink: `plan` progress to the status, everything as `acquisition`."""
         supervisor = self
-        config = dataclasses.replace(self.config, plan=plan)
 
         class Events:
             async def publish(self, kind: str, payload: dict) -> None:
                 if kind == "plan":
                     supervisor._progress({k: v for k, v in payload.items() if k != "paths"})
+                elif kind == "autofocus":
+                    supervisor.focus = {**payload, "event": "autofocus"}
                 supervisor._publish("acquisition", {"event": kind, **payload})
 
+        return Events()
+
+    def _set_runner(self, runner) -> None:
+        self.runner = runner
+
+    async def _run_queue(self, queue: PlanQueue, save_to) -> dict:
+        """Run the queue's plans; returns the last plan's summary, with "queue" (its status)."""
+        from daemon.night import run_queue  # PyIndi: the [indi] extra, only with plans
+
         try:
-            summary = await run_acquisition(config, Events(), self._stop)
+            summaries = await run_queue(self.config, queue, self._events(), self._stop, save_to=save_to,
+                                        on_finished=self._finished, on_runner=self._set_runner)
         except Exception as exc:  # noqa: BLE001 - stacking of what arrives goes on
             log.exception("acquisition failed")
             error = f"{type(exc).__name__}: {exc}"
             self._publish("acquisition", {"event": "error", "error": error})
-            return {"state": "failed", "frames": 0, "paths": [], "error": error}
+            return {"state": "failed", "frames": 0, "paths": [], "error": error, "queue": queue.status()}
+        summary = dict(summaries[-1]) if summaries else {"state": "done", "frames": 0, "paths": []}
+        if summary.get("state") == "failed":
+            self._publish("acquisition", {"event": "error", "error": summary.get("error")})
+        summary["queue"] = queue.status()
+        return summary
+
+    async def _finished(self, plan: PlanSettings, summary: dict) -> None:
+        """After each plan: its event, then its product (final re-stack, master) into summary."""
         log.info("acquisition %s: %s frames", summary.get("state"), summary.get("frames"))
         self._publish("acquisition", {"event": "finished", **summary})
         paths = summary.get("paths") or []
         if not paths:
-            return summary
+            return
         if not plan.frame_type.is_calibration:
             if summary.get("state") == "done":
                 summary["final"] = await self._final_restack(paths)
@@ -140,7 +255,6 @@ class PlanSupervisor:
                 summary["master"] = str(out)
                 self._publish("acquisition", {"event": "master", "kind": str(plan.frame_type),
                                               "path": str(out), "frames": len(paths)})
-        return summary
 
     async def _final_restack(self, paths: list[str], timeout_s: float = 600.0) -> str | None:
         """The session-end product of a light plan that ran to its end: once its frames are all

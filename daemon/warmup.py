@@ -67,7 +67,8 @@ def warm_up() -> float:
     loading the cache)."""
     from daemon.io.load import FrameLoader
     from daemon.pipeline.calibrate import Masters
-    from daemon.pipeline.live import LivePipeline, LiveSettings
+    from daemon.pipeline.live import LivePipeline
+    from daemon.pipeline.live_settings import LiveSettings
     from daemon.pipeline.restack import restack
     from daemon.pipeline.stack import RunningStack, StackSettings
     from daemon.products import preview_jpeg

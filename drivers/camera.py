@@ -159,7 +159,8 @@ class Camera:
         await self._set_switch("CCD_FRAME_TYPE", element)
 
     async def expose(self, seconds: float, name: str, timeout: float | None = None) -> Path:
-        """One exposure; returns the complete FITS in the capture folder named `name`-<seq>.fits.
+        """One exposure; returns the complete FITS in the capture folder named
+        `name`_<time>_<seq>.fits (hidden when `name` starts with a dot).
 
         Raises ExposureTimeout (after aborting) when the camera does not finish within
         `timeout` (default: exposure + 30 s for download), IndiAlert when it reports failure.
@@ -183,7 +184,10 @@ class Camera:
                             "(is UPLOAD_MODE local and the folder writable by the driver?)")
         self._seq += 1
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        dest = self.capture_dir / f"{safe_filename(name)}_{stamp}_{self._seq:04d}{files[-1].suffix}"
+        # A name with a leading dot stays hidden (the centring and focus frames): the folder
+        # watcher ignores hidden files, so they never reach a stack.
+        stem = ("." if name.startswith(".") else "") + safe_filename(name.lstrip("."))
+        dest = self.capture_dir / f"{stem}_{stamp}_{self._seq:04d}{files[-1].suffix}"
         os.replace(files[-1], dest)
         return dest
 

@@ -92,42 +92,54 @@ def _snapshot(prop) -> PropSnapshot | None:
 _RETIRED: list[_Listener] = []
 
 
-class _Listener(PyIndi.BaseClient):
-    """The pyindi-client subclass: every callback goes straight to the loop."""
+@dataclass(frozen=True)
+class _Callbacks:
+    """Where the C++ thread's callbacks go: each is called on `loop`."""
 
-    def __init__(self, owner: IndiClient):
+    loop: asyncio.AbstractEventLoop
+    on_property: Callable
+    on_remove: Callable
+    on_message: Callable
+    on_server: Callable
+
+
+class _Listener(PyIndi.BaseClient):
+    """The pyindi-client subclass: every callback is snapshotted here, on the C++ thread, and
+    goes straight to the loop."""
+
+    def __init__(self, callbacks: _Callbacks):
         super().__init__()
-        self._owner = owner
+        self.callbacks = callbacks
 
     def _post(self, fn, *args) -> None:
         try:
-            self._owner._loop.call_soon_threadsafe(fn, *args)
+            self.callbacks.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # loop closed during shutdown
             pass
 
     def newProperty(self, prop):
         snap = _snapshot(prop)
         if snap:
-            self._post(self._owner._on_property, snap)
+            self._post(self.callbacks.on_property, snap)
 
     def updateProperty(self, prop):
         self.newProperty(prop)
 
     def removeProperty(self, prop):
-        self._post(self._owner._on_remove, prop.getDeviceName(), prop.getName())
+        self._post(self.callbacks.on_remove, prop.getDeviceName(), prop.getName())
 
     def newMessage(self, device, message_id):
         try:
             text = device.messageQueue(message_id)
         except Exception:  # noqa: BLE001 - a message we cannot read is not worth failing over
             return
-        self._post(self._owner._on_message, device.getDeviceName(), str(text))
+        self._post(self.callbacks.on_message, device.getDeviceName(), str(text))
 
     def serverConnected(self):
-        self._post(self._owner._on_server, True)
+        self._post(self.callbacks.on_server, True)
 
     def serverDisconnected(self, code):
-        self._post(self._owner._on_server, False)
+        self._post(self.callbacks.on_server, False)
 
 
 class IndiClient:
@@ -149,7 +161,8 @@ class IndiClient:
         await self.close()
         self._loop = asyncio.get_running_loop()
         self._props.clear()
-        listener = _Listener(self)
+        listener = _Listener(_Callbacks(self._loop, self._on_property, self._on_remove, self._on_message,
+                                        self._on_server))
         listener.setServer(self.host, int(self.port))
         listener.setConnectionTimeout(int(timeout), 0)
         ok = await asyncio.to_thread(listener.connectServer)

@@ -1,7 +1,12 @@
-"""INDI mount: unpark, slew-and-track to J2000 coordinates, sync, park, abort, pier side.
+"""INDI mount: unpark, slew-and-track to J2000 coordinates, sync, park, abort, pier side,
+meridian flip, tracking on/off, the site (GEOGRAPHIC_COORD).
 
 INDI mounts take EQUATORIAL_EOD_COORD in JNow (RA in hours, Dec in degrees); config gives J2000,
-converted here with astropy's FK5 at the equinox of date.
+converted here with astropy's FK5 at the equinox of date. Pier side as INDI reports it
+(TELESCOPE_PIER_SIDE): "west" is the tube on the west side of the pier, looking east (a target
+before the meridian), "east" after a flip. A German equatorial mount chooses the side at each
+goto from the target's hour angle, so a meridian flip is a goto to the same target once it is
+past the meridian (INDI's telescope simulator: past its FLIP_HA, 0 by default).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import logging
 import math
 from datetime import UTC, datetime
 
+from daemon.settings import SiteSettings
 from drivers.indi_client import IndiClient, IndiError, IndiTimeout
 
 log = logging.getLogger(__name__)
@@ -21,6 +27,10 @@ class SlewTimeout(IndiTimeout):
 
 class SlewNotStarted(SlewTimeout):
     """The mount never took the request (no Busy, not there): e.g. it was still parked."""
+
+
+class FlipFailed(IndiError):
+    """A meridian flip did not happen: the pier side did not change, or the slew failed."""
 
 
 def j2000_to_jnow(ra_deg: float, dec_deg: float, when: datetime | None = None) -> tuple[float, float]:
@@ -77,6 +87,61 @@ class Mount:
         snap = self.client.prop(self.device, "TELESCOPE_INFO")
         value = snap.values.get("TELESCOPE_FOCAL_LENGTH") if snap else None
         return value or None
+
+    @property
+    def tracking(self) -> bool | None:
+        """True/False as the mount says, None when it has no TELESCOPE_TRACK_STATE."""
+        if not self.client.prop(self.device, "TELESCOPE_TRACK_STATE"):
+            return None
+        return "TRACK_ON" in self._switch_on("TELESCOPE_TRACK_STATE")
+
+    async def set_tracking(self, on: bool, timeout: float = 10.0) -> None:
+        """Tracking on or off; raises IndiError when the mount cannot (no such property)."""
+        if self.tracking is None:
+            raise IndiError(f"{self.device} has no TELESCOPE_TRACK_STATE: tracking cannot be switched")
+        if self.tracking == on:
+            return
+        gen = self.client.send_switch(self.device, "TELESCOPE_TRACK_STATE", ["TRACK_ON" if on else "TRACK_OFF"])
+        await self.client.wait_state(self.device, "TELESCOPE_TRACK_STATE", gen, timeout,
+                                     "tracking on" if on else "tracking off")
+
+    async def read_site(self, timeout: float = 5.0) -> SiteSettings | None:
+        """The site the mount holds (GEOGRAPHIC_COORD), None when it has none or an unset one.
+
+        Unset: latitude and longitude both exactly 0, where INDI's drivers (the simulator among
+        them) start until told; no telescope stands at that point of the Gulf of Guinea.
+        """
+        if await self.client.wait_defined(self.device, ["GEOGRAPHIC_COORD"], timeout) is None:
+            return None
+        v = self.client.prop(self.device, "GEOGRAPHIC_COORD").values
+        lat, lon = v.get("LAT", 0.0), v.get("LONG", 0.0)
+        if lat == 0.0 and lon == 0.0:
+            return None
+        return SiteSettings(latitude=lat, longitude=lon, elevation_m=v.get("ELEV", 0.0))
+
+    async def write_site(self, site: SiteSettings, timeout: float = 10.0) -> bool:
+        """Tell the mount the site (INDI longitude 0..360 east); False when it has no
+        GEOGRAPHIC_COORD, True when it took it. Raises IndiError when it refuses."""
+        if await self.client.wait_defined(self.device, ["GEOGRAPHIC_COORD"], timeout) is None:
+            return False
+        gen = self.client.send_number(self.device, "GEOGRAPHIC_COORD", {
+            "LAT": site.latitude, "LONG": site.longitude % 360.0, "ELEV": site.elevation_m})
+        await self.client.wait_state(self.device, "GEOGRAPHIC_COORD", gen, timeout, "site")
+        return True
+
+    async def flip(self, ra_deg: float, dec_deg: float, timeout: float = 180.0) -> tuple[str, str]:
+        """Meridian flip: a goto to the J2000 target (past the meridian now), which must change
+        the pier side. Returns (side before, side after); raises FlipFailed saying why (the
+        slew's own error, or the side unchanged)."""
+        before = self.pier_side()
+        try:
+            await self.slew(ra_deg, dec_deg, timeout=timeout)
+        except IndiError as exc:
+            raise FlipFailed(f"flip slew failed: {exc}") from exc
+        after = self.pier_side()
+        if before is None or after is None or after == before:
+            raise FlipFailed(f"pier side did not change ({before} before the flip slew, {after} after)")
+        return before, after
 
     async def unpark(self, timeout: float = 60.0) -> None:
         if not self.client.prop(self.device, "TELESCOPE_PARK") or not self.parked:

@@ -164,10 +164,10 @@ def test_reference_index_is_built_once(field):
     ref = _measured(SHAPE, field, seed=100)
     stars = _measured(SHAPE, field, seed=5, matrix=transform_matrix(10, 10, 10, center=CENTER))
     register(stars, ref)
-    cached = {k: v for k, v in ref._cache.items()}
+    cached = {k: v for k, v in ref.index_cache.items()}
     assert cached
     register(stars, ref)
-    assert all(ref._cache[k] is v for k, v in cached.items())
+    assert all(ref.index_cache[k] is v for k, v in cached.items())
 
 
 @pytest.mark.parametrize("model", ["affine", "homography"])
@@ -259,7 +259,8 @@ def test_random_star_lists_never_register():
     for _ in range(20):
         a, b = rng.uniform([0, 0], [600, 400], (2, 100, 2))
         fa, fb = rng.uniform(1, 100, (2, 100))
-        reg = register(Stars.from_xy(a[:, 0], a[:, 1], fa, shape=SHAPE), Stars.from_xy(b[:, 0], b[:, 1], fb, shape=SHAPE))
+        reg = register(Stars.from_xy(a[:, 0], a[:, 1], fa, shape=SHAPE),
+                       Stars.from_xy(b[:, 0], b[:, 1], fb, shape=SHAPE))
         assert not reg.ok and "no consistent match" in reg.reason
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from daemon.autofocus import AutofocusSettings, autofocus_command, run_autofocus
+from daemon.autofocus import autofocus_command, run_autofocus
+from daemon.settings import FocusSettings, SettingsError
 from daemon.simulate import StarField, random_star_field, render_stars
 from drivers.indi_client import IndiError
 
@@ -93,7 +94,7 @@ def _run(focuser, camera, settings, **kw):
 def test_autofocus_with_backlash_lands_on_the_mechanical_best(tmp_path):
     focuser = BacklashFocuser(50_000)
     camera = StarCamera(focuser, tmp_path)
-    settings = AutofocusSettings(step=2500, points=7, backlash_steps=2500, exposure_s=1.0)
+    settings = FocusSettings(step=2500, points=7, backlash_steps=2500, exposure_s=1.0)
     result, events = _run(focuser, camera, settings, start_offset_steps=8000, reason="plan start")
     assert result["ok"], result
     best_fwhm = camera.fwhm(BEST)
@@ -113,7 +114,7 @@ def test_autofocus_with_backlash_lands_on_the_mechanical_best(tmp_path):
 def test_control_without_backlash_compensation_the_final_inward_move_falls_short(tmp_path):
     focuser = BacklashFocuser(50_000)
     camera = StarCamera(focuser, tmp_path)
-    result, _ = _run(focuser, camera, AutofocusSettings(step=2500, points=7, backlash_steps=0),
+    result, _ = _run(focuser, camera, FocusSettings(step=2500, points=7, backlash_steps=0),
                      start_offset_steps=8000)
     assert focuser.mechanical - focuser.commanded == BACKLASH  # the last move was inward
     assert abs(focuser.mechanical - BEST) > 600  # and the lagging samples skewed the fit too
@@ -122,7 +123,7 @@ def test_control_without_backlash_compensation_the_final_inward_move_falls_short
 def test_no_minimum_within_reach_goes_back_and_says_why(tmp_path):
     focuser = BacklashFocuser(65_000)  # 24000 steps out: two sweeps of 4000 cannot reach it
     camera = StarCamera(focuser, tmp_path)
-    result, _ = _run(focuser, camera, AutofocusSettings(step=1000, points=5, max_sweeps=2))
+    result, _ = _run(focuser, camera, FocusSettings(step=1000, points=5, max_sweeps=2))
     assert not result["ok"] and "the minimum lies below the sweep" in result["reason"]
     assert result["position"] == 65_000 and focuser.mechanical == 65_000
 
@@ -136,7 +137,7 @@ def test_an_indi_fault_is_published_as_a_failed_result_then_raised(tmp_path):
         events.append((kind, payload))
 
     with pytest.raises(IndiError):
-        asyncio.run(run_autofocus(focuser, camera, AutofocusSettings(), publish))
+        asyncio.run(run_autofocus(focuser, camera, FocusSettings(), publish))
     kind, payload = events[-1]
     assert kind == "autofocus" and payload["ok"] is False and "connection lost" in payload["reason"]
 
@@ -148,6 +149,7 @@ def test_the_command_option_and_settings_are_checked():
     for bad in ("far", 1.5, True, 10**7, None):
         with pytest.raises(ValueError, match="start_offset_steps"):
             autofocus_command({"action": "autofocus", "start_offset_steps": bad})
-    for key, value in (("points", 3), ("step", 0), ("exposure_s", 0.0), ("backlash_steps", -1)):
-        with pytest.raises(ValueError, match=f"focus.{key}"):
-            AutofocusSettings(**{key: value})
+    for key, value in (("points", 3), ("step", 0), ("exposure_s", 0.0), ("backlash_steps", -1), ("step", 2.5),
+                       ("refocus_fwhm_factor", 1.0), ("refocus_temp_drop_c", 0.0), ("refocus_min_frames", 0)):
+        with pytest.raises(SettingsError, match=rf"\[focus\] {key} = {value!r}"):
+            FocusSettings(**{key: value})

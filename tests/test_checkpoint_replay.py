@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from daemon import checkpoint
-from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.spool import Spool, replay_stack
 from tests.test_live import TRAIL, make_frame
 
@@ -37,8 +38,8 @@ def test_resume_replays_the_frames_since_the_snapshot(tmp_path):
         pipe, state_dir, sizes = _session(tmp_path / (bayer or "mono"), bayer)
         snapshots = list(state_dir.glob("stack-*.npz"))
         assert len(snapshots) == 1
-        # The checkpoint after the snapshot holds no statistics: a few kB, not the stack (here
-        # 15 kB beside the 1.4 MB a mono stack's statistics take during its warm-up).
+        # The checkpoint after the snapshot holds no statistics: a few kB (the ledger and each
+        # frame's provenance, its transform included), not the stack (1.4 MB at this size).
         assert sizes[1] < 0.02 * snapshots[0].stat().st_size
         state = checkpoint.load(state_dir)
         pst = state["stacks"]["s"]["pipeline"]

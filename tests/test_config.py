@@ -24,7 +24,7 @@ def test_example_watch_config_loads_and_builds_live_settings():
     assert "*.fits" in cfg.capture.patterns and cfg.mqtt.port == 1883 and cfg.mqtt.rig == "default"
     assert cfg.indi is None and cfg.plan is None
     assert cfg.output_dir == Path("/var/lib/lightbucket/output")
-    from daemon.pipeline.live import LiveSettings
+    from daemon.pipeline.live_settings import LiveSettings
 
     assert LiveSettings.from_config(cfg.stack, cfg.quality).max_eccentricity == 0.85
 
@@ -85,6 +85,21 @@ def test_state_and_output_inside_the_watched_folder_are_refused(tmp_path):
         load_config(write(tmp_path, '[capture]\ndir = "/c"\nrecursive = true\n[state]\ndir = "/c/state"\n'))
 
 
+def test_plan_entries_are_the_nights_queue_and_errors_name_the_entry(tmp_path):
+    base = '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n'
+    night = (base + '[[plan]]\ntarget = "M 31"\nra = 10.68\ndec = 41.27\ncount = 30\n'
+             '[[plan]]\ntarget = "M 1"\nra = 83.6\ndec = 22.0\ncount = 20\n')
+    cfg = load_config(write(tmp_path, night), ["plan.exposure_s=60"])  # --set holds for every plan
+    assert [(p.target, p.count, p.exposure_s) for p in cfg.queue] == [("M 31", 30, 60.0), ("M 1", 20, 60.0)]
+    assert cfg.plan == cfg.queue[0]
+    with pytest.raises(ConfigError, match=r"lb.toml: \[plan 2\] count = -1: must be >= 0"):
+        load_config(write(tmp_path, night.replace("count = 20", "count = -1")))
+    with pytest.raises(ConfigError, match=r"\[plan 1\] exposure: unknown key"):
+        load_config(write(tmp_path, night.replace("count = 30", "exposure = 30")))
+    one = load_config(write(tmp_path, base + '[plan]\ntarget = "M 31"\n'))
+    assert one.queue == (one.plan,)
+
+
 def test_parse_override_keeps_strings():
     assert parse_override("mqtt.host=broker.local") == ("mqtt", "host", "broker.local")
     assert parse_override("mqtt.port = 1884") == ("mqtt", "port", 1884)
@@ -96,3 +111,23 @@ def test_unknown_stack_key_is_refused_at_start(tmp_path):
     p = write(tmp_path, '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n[stack]\nkapa = 3\n')
     with pytest.raises(ValueError, match=r"lb.toml.*stack.kapa"):
         live_settings(load_config(p))
+
+
+def test_focus_section_and_the_plans_focus_and_pointing_keys(tmp_path):
+    base = '[capture]\ndir = "/c"\n[state]\ndir = "/s"\n'
+    cfg = load_config(write(tmp_path, base + '[focus]\nstep = 2000\npoints = 9\nrefocus_temp_drop_c = 1.5\n'
+                                             '[plan]\ntarget = "X"\nautofocus = true\npointing_check_s = 300\n'))
+    f = cfg.focus
+    assert (f.step, f.points, f.refocus_temp_drop_c, f.exposure_s) == (2000, 9, 1.5, 1.0)
+    plan = cfg.plan
+    assert plan.autofocus and plan.pointing_check_s == 300.0 and plan.pointing_far_arcsec == 120.0
+    assert not plan.pointing_recenter
+    assert not load_config(write(tmp_path, base + '[plan]\ntarget = "X"\n')).plan.autofocus
+    for text, message in (('[focus]\npoints = 3\n', r"lb.toml: \[focus\] points = 3: must be >= 5"),
+                          ('[focus]\nstep = 2.5\n', r"lb.toml: \[focus\] step: expected an integer"),
+                          ('[focus]\nrefocus_fwhm_factor = 0.9\n', r"\[focus\] refocus_fwhm_factor = 0.9: must be > 1"),
+                          ('[focus]\nbacklash = 10\n', r"\[focus\] backlash: unknown key"),
+                          ('[plan]\ntarget = "X"\npointing_check_s = -1\n', r"\[plan\] pointing_check_s = -1.0"),
+                          ('[plan]\ntarget = "X"\npointing_far_arcsec = 0\n', r"\[plan\] pointing_far_arcsec = 0.0")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, base + text))

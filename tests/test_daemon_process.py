@@ -207,7 +207,8 @@ def test_kill9_resume_exactly_sigterm_exit0(broker, tmp_path):
     # Registration recovered the known shifts (frame i vs the reference frame 0).
     for n in accepted:  # registration maps the frame onto the reference: (-1.3 i, +0.8 i)
         i = int(n[6:9])
-        assert final[n]["dx"] == pytest.approx(-1.3 * i, abs=0.15) and final[n]["dy"] == pytest.approx(0.8 * i, abs=0.15)
+        assert final[n]["dx"] == pytest.approx(-1.3 * i, abs=0.15)
+        assert final[n]["dy"] == pytest.approx(0.8 * i, abs=0.15)
     # The truncated copy is reported with a reason and skipped, once.
     assert final["truncated.fits"]["accepted"] is False and final["truncated.fits"]["reason"]
     assert ledger_outcomes["truncated.fits"] == "error"

@@ -21,6 +21,7 @@ from daemon.commands import CommandError, validate_command
 from daemon.config import config_from_dict
 from daemon.service import Service
 from daemon.simulate import Exposure, expose, fits_header, random_star_field, transform_matrix
+from tests.conftest import require_tools
 from tests.mqtt_broker import Subscriber
 
 SHAPE = (160, 160)
@@ -219,7 +220,10 @@ def test_broker_down_then_up_no_frame_lost_status_catches_up(broker, tmp_path):
         for i in range(4):
             shutil.copy(stage / f"f{i}.fits", cfg.capture.dir / f"f{i}.fits")
         # Stacking goes on while the broker is away.
-        await wait_for(lambda: service.snapshot.counts["stacked"] == 4 and service.mqtt.backlog == 4,
+        def frame_events_queued() -> int:
+            return sum(topic.endswith("/frame") for topic, _ in service.mqtt.queued())
+
+        await wait_for(lambda: service.snapshot.counts["stacked"] == 4 and frame_events_queued() == 4,
                        what="4 stacked and their events queued with the broker down")
         await asyncio.sleep(1.0)
         broker.start()
@@ -293,11 +297,11 @@ def test_failing_checkpoint_disk_does_not_stop_stacking(tmp_path, monkeypatch):
     real_save = checkpoint.save
     calls = {"n": 0}
 
-    def flaky_save(state_dir, state):
+    def flaky_save(state_dir, state, **options):
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(28, "No space left on device")
-        return real_save(state_dir, state)
+        return real_save(state_dir, state, **options)
 
     monkeypatch.setattr(checkpoint, "save", flaky_save)
     for i in range(2):
@@ -342,7 +346,10 @@ def test_validate_command():
 @pytest.mark.realdata
 def test_real_colour_frames_from_a_live_stacker(als_m27, broker, tmp_path):
     """ALS's six colour M27 frames copied into the folder: stacked as one colour stack,
-    FITS with NCOMBINE = accepted frames, a colour JPEG preview over MQTT."""
+    FITS with NCOMBINE = accepted frames, a colour JPEG preview over MQTT; the stack's grid
+    frame plate-solved off the stacking path, its WCS in
+    the stack written afterwards, the solve on MQTT and in the status."""
+    require_tools("solve-field")
     cfg = make_config(tmp_path, broker.port, "m27")
     frames = sorted(als_m27.glob("*.fits"))
 
@@ -355,6 +362,9 @@ def test_real_colour_frames_from_a_live_stacker(als_m27, broker, tmp_path):
         await wait_for(lambda: len(sub.json("frame")) == len(frames), timeout=60, what="all frame events")
         await wait_for(lambda: sub.json("preview/meta") and sub.json("preview/meta")[-1]["frames"]
                        == service.snapshot.counts["stacked"], timeout=20, what="final preview")
+        await wait_for(lambda: [e for e in sub.json("acquisition") if e.get("event") == "solve"], timeout=90,
+                       what="the reference plate solve")
+        await wait_for(lambda: service.status()["solve"] is not None, what="solve in the status")
         service.request_stop()
         assert await asyncio.wait_for(run, 30) == 0
         sub.close()
@@ -373,6 +383,19 @@ def test_real_colour_frames_from_a_live_stacker(als_m27, broker, tmp_path):
     assert jpeg.shape[2] == 3 and max(jpeg.shape[:2]) <= cfg.mqtt.preview_max_edge
     b, g, r = (jpeg[..., c].astype(float) for c in range(3))
     assert np.abs(r - g).mean() > 1.0  # really colour, not grey in three planes
+    # The solve: of the grid frame (the first), ok, and the stack written since carries it.
+    (solve,) = [e for e in sub.json("acquisition") if e.get("event") == "solve"]
+    assert solve["ok"] and solve["stack"] == name and Path(solve["path"]).name == frames[0].name, solve
+    assert solve["scale_arcsec_px"] == pytest.approx(1.4815, rel=0.01)
+    assert header["PLTSOLVD"] is True
+    from astropy.wcs import WCS
+
+    first = fits.getheader(frames[0])
+    wcs = WCS(header).celestial  # the stack grid is the first frame's, rows stored bottom-up
+    ra, dec = wcs.pixel_to_world_values((first["NAXIS1"] - 1) / 2, (first["NAXIS2"] - 1) / 2)
+    from daemon.wcs import separation_arcsec
+
+    assert separation_arcsec(float(ra), float(dec), solve["ra_deg"], solve["dec_deg"]) < 1.5
 
 
 def test_mixed_exposures_get_a_stack_each_and_keep_the_deep_frames(tmp_path):

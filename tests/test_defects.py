@@ -13,7 +13,8 @@ import pytest
 from daemon import simulate as sim
 from daemon.io.fits import write_fits
 from daemon.masters import load_masters
-from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.stars import measure
 from tests.test_live import SHAPE, make_frame
 

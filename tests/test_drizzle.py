@@ -128,7 +128,7 @@ def test_one_frame_drizzle_has_holes_where_no_drop_landed_and_checks_its_input()
 
 def test_live_drizzle_setting_reaches_the_final_restack_through_the_spool(tmp_path):
     """debayer="drizzle": the live stack as bilinear, the spooled mosaics re-stacked by drizzle."""
-    from daemon.pipeline.live import LiveSettings
+    from daemon.pipeline.live_settings import LiveSettings
     from daemon.spool import Spool
     from tests.test_live import make_frame, run
 

@@ -10,7 +10,8 @@ import pytest
 from daemon.pipeline.debayer import debayer, debayer_rows
 from daemon.pipeline.frame import Frame, FrameMeta
 from daemon.pipeline.fused import RegisteredMosaic, registered_band
-from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.stack import RunningStack, StackSettings
 from daemon.pipeline.warp import warp
 from daemon.simulate import Exposure, Sensor, Trail, expose, random_star_field, render_trail, transform_matrix

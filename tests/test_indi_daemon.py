@@ -70,10 +70,10 @@ def test_dithered_plan_stacks_round_stars_and_dark_plan_by_command_builds_a_mast
             await until(lambda: service.plans.running, 20)
             darks = await asyncio.wait_for(service.plans.wait(), 60)
             # 2b. Flats: 0.01 s (the simulator's flat field saturates at 0.5 s).
-            flats = await service.run_plan(service.config.plan.__class__(
+            flats = await service.plans.run(service.config.plan.__class__(
                 target="", filter="Luminance", exposure_s=0.01, count=3, frame_type="flat"))
             # 3. A short second light plan: a new stack, calibrated with the new master dark.
-            more = await service.run_plan(
+            more = await service.plans.run(
                 service.config.plan.__class__(**{**service.config.plan.__dict__, "target": "NGC 7789 b",
                                                  "count": 2, "dither_every": 0}))
             assert await service.wait_processed(more["paths"], 60)

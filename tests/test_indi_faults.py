@@ -183,7 +183,7 @@ def test_property_deleted_while_waiting_raises_disconnected():
         c.put("Cam", "CCD_EXPOSURE", "number", "Busy", {"CCD_EXPOSURE_VALUE": 1})
         waiter = asyncio.ensure_future(c.wait_state("Cam", "CCD_EXPOSURE", c.generation, 60, "x"))
         await asyncio.sleep(0)
-        c._on_remove("Cam", "CCD_EXPOSURE")
+        c._on_remove("Cam", "CCD_EXPOSURE")  # noqa: SLF001 - as the C++ thread calls it when a driver goes
         with pytest.raises(IndiDisconnected, match="went away"):
             await asyncio.wait_for(waiter, 5)
 

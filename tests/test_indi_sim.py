@@ -216,7 +216,8 @@ def test_indiserver_killed_mid_plan_and_restarted(server, tmp_path):
 
 
 def test_example_config_runs_through_the_daemon_config(tmp_path):
-    """config/simulators.toml as the daemon loads it (daemon.config), with test overrides."""
+    """config/simulators.toml as the daemon loads it (daemon.config), with test overrides: its
+    own indiserver, the real sky, the mount missing until centred, a focus at the start."""
     from daemon.config import load_config
 
     root = Path(__file__).resolve().parents[1]
@@ -224,12 +225,18 @@ def test_example_config_runs_through_the_daemon_config(tmp_path):
         f"capture.dir={tmp_path / 'capture'}", f"state.dir={tmp_path / 'state'}",
         f"indi.port={free_port()}", "plan.count=2", "plan.exposure_s=0.5", "plan.ra=10.0",
         "plan.dec=70.0", "plan.dither_every=1", "plan.settle_s=0"])
+    assert cfg.indi.sim_sky == "real" and any(cfg.indi.sim_pointing_error_arcsec) and cfg.plan.center
     events = Recorder()
-    summary = asyncio.run(asyncio.wait_for(run_acquisition(cfg, events, asyncio.Event()), 60))
+    summary = asyncio.run(asyncio.wait_for(run_acquisition(cfg, events, asyncio.Event()), 240))
     assert summary["state"] == "done" and summary["frames"] == 2
     files = sorted((tmp_path / "capture").glob("light_NGC-7789_Luminance_0.5s_*.fits"))
     assert len(files) == 2 and fits.getheader(files[0])["XBINNING"] == cfg.camera.binning
+    assert fits.getdata(files[0]).shape == (2048 // cfg.camera.binning, 2560 // cfg.camera.binning)
     assert [p["frame"] for p in events.plan("running")] == [1, 2]
+    centering = events.plan("centering")
+    assert centering[0]["error_arcsec"] > 300 and events.plan("centered")[0]["error_arcsec"] <= 30
+    (focus,) = [p for k, p in events.events if k == "autofocus"]
+    assert focus["ok"] and focus["trigger"] == "plan start" and focus["hfr_px"] < focus["hfr_px_start"], focus
 
 
 def test_calibration_plans_darks_and_bias_and_stop_mid_exposure(tmp_path):

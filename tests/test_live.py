@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from daemon.pipeline.frame import Frame, FrameMeta
-from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.restack import restack
 from daemon.simulate import (
     Exposure,

@@ -201,7 +201,8 @@ def test_non_images_are_refused(tmp_path, content, name, words):
 
 def test_table_only_and_cube_and_missing_are_refused(tmp_path):
     table = tmp_path / "table.fits"
-    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns([fits.Column("a", "E", array=[1.0])])]).writeto(table)
+    columns = fits.BinTableHDU.from_columns([fits.Column("a", "E", array=[1.0])])
+    fits.HDUList([fits.PrimaryHDU(), columns]).writeto(table)
     _assert_frame_error(table, "no image")
     cube = _write(tmp_path / "cube.fits", np.zeros((3, 4, 5), np.float32))
     _assert_frame_error(cube, "3-plane")
@@ -329,7 +330,8 @@ def test_real_jocular_mono_frames_with_quirky_headers(jocular_arp145):
 def test_tile_compressed_fits(tmp_path):
     data = RNG.integers(0, 60000, (30, 40)).astype(np.uint16)
     path = tmp_path / "c.fits.fz"
-    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, header=fits.Header([("EXPTIME", 2.0), ("BAYERPAT", "RGGB")]),
+    header = fits.Header([("EXPTIME", 2.0), ("BAYERPAT", "RGGB")])
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, header=header,
                                                        compression_type="RICE_1")]).writeto(path)
     frame = load_frame(path)
     np.testing.assert_array_equal(frame.data, data)

@@ -6,7 +6,7 @@ The gate's inputs here are metrics; tests/test_live.py drives it with real simul
 
 import pytest
 
-from daemon.pipeline.live import LiveSettings
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.quality import QualityHistory, QualitySettings, assess
 
 GOOD = dict(n_stars=140, fwhm_px=3.0, eccentricity=0.3, background=100.0)

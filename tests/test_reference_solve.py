@@ -17,11 +17,12 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS
 
 from daemon import wcs as wcsmath
+from daemon.config import SolveSettings
 from daemon.io.load import load_frame
 from daemon.pipeline.live import LivePipeline
 from daemon.pipeline.reference import GridFrame
 from daemon.products import write_stack
-from daemon.reference_solve import ReferenceSolver, ReferenceSolveSettings, solve_event
+from daemon.reference_solve import ReferenceSolver, solve_event
 from daemon.solve import Solution
 from tests.conftest import require_tools, shared_set
 
@@ -143,7 +144,7 @@ def test_a_slow_failing_real_solve_never_delays_a_frame(tmp_path):
             events.append(solve_event(stack, path, sol, target=(35.7904, 41.3701)))
 
         # Its headers give no pixel scale: blind, as a user with such frames would set it.
-        solver = ReferenceSolver(on_solved, ReferenceSolveSettings(time_limit_s=5.0, blind=True))
+        solver = ReferenceSolver(on_solved, SolveSettings(time_limit_s=5.0, blind=True))
         first = pipe.process(load_frame(paths[0]))
         assert first.accepted
         assert solver.request("arp145", pipe.grid_frame(), target=(35.7904, 41.3701))
@@ -267,9 +268,9 @@ def test_without_a_pixel_scale_the_answer_is_at_once_unless_blind():
 
     path = sorted(shared_set("jocular_arp145").glob("*.fit"))[0]
     grid = GridFrame(path=str(path), width=752, height=580)
-    sol = solve_grid_frame(grid, ReferenceSolveSettings(time_limit_s=5.0))
+    sol = solve_grid_frame(grid, SolveSettings(time_limit_s=5.0))
     assert not sol.ok and "pixel scale unknown" in sol.reason and sol.elapsed_s == 0.0
-    missing = solve_grid_frame(GridFrame(path="/nonexistent.fits", width=1, height=1), ReferenceSolveSettings())
+    missing = solve_grid_frame(GridFrame(path="/nonexistent.fits", width=1, height=1), SolveSettings())
     assert not missing.ok and "/nonexistent.fits: unreadable" in missing.reason
 
 

@@ -92,7 +92,8 @@ def test_installed_command_runs(tmp_path):
     a = _write(tmp_path / "a.fits", seed=1)
     b = _write(tmp_path / "b.fits", truth, seed=2)
     exe = Path(sys.executable).with_name("lightbucket")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from daemon.cli import main; sys.exit(main())"]
+    module = [sys.executable, "-c", "import sys; from daemon.cli import main; sys.exit(main())"]
+    cmd = [str(exe)] if exe.exists() else module
     proc = subprocess.run(cmd + ["register", "--json", str(a), str(b)],
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr

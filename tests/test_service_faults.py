@@ -25,8 +25,8 @@ from daemon.config import config_from_dict
 from daemon.ledger import QUARANTINED, InHand
 from daemon.pipeline.frame import Frame, FrameMeta
 from daemon.service import Service
-from daemon.spool import Spool
 from daemon.simulate import Exposure, expose, fits_header, random_star_field, transform_matrix
+from daemon.spool import Spool
 
 
 def make_config(tmp_path: Path, **state):
@@ -222,36 +222,74 @@ def _real_frames(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def test_restack_names_the_frames_a_failed_spool_write_lost(tmp_path, monkeypatch, caplog):
-    """A full disk while spooling: the live stack has all frames, the final re-stack says
-    which ones it lacks (in its reply and the log) instead of replying ok with fewer."""
+def test_restack_spools_lost_frames_again_and_names_those_it_cannot(tmp_path, monkeypatch, caplog):
+    """A full disk while spooling L_1 and L_2: the live stack has all frames. At the re-stack
+    (the disk has room again) L_2 is spooled again from its file, with the transform it was
+    stacked with; L_1's file is gone, so the re-stack says it lacks L_1, in its reply and the
+    log, instead of replying ok with fewer frames."""
     cfg = make_config(tmp_path)
     real_append = Spool.append
+    disk = {"full": True}
 
     def full_disk(self, image, **kw):
-        if kw.get("path", "").endswith("L_2.fits"):
+        if disk["full"] and kw.get("path", "").endswith(("L_1.fits", "L_2.fits")):
             raise OSError(28, "No space left on device")
         return real_append(self, image, **kw)
 
     monkeypatch.setattr(Spool, "append", full_disk)
-    _real_frames(cfg.capture.dir, 4)
+    frames = _real_frames(cfg.capture.dir, 4)
 
     async def scenario():
         service = Service(cfg)
         run = asyncio.create_task(service.run())
         await wait_for(lambda: service.snapshot.counts["stacked"] == 4, what="4 stacked")
         await asyncio.wait_for(service.idle(), 30)
+        disk["full"] = False
+        frames[1].unlink()
         reply = await service.handle_command(b'{"id": 1, "action": "restack"}')
         service.request_stop()
         assert await asyncio.wait_for(run, 30) == 0
         return reply
 
-    caplog.set_level(logging.WARNING, "lightbucket")
+    caplog.set_level(logging.INFO, "lightbucket")
     reply = asyncio.run(scenario())
-    assert reply["ok"] and reply["frames"] == 3 and reply["live_frames"] == 4
-    assert reply["missing"] == {"frames": 1, "first": ["L_2.fits"]}
-    assert fits.getheader(reply["path"])["NCOMBINE"] == 3
-    assert any("not in the spool" in r.getMessage() and "L_2.fits" in r.getMessage() for r in caplog.records)
+    assert reply["ok"] and reply["frames"] == 3 and reply["live_frames"] == 4 and reply["respooled"] == 1
+    assert reply["missing"] == {"frames": 1, "first": ["L_1.fits"]}
+    final = fits.getheader(reply["path"])
+    assert final["NCOMBINE"] == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("L_2.fits spooled again" in m for m in messages)
+    assert any("not in the spool" in m and "L_1.fits" in m for m in messages)
+
+
+def test_a_frame_spooled_again_is_the_frame_spooled_first(tmp_path):
+    """`respool` makes the spool copy from the recorded transform: the same pixels as when
+    the frame was stacked (mono and colour, fused mosaic)."""
+    from daemon.io.load import load_frame
+    from daemon.pipeline.fused import RegisteredMosaic
+    from daemon.pipeline.live import LivePipeline
+    from daemon.simulate import Sensor
+
+    for bayer in (None, "RGGB"):
+        field_ = random_star_field((160, 160), 150, seed=3, margin=0.1)
+        pipe = LivePipeline()
+        for i in range(3):
+            exp = Exposure(exposure_s=10.0, matrix=transform_matrix(0.7 * i, -0.4 * i, 0.3 * i), seed=i)
+            path = tmp_path / f"{bayer}_{i}.fits"
+            fits.writeto(path, expose((160, 160), field_, exp, Sensor(bayer=bayer)),
+                         fits.Header(fits_header(exposure_s=10.0, filter_name="L", target="R", bayer=bayer)))
+            result = pipe.process(load_frame(path))
+            assert result.accepted
+        again, weight = pipe.respool(load_frame(path))
+        first = result.registered
+        assert weight == result.weight
+        if isinstance(first, RegisteredMosaic):
+            assert isinstance(again, RegisteredMosaic) and np.array_equal(again.data, first.data)
+            assert np.array_equal(again.matrix, first.matrix) and again.offset == first.offset
+        else:
+            assert np.array_equal(again, first, equal_nan=True)
+    with pytest.raises(KeyError, match="not a frame of this stack"):
+        pipe.respool(load_frame(tmp_path / "None_0.fits"))
 
 
 def test_file_in_hand_when_the_process_died_is_quarantined_not_retried(tmp_path):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from daemon.pipeline.frame import Frame, FrameMeta
-from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.simulate import Exposure, Sensor, expose, random_star_field, transform_matrix
 from tests.test_live import FIELD, SENSOR, SHAPE, dither, make_frame, run
 

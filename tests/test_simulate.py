@@ -16,7 +16,7 @@ def test_stars_land_where_the_matrix_says():
     objs = sep.extract(data - bkg, 10, err=bkg.globalrms)
     assert len(objs) == 3
     tx, ty = apply_matrix(m, field.x, field.y)
-    for x, y in zip(tx, ty):
+    for x, y in zip(tx, ty, strict=True):
         d = np.hypot(objs["x"] - x, objs["y"] - y).min()
         assert d < 0.05
 

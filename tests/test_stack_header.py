@@ -163,7 +163,8 @@ def test_non_ascii_file_names_stack_and_fits_preview_restack_are_written(tmp_pat
     async def session(expect: int, restack: bool):
         service = Service(cfg)
         run = asyncio.create_task(service.run())
-        await wait_for(lambda: service.snapshot.counts["stacked"] == expect and service.status()["queue"] == 0, timeout=90,
+        await wait_for(lambda: service.snapshot.counts["stacked"] == expect and service.status()["queue"] == 0,
+                       timeout=90,
                        what=f"{expect} stacked")
         reply = None
         if restack:

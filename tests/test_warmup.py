@@ -16,7 +16,8 @@ CHECK = r"""
 import json, sys
 import numba, numpy as np
 from daemon.pipeline.frame import Frame, FrameMeta
-from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.simulate import Exposure, Sensor, expose, random_star_field, transform_matrix
 shape = (150, 200)  # another size than the warm-up's: kernels are per type, not per size
 field = random_star_field(shape, 60, seed=3, margin=0.1, flux_range=(3000.0, 30000.0))
@@ -76,7 +77,8 @@ import numba, numpy as np
 from daemon.warmup import ensure_warm
 ensure_warm()  # what the daemon does before READY
 from daemon.pipeline.frame import Frame, FrameMeta
-from daemon.pipeline.live import LivePipeline, LiveSettings
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
 from daemon.products import preview_jpeg
 from daemon.simulate import Exposure, Sensor, expose, random_star_field, transform_matrix
 from daemon.spool import encode

@@ -467,10 +467,15 @@ class ServedFake:
 class PlanDaemon(FakeDaemon):
     """A plan running, the camera cooled, the broker refusing the rig's password."""
 
+    plan = {"state": "running", "frame_type": "light", "frame": 12, "count": 60, "eta_s": 14400.2,
+            "temperature_c": -9.96, "pier_side": "east"}
+    night = {"night_over": False, "halted": False, "entries": [
+        {"target": "M 31", "frame_type": "light", "frames": 12, "count": 60, "state": "running"},
+        {"target": "M 1", "frame_type": "light", "frames": 0, "count": 20, "state": "pending"}]}
+
     def status(self) -> dict:
         return {**super().status(), "exposure_s": 300.0, "disk_free_bytes": 51_234_567_168, "mqtt":
-                "refused: not authorised", "plan": {"state": "running", "frame_type": "light", "frame": 12,
-                                                    "count": 60, "eta_s": 14400.2, "temperature_c": -9.96}}
+                "refused: not authorised", "plan": self.plan, "plan_queue": self.night}
 
 
 def test_plan_progress_camera_disk_and_broker_state_shown(browser, tmp_path):
@@ -485,7 +490,19 @@ def test_plan_progress_camera_disk_and_broker_state_shown(browser, tmp_path):
         sync_api.expect(page.locator("#disk")).to_have_text("51.2 GB")
         sync_api.expect(page.locator("#mqtt")).to_have_text("refused: not authorised")
         sync_api.expect(page.locator("#mqtt")).to_have_class("mid bad")
+        sync_api.expect(page.locator("#plan-note")).to_have_text("pier east")
+        sync_api.expect(page.locator("#plans")).to_have_text("M 31 12/60 running · M 1 0/20 pending")
         assert page.evaluate("document.documentElement.scrollWidth") <= 360
+        d.plan = {"state": "waiting", "frame_type": "light", "frame": 0, "count": 60,
+                  "start": "2026-12-07T01:30:00+00:00", "reason": "M 1 rises above 20 deg"}
+        page.reload()
+        sync_api.expect(page.locator("#plan-note")).to_contain_text("waiting until ")
+        sync_api.expect(page.locator("#plan-note")).to_contain_text(": M 1 rises above 20 deg")
+        d.plan = {"state": "park failed", "error": "slew timeout", "tracking": False}
+        page.reload()
+        sync_api.expect(page.locator("#plan-note")).to_have_text("park failed: slew timeout — tracking stopped")
+        d.plan = {"state": "running", "frame_type": "light", "frame": 12, "count": 60, "eta_s": 14400.2,
+                  "temperature_c": -9.96}
         # no picture yet (the fake's JPEG is not one): a sentence, not a broken-image icon
         sync_api.expect(page.locator("#preview-none")).to_be_visible()
         sync_api.expect(page.locator("#preview")).to_be_hidden()

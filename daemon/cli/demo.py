@@ -148,12 +148,12 @@ async def session(config, args, indi: bool) -> dict:
                 return {"error": f"the daemon stopped: {runner.result()}"}
             await asyncio.sleep(0.1)
         if indi:
-            darks = await service.run_plan(PlanSettings(**{**config.plan.__dict__, "frame_type": "dark",
+            darks = await service.plans.run(PlanSettings(**{**config.plan.__dict__, "frame_type": "dark",
                                                          "count": args.darks, "dither_every": 0}))
             summary["darks"] = darks
             if darks.get("state") != "done":
                 return {**summary, "error": f"dark plan {darks.get('state')}: {darks.get('error', '')}"}
-            lights = await service.run_plan(config.plan)
+            lights = await service.plans.run(config.plan)
             summary["lights"] = lights
             paths = lights["paths"]
         else:

@@ -169,10 +169,11 @@ class _GridSolve:
     def ask(self) -> None:
         if not self.enabled or self.pending is not None or (grid := self.pipe.grid_frame()) is None:
             return
-        from daemon.reference_solve import ReferenceSolveSettings, solve_grid_frame
+        from daemon.config import SolveSettings
+        from daemon.reference_solve import solve_grid_frame
 
         box: dict = {}
-        thread = threading.Thread(target=lambda: box.update(sol=solve_grid_frame(grid, ReferenceSolveSettings())),
+        thread = threading.Thread(target=lambda: box.update(sol=solve_grid_frame(grid, SolveSettings())),
                                   name="lightbucket-solve", daemon=True)
         thread.start()
         self.pending = (grid.path, thread, box)

@@ -113,14 +113,13 @@ class FrameLoader:
     frame's pixel array when nothing else holds that any more and the size matches.
 
     Why: a fresh frame-sized array is new memory, which the kernel zeroes page by page on
-    first touch (and a virtual machine's host may have to supply again): on the CI VM,
-    decoding a 4144x2822 frame into fresh memory took 50 ms, into the previous frame's
-    1.5-6 ms. "Nothing else holds it" is CPython's reference count: the caller has dropped
-    the frame (the service, after `process(frame, consume=True)`), no view of it is alive;
-    a frame still held is never overwritten, the next one just gets a new array. Frames above
-    `REUSE_MAX_BYTES` are not kept: the kept array is memory held through the next frame's
-    processing, and a 26 Mpx colour frame's 104 MB mosaic, freed once debayered, is the
-    difference between a 6248x4176 session peaking at 1.01-1.02 GB or at 1.12-1.19 (bench).
+    first touch (and a virtual machine's host may have to supply again): decoding into the
+    previous frame's array is several times faster (bench/PERFORMANCE.md). "Nothing else
+    holds it" is CPython's reference count: the caller has dropped the frame (the service,
+    after `process(frame, consume=True)`), no view of it is alive; a frame still held is
+    never overwritten, the next one just gets a new array. Frames above `REUSE_MAX_BYTES` are
+    not kept: the kept array is memory held through the next frame's processing, and a 26 Mpx
+    colour frame's mosaic, freed once debayered, would raise the session's peak by its size.
     One loader per thread that loads.
     """
 

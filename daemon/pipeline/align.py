@@ -208,7 +208,7 @@ def _one_to_one(dist: np.ndarray, idx: np.ndarray, tol: float) -> tuple[np.ndarr
 
 def _reference_index(reference: Stars, n_pattern: int, n_neighbours: int) -> tuple[_PatternIndex, cKDTree]:
     key = ("pattern", n_pattern, n_neighbours, len(reference))
-    cache = reference._cache
+    cache = reference.index_cache
     if key not in cache:
         xy = reference.xy
         cache[key] = _triangles(xy[:n_pattern], n_neighbours)

@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from daemon.pipeline.debayer import _check_pattern
-from daemon.pipeline.restack import RestackResult, RestackSettings, _sort, _winsorized_sigma
+from daemon.pipeline.restack import RestackResult, RestackSettings, clip_samples
 
 
 def drizzle_sums(mosaic: np.ndarray, bayer: str, matrix: np.ndarray, r0: int, r1: int, *,
@@ -147,28 +147,7 @@ def _clip_drizzle(d, val, cov, weights, kappa_low, kappa_high, iterations, cut, 
             if n == 0:
                 out[p] = np.nan
                 continue
-            for _ in range(iterations):
-                if n < min_frames:
-                    break
-                for k in range(n):
-                    srt[k] = v[k]
-                _sort(srt, n)
-                med = srt[n // 2] if n % 2 else 0.5 * (srt[n // 2 - 1] + srt[n // 2])
-                sigma = _winsorized_sigma(v, n, med, cut)
-                lo, hi = med - kappa_low * sigma, med + kappa_high * sigma
-                m = 0
-                for k in range(n):
-                    if v[k] < lo:
-                        rej[p, 0] += 1
-                    elif v[k] > hi:
-                        rej[p, 1] += 1
-                    else:
-                        v[m] = v[k]
-                        k_of[m] = k_of[k]
-                        m += 1
-                if m == n:
-                    break
-                n = m
+            n = clip_samples(v, k_of, n, srt, rej[p], kappa_low, kappa_high, iterations, cut, min_frames)
             total = 0.0
             wsum = 0.0
             itotal = 0.0

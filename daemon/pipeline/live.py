@@ -25,109 +25,12 @@ from daemon.pipeline.debayer import debayer
 from daemon.pipeline.frame import Frame, FrameMeta
 from daemon.pipeline.fused import RegisteredMosaic, is_affine, mosaic_sky, stack_mosaic
 from daemon.pipeline.geometry import SUPERPIXEL, StackGeometry
-from daemon.pipeline.quality import QualityHistory, QualitySettings, assess
+from daemon.pipeline.live_settings import LiveSettings
+from daemon.pipeline.quality import QualityHistory, assess
 from daemon.pipeline.reference import REFERENCE_MARGIN, GridFrame, Reference, grid_frame, reference_score
-from daemon.pipeline.stack import RunningStack, StackSettings
+from daemon.pipeline.stack import RunningStack
 from daemon.pipeline.stars import Stars, measure
-from daemon.pipeline.warp import INTERPOLATIONS, warp
-
-WEIGHTINGS = ("noise", "snr", "equal")
-#: "bilinear" (the default) and "auto": full resolution, fused (`daemon.pipeline.fused`);
-#: "drizzle": the live stack as "bilinear", the final re-stack by Bayer drizzle;
-#: "superpixel": half resolution, a quarter of the pixels (for machines short of memory).
-DEBAYER_METHODS = ("bilinear", "auto", "drizzle", "superpixel")
-
-
-@dataclass(frozen=True)
-class LiveSettings:
-    """Settings of the live pipeline, built from the config sections [stack] and [quality].
-
-    Stack: kappa (sigma), warmup (frames), warmup_kappa (sigma), sigma_floor (fraction of the
-    plane's noise), reject (bool), weighting ("noise": 1/noise^2, "snr": star SNR^2,
-    "equal"), debayer ("bilinear": full resolution; "auto": the same; "drizzle": full
-    resolution, and the final re-stack drops each CFA sample onto the output grid instead of
-    interpolating: sharper stars, more noise per pixel, see `daemon.pipeline.drizzle`;
-    "superpixel": half resolution and 4x lighter), drizzle_pixfrac (drop size of the
-    drizzle, fraction of a pixel, 0.1..1), fused (colour at full resolution band by band,
-    `daemon.pipeline.fused`; False: whole-frame debayer, warp and stack, the reference the
-    fused path is tested against), interpolation of the warp ("bicubic": stacked stars as
-    sharp as a single frame's; "bilinear" is 2x faster but widens 3-px stars by ~5 %),
-    normalize_background (bring each frame's sky to the reference level),
-    registration_model ("similarity", "affine", ...), reference_frames (the registration
-    reference is the best of the first this many accepted frames: most stars, smallest
-    FWHM; 1 = the first frame).
-    Quality: see daemon.pipeline.quality.QualitySettings for the meaning of each field.
-    """
-
-    # [stack]
-    kappa: float = 3.0
-    warmup: int = 5
-    warmup_kappa: float = 3.0
-    sigma_floor: float = 1.0
-    reject: bool = True
-    weighting: str = "noise"
-    debayer: str = "bilinear"
-    drizzle_pixfrac: float = 0.7
-    fused: bool = True
-    interpolation: str = "bicubic"
-    normalize_background: bool = True
-    registration_model: str = "similarity"
-    reference_frames: int = 3
-    # [quality]: the fields of QualitySettings, with its defaults (one source for them)
-    min_star_fraction: float = QualitySettings.min_star_fraction
-    min_stars: int = QualitySettings.min_stars
-    max_fwhm_px: float = QualitySettings.max_fwhm_px
-    fwhm_factor: float = QualitySettings.fwhm_factor
-    max_eccentricity: float = QualitySettings.max_eccentricity
-    elongation_excess: float = QualitySettings.elongation_excess
-    background_jump: float = QualitySettings.background_jump
-    background_jump_noise: float = QualitySettings.background_jump_noise
-    session_kappa: float = QualitySettings.session_kappa
-    session_warmup: int = QualitySettings.session_warmup
-    history: int = QualitySettings.history
-    session_change: int = QualitySettings.session_change
-
-    def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"stack.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.debayer not in DEBAYER_METHODS:
-            raise ValueError(f"stack.debayer must be one of {DEBAYER_METHODS}, got {self.debayer!r}")
-        if not 0.1 <= self.drizzle_pixfrac <= 1.0:
-            raise ValueError(f"stack.drizzle_pixfrac must be within 0.1..1, got {self.drizzle_pixfrac}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"stack.interpolation must be one of {tuple(INTERPOLATIONS)}, got {self.interpolation!r}")
-        if self.reject and self.warmup < 4:
-            raise ValueError(f"stack.warmup must be >= 4, got {self.warmup}")
-        if self.kappa <= 0 or self.warmup_kappa <= 0:
-            raise ValueError("stack.kappa and stack.warmup_kappa must be > 0")
-        if self.reference_frames < 1:
-            raise ValueError(f"stack.reference_frames must be >= 1, got {self.reference_frames}")
-        if not 0 <= self.session_change <= self.history:
-            raise ValueError(f"quality.session_change must be within 0..quality.history ({self.history}), "
-                             f"got {self.session_change}")
-
-    @property
-    def stack_settings(self) -> StackSettings:
-        return StackSettings(self.kappa, self.warmup, self.warmup_kappa, self.sigma_floor, self.reject)
-
-    @property
-    def quality_settings(self) -> QualitySettings:
-        names = {f.name for f in dataclasses.fields(QualitySettings)}
-        return QualitySettings(**{n: getattr(self, n) for n in names})
-
-    @classmethod
-    def from_config(cls, stack: dict | None = None, quality: dict | None = None) -> LiveSettings:
-        """Build from the [stack] and [quality] config tables; unknown keys are an error
-        naming the key."""
-        qual_names = {f.name for f in dataclasses.fields(QualitySettings)}
-        stack_names = {f.name for f in dataclasses.fields(cls)} - qual_names
-        kwargs: dict[str, Any] = {}
-        for section, table, allowed in (("stack", stack or {}, stack_names), ("quality", quality or {}, qual_names)):
-            for key, value in table.items():
-                if key not in allowed:
-                    raise ValueError(f"unknown config key {section}.{key} (known: {', '.join(sorted(allowed))})")
-                kwargs[key] = value
-        return cls(**kwargs)
+from daemon.pipeline.warp import warp
 
 
 @dataclass
@@ -259,6 +162,7 @@ class LivePipeline:
                 self._ref = ref = dataclasses.replace(
                     ref, path=path, stars=stars, n_stars=n_stars, fwhm_px=fwhm,
                     grid_from_ref=np.asarray(matrix, np.float64).copy())
+        grid = np.asarray(matrix, np.float64).copy()  # frame -> stack grid, kept in the provenance
         method = self.debayer_method(data.shape) if frame.meta.bayer else None
         if method == "bilinear":
             # Full-resolution colour: the sky from the mosaic (fused or not, the same offsets).
@@ -275,7 +179,7 @@ class LivePipeline:
                 with self._lock:
                     rejected = stack_mosaic(stack, mosaic.data, mosaic.bayer, mosaic.matrix, weight, offset,
                                             interpolation=s.interpolation)
-                return self._stacked(stack, frame, weight, result, mosaic, rejected,
+                return self._stacked(stack, frame, weight, result, mosaic, rejected, grid, offset,
                                      dx=dx, dy=dy, rot=rot, n_stars=n_stars, fwhm=fwhm, bkg=bkg, elong=elong)
             img = debayer(data, frame.meta.bayer, method="bilinear")
             del data
@@ -286,7 +190,7 @@ class LivePipeline:
             self._add_offset(registered, offset)
             with self._lock:
                 rejected = stack.add(registered, weight)
-            return self._stacked(stack, frame, weight, result, registered, rejected,
+            return self._stacked(stack, frame, weight, result, registered, rejected, grid, offset,
                                  dx=dx, dy=dy, rot=rot, n_stars=n_stars, fwhm=fwhm, bkg=bkg, elong=elong)
         img, matrix = self._debayer(data, frame.meta.bayer, matrix)
         owned = img is not frame.data  # the frame's own pixels are never modified past calibration
@@ -297,10 +201,11 @@ class LivePipeline:
         del img
         sky = self._sky(registered)
         stack = self._stack_for(registered.shape, sky)
-        self._add_offset(registered, self._offset(sky))
+        offset = self._offset(sky)
+        self._add_offset(registered, offset)
         with self._lock:
             rejected = stack.add(registered, weight)
-        return self._stacked(stack, frame, weight, result, registered, rejected,
+        return self._stacked(stack, frame, weight, result, registered, rejected, grid, offset,
                              dx=dx, dy=dy, rot=rot, n_stars=n_stars, fwhm=fwhm, bkg=bkg, elong=elong)
 
     def _stack_for(self, shape: tuple[int, ...], sky: list[float]) -> RunningStack:
@@ -331,9 +236,11 @@ class LivePipeline:
         else:
             registered += offset
 
-    def _stacked(self, stack: RunningStack, frame: Frame, weight: float, result, registered, rejected: int, *,
-                 dx, dy, rot, n_stars, fwhm, bkg, elong) -> FrameResult:
-        """Book a frame just added to `stack`: counts, exposure, provenance, history."""
+    def _stacked(self, stack: RunningStack, frame: Frame, weight: float, result, registered, rejected: int,
+                 grid: np.ndarray, offset: np.ndarray, *, dx, dy, rot, n_stars, fwhm, bkg, elong) -> FrameResult:
+        """Book a frame just added to `stack`: counts, exposure, provenance (with the frame's
+        transform into the grid and its sky offset: `respool` makes its spool copy again from
+        them), history."""
         path = frame.meta.path
         with self._lock:
             self._stack = stack
@@ -345,10 +252,37 @@ class LivePipeline:
                 "date_obs": frame.meta.date_obs.isoformat() if frame.meta.date_obs else None,
                 "exposure_s": exposure, "dx": dx, "dy": dy, "rotation_deg": rot,
                 "stars": n_stars, "fwhm_px": fwhm, "capture": capture_fields(frame.meta),
+                "matrix": grid.tolist(), "offset": [float(v) for v in offset],
             })
         self._history.accept(fwhm, bkg, self.settings.history, elongation=elong, n_stars=n_stars)
         return result(True, None, dx=dx, dy=dy, rotation_deg=rot, weight=weight,
                       registered=registered, rejected_pixels=rejected)
+
+    def respool(self, frame: Frame) -> tuple[np.ndarray | RegisteredMosaic, float]:
+        """The spool's copy of a frame this stack already holds, made again from its file (a
+        spool write that failed): calibrated and brought into the grid with the transform and
+        sky offset recorded when it was stacked, exactly as `process` made it; nothing in the
+        stack changes. Returns (registered frame or RegisteredMosaic, weight). KeyError when the
+        stack holds no frame of that path or its record has no transform (stacked by an older
+        version)."""
+        record = next((p for p in self._provenance if p.get("path") == frame.meta.path and "matrix" in p), None)
+        if record is None:
+            raise KeyError(f"{frame.meta.path}: not a frame of this stack with a recorded transform")
+        s = self.settings
+        data = self._calibrate(frame)
+        matrix = np.asarray(record["matrix"], np.float64)
+        offset = np.asarray(record["offset"], np.float32)
+        if (self.debayer_method(data.shape) if frame.meta.bayer else None) == "bilinear":
+            if s.fused and is_affine(matrix):
+                return RegisteredMosaic(data, frame.meta.bayer, matrix, tuple(float(v) for v in offset),
+                                        s.interpolation, "drizzle" if s.debayer == "drizzle" else "bilinear",
+                                        s.drizzle_pixfrac), float(record["weight"])
+            img = debayer(data, frame.meta.bayer, method="bilinear")
+        else:
+            img, matrix = self._debayer(data, frame.meta.bayer, matrix)
+        registered = self._warp(img, matrix, img is not frame.data)
+        self._add_offset(registered, offset)
+        return registered, float(record["weight"])
 
     def replay(self, frames: Iterable[tuple[np.ndarray | RegisteredMosaic, float]]) -> int:
         """Add frames again to a stack restored from an older snapshot (`daemon.checkpoint`):
@@ -448,7 +382,7 @@ class LivePipeline:
                     "stars_arrays": [], "stars_values": {},
                 }
                 for f in dataclasses.fields(r.stars):
-                    if f.name.startswith("_"):
+                    if f.metadata.get("cache"):
                         continue  # caches (e.g. registration's pattern index) are rebuilt
                     value = getattr(r.stars, f.name)
                     if isinstance(value, np.ndarray):

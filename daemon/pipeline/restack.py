@@ -93,6 +93,39 @@ def _winsorized_sigma(v, n, med, cut):
     return sigma
 
 
+@numba.njit(inline="always")
+def clip_samples(v, carry, n, srt, rej_row, kappa_low, kappa_high, iterations, cut, min_frames):
+    """Winsorized sigma clipping of one pixel's samples v[:n] in place: up to `iterations`
+    rounds while at least `min_frames` samples are left, each keeping the samples within
+    median - kappa_low * sigma .. median + kappa_high * sigma (sigma: `_winsorized_sigma`);
+    `carry[:n]` (a weight or a frame index per sample) is kept in step with v. Rejections are
+    counted in rej_row[0] (low) and rej_row[1] (high); srt is scratch of v's size. Returns
+    the samples left."""
+    for _ in range(iterations):
+        if n < min_frames:
+            break
+        for k in range(n):
+            srt[k] = v[k]
+        _sort(srt, n)
+        med = srt[n // 2] if n % 2 else 0.5 * (srt[n // 2 - 1] + srt[n // 2])
+        sigma = _winsorized_sigma(v, n, med, cut)
+        lo, hi = med - kappa_low * sigma, med + kappa_high * sigma
+        m = 0
+        for k in range(n):
+            if v[k] < lo:
+                rej_row[0] += 1
+            elif v[k] > hi:
+                rej_row[1] += 1
+            else:
+                v[m] = v[k]
+                carry[m] = carry[k]
+                m += 1
+        if m == n:
+            break
+        n = m
+    return n
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _clip_kernel(d, weights, kappa_low, kappa_high, iterations, cut, min_frames):
     """Per pixel (column of d, shape (N, P)): winsorized sigma clipping, then the weighted
@@ -116,28 +149,7 @@ def _clip_kernel(d, weights, kappa_low, kappa_high, iterations, cut, min_frames)
             if n == 0:
                 out[p] = np.nan
                 continue
-            for _ in range(iterations):
-                if n < min_frames:
-                    break
-                for k in range(n):
-                    srt[k] = v[k]
-                _sort(srt, n)
-                med = srt[n // 2] if n % 2 else 0.5 * (srt[n // 2 - 1] + srt[n // 2])
-                sigma = _winsorized_sigma(v, n, med, cut)
-                lo, hi = med - kappa_low * sigma, med + kappa_high * sigma
-                m = 0
-                for k in range(n):
-                    if v[k] < lo:
-                        rej[p, 0] += 1
-                    elif v[k] > hi:
-                        rej[p, 1] += 1
-                    else:
-                        v[m] = v[k]
-                        wv[m] = wv[k]
-                        m += 1
-                if m == n:
-                    break
-                n = m
+            n = clip_samples(v, wv, n, srt, rej[p], kappa_low, kappa_high, iterations, cut, min_frames)
             total = 0.0
             wsum = 0.0
             for k in range(n):

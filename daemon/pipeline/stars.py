@@ -47,7 +47,8 @@ class Stars:
     shape: tuple[int, int] | None = None
     n_total: int = 0
     #: Registration keeps its pattern index of a reference here, so it is built once.
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    #: (Not state: rebuilt when needed, never saved.)
+    index_cache: dict = field(default_factory=dict, repr=False, compare=False, metadata={"cache": True})
 
     def __len__(self) -> int:
         return int(self.x.size)

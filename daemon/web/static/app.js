@@ -23,6 +23,22 @@ const num = (v, d = 2) => (v == null || isNaN(v) ? "–" : Number(v).toFixed(d))
 const base = (p) => String(p || "").split("/").pop();
 
 // ---------------------------------------------------------------- status
+const clock = (iso) => (iso ? new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) : "?");
+
+/** What the plan's state needs said beyond "state frame/count": why it waits, was refused,
+ * flips, or could not park (the plan events of daemon.acquisition). */
+function planNote(plan) {
+  if (!plan) return "";
+  const s = plan.state || "";
+  if (s === "waiting") return `waiting until ${clock(plan.start)}` + (plan.reason ? `: ${plan.reason}` : "");
+  if (s === "refused") return `refused: ${plan.reason || ""}`;
+  if (s === "flipping") return `meridian flip (pier ${plan.pier_side || "?"})`;
+  if (s === "park failed") return `park failed: ${plan.error || ""}` + (plan.tracking === false ? " — tracking stopped" : "");
+  if (s === "failed") return `failed: ${plan.error || plan.reason || ""}`;
+  if (s === "running" && plan.pier_side) return `pier ${plan.pier_side}` + (plan.until ? `, until ${clock(plan.until)}` : "");
+  return "";
+}
+
 function renderStatus(st) {
   S.status = st;
   if (S.pinned && S.stack === st.stack) S.pinned = false;  // the picked stack is being fed again
@@ -40,6 +56,13 @@ function renderStatus(st) {
   $("eta").textContent = plan && plan.eta_s != null ? fmtDuration(plan.eta_s) : "–";
   $("disk").textContent = fmtBytes(st.disk_free_bytes);
   $("temp").textContent = plan && plan.temperature_c != null ? `${num(plan.temperature_c, 1)} °C` : "–";
+  const note = planNote(plan);
+  $("plan-note-cell").hidden = !note;
+  $("plan-note").textContent = note;
+  $("plan-note").className = "mid" + (plan && /failed|refused/.test(plan.state || "") ? " bad" : "");
+  const night = (st.plan_queue || {}).entries || [];
+  $("plans-cell").hidden = night.length < 2;
+  $("plans").textContent = night.map((e) => `${e.target || e.frame_type} ${e.frames}/${e.count || "∞"} ${e.state}`).join(" · ");
   // The broker link (status.mqtt), when the daemon has [mqtt]: the page itself does not need it.
   $("mqtt-cell").hidden = st.mqtt == null;
   if (st.mqtt != null) {

@@ -1,0 +1,358 @@
+"""A night on INDI's real simulators: meridian flip, altitude limits, dawn, safe ends, resume.
+
+The sky clock is the real one: each test puts its site where it is the middle of the night now
+(tests/solar_noaa.py `night_site`) and picks its target from the current sidereal time, so they
+pass at any hour. Each indiserver runs with HOME in the test's folder: the telescope simulator
+saves the site it is told in ~/.indi, which would move every later simulator's sky.
+
+What INDI 1.9.9's telescope simulator does (read from its source and seen here): it is a German
+equatorial mount (MOUNT_TYPE EQ_GEM, SIM_PIER_SIDE on); each goto picks the pier side from the
+target's hour angle against FLIP_HA (deg, 0 by default): west (looking east) before it, east
+after. Tracking alone never flips it: only a goto past FLIP_HA does. The CCD simulator draws
+its field turned by 180 deg while the mount reports pier side east (its base class follows
+TELESCOPE_PIER_SIDE; seen: frames of one target at west and east register at -179.9 deg), as a
+real camera on a German mount turns with the tube.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from daemon import sky
+from daemon.acquisition import AcquisitionError, PlanRunner, run_acquisition
+from daemon.pipeline.align import register
+from daemon.pipeline.stars import measure
+from daemon.settings import CameraSettings, IndiSettings, MountSettings, PlanSettings, SiteSettings
+from drivers.indi_client import IndiClient, IndiError
+from drivers.indiserver import IndiServer, free_port
+from tests import solar_noaa as noaa
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("indi_installed")]
+
+DRIVERS = ["indi_simulator_telescope", "indi_simulator_ccd"]
+CCD, SCOPE = "CCD Simulator", "Telescope Simulator"
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = IndiServer(DRIVERS, free_port(), log_path=tmp_path / "indiserver.log", env={"HOME": str(tmp_path)})
+    asyncio.run(srv.start())
+    yield srv
+    srv.kill()
+
+
+class Recorder:
+    def __init__(self):
+        self.events: list[dict] = []
+
+    async def publish(self, kind, payload):
+        if kind == "plan":
+            self.events.append(payload)
+
+    def states(self) -> list[str]:
+        return [p["state"] for p in self.events]
+
+    def plan(self, state: str) -> list[dict]:
+        return [p for p in self.events if p["state"] == state]
+
+
+async def until(condition, timeout: float, task=None) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert task is None or not task.done(), task.result() if not task.exception() else task.exception()
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+def night_site() -> SiteSettings:
+    lat, lon = noaa.night_site(datetime.now(UTC))
+    return SiteSettings(lat, lon, 100.0)
+
+
+def target_at(site: SiteSettings, hour_angle_min: float, dec_deg: float) -> tuple[float, float]:
+    """J2000 (ra, dec) of a target at hour angle `hour_angle_min` (minutes of time) now."""
+    now = datetime.now(UTC)
+    want = (float(sky.local_sidereal_deg(site, now)) - hour_angle_min / 4.0) % 360.0
+    ra = want
+    for _ in range(3):  # apparent place of date -> J2000
+        app, _ = sky.apparent_radec(ra, dec_deg, now)
+        ra = (ra + (want - app + 180.0) % 360.0 - 180.0) % 360.0
+    return ra, dec_deg
+
+
+def config(capture: Path, port: int, site: SiteSettings | None, mount: MountSettings | None = None, **plan):
+    return types.SimpleNamespace(
+        indi=IndiSettings(port=port), camera=CameraSettings(binning=1, gain=90, upload_prefix="light"),
+        plan=PlanSettings(**{"target": "T", "exposure_s": 1.0, "settle_s": 0.2, "center": False, **plan}),
+        site=site, mount=mount or MountSettings(settle_s=1.0), capture=types.SimpleNamespace(dir=str(capture)))
+
+
+async def mount_state(port: int) -> dict:
+    client = IndiClient("127.0.0.1", port)
+    await client.connect()
+    try:
+        park = await client.wait_for(SCOPE, "TELESCOPE_PARK", timeout=10)
+        track = await client.wait_for(SCOPE, "TELESCOPE_TRACK_STATE", timeout=10)
+        geo = await client.wait_for(SCOPE, "GEOGRAPHIC_COORD", timeout=10)
+        return {"parked": park.values["PARK"], "tracking": track.values["TRACK_ON"], "site": geo.values}
+    finally:
+        await client.close()
+
+
+def test_meridian_flip_keeps_the_stack_and_until_dawn_is_noaa_dawn(server, tmp_path):
+    """A target 1.5 min east of the meridian, flip 0.25 min past it: the plan flips, the pier
+    side changes, and frames after it register onto those before with the 180 deg turn, with
+    round stars. `until = "dawn"` in every event is NOAA's astronomical dawn within 2 min."""
+    site = night_site()
+    # Dec 85 on the site's side: at |latitude| 30 it stays above 25 deg all night (circumpolar
+    # above the limit), so dawn and not its setting ends the plan.
+    ra, dec = target_at(site, -1.5, 85.0 if site.latitude > 0 else -85.0)
+    events, stop = Recorder(), asyncio.Event()
+    cfg = config(tmp_path, server.port, site, MountSettings(flip_after_min=0.25, flip_max_wait_min=1.0, settle_s=1.0),
+                 ra=ra, dec=dec, until="dawn", count=0, exposure_s=3.0)
+
+    async def main():
+        task = asyncio.ensure_future(run_acquisition(cfg, events, stop))
+        await until(lambda: len([p for p in events.plan("running") if p["pier_side"] == "east"]) >= 3, 300, task)
+        stop.set()
+        return await asyncio.wait_for(task, 60), await mount_state(server.port)
+
+    summary, mount = asyncio.run(main())
+    assert summary["state"] == "stopped", summary
+    assert mount["site"]["LAT"] == pytest.approx(site.latitude)  # the plan told the mount its site
+    assert mount["site"]["LONG"] == pytest.approx(site.longitude % 360.0)
+    flips = events.plan("flipping")
+    assert len(flips) == 1 and flips[0]["pier_side"] == "west" and flips[0]["hour_angle_min"] >= 0.25
+    running = events.plan("running")
+    sides = [p["pier_side"] for p in running]
+    k = sides.index("east")
+    assert k >= 1 and set(sides[:k]) == {"west"} and set(sides[k:]) == {"east"}, sides
+    assert running[k].get("flipped") is True
+    order = events.states()
+    assert order.index("flipping") < order.index("running", order.index("flipping"))
+    # until: the astronomical dawn at this site, by NOAA's equations.
+    dawn = noaa.sun_crossing(datetime.now(UTC) - timedelta(minutes=10), site.latitude, site.longitude, -18.0, True)
+    iso = {p["until"] for p in events.events[1:]}  # from the first event after "starting"
+    assert events.events[0]["state"] == "starting" and len(iso) == 1
+    assert abs((datetime.fromisoformat(iso.pop()) - dawn).total_seconds()) < 120
+    # The frames: the last before the flip is the reference; after the flip the field is turned
+    # by 180 deg and registers onto it (what the live stack does), stars still round.
+    before, after = Path(running[k - 1]["path"]), [Path(p["path"]) for p in running[k:]]
+
+    def stars(path):
+        return measure(fits.getdata(path).astype(np.float32), None)
+
+    ref, ref_m = stars(before)
+    assert len(ref) >= 40  # 3 s near the pole at binning 1: 77-79 stars (seen)
+    for path in after:
+        st, m = stars(path)
+        reg = register(st, ref)
+        assert reg.ok, reg.reason
+        assert abs(abs(reg.rotation_deg) - 180.0) < 0.5 and reg.n_matched >= 15, reg.as_dict()
+        assert reg.scale == pytest.approx(1.0, abs=0.01) and reg.rms_px < 0.5
+        assert m.fwhm_px == pytest.approx(ref_m.fwhm_px, rel=0.15)
+        # As round as before the flip (seen: eccentricity 0.26-0.30, elongation 1.03-1.05 both sides).
+        assert m.eccentricity < ref_m.eccentricity + 0.1 and m.elongation < 1.1, m.as_dict()
+    # The control: a frame from before the flip registers with no turn.
+    reg0 = register(stars(Path(running[k - 2]["path"]))[0], ref)
+    assert reg0.ok and abs(reg0.rotation_deg) < 0.5
+
+
+def test_flip_that_does_not_change_pier_side_stops_and_parks(server, tmp_path):
+    """The simulator set to flip only 5 deg (20 min) past the meridian: our flip goto leaves the
+    pier side as it was; the plan stops, says why and parks."""
+    site = night_site()
+
+    async def set_flip_ha():
+        client = IndiClient("127.0.0.1", server.port)
+        await client.connect()
+        await client.wait_for(SCOPE, "FLIP_HA", timeout=10)
+        gen = client.send_number(SCOPE, "FLIP_HA", {"FLIP_HA": 5.0})
+        await client.wait_for(SCOPE, "FLIP_HA", lambda p: p.values["FLIP_HA"] == 5.0, 10, gen)
+        await client.close()
+
+    asyncio.run(set_flip_ha())
+    ra, dec = target_at(site, -0.6, site.latitude - 10.0 if site.latitude > 0 else site.latitude + 10.0)
+    events = Recorder()
+    cfg = config(tmp_path, server.port, site, MountSettings(flip_after_min=0.1, settle_s=0.5), ra=ra, dec=dec,
+                 count=0)
+    with pytest.raises(AcquisitionError, match="pier side did not change"):
+        asyncio.run(asyncio.wait_for(run_acquisition(cfg, events, asyncio.Event()), 240))
+    assert events.states()[-3:] == ["flipping", "parking", "failed"], events.states()
+    final = events.events[-1]
+    assert final["parked"] is True and final["ended"] == "flip failed" and "west" in final["error"]
+    assert asyncio.run(mount_state(server.port))["parked"] is True
+
+
+def test_target_that_never_rises_is_refused_and_nothing_moves(server, tmp_path):
+    site = SiteSettings(50.0, noaa.night_site(datetime.now(UTC))[1], 100.0)
+    events = Recorder()
+    cfg = config(tmp_path, server.port, site, ra=6.0, dec=-72.0, count=3, park=True)
+    summary = asyncio.run(asyncio.wait_for(run_acquisition(cfg, events, asyncio.Event()), 60))
+    assert summary["state"] == "refused" and summary["frames"] == 0 and summary["parked"] is None
+    assert "never rises above 20 deg" in summary["reason"] and "highest altitude is -" in summary["reason"]
+    assert events.states() == ["starting", "refused", "refused"]
+    assert events.plan("refused")[0]["reason"] == summary["reason"]
+    assert not list(tmp_path.glob("*.fits"))
+
+
+def test_target_below_the_limit_waits_with_its_rise_time(server, tmp_path):
+    """At lower culmination now (12 h from the meridian), dec chosen to clear 20 deg later:
+    the plan waits, saying when the target rises; stop ends the wait at once."""
+    site = night_site()
+    lat = site.latitude
+    dec = 45.0 if lat > 0 else -45.0  # lower culmination at |lat| - 45 < 0: below now, up later
+    ra, dec = target_at(site, 12 * 60.0, dec)
+    events, stop = Recorder(), asyncio.Event()
+    cfg = config(tmp_path, server.port, site, ra=ra, dec=dec, count=3)
+
+    async def main():
+        task = asyncio.ensure_future(run_acquisition(cfg, events, stop))
+        await until(lambda: events.plan("waiting"), 60, task)
+        stop.set()
+        return await asyncio.wait_for(task, 20)
+
+    summary = asyncio.run(main())
+    waiting = events.plan("waiting")[0]
+    assert summary["state"] == "stopped" and summary["frames"] == 0
+    assert waiting["reason"] == "target rises" and waiting["start"] == waiting["rise"]
+    rise = datetime.fromisoformat(waiting["rise"])
+    # Independently: step the NOAA/Meeus altitude until it passes 20 deg.
+    t = datetime.now(UTC)
+    while noaa.altitude_deg(ra, dec, t, site.latitude, site.longitude)[0] < 20.0:
+        t += timedelta(seconds=15)
+    assert abs((rise - t).total_seconds()) < 60, (rise, t)
+    assert "slewing" not in events.states()
+
+
+class FaultyCamera(IndiClient):
+    """The real client, whose camera refuses every exposure once `broken` (a device fault)."""
+
+    broken = False
+
+    def send_number(self, device, name, values):
+        if self.broken and device == CCD and name == "CCD_EXPOSURE":
+            raise IndiError(f"{device} refused the exposure (injected fault)")
+        return super().send_number(device, name, values)
+
+
+def test_repeated_faults_park_the_mount_and_a_failed_park_stops_tracking(server, tmp_path):
+    site = night_site()
+    ra, dec = target_at(site, -60.0, site.latitude)
+    cfg = config(tmp_path, server.port, site, ra=ra, dec=dec, count=10, max_faults=2)
+
+    async def main(park_fails: bool):
+        events = Recorder()
+        client = FaultyCamera("127.0.0.1", server.port)
+        runner = PlanRunner(cfg.indi, cfg.camera, cfg.plan, tmp_path, events, asyncio.Event(), client=client,
+                            site=site, mount_settings=cfg.mount, backoff_s=(0.1, 0.2))
+        if park_fails:
+            async def park(timeout=0):
+                raise IndiError("park refused (injected)")
+            runner.mount.park = park
+        task = asyncio.ensure_future(runner.run())
+        await until(lambda: len(events.plan("running")) >= 2, 120, task)
+        client.broken = True
+        with pytest.raises(AcquisitionError, match="2 faults"):
+            await asyncio.wait_for(task, 120)
+        await client.close()
+        return events, await mount_state(server.port)
+
+    events, mount = asyncio.run(main(park_fails=False))
+    assert events.states()[-2:] == ["parking", "failed"] and "retrying" in events.states()
+    assert events.events[-1]["parked"] is True and mount["parked"] is True
+    assert events.plan("parking")[0]["reason"] == "faults"
+
+    async def unpark():
+        client = IndiClient("127.0.0.1", server.port)
+        await client.connect()
+        await client.wait_for(SCOPE, "TELESCOPE_PARK", timeout=10)
+        gen = client.send_switch(SCOPE, "TELESCOPE_PARK", ["UNPARK"])
+        await client.wait_state(SCOPE, "TELESCOPE_PARK", gen, 10)
+        await client.close()
+
+    asyncio.run(unpark())
+    events, mount = asyncio.run(main(park_fails=True))
+    failed = events.plan("park failed")
+    assert len(failed) == 1 and failed[0]["tracking"] is False and "tracking switched off" in failed[0]["note"]
+    assert "park refused" in failed[0]["error"]
+    assert events.events[-1]["parked"] is False
+    assert mount["parked"] is False and mount["tracking"] is False  # the simulator itself says so
+
+
+def test_resume_takes_only_the_frames_left_and_parks_at_the_end(server, tmp_path):
+    """A restarted plan given the frames it took before (done_paths) takes only the rest."""
+    site = night_site()
+    ra, dec = target_at(site, -60.0, site.latitude)
+    earlier = [str(tmp_path / f"light_T_1s_{i:04d}.fits") for i in range(2)]
+    cfg = config(tmp_path, server.port, site, ra=ra, dec=dec, count=3, park=True)
+    events = Recorder()
+    summary = asyncio.run(asyncio.wait_for(
+        run_acquisition(cfg, events, asyncio.Event(), done_paths=earlier), 120))
+    assert summary["state"] == "done" and summary["frames"] == 3 and summary["paths"][:2] == earlier
+    assert [p["frame"] for p in events.plan("running")] == [3]
+    assert len(list(tmp_path.glob("light_*.fits"))) == 1
+    assert summary["parked"] is True and asyncio.run(mount_state(server.port))["parked"] is True
+    assert events.plan("parking")[0]["reason"] == "end of plan"
+
+
+def test_queue_refuses_one_target_runs_the_next_and_survives_kill_9(server, tmp_path):
+    """A queue of two: the first never rises (refused, the queue moves on), the second takes 6
+    frames; the process running it is killed (SIGKILL) after 2 frames and started again: the
+    plan goes on with the frames it has and ends with 6, none taken twice."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from daemon.plan_queue import PlanQueue
+
+    site = night_site()
+    ra, dec = target_at(site, -60.0, site.latitude)
+    never = -abs(site.latitude) - 60.0 if site.latitude > 0 else abs(site.latitude) + 60.0
+    plans = [dict(target="Never", ra=10.0, dec=never, count=3, exposure_s=0.5, center=False),
+             dict(target="Good", ra=ra, dec=dec, count=6, exposure_s=1.0, center=False, settle_s=0.2)]
+    qfile = tmp_path / "queue.json"
+    args = json.dumps({"port": server.port, "capture": str(tmp_path), "queue_file": str(qfile),
+                       "site": [site.latitude, site.longitude, 100.0], "plans": plans})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def recorded() -> list[str]:
+        try:
+            return json.loads(qfile.read_text())["entries"][1]["paths"]
+        except (OSError, ValueError, IndexError, KeyError):
+            return []
+
+    child = subprocess.Popen([sys.executable, "-m", "tests.queue_child", args], env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while len(recorded()) < 2:
+            assert child.poll() is None and time.monotonic() < deadline, "the queue did not get going"
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        before = recorded()
+        assert 2 <= len(before) < 6
+        child = subprocess.Popen([sys.executable, "-m", "tests.queue_child", args], env=env)
+        assert child.wait(timeout=180) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+    queue = PlanQueue.load(qfile, [PlanSettings(**p) for p in plans])
+    first, second = queue.entries
+    assert first.state == "refused" and "never rises above 20 deg" in first.reason
+    assert second.state == "done" and len(second.paths) == 6 and len(set(second.paths)) == 6
+    assert second.paths[:len(before)] == before  # the frames from before the kill kept, not retaken
+    on_disk = sorted(tmp_path.glob("light_Good_*.fits"))
+    # At most one more on disk than recorded: a frame the driver finished as the process died.
+    assert set(second.paths) <= {str(p) for p in on_disk} and len(on_disk) <= 7
