@@ -213,7 +213,8 @@ def test_compact_masters_calibrate_as_the_full_ones(exposure):
     shape = (64, 80)
     defects = rng.random(shape) < 0.03
     dark = rng.gamma(2, 20, shape).astype(np.float32)  # dark current, ~40 ADU
-    m = Masters(bias=rng.normal(500, 3, shape).astype(np.float32), dark=dark, dark_exposure_s=DARK_S,
+    bias = rng.normal(500, 3, shape).astype(np.float32)
+    m = Masters(bias=bias, dark=dark, dark_exposure_s=DARK_S,
                 flat=rng.uniform(0.6, 1.3, shape).astype(np.float32), defects=defects, bayer="RGGB")
     light = rng.normal(1500, 40, shape).astype(np.float32)
     full = calibrate(light, exposure, m)
@@ -226,22 +227,26 @@ def test_compact_masters_calibrate_as_the_full_ones(exposure):
     step = m._compact.flat_step
     assert m._compact.flat is None and m._compact.flat16.dtype == np.uint16 and step == pytest.approx(1.3 / 65535, rel=1e-3)
     flat_rel = step / 2 / 0.6  # flat >= 0.6
-    # float32 rounding, plus float16 rounding of the dark current times |t / t_dark - 1|.
-    tol = 2e-3 + abs(scale - 1.0) * float(dark.max()) * 2.0 ** -11 / 0.6 + np.abs(full) * flat_rel
+    # float32 rounding, plus float16 rounding of the dark current times |t / t_dark - 1| and
+    # of the pedestal's difference from its median (at most the largest such difference).
+    spread = float(np.abs(bias + dark - np.median(bias + dark)).max())
+    tol = 2e-3 + (abs(scale - 1.0) * float(dark.max()) + spread) * 2.0 ** -11 / 0.6 + np.abs(full) * flat_rel
     err = np.abs(compact - full)
     assert np.all(err <= tol)  # repairs mix neighbours: the same bound holds for them
     assert np.median(err / np.abs(full)) < 0.5 * flat_rel  # and rounding is not a bias
     with pytest.raises(ValueError, match="masters are 80x64 px but the light is 81x64 px"):
         calibrate(np.zeros((64, 81), np.float32), exposure, m)
-    # Unscaled dark (no bias) and a lone flat compact too; a flat beyond FLAT16_MAX (not a
-    # real response) stays float32, exactly.
+    # Unscaled dark (no bias: the pedestal, rounded as above) and a lone flat compact too; a
+    # flat beyond FLAT16_MAX (not a real response) stays float32, exactly.
     flat = rng.uniform(0.6, 1.3, shape).astype(np.float32)
-    for kw, rtol in ((dict(dark=dark + 500), 0.0), (dict(flat=flat), 1.3 / 65535 / 2 / 0.6 + 1e-7),
-                     (dict(flat=np.where(defects, 5.0, flat).astype(np.float32)), 0.0)):
+    dark_spread = float(np.abs(dark - np.median(dark)).max()) * 2.0 ** -11
+    for kw, rtol, atol in ((dict(dark=dark + 500), 0.0, 1e-3 + dark_spread),
+                           (dict(flat=flat), 1.3 / 65535 / 2 / 0.6 + 1e-7, 1e-3),
+                           (dict(flat=np.where(defects, 5.0, flat).astype(np.float32)), 0.0, 1e-3)):
         m2 = Masters(**kw, dark_exposure_s=DARK_S)
         ref = calibrate(light, exposure, m2)
         m2.compact()
-        np.testing.assert_allclose(calibrate(light, exposure, m2), ref, rtol=rtol, atol=1e-3)
+        np.testing.assert_allclose(calibrate(light, exposure, m2), ref, rtol=rtol, atol=atol)
 
 
 def test_live_pipeline_calibrates_the_loaded_frame_once():

@@ -39,7 +39,7 @@ def test_resume_replays_the_frames_since_the_snapshot(tmp_path):
         snapshots = list(state_dir.glob("stack-*.npz"))
         assert len(snapshots) == 1
         # The checkpoint after the snapshot holds no statistics: a few kB (the ledger and each
-        # frame's provenance, its transform included), not the stack (1.5 MB at this size).
+        # frame's provenance, its transform included), not the stack (1.4 MB at this size).
         assert sizes[1] < 0.02 * snapshots[0].stat().st_size
         state = checkpoint.load(state_dir)
         pst = state["stacks"]["s"]["pipeline"]

@@ -61,8 +61,8 @@ class LivePipeline:
     them in one worker thread); `stack_image` may be called from another thread."""
 
     def __init__(self, settings: LiveSettings | None = None, masters: Masters | None = None):
-        """`masters` are compacted (`Masters.compact`: their arrays folded and released, 78 MB
-        less at 26 Mpx); they can still be shared with other pipelines and `calibrate`."""
+        """`masters` are compacted (`Masters.compact`: bias, dark and flat folded into 6 bytes
+        a pixel, the arrays released); they can still be shared with other pipelines and `calibrate`."""
         self.settings = settings or LiveSettings()
         self.masters = masters
         if masters is not None:

@@ -17,6 +17,17 @@ likewise. A satellite in frame 1 is therefore not locked in. The bookkeeping cos
 bytes per pixel and plane for the first `3 * warmup` frames only; then pixels still short of
 `warmup` samples get their re-check with what they have and the buffers are freed.
 
+While that bookkeeping runs (when the stack's memory peaks) m2 is kept as bfloat16 (the top
+half of its float32, `daemon.pipeline.half`): 2 bytes a pixel and plane less. m2 only sets
+the rejection threshold. Each store rounds it to 8 significant bits, within 2^-8 of itself,
+and it only grows by non-negative terms: after k samples its relative error is <= k * 2^-8
+(k <= 3 * warmup; typically ~0.2 % at 15, sigma's half that), far below the ~30 % statistical
+error of a sigma from 5 samples. A pixel in its warm-up keeps its m2 without the share of its
+brightest sample (added back when read), so that taking that sample out (a trail) leaves the
+rest's m2 with its own relative error, not one of the trail's m2; only where both brightest
+are taken out, the second's share cancels at that precision. Then m2 is float32 again
+(exactly) and stays so.
+
 The per-pixel work is one fused pass in a numba kernel, parallel over rows: numpy needed
 ~25 full-size passes (0.7 s per 4144x2822 RGB frame on 2 cores, 2 s during the warm-up);
 the kernel (`daemon.pipeline.stack_kernels`) does it in one pass with no full-size
@@ -32,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from daemon.pipeline.half import bfloat16_bits, bfloat16_values
 from daemon.pipeline.stack_kernels import _HALF_TABLE, _NONE, _add_band, _add_frame, _recheck_all
 
 
@@ -77,7 +89,10 @@ class RunningStack:
         # Internally always (H, W, C) so one code path serves mono and colour.
         # NaN until a pixel gets its first sample: the mean is the image, no copy needed.
         self.mean = np.full((h, w, c), np.nan, np.float32)
-        self.m2 = np.zeros((h, w, c), np.float32)
+        #: Weighted sum of squared deviations (ADU^2), float32; None during the warm-up
+        #: bookkeeping, when `_m2_bf16` keeps it (see the module docstring).
+        self.m2: np.ndarray | None = None if settings.reject else np.zeros((h, w, c), np.float32)
+        self._m2_bf16: np.ndarray | None = np.zeros((h, w, c), np.uint16) if settings.reject else None
         self.wsum = np.zeros((h, w), np.float32)
         self.count = np.zeros((h, w), np.uint16)
         self.n_frames = 0
@@ -173,7 +188,8 @@ class RunningStack:
         else:
             t1, t2, i1, i2 = _EMPTY_U16, _EMPTY_U16, _EMPTY_U8, _EMPTY_U8
         kernel = _add_frame if parallel else _add_band
-        per_row = kernel(x, ctx["off"], ctx["w"], self.mean[sl], self.m2[sl], self.wsum[sl], self.count[sl],
+        m2 = self.m2 if self.m2 is not None else self._m2_bf16
+        per_row = kernel(x, ctx["off"], ctx["w"], self.mean[sl], m2[sl], self.wsum[sl], self.count[sl],
                          s.reject, s.warmup, np.float32(s.kappa ** 2), np.float32(s.warmup_kappa ** 2),
                          ctx["floor2"], tracking, t1, t2, i1, i2, ctx["frame_no"], ctx["weights"], _HALF_TABLE)
         return int(per_row[:, 0].sum()), int(per_row[:, 1].sum())
@@ -203,17 +219,23 @@ class RunningStack:
         n = self.count.astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.where((n > 1) & (self.wsum > 0), n / ((n - 1) * self.wsum), 0).astype(np.float32)
-        out = np.sqrt(np.maximum(self.m2 * scale[..., None], 0))
+        out = np.sqrt(np.maximum(self._m2_values() * scale[..., None], 0))
         return out[..., 0] if len(self.shape) == 2 else out
 
     def state(self) -> dict:
-        """Everything needed to resume exactly: numpy arrays and JSON-able scalars."""
+        """Everything needed to resume exactly: numpy arrays and JSON-able scalars. m2 is
+        "m2" (float32) or, during the warm-up bookkeeping, "m2_bf16" (uint16: bfloat16 bits, of
+        m2 without the brightest sample's share where a pixel's warm-up is open)."""
         st = {
-            "mean": self.mean, "m2": self.m2, "wsum": self.wsum, "count": self.count,
+            "mean": self.mean, "wsum": self.wsum, "count": self.count,
             "noise": self._noise, "n_frames": self.n_frames, "total_weight": self.total_weight,
             "rejected_pixels": self.rejected_pixels, "shape": list(self.shape),
             "settings": self.settings.__dict__.copy(),
         }
+        if self.m2 is not None:
+            st["m2"] = self.m2
+        else:
+            st["m2_bf16"] = self._m2_bf16
         if self._top is not None:
             st["top1"], st["top2"] = self._top
             st["top1_idx"], st["top2_idx"] = self._top_idx
@@ -223,10 +245,11 @@ class RunningStack:
     @classmethod
     def from_state(cls, state: dict, settings: StackSettings | None = None) -> RunningStack:
         """Resume from `state()`. `settings` (default: the saved ones) may differ, e.g. a
-        changed kappa in the config: they apply from the next frame on."""
+        changed kappa in the config: they apply from the next frame on. A state of an older
+        version (float32 "m2" during the warm-up) is converted (m2 rounded as the warm-up
+        keeps it); KeyError naming "m2" when a state has none."""
         stack = cls(tuple(state["shape"]), settings or StackSettings(**state["settings"]))
         stack.mean[...] = state["mean"]
-        stack.m2[...] = state["m2"]
         stack.wsum[...] = state["wsum"]
         stack.count[...] = state["count"]
         stack._noise[...] = state["noise"]
@@ -238,8 +261,24 @@ class RunningStack:
                 stack._top[i][...] = state[key]
                 stack._top_idx[i][...] = state[f"{key}_idx"]
             stack._warm_weights = [float(x) for x in state["warm_weights"]]
+            if "m2_bf16" in state:
+                stack._m2_bf16[...] = state["m2_bf16"]
+            else:  # float32 m2 of an older version
+                for rows in _row_bands(stack.mean.shape[0]):
+                    stack._m2_bf16[rows] = bfloat16_bits(state["m2"][rows] - _state_share(state, rows))
+            # With a lower warm-up now, pixels already holding enough samples are re-checked
+            # at once (the kernels take them as steady, with their m2 whole).
+            due = (stack._top_idx[0] != _NONE) & (stack.count >= stack.settings.warmup)
+            stack.rejected_pixels += stack._recheck(due)
         else:
             stack._top = stack._top_idx = None
+            stack._m2_bf16 = None
+            stack.m2 = np.zeros(stack.mean.shape, np.float32)
+            if "m2_bf16" in state:  # (its warm-up bookkeeping dropped: with reject off now)
+                for rows in _row_bands(stack.mean.shape[0]):
+                    stack.m2[rows] = bfloat16_values(state["m2_bf16"][rows]) + _state_share(state, rows)
+            else:
+                stack.m2[...] = state["m2"]
         return stack
 
     # ------------------------------------------------------------------ internals
@@ -252,14 +291,44 @@ class RunningStack:
         weights[: len(self._warm_weights)] = self._warm_weights
         return weights
 
+    def _recheck(self, due: np.ndarray) -> int:
+        """The warm-up re-check of the open pixels where `due` (bool, (H, W)) now; returns the
+        samples it took out."""
+        if not due.any():
+            return 0
+        idx = [np.where(due, i, np.uint8(_NONE)) for i in self._top_idx]
+        per_row = _recheck_all(self.mean, self._m2_bf16, self.wsum, self.count, *self._top, *idx,
+                               self._weights_table(), np.float32(self.settings.warmup_kappa ** 2),
+                               self._floor2(), _HALF_TABLE)
+        for i in self._top_idx:
+            i[due] = _NONE
+        return int(per_row.sum())
+
     def _end_warmup(self) -> int:
         """Re-check pixels still short of `warmup` samples with what they have; free buffers."""
-        per_row = _recheck_all(self.mean, self.m2, self.wsum, self.count, *self._top, *self._top_idx,
+        per_row = _recheck_all(self.mean, self._m2_bf16, self.wsum, self.count, *self._top, *self._top_idx,
                                self._weights_table(), np.float32(self.settings.warmup_kappa ** 2),
                                self._floor2(), _HALF_TABLE)
         self._top = self._top_idx = None
         self._warm_weights = []
+        self.m2 = np.empty(self.mean.shape, np.float32)
+        for rows in _row_bands(self.mean.shape[0]):  # every pixel done: m2 whole
+            self.m2[rows] = bfloat16_values(self._m2_bf16[rows])
+        self._m2_bf16 = None
         return int(per_row.sum())
+
+    def _m2_values(self, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """m2 (ADU^2, float32) of the pixels [rows, cols], whichever form keeps it."""
+        if self.m2 is not None:
+            return self.m2[rows, cols]
+        sel = (rows, cols)
+        out = bfloat16_values(self._m2_bf16[sel])
+        idx1 = self._top_idx[0][sel]
+        open_ = idx1 != _NONE  # (pixels whose warm-up is over have m2 whole)
+        if open_.any():
+            out[open_] += _brightest_share(self._top[0][sel][open_], idx1[open_], self._weights_table(),
+                                           self.mean[sel][open_], self.wsum[sel][open_])
+        return out
 
     def _noise_estimate(self) -> np.ndarray:
         """Background sigma per plane (ADU) from a sparse grid of ~40k pixels: the mean
@@ -274,13 +343,44 @@ class RunningStack:
         if not good.any():
             return out
         factor = n[good] / ((n[good] - 1) * ws[good])
-        m2 = self.m2[::step, ::step]
+        m2 = self._m2_values(slice(None, None, step), slice(None, None, step))
         for c in range(self._planes):
             # One contiguous plane at a time: a median along axis 0 of an (N, 3) array costs 4x.
             vc = m2[..., c][good] * factor
             med = np.median(vc)
             out[c] = np.sqrt(vc[vc <= 4 * med].mean()) if med > 0 else 0.0
         return out
+
+
+#: Rows converted at a time between the two forms of m2 (no full-size temporaries).
+_M2_ROWS = 64
+
+
+def _brightest_share(top1: np.ndarray, idx1: np.ndarray, weights: np.ndarray, mean: np.ndarray,
+                     wsum: np.ndarray) -> np.ndarray:
+    """What their brightest warm-up sample (float16 bits `top1`, frame `idx1`, its weight in
+    `weights` by frame) adds to the m2 of pixels whose warm-up is open (ADU^2 per plane; 0
+    elsewhere): the kernels' `_share` times (x1 - mean)^2, the same float32 operations. The
+    warm-up form of m2 keeps it apart."""
+    w1 = weights[idx1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where((idx1 != _NONE) & (wsum - w1 > 0), w1 * wsum / (wsum - w1), np.float32(0.0))[..., None]
+        d = _HALF_TABLE[top1] - mean
+        return np.where(share > 0, share * d * d, np.float32(0.0))
+
+
+def _row_bands(h: int) -> list[slice]:
+    return [slice(r0, r0 + _M2_ROWS) for r0 in range(0, h, _M2_ROWS)]
+
+
+def _state_share(state: dict, rows: slice) -> np.ndarray | float:
+    """`_brightest_share` of the rows of a saved state (0 without warm-up bookkeeping)."""
+    if "top1" not in state:
+        return 0.0
+    weights = np.zeros(_NONE + 1, np.float32)
+    weights[: len(state["warm_weights"])] = state["warm_weights"]
+    return _brightest_share(np.asarray(state["top1"][rows]), np.asarray(state["top1_idx"][rows]), weights,
+                            np.asarray(state["mean"][rows], np.float32), np.asarray(state["wsum"][rows], np.float32))
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}

@@ -10,8 +10,10 @@ import math
 
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
-from daemon.pipeline.half import to_half
+from daemon.pipeline.half import from_bfloat16, to_bfloat16, to_half
 
 #: Frame index stored for "no warm-up sample here".
 _NONE = 255
@@ -28,9 +30,49 @@ with np.errstate(invalid="ignore"):  # the NaN bit patterns stay NaN
     _HALF_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32) * np.float32(1 / _HALF_SCALE)
 
 
+def _m2_get(m2, i, j, c):
+    """m2 of pixel (i, j), plane c, as float32 (ADU^2): `m2` float32, or uint16 of bfloat16
+    bits (`RunningStack`'s warm-up form). Kernels only."""
+    raise NotImplementedError
+
+
+def _m2_set(m2, i, j, c, q):
+    """Store m2 = q (ADU^2, finite) at pixel (i, j), plane c, in `m2`'s form (see `_m2_get`).
+    A bfloat16 read back and stored again keeps its bits: an unchanged pixel stays so.
+    Kernels only."""
+    raise NotImplementedError
+
+
+@overload(_m2_get, inline="always")
+def _m2_get_impl(m2, i, j, c):
+    if m2.dtype == types.uint16:
+        def get_bfloat16(m2, i, j, c):
+            return from_bfloat16(m2[i, j, c])
+        return get_bfloat16
+
+    def get(m2, i, j, c):
+        return m2[i, j, c]
+    return get
+
+
+@overload(_m2_set, inline="always")
+def _m2_set_impl(m2, i, j, c, q):
+    if m2.dtype == types.uint16:
+        def set_bfloat16(m2, i, j, c, q):
+            m2[i, j, c] = to_bfloat16(q)
+        return set_bfloat16
+
+    def set_(m2, i, j, c, q):
+        m2[i, j, c] = q
+    return set_
+
+
 def _add_band(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
               tracking, top1, top2, idx1, idx2, frame_no, weights, table):
     """`_add_frame` of one band on the calling thread (see `RunningStack.add_banded`)."""
+    if not tracking:
+        steady = {1: _steady_band_1, 3: _steady_band_3}.get(mean.shape[2], _steady_frame_n)
+        return steady(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2)
     kernel = _add_band_3 if mean.shape[2] == 3 else _add_band_1 if mean.shape[2] == 1 else None
     if kernel is None:
         return _add_frame_n(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
@@ -44,7 +86,12 @@ def _add_frame(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2
     """One frame into the stack, in place. Returns per row (samples rejected against the
     running statistics, warm-up samples removed by the re-check). Mono and RGB stacks get
     kernels compiled for their number of planes (the plane loops unrolled): ~30 % faster
-    than one kernel for any number (measured at 4144x2822 mono)."""
+    than one kernel for any number (measured at 4144x2822 mono). Once the warm-up
+    bookkeeping is over (`tracking` False), kernels with the steady pass only: m2 is float32
+    then, bfloat16 before (see `_m2_get`), and each form compiles only the code it runs."""
+    if not tracking:
+        steady = {1: _steady_frame_1, 3: _steady_frame_3}.get(mean.shape[2], _steady_frame_n)
+        return steady(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2)
     kernel = {1: _add_frame_1, 3: _add_frame_3}.get(mean.shape[2], _add_frame_n)
     return kernel(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
                   tracking, top1, top2, idx1, idx2, frame_no, weights, table)
@@ -89,6 +136,50 @@ def _add_frame_n(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkapp
                      tracking, top1, top2, idx1, idx2, frame_no, weights, table, mean.shape[2])
 
 
+def _steady_band_1_py(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 1)
+
+
+def _steady_band_3_py(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 3)
+
+
+#: `_steady_frame_1/_3` on the calling thread, as `_add_band_1/_3` are `_add_frame_1/_3`.
+_steady_band_1 = numba.njit(cache=True, nogil=True, error_model="numpy")(_steady_band_1_py)
+_steady_band_3 = numba.njit(cache=True, nogil=True, error_model="numpy")(_steady_band_3_py)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _steady_frame_1(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 1)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _steady_frame_3(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 3)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _steady_frame_n(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, mean.shape[2])
+
+
+@numba.njit(inline="always")
+def _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, nc):
+    """`_add_rows` without the warm-up bookkeeping: every pixel steady. The same
+    `_steady_run` as there: the same statistics whichever kernel a frame takes."""
+    h = mean.shape[0]
+    counts = np.zeros((h, 2), np.int64)
+    for i in numba.prange(h):
+        if nc == 1:
+            counts[i, 0] += _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
+        elif nc == 3:
+            counts[i, 0] += _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
+        else:
+            counts[i, 0] += _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0, nc)
+    return counts
+
+
 @numba.njit(inline="always")
 def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
               tracking, top1, top2, idx1, idx2, frame_no, weights, table, nc):
@@ -124,13 +215,13 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
         hit = np.empty(wd, np.bool_)
         if nc == 1:
             n_hit = _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
-                                  table, hit)
+                                  weights, table, hit)
         elif nc == 3:
             n_hit = _warmup_run_3(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
-                                  table, hit)
+                                  weights, table, hit)
         else:
             n_hit = _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
-                                table, hit, nc)
+                                weights, table, hit, nc)
         if n_hit:
             sc = np.empty((_SCRATCH_ROWS, nc), np.float32)
             for j in range(wd):
@@ -173,7 +264,7 @@ def _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tra
         for c in range(nc):
             val = x[i, j, c] + off[c]
             finite &= math.isfinite(val)
-            var = max(m2[i, j, c] * scale, floor2[c])
+            var = max(_m2_get(m2, i, j, c) * scale, floor2[c])
             d = val - mean[i, j, c]
             bad |= d * d > grow * var
         bad = bad & reject & (n >= 2)
@@ -190,33 +281,52 @@ def _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tra
 
 
 @numba.njit(inline="always")
-def _welford(mean, m2, i, j, c, val, n, w, r, use):
-    """West's weighted Welford update of pixel (i, j), plane c, with sample `val` of weight
-    `w` (`r` = w / new weight sum) where `use`, as a select (vectorises). The one place both
-    runs update the statistics: the same float32 operations whichever run a pixel takes."""
-    mu = mean[i, j, c]
-    q = m2[i, j, c]
+def _welford_step(mu, q, val, n, w, r):
+    """West's weighted Welford update of one pixel's plane: (mean, m2) with sample `val` of
+    weight `w` (`r` = w / new weight sum). The one place both runs update the statistics:
+    the same float32 operations whichever run a pixel takes."""
     d = val - mu
     new_mu = val if n == 0 else mu + d * r
     new_q = np.float32(0.0) if n == 0 else np.float32(q + w * d * d * (1 - r))  # w * d_old * (x - mean_new)
-    mean[i, j, c] = new_mu if use else mu
-    m2[i, j, c] = new_q if use else q
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table, hit):
-    """`_warmup_run` of a mono stack, compiled on its own (see `_steady_run_1`)."""
-    return _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table, hit, 1)
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _warmup_run_3(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table, hit):
-    """`_warmup_run` of an RGB stack (see `_steady_run_1`)."""
-    return _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table, hit, 3)
+    return new_mu, new_q
 
 
 @numba.njit(inline="always")
-def _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table, hit, nc):
+def _welford(mean, m2, i, j, c, val, n, w, r, use):
+    """`_welford_step` of pixel (i, j), plane c, in place where `use`, as a select (vectorises)."""
+    mu = mean[i, j, c]
+    q = _m2_get(m2, i, j, c)
+    new_mu, new_q = _welford_step(mu, q, val, n, w, r)
+    mean[i, j, c] = new_mu if use else mu
+    _m2_set(m2, i, j, c, new_q if use else q)
+
+
+@numba.njit(inline="always")
+def _share(i1, w1, ws):
+    """w1 * ws / (ws - w1): times (x1 - mean)^2, what the brightest warm-up sample (frame i1,
+    weight w1) adds to m2 (weight sum ws); 0 without one."""
+    return w1 * ws / (ws - w1) if (i1 != _NONE) & (ws - w1 > 0) else np.float32(0.0)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
+                  hit):
+    """`_warmup_run` of a mono stack, compiled on its own (see `_steady_run_1`)."""
+    return _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
+                       hit, 1)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _warmup_run_3(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
+                  hit):
+    """`_warmup_run` of an RGB stack (see `_steady_run_1`)."""
+    return _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
+                       hit, 3)
+
+
+@numba.njit(inline="always")
+def _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table, hit,
+                nc):
     """Row i's pixels that are still in their warm-up (fewer than `warmup` samples): see
     `_warmup_pixels`. A row where many are (the first frames) goes through it as one
     vectorised loop; a row with a few (the dithered border, pixels whose brightest sample
@@ -230,24 +340,26 @@ def _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, i
         return 0
     if n_warm * 8 >= wd:
         return _warmup_pixels(i, 0, wd, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2,
-                              frame_no, table, hit, nc)
+                              frame_no, weights, table, hit, nc)
     n_hit = 0
     for j in range(wd):
         hit[j] = False
         if count[i, j] < warmup:
             n_hit += _warmup_pixels(i, j, j + 1, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2,
-                                    frame_no, table, hit, nc)
+                                    frame_no, weights, table, hit, nc)
     return n_hit
 
 
 @numba.njit(inline="always")
-def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, table,
-                   hit, nc):
+def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights,
+                   table, hit, nc):
     """Pixels j0..j1 of row i in their warm-up: no rejection test; the two brightest samples
     (by the sum over planes) remembered as half floats with their frame index; the weighted
     Welford update. Written as selects instead of branches so that it vectorises (the
     per-pixel version with branches took 4-5x the steady pass at 4144x2822). Pixels not in
-    warm-up are left as they are. Flags in `hit[j]` the pixels that have just reached
+    warm-up are left as they are. Their m2 is stored without the share of their brightest
+    sample (`_share`), so that the re-check takes that sample out without cancellation,
+    whatever precision m2 is kept in. Flags in `hit[j]` the pixels that have just reached
     `warmup` samples and returns their number."""
     n_hit = 0
     for j in range(j0, j1):
@@ -270,15 +382,25 @@ def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, to
         ws = wsum[i, j]
         ws_new = ws + w
         r = w / ws_new
+        i1_new = frame_no if use & first else i1
+        share = _share(i1, weights[i1], ws)
+        share_new = _share(i1_new, weights[i1_new], ws_new if use else ws)
         for c in range(nc):
             val = x[i, j, c] + off[c]
             h = to_half(val * _HALF_SCALE)
             t1 = top1[i, j, c]
             t2 = top2[i, j, c]
-            top1[i, j, c] = h if use & first else t1
+            t1_new = h if use & first else t1
+            top1[i, j, c] = t1_new
             top2[i, j, c] = (t1 if first else h) if use & (first | second) else t2
-            _welford(mean, m2, i, j, c, val, n, w, r, use)
-        idx1[i, j] = frame_no if use & first else i1
+            mu = mean[i, j, c]
+            rest = _m2_get(m2, i, j, c)
+            d1 = table[t1] - mu
+            new_mu, new_q = _welford_step(mu, rest + (share * d1 * d1 if share > 0 else np.float32(0.0)), val, n, w, r)
+            d1 = table[t1_new] - new_mu
+            mean[i, j, c] = new_mu if use else mu
+            _m2_set(m2, i, j, c, (new_q - (share_new * d1 * d1 if share_new > 0 else np.float32(0.0))) if use else rest)
+        idx1[i, j] = i1_new
         idx2[i, j] = (i1 if first else frame_no) if use & (first | second) else i2
         wsum[i, j] = ws_new if use else ws
         count[i, j] = n + 1 if use else n
@@ -288,9 +410,9 @@ def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, to
     return n_hit
 
 
-# Rows of the per-row scratch array: the new sample, and for the warm-up re-check the two
-# brightest samples and the statistics without one (1) and without both (2) of them.
-_X1, _M1, _Q1, _X2, _M2, _Q2, _SCRATCH_ROWS = 0, 1, 2, 3, 4, 5, 6
+# Rows of the per-row scratch array: for the warm-up re-check the two brightest samples, the
+# statistics without one (1) and without both (2) of them, and m2 as kept without the first.
+_X1, _M1, _Q1, _X2, _M2, _Q2, _R1, _SCRATCH_ROWS = 0, 1, 2, 3, 4, 5, 6, 7
 
 
 @numba.njit(inline="always")
@@ -323,23 +445,31 @@ def _bright_outlier(sc, x_row, mean_row, m2_row, ws, n, kappa2, floor2):
 @numba.njit(inline="always")
 def _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2, weights, kappa2, floor2, table, sc):
     """End of one pixel's warm-up: take its one or two brightest samples out where they are
-    outliers against the rest; mark the pixel done. Returns the samples removed."""
+    outliers against the rest; mark the pixel done (its m2 whole from now on, see
+    `_warmup_pixels`). Returns the samples removed."""
     nc = mean.shape[2]
     n = int(count[i, j])
     i1, i2 = idx1[i, j], idx2[i, j]
     idx1[i, j] = 255  # done: never re-checked again
     idx2[i, j] = 255
-    if n < 4 or i1 == 255:
-        return 0
     w1 = weights[i1]
     ws = wsum[i, j]
-    if ws - w1 <= 0:
-        return 0
+    share = _share(i1, w1, ws)
     for c in range(nc):
-        sc[_X1, c] = table[top1[i, j, c]]
-        sc[_M2, c] = mean[i, j, c]  # the full statistics, staged in the scratch rows
-        sc[_Q2, c] = m2[i, j, c]
+        x1 = table[top1[i, j, c]]
+        mu = mean[i, j, c]
+        rest = _m2_get(m2, i, j, c)
+        q = rest + share * (x1 - mu) * (x1 - mu) if share > 0 else rest
+        _m2_set(m2, i, j, c, q)
+        sc[_X1, c] = x1
+        sc[_M2, c] = mu  # the full statistics, staged in the scratch rows
+        sc[_Q2, c] = q
+        sc[_R1, c] = rest
+    if n < 4 or i1 == 255 or ws - w1 <= 0:
+        return 0
     ws1 = _remove(sc, _M2, _Q2, ws, _X1, w1, _M1, _Q1)
+    for c in range(nc):
+        sc[_Q1, c] = sc[_R1, c]  # m2 without it, as kept (no cancellation)
     if n >= 5 and i2 != 255 and ws1 - weights[i2] > 0:
         for c in range(nc):
             sc[_X2, c] = table[top2[i, j, c]]
@@ -347,14 +477,14 @@ def _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2, weights,
         if _bright_outlier(sc, _X2, _M2, _Q2, ws2, n - 2, kappa2, floor2):
             for c in range(nc):
                 mean[i, j, c] = sc[_M2, c]
-                m2[i, j, c] = max(sc[_Q2, c], np.float32(0.0))
+                _m2_set(m2, i, j, c, max(sc[_Q2, c], np.float32(0.0)))
             wsum[i, j] = ws2
             count[i, j] = n - 2
             return 2
     if _bright_outlier(sc, _X1, _M1, _Q1, ws1, n - 1, kappa2, floor2):
         for c in range(nc):
             mean[i, j, c] = sc[_M1, c]
-            m2[i, j, c] = max(sc[_Q1, c], np.float32(0.0))
+            _m2_set(m2, i, j, c, max(sc[_Q1, c], np.float32(0.0)))
         wsum[i, j] = ws1
         count[i, j] = n - 1
         return 1
