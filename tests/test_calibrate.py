@@ -165,7 +165,7 @@ def _reference_calibration(light, exposure, m: Masters) -> np.ndarray:
         src = out.copy()
         h, w = out.shape
         step = 2 if m.bayer else 1
-        for y, x in zip(*np.nonzero(m.defects)):
+        for y, x in zip(*np.nonzero(m.defects), strict=True):
             for reach in (step, 2 * step):
                 vals = [src[y + dy, x + dx] for dy in (-reach, 0, reach) for dx in (-reach, 0, reach)
                         if (dy or dx) and 0 <= y + dy < h and 0 <= x + dx < w and not m.defects[y + dy, x + dx]]
@@ -224,8 +224,9 @@ def test_compact_masters_calibrate_as_the_full_ones(exposure):
     assert m.summary() == summary and m.shape == shape and dark_scale(exposure, m) == scale
     compact = calibrate(light, exposure, m)
     # The flat as 16-bit fixed point: relative error <= step / 2 / flat, step = max / 65535.
-    step = m._compact.flat_step
-    assert m._compact.flat is None and m._compact.flat16.dtype == np.uint16 and step == pytest.approx(1.3 / 65535, rel=1e-3)
+    step = m.compacted.flat_step
+    assert m.compacted.flat is None and m.compacted.flat16.dtype == np.uint16
+    assert step == pytest.approx(1.3 / 65535, rel=1e-3)
     flat_rel = step / 2 / 0.6  # flat >= 0.6
     # float32 rounding, plus float16 rounding of the dark current times |t / t_dark - 1| and
     # of the pedestal's difference from its median (at most the largest such difference).
@@ -257,9 +258,9 @@ def test_live_pipeline_calibrates_the_loaded_frame_once():
     raw = np.full(SHAPE, 400.0, np.float32)
     frame = Frame(raw, FrameMeta(path="/x.fits", exposure_s=1.0))
     pipe = LivePipeline(masters=masters)
-    first = pipe._calibrate(frame)
+    first = pipe._calibrate(frame)  # noqa: SLF001 - the in-place contract of the step itself
     assert first is raw and frame.calibrated and float(first[0, 0]) == 300.0
-    assert float(pipe._calibrate(frame)[0, 0]) == 300.0  # not calibrated twice
+    assert float(pipe._calibrate(frame)[0, 0]) == 300.0  # noqa: SLF001 - not calibrated twice
 
 
 def test_size_mismatch_is_a_clear_error():
@@ -288,7 +289,8 @@ def test_cli_master_and_calibrate(tmp_path, masters_dir):
     bad = tmp_path / "broken.fits"
     bad.write_bytes(b"SIMPLE  =                    T" + b" " * 50)
     rc = cli(["calibrate", str(light), str(bad), "--bias", str(masters_dir / "bias.fits"),
-              "--dark", str(tmp_path / "md.fits"), "--flat", str(masters_dir / "flat.fits"), "-o", str(tmp_path / "out")])
+              "--dark", str(tmp_path / "md.fits"), "--flat", str(masters_dir / "flat.fits"),
+              "-o", str(tmp_path / "out")])
     assert rc == 1  # the broken file is reported, the good one still calibrated
     out = load_frame(tmp_path / "out" / "light_001.fits")
     assert out.meta.exposure_s == 30.0 and out.meta.bayer == "RGGB"
@@ -306,7 +308,7 @@ def test_flat_defects_found_despite_vignetting():
     from daemon.pipeline.defects import defects_from_flat
 
     found = defects_from_flat(normalise_flat(flat, "BGGR")[0], "BGGR")
-    assert sorted(zip(*np.nonzero(found))) == sorted(dead + [(40, 41)])
+    assert sorted(zip(*np.nonzero(found), strict=True)) == sorted(dead + [(40, 41)])
 
 
 def test_darkflat_is_subtracted_from_flats(tmp_path):

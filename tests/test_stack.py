@@ -78,7 +78,7 @@ def test_weighted_mean_without_rejection_is_exact_and_nan_is_no_data():
     imgs[2][:5] = np.nan  # outside the warped area of frame 2
     w = [1.0, 0.5, 2.0, 1.0, 0.25, 1.5]
     s = RunningStack((20, 30), StackSettings(reject=False))
-    for im, wi in zip(imgs, w):
+    for im, wi in zip(imgs, w, strict=True):
         s.add(im, wi)
     arr = np.ma.masked_invalid(np.stack(imgs))
     expect = np.ma.average(arr, axis=0, weights=np.array(w)[:, None, None] * np.ones_like(imgs[0]))

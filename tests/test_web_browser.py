@@ -160,9 +160,13 @@ password = "{PASSWORD}"
 def rig(tmp_path_factory):
     require_tools(MOSQUITTO, CHROMIUM)
     r = Rig(tmp_path_factory.mktemp("web"))
-    for i in range(3):
-        r.add(i)
-    wait_until(lambda: r.stacked() == 3 and r.get_json("/api/preview.json"), 60, "three frames stacked")
+    try:
+        for i in range(3):
+            r.add(i)
+        wait_until(lambda: r.stacked() == 3 and r.get_json("/api/preview.json"), 60, "three frames stacked")
+    except BaseException:
+        r.close()  # a set-up that fails leaves no daemon and no broker behind
+        raise
     yield r
     r.close()
 

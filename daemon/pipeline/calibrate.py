@@ -55,13 +55,13 @@ class Masters:
     warnings: list[str] = field(default_factory=list)
     #: (defects array it was built from, its DefectRepair): built on first use.
     _repair: tuple | None = field(default=None, repr=False, compare=False)
-    #: Set by `compact()`.
-    _compact: _CompactMasters | None = field(default=None, repr=False, compare=False)
+    #: The masters in the compact form calibration uses, set by `compact()` (None before).
+    compacted: CompactMasters | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int] | None:
-        if self._compact is not None:
-            return self._compact.shape
+        if self.compacted is not None:
+            return self.compacted.shape
         for arr in (self.bias, self.dark, self.flat, self.defects):
             if arr is not None:
                 return tuple(arr.shape)  # type: ignore[return-value]
@@ -69,14 +69,14 @@ class Masters:
 
     def has(self, kind: str) -> bool:
         """Whether a master of `kind` ("bias", "dark", "flat", "defects") is in use."""
-        if self._compact is not None:
-            return kind in self._compact.kinds
+        if self.compacted is not None:
+            return kind in self.compacted.kinds
         return getattr(self, kind) is not None
 
     def summary(self) -> str:
         parts = [name for name in ("bias", "dark", "flat") if self.has(name)]
         if self.has("defects"):
-            n = self._compact.repair.n_defects if self._compact is not None else int(self.defects.sum())
+            n = self.compacted.repair.n_defects if self.compacted is not None else int(self.defects.sum())
             parts.append(f"{n} defects")
         return ", ".join(parts) or "none"
 
@@ -101,7 +101,7 @@ class Masters:
           puts into each light. A flat with larger values stays float32.
         - the defect map -> its repair plan (`DefectRepair`), the boolean map freed.
         """
-        if self._compact is not None:
+        if self.compacted is not None:
             return
         shape = self.shape
         kinds = tuple(k for k in ("bias", "dark", "flat", "defects") if getattr(self, k) is not None)
@@ -115,7 +115,7 @@ class Masters:
         flat16, flat_step = _flat_fixed_point(flat) if flat is not None else (None, 0.0)
         if flat16 is not None:
             flat = None
-        self._compact = _CompactMasters(shape=shape, kinds=kinds, scalable=scalable, pedestal16=pedestal16,
+        self.compacted = CompactMasters(shape=shape, kinds=kinds, scalable=scalable, pedestal16=pedestal16,
                                         pedestal_base=pedestal_base, dark16=dark16, flat=flat, flat16=flat16,
                                         flat_step=flat_step, repair=self.defect_repair())
         self.bias = self.dark = self.flat = self.defects = None
@@ -123,8 +123,8 @@ class Masters:
 
     def defect_repair(self) -> DefectRepair | None:
         """The repair plan of `defects` (built once, ~35 ms at 26 MP), None without a map."""
-        if self._compact is not None:
-            return self._compact.repair
+        if self.compacted is not None:
+            return self.compacted.repair
         if self.defects is None:
             return None
         if self._repair is None or self._repair[0] is not self.defects:
@@ -133,7 +133,7 @@ class Masters:
 
 
 @dataclass
-class _CompactMasters:
+class CompactMasters:
     """Masters as `Masters.compact` folds them (see there). Arrays of the lights' shape."""
 
     shape: tuple[int, int] | None
@@ -267,7 +267,7 @@ def calibrate(data: np.ndarray, exposure_s: float | None, masters: Masters | Non
            and src.flags.writeable)
     if masters is None:
         return src if can else np.array(src, dtype=np.float32, copy=True)
-    compact = masters._compact
+    compact = masters.compacted
     if compact is not None and compact.shape is not None and compact.shape != src.shape:
         raise ValueError(
             f"masters are {compact.shape[1]}x{compact.shape[0]} px but the light is "
