@@ -27,8 +27,11 @@ from astropy.io import fits
 
 from daemon import sky
 from daemon.acquisition import AcquisitionError, PlanRunner, run_acquisition
+from daemon.io.load import load_frame
 from daemon.pipeline.align import register
+from daemon.pipeline.live import LivePipeline
 from daemon.pipeline.stars import measure
+from daemon.routing import StackKey
 from daemon.settings import CameraSettings, IndiSettings, MountSettings, PlanSettings, SiteSettings
 from drivers.indi_client import IndiClient, IndiError
 from drivers.indiserver import IndiServer, free_port
@@ -164,6 +167,16 @@ def test_meridian_flip_keeps_the_stack_and_until_dawn_is_noaa_dawn(server, tmp_p
     # The control: a frame from before the flip registers with no turn.
     reg0 = register(stars(Path(running[k - 2]["path"]))[0], ref)
     assert reg0.ok and abs(reg0.rotation_deg) < 0.5
+    # Stacked as the daemon stacks them (its routing and live pipeline): every frame, before
+    # and after the flip, into one stack, whose stars are as round as a single frame's.
+    frames = [load_frame(p["path"]) for p in running]
+    assert len({StackKey.of(f.meta) for f in frames}) == 1
+    pipe = LivePipeline()
+    results = [pipe.process(f) for f in frames]
+    assert all(r.accepted for r in results), [r.reason for r in results]
+    assert pipe.n_stacked == len(running) and any(abs(abs(r.rotation_deg) - 180.0) < 0.5 for r in results)
+    _, stacked = measure(np.nan_to_num(pipe.stack_image()), None)
+    assert stacked.eccentricity < ref_m.eccentricity + 0.1 and stacked.elongation < 1.1, stacked.as_dict()
 
 
 def test_flip_that_does_not_change_pier_side_stops_and_parks(server, tmp_path):
