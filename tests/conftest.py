@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+_HOME = pytest.StashKey[tuple[str | None, str]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each test process (each xdist worker: `./scripts/test` runs two) gets a HOME of its
+    own, so INDI's drivers read and write their ~/.indi (saved device settings, the mount's
+    ParkData.xml) there and never in the user's, nor in another worker's at the same time."""
+    home = tempfile.mkdtemp(prefix=f"lightbucket-test-home-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+    config.stash[_HOME] = (os.environ.get("HOME"), home)
+    os.environ["HOME"] = home
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    previous, home = config.stash.get(_HOME, (None, None))
+    if home is None:
+        return
+    if previous is None:
+        os.environ.pop("HOME", None)
+    else:
+        os.environ["HOME"] = previous
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def shared_set(name: str) -> Path:
