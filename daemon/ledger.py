@@ -7,7 +7,7 @@ never in one only. Entries are keyed by the path relative to the capture folder.
 A file that failed to load (corrupt, truncated, unsupported, too large) is recorded with its
 size and mtime: it is not retried unless it changes, so a half-copied file that is later
 completed is picked up, and each version of a file gets one answer. `InHand` marks the file
-being processed, so that one that killed the process is quarantined at restart.
+being processed, so that one that keeps killing the process is quarantined at restart.
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ from pathlib import Path
 log = logging.getLogger("lightbucket")
 
 #: The reason a quarantined file is given (see InHand).
-QUARANTINED = ("quarantined: the daemon stopped while this file was in hand (out of memory, a crash or "
-               "kill -9); not read again until the file changes")
+QUARANTINED = ("quarantined: the daemon stopped twice while this file was in hand (out of memory, a crash "
+               "or kill -9); not read again until the file changes")
+#: Starts that found the same file version in hand before it is quarantined. One death proves
+#: nothing about the file (kill -9, a power cut or the watchdog stop whatever is in hand, and
+#: the frame is read again); a second in a row on the same file is a crash loop in the making.
+DEATHS_TO_QUARANTINE = 2
 
 
 @dataclass(frozen=True)
@@ -91,17 +95,25 @@ class InHand:
     with it in hand (out of memory, a crash in a decoder, kill -9) is known at restart.
 
     Invariant: the marker names a file from before its load begins until its outcome is
-    decided (stacked, rejected, error); a marker found at start therefore names the file the
-    last process died with, and the service quarantines it (records it as an error with this
-    file version, so it is not retried until it changes) instead of dying on it again. The
-    marker is written with a rename (never torn) but not fsync'ed: after a power cut it may be
-    lost, and the file is then simply processed again.
+    decided (stacked, rejected, error), with `deaths`: how many processes already died with
+    that version in hand. A marker found at start therefore names the file the last process
+    died with: it is read again once (`retry`), and quarantined (recorded as an error with this
+    file version, not retried until it changes) when it was in hand at DEATHS_TO_QUARANTINE
+    deaths in a row, instead of dying on it again and again. The marker is written with a
+    rename (never torn) but not fsync'ed: after a power cut it may be lost, and the file is
+    then simply processed again.
     """
 
     NAME = "in-hand.json"
 
     def __init__(self, state_dir: Path):
         self.path = Path(state_dir) / self.NAME
+        self._retrying: dict | None = None  # the left-over marker of a file read once more
+
+    def retry(self, marker: dict) -> None:
+        """The file of a left-over `marker` is read once more: its next `begin` carries the
+        deaths so far, so that a second death with it in hand quarantines it."""
+        self._retrying = dict(marker, deaths=marker.get("deaths", 0) + 1)
 
     def begin(self, frame: str | os.PathLike) -> None:
         """Mark `frame` as in hand. A state folder that cannot be written is logged, never
@@ -111,9 +123,14 @@ class InHand:
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
             size, mtime = -1, -1
+        mark = {"path": os.fspath(frame), "size": size, "mtime_ns": mtime, "deaths": 0}
+        retrying = self._retrying
+        if retrying is not None and all(retrying.get(k) == mark[k] for k in ("path", "size", "mtime_ns")):
+            mark["deaths"] = retrying["deaths"]
+            self._retrying = None
         tmp = self.path.with_name(f".{self.NAME}.tmp")
         try:
-            tmp.write_text(json.dumps({"path": os.fspath(frame), "size": size, "mtime_ns": mtime}))
+            tmp.write_text(json.dumps(mark))
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("in-hand marker %s not written: %s", self.path, exc)
@@ -135,17 +152,22 @@ class InHand:
         return (st.st_size, st.st_mtime_ns) == (marker.get("size"), marker.get("mtime_ns"))
 
     def left_over(self) -> dict | None:
-        """The marker a previous process left ({"path", "size", "mtime_ns"}), None if none."""
+        """The marker a previous process left ({"path", "size", "mtime_ns", "deaths"}), None if none."""
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
-        return data if isinstance(data, dict) and isinstance(data.get("path"), str) else None
+        if not (isinstance(data, dict) and isinstance(data.get("path"), str)):
+            return None
+        deaths = data.get("deaths")
+        return {**data, "deaths": deaths if isinstance(deaths, int) and deaths >= 0 else 0}
 
 
 def quarantine_left_over(ledger: Ledger, in_hand: InHand) -> str | None:
     """At start, before any frame is processed: the file the last process died with (`InHand`)
-    recorded in `ledger` as an error with the reason QUARANTINED, and the marker removed.
+    is read once more (it stays out of `ledger`, so the start's backlog takes it) or, when it
+    was in hand at DEATHS_TO_QUARANTINE deaths in a row, recorded in `ledger` as an error with
+    the reason QUARANTINED. The marker is removed either way.
 
     A file already decided in the ledger (the process died after its checkpoint) or changed
     since (a new version: it gets its own answer) is left alone. Returns the quarantined path
@@ -157,8 +179,13 @@ def quarantine_left_over(ledger: Ledger, in_hand: InHand) -> str | None:
     path = marker["path"]
     quarantined = None
     if in_hand.is_version(marker) and not ledger.done(path):
-        ledger.record(path, "error", reason=QUARANTINED)
-        log.error("%s: %s", path, QUARANTINED)
-        quarantined = path
+        deaths = marker["deaths"] + 1
+        if deaths >= DEATHS_TO_QUARANTINE:
+            ledger.record(path, "error", reason=QUARANTINED)
+            log.error("%s: %s", path, QUARANTINED)
+            quarantined = path
+        else:
+            in_hand.retry(marker)
+            log.warning("%s: the daemon stopped while this file was in hand: reading it once more", path)
     in_hand.end()
     return quarantined

@@ -8,8 +8,8 @@ immutable `SessionSnapshot`; the loop builds `status` from that alone.
 
 Crash safety: the ledger and the stacks go into one atomic checkpoint (daemon.checkpoint); a
 file is either stacked and recorded, or neither. The file being processed is marked on disk
-(`daemon.ledger.InHand`), so one that killed the process (a decoder crash, out of memory,
-kill -9) is quarantined at the next start instead of killing it again.
+(`daemon.ledger.InHand`): one the process died with (a decoder crash, out of memory,
+kill -9) is read once more at the next start, and quarantined if the process dies with it again.
 """
 
 from __future__ import annotations
@@ -208,8 +208,9 @@ class Session:
 
     # ----------------------------------------------------------------- start and checkpoint
     def restore(self) -> Path | None:
-        """Resume from the checkpoint, if any; quarantine the file a previous process died
-        with. Returns that file (for the loop to report), None when there was none."""
+        """Resume from the checkpoint, if any; read the file a previous process died with once
+        more, or quarantine it after a second death (`quarantine_left_over`). Returns a
+        quarantined file (for the loop to report), None when there was none."""
         for stale in checkpoint.remove_stale_temp(self.state_dir):
             log.info("removed %s, left by a checkpoint write that was cut short", stale.name)
         state = checkpoint.load(self.state_dir)

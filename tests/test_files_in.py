@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import logging
 import shutil
 import signal
@@ -176,7 +177,10 @@ def test_each_unsupported_kind_one_error_event_bomb_refused_next_frame_stacked(b
     assert sorted(Path(p["path"]).name for p in stack["pipeline"]["provenance"]) == [f.name for f in frames]
 
 
-def test_kill9_with_a_file_in_hand_quarantines_it_no_crash_loop(broker, tmp_path):
+def test_kill9_with_a_file_in_hand_reads_it_again_once_then_quarantines_it(broker, tmp_path):
+    """A file in hand at kill -9 is read again at the next start; in hand at a second kill -9 in
+    a row, it is quarantined at the start after (one error event, no crash loop), and the frames
+    behind it are stacked."""
     stage, capture, state = tmp_path / "stage", tmp_path / "capture", tmp_path / "state"
     stage.mkdir()
     frames = write_frames(stage)[:2]
@@ -197,28 +201,41 @@ def test_kill9_with_a_file_in_hand_quarantines_it_no_crash_loop(broker, tmp_path
     log = tmp_path / "daemon.log"
     sub = Subscriber(broker.port, "inhand")
     proc = start_daemon(config, notify, log)
-    try:
-        notify.wait("READY=1", 90)
-        shutil.copy(slow, capture / slow.name)
+
+    def kill_with_it_in_hand(deaths_before: int) -> None:
         deadline = time.monotonic() + 60
-        while not (marker.exists() and slow.name in marker.read_text()) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            try:
+                mark = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                mark = {}
+            if mark.get("path", "").endswith(slow.name) and mark.get("deaths") == deaths_before:
+                break
             assert not events_for(sub, slow.name), "answered without ever being marked in hand"
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
         assert not events_for(sub, slow.name)
 
+    try:
+        notify.wait("READY=1", 90)
+        shutil.copy(slow, capture / slow.name)
+        kill_with_it_in_hand(0)
+        proc = start_daemon(config, notify, log)  # reads it once more ...
+        notify.wait("READY=1", 90, count=2)
+        kill_with_it_in_hand(1)  # ... and dies with it in hand again
+
         shutil.copy(frames[0], capture / frames[0].name)  # a frame waiting behind it
         proc = start_daemon(config, notify, log)
-        notify.wait("READY=1", 90, count=2)
+        notify.wait("READY=1", 90, count=3)
         sub.wait(lambda: events_for(sub, frames[0].name), 60, "the frame behind it")
         (event,) = events_for(sub, slow.name)
         assert event["error"] is True and event["reason"].startswith("quarantined"), event
         assert events_for(sub, frames[0].name)[0]["accepted"] is True
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        proc = start_daemon(config, notify, log)  # a third start: quarantined stays quarantined, no event
-        notify.wait("READY=1", 90, count=3)
+        proc = start_daemon(config, notify, log)  # quarantined stays quarantined, no event
+        notify.wait("READY=1", 90, count=4)
         shutil.copy(frames[1], capture / frames[1].name)
         sub.wait(lambda: events_for(sub, frames[1].name), 60, "a later frame")
         assert len(events_for(sub, slow.name)) == 1

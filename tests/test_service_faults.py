@@ -22,7 +22,7 @@ from astropy.io import fits
 
 from daemon import checkpoint
 from daemon.config import config_from_dict
-from daemon.ledger import QUARANTINED, InHand
+from daemon.ledger import QUARANTINED, InHand, Ledger, quarantine_left_over
 from daemon.pipeline.frame import Frame, FrameMeta
 from daemon.service import Service
 from daemon.simulate import Exposure, expose, fits_header, random_star_field, transform_matrix
@@ -292,31 +292,60 @@ def test_a_frame_spooled_again_is_the_frame_spooled_first(tmp_path):
         pipe.respool(load_frame(tmp_path / "None_0.fits"))
 
 
-def test_file_in_hand_when_the_process_died_is_quarantined_not_retried(tmp_path):
-    """The in-hand marker names a file (the process died decoding it): at start it is recorded
-    as an error with the reason and one error event, and the frames after it are stacked."""
-    cfg = make_config(tmp_path)
-    killer, after = _real_frames(cfg.capture.dir, 2)
+def _start_with_marker(cfg, marker_left) -> list[tuple[str, dict]]:
+    """A service started on a state folder where `marker_left(state)` left an in-hand marker,
+    run until the capture folder's frames are answered; returns its frame events."""
     state = Path(cfg.state.dir)
     state.mkdir(parents=True)
-    InHand(state).begin(killer)  # as the dead process left it
+    marker_left(state)
     events = []
 
     async def scenario():
         service = Service(cfg)
         service.subscribe(lambda kind, payload: events.append((kind, payload)))
         run = asyncio.create_task(service.run())
-        await wait_for(lambda: service.snapshot.counts["stacked"] == 1, what="the next frame stacked")
+        await wait_for(lambda: service.snapshot.counts["stacked"] >= 1, what="a frame stacked")
         await asyncio.wait_for(service.idle(), 30)
         service.request_stop()
         assert await asyncio.wait_for(run, 30) == 0
 
     asyncio.run(scenario())
-    frames = [p for k, p in events if k == "frame"]
+    assert not (state / InHand.NAME).exists()
+    return [p for k, p in events if k == "frame"]
+
+
+def test_file_in_hand_at_one_death_is_read_again(tmp_path):
+    """kill -9, a power cut or the watchdog stop whatever file is in hand: after one such death
+    the file is read again at start and stacked, no frame lost."""
+    cfg = make_config(tmp_path)
+    in_hand, after = _real_frames(cfg.capture.dir, 2)
+    frames = _start_with_marker(cfg, lambda state: InHand(state).begin(in_hand))  # as the dead process left it
+    assert sorted((Path(p["path"]).name, p.get("accepted")) for p in frames) == [("L_0.fits", True),
+                                                                              ("L_1.fits", True)]
+    ledger = checkpoint.load(Path(cfg.state.dir))["ledger"]["entries"]
+    assert ledger["L_0.fits"]["outcome"] == ledger["L_1.fits"]["outcome"] == "stacked"
+
+
+def test_file_in_hand_at_two_deaths_in_a_row_is_quarantined(tmp_path):
+    """The process died decoding a file, read it once more at the next start and died with it
+    in hand again: the start after records it as an error with the reason and one error event
+    (no crash loop), and the frames after it are stacked. A new version of the file (copied
+    again) is read again: the quarantine holds that one version only."""
+    cfg = make_config(tmp_path)
+    killer, after = _real_frames(cfg.capture.dir, 2)
+
+    def died_twice(state: Path) -> None:
+        first = InHand(state)
+        first.begin(killer)  # the first process died with it in hand
+        second = InHand(state)
+        assert quarantine_left_over(Ledger(Path(cfg.capture.dir)), second) is None  # read once more
+        second.begin(killer)  # and the second died with it in hand too
+
+    frames = _start_with_marker(cfg, died_twice)
     assert [(Path(p["path"]).name, p.get("error", False)) for p in frames] == [("L_0.fits", True), ("L_1.fits", False)]
     assert frames[0]["reason"] == QUARANTINED
-    ledger = checkpoint.load(state)["ledger"]["entries"]
-    assert ledger["L_0.fits"]["outcome"] == "error" and ledger["L_1.fits"]["outcome"] == "stacked"
-    assert not (state / InHand.NAME).exists()
-    # A file changed since (re-copied) is read again: the quarantine holds one version only.
-    assert after.exists()
+    ledger = Ledger.from_json(checkpoint.load(Path(cfg.state.dir))["ledger"], Path(cfg.capture.dir))
+    assert ledger.entries["L_0.fits"].outcome == "error" and ledger.entries["L_1.fits"].outcome == "stacked"
+    assert ledger.done(killer)
+    killer.write_bytes(killer.read_bytes() + bytes(2880))  # a new version of the file
+    assert not ledger.done(killer)
