@@ -68,7 +68,7 @@ def test_ledger_errors_are_retried_only_when_the_file_changes(tmp_path):
     assert back.done(tmp_path / "a.fits") and back.entries["a.fits"].stack == "s"
 
 
-def test_a_file_in_hand_at_death_is_quarantined_once_unless_decided_or_changed(tmp_path):
+def test_a_file_in_hand_at_two_deaths_is_quarantined_once_unless_decided_or_changed(tmp_path):
     state, capture = tmp_path / "state", tmp_path / "capture"
     state.mkdir()
     capture.mkdir()
@@ -77,6 +77,13 @@ def test_a_file_in_hand_at_death_is_quarantined_once_unless_decided_or_changed(t
         f.write_bytes(b"SIMPLE  = T" + bytes(100))
     led = Ledger(capture)
     InHand(state).begin(bad)  # the process dies here: no end()
+    second = InHand(state)
+    assert quarantine_left_over(led, second) is None  # one death: read once more
+    assert "bad.fits" not in led.entries and second.left_over() is None
+    second.begin(good)  # another file in between starts its own count
+    assert second.left_over()["deaths"] == 0
+    second.begin(bad)  # and the process dies with it in hand again
+    assert second.left_over()["deaths"] == 1
     assert quarantine_left_over(led, InHand(state)) == str(bad)
     assert led.entries["bad.fits"].outcome == "error" and led.entries["bad.fits"].reason == QUARANTINED
     assert led.done(bad) and InHand(state).left_over() is None
