@@ -111,9 +111,9 @@ class InHand:
         self._retrying: dict | None = None  # the left-over marker of a file read once more
 
     def retry(self, marker: dict) -> None:
-        """The file of a left-over `marker` is read once more: its next `begin` carries the
-        deaths so far, so that a second death with it in hand quarantines it."""
-        self._retrying = dict(marker, deaths=marker.get("deaths", 0) + 1)
+        """The file of `marker` (a left-over one, its `deaths` counting the last) is read once
+        more: its next `begin` carries those deaths, so that another quarantines it."""
+        self._retrying = marker
 
     def begin(self, frame: str | os.PathLike) -> None:
         """Mark `frame` as in hand. A state folder that cannot be written is logged, never
@@ -185,7 +185,7 @@ def quarantine_left_over(ledger: Ledger, in_hand: InHand) -> str | None:
             log.error("%s: %s", path, QUARANTINED)
             quarantined = path
         else:
-            in_hand.retry(marker)
+            in_hand.retry({**marker, "deaths": deaths})
             log.warning("%s: the daemon stopped while this file was in hand: reading it once more", path)
     in_hand.end()
     return quarantined

@@ -24,6 +24,7 @@ import asyncio
 import importlib.util
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from daemon.config import Config, ConfigError
@@ -62,7 +63,7 @@ class PlanSupervisor:
         self._publish, self._progress, self._job, self._processed = publish, progress, job, processed
         self._task: asyncio.Task | None = None
         self._stop: asyncio.Event | None = None
-        self._save_to = None  # where the running queue is kept (None: a plan command's own)
+        self._save_to: Path | None = None  # where the running queue is kept (None: a plan command's own)
         #: The queue running (or last run): the night's, or the `plan` command's one plan.
         self.queue: PlanQueue | None = None
         #: The running plan's PlanRunner (daemon.acquisition), None between plans.
@@ -72,7 +73,7 @@ class PlanSupervisor:
         self._focusing = False
 
     @property
-    def queue_file(self):
+    def queue_file(self) -> Path:
         return self.config.state.dir / "queue.json"
 
     def night_plans(self) -> tuple[PlanSettings, ...]:
@@ -116,7 +117,7 @@ class PlanSupervisor:
                 queue = PlanQueue(plans)
         return self._run(queue, save_to)
 
-    def _run(self, queue: PlanQueue, save_to) -> asyncio.Task:
+    def _run(self, queue: PlanQueue, save_to: Path | None) -> asyncio.Task:
         self.queue, self._save_to = queue, save_to
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self._run_queue(queue, save_to), name="plan")
