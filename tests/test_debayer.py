@@ -38,6 +38,30 @@ def test_bilinear_reproduces_smooth_colour_and_keeps_samples(pattern):
 
 
 @pytest.mark.parametrize("pattern", BAYER_PATTERNS)
+@pytest.mark.parametrize("shape", [(2, 2), (3, 5), (5, 4), (7, 9), (8, 10), (11, 33)])
+def test_bilinear_is_the_per_colour_convolution_at_every_width(pattern, shape):
+    """Any pattern, odd and even widths, the smallest mosaics: the kernel (its interior taken
+    two columns at a time) equals one 3x3 convolution of each colour's sparse samples with
+    the borders mirrored (reflect-101), to float32 rounding; a row band is bit for bit the
+    whole frame's rows."""
+    from scipy.ndimage import convolve
+
+    from daemon.pipeline.debayer import debayer_rows
+
+    cfa = np.random.default_rng(7).normal(1000, 100, shape).astype(np.float32)
+    chans = Sensor(bayer=pattern).channel_map(shape)
+    green = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], np.float64) / 4
+    red_blue = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float64) / 4
+    want = np.stack([convolve(np.where(chans == c, cfa, 0).astype(np.float64), green if c == 1 else red_blue,
+                              mode="mirror") for c in range(3)], axis=-1)
+    out = debayer(cfa, pattern)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    r0, r1 = shape[0] // 2, shape[0]
+    band = debayer_rows(cfa[max(0, r0 - 1):], pattern, r0, r1, d0=max(0, r0 - 1), full_h=shape[0], parallel=False)
+    np.testing.assert_array_equal(band, out[r0:r1])
+
+
+@pytest.mark.parametrize("pattern", BAYER_PATTERNS)
 def test_superpixel_gives_each_cells_colours(pattern):
     h, w = 31, 45  # odd: the incomplete last row/column is dropped
     rgb = np.zeros((h, w, 3), np.float32)
