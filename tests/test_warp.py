@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from daemon.pipeline.cubic import cubic_rows, near_axes
 from daemon.pipeline.stars import measure
-from daemon.pipeline.warp import INTERPOLATIONS, warp
+from daemon.pipeline.warp import INTERPOLATIONS, own_cubic, warp
 from daemon.simulate import apply_matrix, random_star_field, render_stars, transform_matrix
 
 SHAPE = (300, 400)
@@ -44,9 +45,11 @@ def _star_match(image: np.ndarray) -> tuple[np.ndarray, float]:
     return d[d < 3], m.fwhm_px  # d >= 3: a star whose isolated truth is not the nearest
 
 
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos"])
-def test_warped_stars_land_on_reference_positions(interpolation):
-    truth = transform_matrix(14.3, -9.6, 23.0, 1.006, center=CENTER)  # reference -> frame
+@pytest.mark.parametrize("interpolation,turn", [("bilinear", 23.0), ("bicubic", 23.0), ("lanczos", 23.0),
+                                                 ("bicubic", 0.4), ("bicubic", 180.3)])
+def test_warped_stars_land_on_reference_positions(interpolation, turn):
+    """Through OpenCV (23 degrees) and our bicubic kernel (a session's small turn, a flip)."""
+    truth = transform_matrix(14.3, -9.6, turn, 1.006 if turn == 23.0 else 1.0002, center=CENTER)  # reference -> frame
     out = warp(_frame(truth), np.linalg.inv(truth), SHAPE, interpolation)
     assert out.dtype == np.float32 and out.shape == SHAPE
     d, fwhm = _star_match(out)
@@ -118,3 +121,71 @@ def test_bad_arguments_name_the_problem():
         warp(np.zeros(5, np.float32), np.eye(3), SHAPE)
     assert set(INTERPOLATIONS) >= {"bilinear", "bicubic", "lanczos"}
     assert apply_matrix(np.eye(3), np.array([1.0]), np.array([2.0]))[0][0] == 1.0
+
+
+@pytest.mark.parametrize("turn", [0.0, 0.3, -0.9, 180.0, 179.6])
+def test_own_bicubic_kernel_is_opencvs_cubic_at_exact_coordinates(turn):
+    """Near the axes (a session's turns, a meridian flip) `warp` resamples with
+    `daemon.pipeline.cubic`: OpenCV's cubic kernel, without OpenCV's rounding of the source
+    coordinates to 1/32 px. So against OpenCV it differs by at most the image's change over
+    1/64 px, and against the exact kernel sum (float64, here) by float32 rounding; NaN exactly
+    where a footprint leaves the frame; bands equal the whole image; mono and colour alike."""
+    import cv2
+
+    rng = np.random.default_rng(5)
+    img = cv2.GaussianBlur(rng.normal(1000, 300, (90, 130, 3)).astype(np.float32), (0, 0), 1.2)
+    m = transform_matrix(2.6, -1.7, turn, center=(64.5, 44.5))
+    inv = np.linalg.inv(m)
+    assert own_cubic(m, "bicubic") and near_axes(inv) and not own_cubic(m, "bilinear")
+    out = warp(img, m, img.shape[:2])
+    # The exact kernel sum, per pixel, in float64.
+    a = -0.75
+
+    def weights(t):
+        t = np.asarray(t, np.float64)
+        return np.stack([((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+                         ((a + 2) * t - (a + 3)) * t * t + 1,
+                         ((a + 2) * (1 - t) - (a + 3)) * (1 - t) ** 2 + 1,
+                         ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a], axis=-1)
+
+    yy, xx = np.mgrid[0:90, 0:130]
+    u = inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]
+    v = inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]
+    iu, iv = np.floor(u).astype(int), np.floor(v).astype(int)
+    inside = (iu >= 1) & (iu + 2 <= 129) & (iv >= 1) & (iv + 2 <= 89)
+    assert inside.mean() > 0.85
+    np.testing.assert_array_equal(np.isnan(out).any(axis=2), ~inside)
+    wx, wy = weights(u - iu)[inside], weights(v - iv)[inside]
+    exact = np.zeros((inside.sum(), 3))
+    for j in range(4):
+        for i in range(4):
+            exact += (wy[:, j] * wx[:, i])[:, None] * img[iv[inside] - 1 + j, iu[inside] - 1 + i]
+    np.testing.assert_allclose(out[inside], exact, rtol=2e-6, atol=2e-3)
+    cv = np.empty_like(img)
+    cv2.warpAffine(img, m[:2], (130, 90), dst=cv, flags=cv2.INTER_CUBIC)
+    step = np.abs(np.gradient(img, axis=(0, 1))).max()  # ADU per px
+    assert np.abs(out[inside] - cv[inside]).max() <= step / 64 * 1.5
+    for c in range(3):  # mono warps like a colour plane
+        np.testing.assert_array_equal(warp(img[..., c], m, img.shape[:2]), out[..., c])
+    planes = np.ascontiguousarray(np.moveaxis(img, 2, 0))
+    band = np.full((20, 130, 3), -1.0, np.float32)
+    s0 = max(0, int(np.floor(v[30:50].min())) - 3)
+    cubic_rows(planes[:, s0:], s0, inv, 30, band)
+    np.testing.assert_array_equal(np.isnan(band), np.isnan(out[30:50]) | np.isnan(band))
+    finite = ~np.isnan(out[30:50])
+    np.testing.assert_array_equal(band[finite], out[30:50][finite])
+
+
+def test_own_bicubic_kernel_keeps_nan_local_and_leaves_far_turns_to_opencv():
+    src = _frame()
+    src[150, 200] = np.nan
+    m = transform_matrix(0.5, 0.5, 0.2, center=CENTER)
+    assert own_cubic(m, "bicubic")
+    out, clean = warp(src, m, SHAPE), warp(_frame(), m, SHAPE)
+    bad = np.argwhere(np.isnan(out) & ~np.isnan(clean))  # the NaN's own footprint, not the edges
+    assert 1 <= len(bad) <= 16 and np.abs(bad - [150.5, 200.5]).max() <= 3
+    far = ~np.isnan(out)
+    far[140:162, 190:212] = False
+    np.testing.assert_array_equal(out[far], clean[far])
+    assert not own_cubic(transform_matrix(0.5, 0.5, 3.0, center=CENTER), "bicubic")  # runs too short: OpenCV
+    assert not own_cubic(transform_matrix(0.5, 0.5, 0.2, 1.05, center=CENTER), "bicubic")

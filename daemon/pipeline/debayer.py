@@ -71,14 +71,16 @@ def debayer(cfa: np.ndarray, pattern: str, method: str = "bilinear") -> np.ndarr
 
 
 def debayer_rows(cfa: np.ndarray, pattern: str, r0: int, r1: int, d0: int = 0, full_h: int | None = None,
-                 out: np.ndarray | None = None, *, parallel: bool = True) -> np.ndarray:
+                 out: np.ndarray | None = None, *, parallel: bool = True, planar: bool = False) -> np.ndarray:
     """Rows r0..r1 of `debayer(mosaic, pattern, "bilinear")`, bit for bit, without the rest.
 
     cfa: rows d0.. of the full mosaic (2-D float32), holding at least rows r0 - 1 .. r1 (within the frame);
     full_h: the full mosaic's height (default: d0 + len(cfa)), where its borders are
     mirrored as `debayer` does. Row indices are the full mosaic's. Returns (r1 - r0, W, 3)
-    float32 (into `out` if given). parallel=False: on the calling thread only (for callers
-    that run bands on threads of their own). Raises ValueError when `cfa` lacks a needed row."""
+    float32, or with planar=True the same values as planes (3, r1 - r0, W) (what
+    `daemon.pipeline.cubic` resamples), into `out` if given. parallel=False: on the calling
+    thread only (for callers that run bands on threads of their own). Raises ValueError when
+    `cfa` lacks a needed row."""
     pattern = _check_pattern(pattern)
     full_h = d0 + cfa.shape[0] if full_h is None else int(full_h)
     if not 0 <= r0 <= r1 <= full_h:
@@ -88,9 +90,14 @@ def debayer_rows(cfa: np.ndarray, pattern: str, r0: int, r1: int, d0: int = 0, f
         raise ValueError(f"debayer_rows {r0}..{r1} needs mosaic rows {min(need0, r0)}..{max(need1, r1)}, "
                          f"got {d0}..{d0 + cfa.shape[0]}")
     if out is None:
-        out = np.empty((r1 - r0, cfa.shape[1], 3), np.float32)
+        shape = (3, r1 - r0, cfa.shape[1]) if planar else (r1 - r0, cfa.shape[1], 3)
+        out = np.empty(shape, np.float32)
     colour = np.array(["RGB".index(c) for c in pattern], dtype=np.int64)
-    (_bilinear_rows if parallel else _bilinear_rows_serial)(cfa, d0, full_h, out, r0, colour)
+    if planar:
+        kernel = _bilinear_planes if parallel else _bilinear_planes_serial
+    else:
+        kernel = _bilinear_rows if parallel else _bilinear_rows_serial
+    kernel(cfa, d0, full_h, out, r0, colour)
     return out
 
 
@@ -104,25 +111,39 @@ def _bilinear(data: np.ndarray, out: np.ndarray, colour: np.ndarray) -> None:
     no merge. `colour`: 0/1/2 (R/G/B) of the 2x2 cell, row-major."""
     h = data.shape[0]
     for i in numba.prange(h):
-        _bilinear_row(data, 0, h, out, i, i, colour)
+        _bilinear_row(data, 0, h, out, i, i, colour, False)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _bilinear_rows(data, d0, full_h, out, r0, colour):  # pragma: no cover - numba
     """`_bilinear` of full-mosaic rows r0 .. r0 + len(out) from `data` = mosaic rows d0.."""
     for k in numba.prange(out.shape[0]):
-        _bilinear_row(data, d0, full_h, out, k, r0 + k, colour)
+        _bilinear_row(data, d0, full_h, out, k, r0 + k, colour, False)
 
 
 @numba.njit(cache=True, nogil=True)
 def _bilinear_rows_serial(data, d0, full_h, out, r0, colour):  # pragma: no cover - numba
     """`_bilinear_rows` on the calling thread."""
     for k in range(out.shape[0]):
-        _bilinear_row(data, d0, full_h, out, k, r0 + k, colour)
+        _bilinear_row(data, d0, full_h, out, k, r0 + k, colour, False)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _bilinear_planes(data, d0, full_h, out, r0, colour):  # pragma: no cover - numba
+    """`_bilinear_rows` into planes: out (3, rows, W)."""
+    for k in numba.prange(out.shape[1]):
+        _bilinear_row(data, d0, full_h, out, k, r0 + k, colour, True)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bilinear_planes_serial(data, d0, full_h, out, r0, colour):  # pragma: no cover - numba
+    """`_bilinear_planes` on the calling thread."""
+    for k in range(out.shape[1]):
+        _bilinear_row(data, d0, full_h, out, k, r0 + k, colour, True)
 
 
 @numba.njit(inline="always")
-def _bilinear_row(data, d0, h, out, k, i, colour):  # pragma: no cover - numba
+def _bilinear_row(data, d0, h, out, k, i, colour, planar):  # pragma: no cover - numba
     """Full-mosaic row i (mosaic height h, `data` starting at row d0) into out[k]. The
     interior goes two columns (one 2x2 cell's row) at a time through `_bilinear_pairs`, whose
     colours are constants there, so that it vectorises (~1.6x the per-pixel loop, the same
@@ -133,24 +154,24 @@ def _bilinear_row(data, d0, h, out, k, i, colour):  # pragma: no cover - numba
     ii = i - d0
     j1 = 1 + max(0, (w - 3) // 2 * 2)  # pairs (j, j + 1) for j = 1, 3, .. < j1, all interior
     for j in range(0, min(1, w)):
-        _bilinear_pixel(data, out, k, i, j, colour, ii, up, dn)
+        _bilinear_pixel(data, out, k, i, j, colour, ii, up, dn, planar)
     c1 = colour[(i & 1) * 2 + 1]  # the colour of the row's odd columns
     c0 = colour[(i & 1) * 2]
     if c1 == 1:  # green at odd columns: the pairs start with green
         if c0 == 0:
-            _bilinear_pairs(data, out, k, ii, up, dn, 1, j1, True, 0)
+            _bilinear_pairs(data, out, k, ii, up, dn, 1, j1, True, 0, planar)
         else:
-            _bilinear_pairs(data, out, k, ii, up, dn, 1, j1, True, 2)
+            _bilinear_pairs(data, out, k, ii, up, dn, 1, j1, True, 2, planar)
     elif c1 == 0:
-        _bilinear_pairs(data, out, k, ii, up, dn, 1, j1, False, 0)
+        _bilinear_pairs(data, out, k, ii, up, dn, 1, j1, False, 0, planar)
     else:
-        _bilinear_pairs(data, out, k, ii, up, dn, 1, j1, False, 2)
+        _bilinear_pairs(data, out, k, ii, up, dn, 1, j1, False, 2, planar)
     for j in range(max(j1, 1), w):
-        _bilinear_pixel(data, out, k, i, j, colour, ii, up, dn)
+        _bilinear_pixel(data, out, k, i, j, colour, ii, up, dn, planar)
 
 
 @numba.njit(inline="always")
-def _bilinear_pairs(data, out, k, ii, up, dn, j0, j1, green_first, x):  # pragma: no cover - numba
+def _bilinear_pairs(data, out, k, ii, up, dn, j0, j1, green_first, x, planar):  # pragma: no cover - numba
     """Interior columns j0..j1 (pairs, 1 <= j0, j1 <= W - 2) of one row: green and colour `x`
     (0 R or 2 B; the other one, 2 - x, lies above and below) alternating, green first or
     not. Literal arguments where called: no colour lookups, no branches per pixel."""
@@ -160,18 +181,18 @@ def _bilinear_pairs(data, out, k, ii, up, dn, j0, j1, green_first, x):  # pragma
     for j in range(j0, j1, 2):
         jg = j if green_first else j + 1
         jx = j + 1 if green_first else j
-        out[k, jg, 1] = np.float32(data[ii, jg])
-        out[k, jg, x] = (np.float32(data[ii, jg - 1]) + np.float32(data[ii, jg + 1])) * half
-        out[k, jg, y] = (np.float32(data[up, jg]) + np.float32(data[dn, jg])) * half
-        out[k, jx, x] = np.float32(data[ii, jx])
-        out[k, jx, 1] = (np.float32(data[ii, jx - 1]) + np.float32(data[ii, jx + 1]) + np.float32(data[up, jx])
-                         + np.float32(data[dn, jx])) * quarter
-        out[k, jx, y] = (np.float32(data[up, jx - 1]) + np.float32(data[up, jx + 1]) + np.float32(data[dn, jx - 1])
-                         + np.float32(data[dn, jx + 1])) * quarter
+        _put(out, k, jg, 1, np.float32(data[ii, jg]), planar)
+        _put(out, k, jg, x, (np.float32(data[ii, jg - 1]) + np.float32(data[ii, jg + 1])) * half, planar)
+        _put(out, k, jg, y, (np.float32(data[up, jg]) + np.float32(data[dn, jg])) * half, planar)
+        _put(out, k, jx, x, np.float32(data[ii, jx]), planar)
+        _put(out, k, jx, 1, (np.float32(data[ii, jx - 1]) + np.float32(data[ii, jx + 1]) + np.float32(data[up, jx])
+                             + np.float32(data[dn, jx])) * quarter, planar)
+        _put(out, k, jx, y, (np.float32(data[up, jx - 1]) + np.float32(data[up, jx + 1]) + np.float32(data[dn, jx - 1])
+                             + np.float32(data[dn, jx + 1])) * quarter, planar)
 
 
 @numba.njit(inline="always")
-def _bilinear_pixel(data, out, k, i, j, colour, ii, up, dn):  # pragma: no cover - numba
+def _bilinear_pixel(data, out, k, i, j, colour, ii, up, dn, planar):  # pragma: no cover - numba
     """Pixel (row i, column j) into out[k, j], any column (borders mirrored); `ii`, `up`,
     `dn`: the rows of i and its neighbours in `data`."""
     w = data.shape[1]
@@ -181,15 +202,25 @@ def _bilinear_pixel(data, out, k, i, j, colour, ii, up, dn):  # pragma: no cover
     v = np.float32(data[ii, j])
     if c == 1:  # green site: red/blue beside it on one axis, the other on the other axis
         ch = colour[(i & 1) * 2 + ((j + 1) & 1)]
-        out[k, j, 1] = v
-        out[k, j, ch] = (np.float32(data[ii, lf]) + np.float32(data[ii, rt])) * np.float32(0.5)
-        out[k, j, 2 - ch] = (np.float32(data[up, j]) + np.float32(data[dn, j])) * np.float32(0.5)
+        _put(out, k, j, 1, v, planar)
+        _put(out, k, j, ch, (np.float32(data[ii, lf]) + np.float32(data[ii, rt])) * np.float32(0.5), planar)
+        _put(out, k, j, 2 - ch, (np.float32(data[up, j]) + np.float32(data[dn, j])) * np.float32(0.5), planar)
     else:  # red or blue site: green on the 4 sides, the other colour on the 4 diagonals
+        _put(out, k, j, c, v, planar)
+        _put(out, k, j, 1, (np.float32(data[ii, lf]) + np.float32(data[ii, rt]) + np.float32(data[up, j])
+                            + np.float32(data[dn, j])) * np.float32(0.25), planar)
+        _put(out, k, j, 2 - c, (np.float32(data[up, lf]) + np.float32(data[up, rt]) + np.float32(data[dn, lf])
+                                + np.float32(data[dn, rt])) * np.float32(0.25), planar)
+
+
+@numba.njit(inline="always")
+def _put(out, k, j, c, v, planar):  # pragma: no cover - numba
+    """out[k, j, c] = v, or out[c, k, j] = v into planes (`planar`: a literal where called,
+    so that each caller compiles one of the two)."""
+    if planar:
+        out[c, k, j] = v
+    else:
         out[k, j, c] = v
-        out[k, j, 1] = (np.float32(data[ii, lf]) + np.float32(data[ii, rt]) + np.float32(data[up, j])
-                        + np.float32(data[dn, j])) * np.float32(0.25)
-        out[k, j, 2 - c] = (np.float32(data[up, lf]) + np.float32(data[up, rt]) + np.float32(data[dn, lf])
-                            + np.float32(data[dn, rt])) * np.float32(0.25)
 
 
 def luminance(data: np.ndarray, bayer: str | None, bin_factor: int = 1) -> np.ndarray:

@@ -9,10 +9,11 @@ rejecting stack (`RunningStack.add_bands`), while the band is still in cache. Ea
 on all cores over the band's rows. The only full-size arrays are the stack's statistics and
 the calibrated mosaic itself.
 
-The result equals the unfused path's (debayer, warp, add of whole frames) up to the float32
-rounding of OpenCV's source coordinates, which it computes from each band's own origin.
-Affine transforms only (what registration produces); callers keep the unfused path for
-perspective ones.
+The result equals the unfused path's (debayer, warp, add of whole frames): bit for bit where
+the warp is our bicubic kernel (`warp.own_cubic`: a session's near-translations and meridian
+flips), else up to the float32 rounding of OpenCV's source coordinates, which it computes
+from each band's own origin. Affine transforms only (what registration produces); callers
+keep the unfused path for perspective ones.
 
 `RegisteredMosaic` is the frame as the spool keeps it instead of the registered RGB image:
 the calibrated mosaic with its transform and sky offset, from which `registered_rows` makes
@@ -31,7 +32,7 @@ import numpy as np
 from daemon.pipeline.debayer import debayer_rows
 from daemon.pipeline.drizzle import drizzle_restack, drizzle_rows, drizzle_sums
 from daemon.pipeline.stack import RunningStack
-from daemon.pipeline.warp import source_rows, warp_rows
+from daemon.pipeline.warp import own_cubic, source_rows, warp_rows
 
 #: Bytes of one output band (float32 RGB): a band, its source rows and the stack's
 #: statistics for it stay within a slice of a 2-core machine's L3, while the rows of source
@@ -64,9 +65,9 @@ def registered_band(mosaic: np.ndarray, bayer: str, matrix: np.ndarray, b0: int,
     float32), ADU; bayer: its CFA pattern; matrix: frame -> reference (3x3, affine), the
     output grid the mosaic's own (H, W); interpolation: as `warp`; parallel=False: all on
     the calling thread (OpenCV's own threads aside). Equals
-    `warp(debayer(mosaic), matrix, (H, W))[b0:b1]` up to the float32 rounding of the warp's
-    source coordinates (bit for bit with the identity matrix). Returns (b1 - b0, W, 3)
-    float32 (into `out` if given)."""
+    `warp(debayer(mosaic), matrix, (H, W))[b0:b1]`: bit for bit with the identity matrix and
+    where `warp.own_cubic`, else up to the float32 rounding of OpenCV's source coordinates.
+    Returns (b1 - b0, W, 3) float32 (into `out` if given)."""
     h, w = mosaic.shape
     identity = _is_identity(matrix)
     if not identity and not is_affine(matrix):
@@ -83,8 +84,9 @@ def registered_band(mosaic: np.ndarray, bayer: str, matrix: np.ndarray, b0: int,
     elif s1 <= s0:
         out[...] = np.nan
     else:
-        rgb = debayer_rows(src, bayer, s0, s1, d0=d0, full_h=h, parallel=parallel)
-        warp_rows(rgb, s0, (h, w), matrix, b0, b1, w, interpolation, out=out)
+        planar = own_cubic(matrix, interpolation)  # (our bicubic kernel reads planes)
+        rgb = debayer_rows(src, bayer, s0, s1, d0=d0, full_h=h, parallel=parallel, planar=planar)
+        warp_rows(rgb, s0, (h, w), matrix, b0, b1, w, interpolation, out=out, planar=planar, parallel=parallel)
     return out
 
 

@@ -1,17 +1,22 @@
-"""Resample a frame onto the reference grid (OpenCV), NaN where the frame has no data.
+"""Resample a frame onto the reference grid, NaN where the frame has no data.
 
 Bicubic by default, chosen by measurement (noise-free 600x400 star fields, four sub-pixel
-shifts/rotations; 4144x2822 float32 timing, best of 7, 2-core x86, dst preallocated):
+shifts/rotations):
 
-    interpolation  FWHM after warp / before       ms mono   ms RGB
+    interpolation  FWHM after warp / before
                    FWHM 2.0 / 2.5 / 3.5 px
-    bilinear       1.11 / 1.08 / 1.04 (max 1.15)    14       40
-    bicubic        1.00 / 0.99 / 0.99               34       81
-    lanczos        1.00 / 1.00 / 1.00              114      312
+    bilinear       1.11 / 1.08 / 1.04 (max 1.15)
+    bicubic        1.00 / 0.99 / 0.99
+    lanczos        1.00 / 1.00 / 1.00
 
-Bilinear blurs well-sampled stars by 4-11 %, which a stack keeps for good; bicubic costs
-~20 ms (mono) / ~40 ms (RGB) more per 12-Mpx frame and keeps the FWHM; Lanczos buys nothing
-measurable over bicubic at 3x its cost. Bilinear stays available for the tightest budgets.
+Bilinear blurs well-sampled stars by 4-11 %, which a stack keeps for good; bicubic keeps the
+FWHM; Lanczos buys nothing measurable over bicubic at several times its cost (timings in
+bench/PERFORMANCE.md). Bilinear stays available for the tightest budgets.
+
+Bicubic through an affine matrix near the pixel axes (what registration gives within a
+session, and after a meridian flip: `daemon.pipeline.cubic.near_axes`) runs in our own
+vectorised kernel (`daemon.pipeline.cubic`, OpenCV's cubic at exact coordinates); every
+other case in OpenCV.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import cv2
 import numba
 import numpy as np
+
+from daemon.pipeline.cubic import cubic_rows, near_axes
 
 INTERPOLATIONS = {
     "bilinear": cv2.INTER_LINEAR,
@@ -60,7 +67,11 @@ def warp(
     out = np.empty((h, w) + src.shape[2:], dtype=np.float32)
     # Border 0, then NaN by geometry: OpenCV's cubic/Lanczos with a NaN border value leak
     # NaN into thousands of interior pixels (measured), and a 0 border must not be stacked.
-    if np.allclose(m[2], [0.0, 0.0, 1.0]):
+    if own_cubic(m, interpolation):
+        inv = np.linalg.inv(m)
+        cubic_rows(_planes(src), 0, inv, 0, out.reshape(h, w, -1), parallel=True)
+        _nan_outside_affine(out, inv, src.shape[:2], margin)
+    elif np.allclose(m[2], [0.0, 0.0, 1.0]):
         # cv2 maps src -> dst with the forward matrix (it inverts it internally).
         cv2.warpAffine(src, m[:2], (w, h), dst=out, flags=flag,
                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
@@ -74,6 +85,21 @@ def warp(
                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         out[cover < 255] = np.nan
     return out
+
+
+def own_cubic(matrix: np.ndarray, interpolation: str) -> bool:
+    """Whether `warp` and `warp_rows` resample through `matrix` (frame -> reference, 3x3)
+    with `daemon.pipeline.cubic` (bicubic, affine, near the axes) rather than OpenCV."""
+    m = np.asarray(matrix, dtype=np.float64)
+    return interpolation == "bicubic" and bool(np.allclose(m[2], [0.0, 0.0, 1.0])) and near_axes(np.linalg.inv(m))
+
+
+def _planes(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) float32 planes of an (H, W) or (H, W, C) image (a view when 2-D or planar
+    already, else a copy)."""
+    if image.ndim == 2:
+        return np.ascontiguousarray(image, np.float32)[None]
+    return np.ascontiguousarray(np.moveaxis(image, 2, 0), np.float32)
 
 
 def source_rows(matrix: np.ndarray, r0: int, r1: int, width: int, src_h: int, interpolation: str = "bicubic"
@@ -96,22 +122,33 @@ def source_rows(matrix: np.ndarray, r0: int, r1: int, width: int, src_h: int, in
 
 
 def warp_rows(src: np.ndarray, s0: int, src_shape: tuple[int, int], matrix: np.ndarray, r0: int, r1: int,
-              width: int, interpolation: str = "bicubic", out: np.ndarray | None = None) -> np.ndarray:
+              width: int, interpolation: str = "bicubic", out: np.ndarray | None = None, *,
+              planar: bool = False, parallel: bool = True) -> np.ndarray:
     """Output rows r0..r1 of `warp(image, matrix, (H, width), interpolation)` from only the
     source rows it reads: `src` = image rows s0 .. s0 + len(src) (at least `source_rows`),
-    `src_shape` the whole image's (rows, columns). Affine matrices only. The same
-    interpolation as `warp` of the whole image; OpenCV's fixed-point source coordinates
-    are computed from a translated matrix, which can move a coordinate across a 1/32 px
-    step in rare pixels (float rounding of the translation). NaN outside the frame as in
-    `warp`. Returns (r1 - r0, width[, C]) float32 (into `out` if given)."""
+    (rows, W[, C]), or with planar=True (C, rows, W) planes; `src_shape` the whole image's
+    (rows, columns). Affine matrices only. Where `own_cubic`, bit for bit `warp`'s rows;
+    else OpenCV's fixed-point source coordinates are computed from a translated matrix,
+    which can move a coordinate across a 1/32 px step in rare pixels (float rounding of the
+    translation). NaN outside the frame as in `warp`. parallel=False: our kernel on the
+    calling thread (OpenCV's threads are process-wide). Returns (r1 - r0, width[, C])
+    float32 (into `out` if given)."""
     m = np.asarray(matrix, dtype=np.float64)
     flag = INTERPOLATIONS[interpolation]
     h = r1 - r0
+    n_src = src.shape[1] if planar else src.shape[0]
     if out is None:
-        out = np.empty((h, width) + src.shape[2:], np.float32)
-    if src.shape[0] == 0 or h == 0:
+        out = np.empty((h, width) + ((src.shape[0],) if planar else src.shape[2:]), np.float32)
+    if n_src == 0 or h == 0:
         out[...] = np.nan
         return out
+    if own_cubic(m, interpolation):
+        inv = np.linalg.inv(m)
+        cubic_rows(src if planar else _planes(src), s0, inv, r0, out.reshape(h, width, -1), parallel=parallel)
+        _nan_outside_affine(out, inv, tuple(src_shape[:2]), _MARGIN[interpolation], row0=r0)
+        return out
+    if planar:
+        src = np.moveaxis(src, 0, 2) if src.shape[0] > 1 else src[0]
     # band coordinates: output y - r0, source y - s0
     shift = np.array([[1.0, 0, 0], [0, 1.0, -r0], [0, 0, 1.0]]) @ m @ np.array([[1.0, 0, 0], [0, 1.0, s0], [0, 0, 1.0]])
     cv2.warpAffine(np.ascontiguousarray(src, np.float32), shift[:2], (width, h), dst=out, flags=flag,
