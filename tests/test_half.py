@@ -55,16 +55,45 @@ def test_kernels_compiled_for_a_cpu_without_f16c_take_the_portable_conversion(tm
         "img = np.load(sys.argv[1])\n"
         "s = RunningStack(img.shape); s.add(img)\n"
         "np.save(sys.argv[2], s.state()['top1']); np.save(sys.argv[3], encode(img).data)\n"
-        "print(half.to_half is half.to_half_portable)\n"
+        "t = RunningStack(img.shape)\n"
+        "for k in range(7): t.add(img * np.float32(1 + 0.01 * k) + np.float32(3 * k))\n"
+        "np.save(sys.argv[4], t.mean)\n"
+        "print(half.to_half is half.to_half_portable, half.HALF_TO_FLOAT_NATIVE)\n"
     )
     np.save(tmp_path / "img.npy", img)
     env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "img.npy"), str(tmp_path / "top.npy"),
-                          str(tmp_path / "spool.npy")], env=env, capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "spool.npy"), str(tmp_path / "mean.npy")],
+                         env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "True"
+    assert out.stdout.strip() == "True False"
     here = RunningStack(img.shape)
     here.add(img)
     np.testing.assert_array_equal(np.load(tmp_path / "top.npy"), here.state()["top1"])
+    # Through the warm-up, its re-check (warm-up samples read back: a table there, the CPU's
+    # conversion here) and beyond: the same stack.
+    more = RunningStack(img.shape)
+    for k in range(7):
+        more.add(img * np.float32(1 + 0.01 * k) + np.float32(3 * k))
+    np.testing.assert_array_equal(np.load(tmp_path / "mean.npy"), more.mean)
     np.testing.assert_array_equal(np.load(tmp_path / "spool.npy").view(np.uint16)[~np.isnan(img)],
                                   encode(img).data.view(np.uint16)[~np.isnan(img)])
+
+
+def test_half_bits_read_back_as_numpy_reads_them():
+    """`from_half_native` (the kernels' reading of warm-up samples where the CPU converts
+    half floats) gives numpy's float32 for every one of the 65536 bit patterns."""
+    if not half.HALF_TO_FLOAT_NATIVE:
+        import pytest
+
+        pytest.skip("this CPU has no half-float conversion: kernels read a table instead")
+
+    @numba.njit
+    def loop(bits, out):
+        for k in range(bits.size):
+            out[k] = half.from_half_native(bits[k])
+
+    bits = np.arange(65536, dtype=np.uint16)
+    out = np.empty(bits.size, np.float32)
+    loop(bits, out)
+    np.testing.assert_array_equal(out, bits.view(np.float16).astype(np.float32))

@@ -38,6 +38,14 @@ def _fptrunc_half(typingctx, val):
 
 
 @intrinsic
+def _fpext_half(typingctx, bits):
+    """half bits (uint16) -> float32: a bitcast to LLVM's half + fpext (exact)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
 def _float_bits(typingctx, val):
     """The bits of a float32 as uint32 (a register bitcast)."""
     def codegen(context, builder, signature, args):
@@ -114,6 +122,16 @@ def to_half_portable(val):
 
 #: The conversion kernels call: `to_half_native` where the CPU has one, else the portable one.
 to_half = to_half_native if has_half_instructions() else to_half_portable
+
+
+@numba.njit(inline="always")
+def from_half_native(bits):
+    """half bits -> float32 with the CPU's conversion (exact; NaN stays NaN)."""
+    return _fpext_half(np.uint16(bits))
+
+
+#: Whether kernels may call `from_half_native` (else they look half values up in a table).
+HALF_TO_FLOAT_NATIVE = has_half_instructions()
 
 
 @numba.njit(inline="always")

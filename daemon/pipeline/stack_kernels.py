@@ -13,7 +13,7 @@ import numpy as np
 from numba.core import types
 from numba.extending import overload
 
-from daemon.pipeline.half import from_bfloat16, to_bfloat16, to_half
+from daemon.pipeline.half import HALF_TO_FLOAT_NATIVE, from_bfloat16, from_half_native, to_bfloat16, to_half
 
 #: Frame index stored for "no warm-up sample here".
 _NONE = 255
@@ -28,6 +28,16 @@ _HALF_SCALE = 0.25
 #: float16 bits -> float32 ADU, for decoding warm-up samples in the kernels (256 kB).
 with np.errstate(invalid="ignore"):  # the NaN bit patterns stay NaN
     _HALF_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32) * np.float32(1 / _HALF_SCALE)
+
+
+@numba.njit(inline="always")
+def _warm_value(table, bits):
+    """A warm-up sample's value (ADU, float32) from its float16 bits: the CPU's conversion
+    times 1 / _HALF_SCALE where it has one (vectorises), else `table[bits]` (a gather); the
+    same value either way (the scale is a power of two)."""
+    if HALF_TO_FLOAT_NATIVE:
+        return from_half_native(bits) * np.float32(1 / _HALF_SCALE)
+    return table[bits]
 
 
 def _m2_get(m2, i, j, c):
@@ -198,7 +208,10 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
     for i in numba.prange(h):
         # Steady pixels first, the whole row in one vectorised call (inside any inner loop
         # LLVM no longer vectorises it: measured 3.5x slower); then those still in warm-up.
-        if nc == 1:
+        # A row with none (the first frames) skips the steady pass: it would change nothing.
+        if tracking and _none_steady(i, count, warmup):
+            pass
+        elif nc == 1:
             counts[i, 0] += _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
                                           tracking, warmup)
         elif nc == 3:
@@ -229,6 +242,15 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
                     counts[i, 1] += _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2,
                                                    weights, wkappa2, floor2, table, sc)
     return counts
+
+
+@numba.njit(inline="always")
+def _none_steady(i, count, warmup):
+    """Whether every pixel of row i is still in its warm-up (fewer than `warmup` samples)."""
+    n_steady = 0
+    for j in range(count.shape[1]):
+        n_steady += count[i, j] >= warmup
+    return n_steady == 0
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -374,8 +396,8 @@ def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, to
             val = x[i, j, c] + off[c]
             finite &= math.isfinite(val)
             key += val
-            k1 += table[top1[i, j, c]]
-            k2 += table[top2[i, j, c]]
+            k1 += _warm_value(table, top1[i, j, c])
+            k2 += _warm_value(table, top2[i, j, c])
         use = finite & (n < warmup)
         i1 = idx1[i, j]
         i2 = idx2[i, j]
@@ -397,9 +419,9 @@ def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, to
             top2[i, j, c] = (t1 if first else h) if use & (first | second) else t2
             mu = mean[i, j, c]
             rest = _m2_get(m2, i, j, c)
-            d1 = table[t1] - mu
+            d1 = _warm_value(table, t1) - mu
             new_mu, new_q = _welford_step(mu, rest + (share * d1 * d1 if share > 0 else np.float32(0.0)), val, n, w, r)
-            d1 = table[t1_new] - new_mu
+            d1 = _warm_value(table, t1_new) - new_mu
             mean[i, j, c] = new_mu if use else mu
             _m2_set(m2, i, j, c, (new_q - (share_new * d1 * d1 if share_new > 0 else np.float32(0.0))) if use else rest)
         idx1[i, j] = i1_new
@@ -458,7 +480,7 @@ def _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2, weights,
     ws = wsum[i, j]
     share = _share(i1, w1, ws)
     for c in range(nc):
-        x1 = table[top1[i, j, c]]
+        x1 = _warm_value(table, top1[i, j, c])
         mu = mean[i, j, c]
         rest = _m2_get(m2, i, j, c)
         q = rest + share * (x1 - mu) * (x1 - mu) if share > 0 else rest
@@ -474,7 +496,7 @@ def _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2, weights,
         sc[_Q1, c] = sc[_R1, c]  # m2 without it, as kept (no cancellation)
     if n >= 5 and i2 != 255 and ws1 - weights[i2] > 0:
         for c in range(nc):
-            sc[_X2, c] = table[top2[i, j, c]]
+            sc[_X2, c] = _warm_value(table, top2[i, j, c])
         ws2 = _remove(sc, _M1, _Q1, ws1, _X2, weights[i2], _M2, _Q2)
         if _bright_outlier(sc, _X2, _M2, _Q2, ws2, n - 2, kappa2, floor2):
             for c in range(nc):
