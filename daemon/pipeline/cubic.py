@@ -29,8 +29,11 @@ import numpy as np
 NEAR_AXES_TOLERANCE = 0.02
 #: Longest run (output pixels): the weights of a run stay in the first-level cache.
 _RUN = 512
-#: Output rows per task of the parallel whole-image kernel.
+#: Output rows per task of the parallel whole-image kernels: planar sources, and interleaved
+#: ones, whose tasks turn the rows they read into planes (a rotated band reads more rows than
+#: it has; in longer bands that overlap costs less).
 _ROWS_PER_TASK = 16
+_ROWS_PER_TASK_INTERLEAVED = 64
 
 
 def near_axes(inv: np.ndarray) -> bool:
@@ -58,6 +61,44 @@ def cubic_rows(src: np.ndarray, s0: int, inv: np.ndarray, r0: int, out: np.ndarr
         raise TypeError("cubic_rows works on float32")
     (_cubic_parallel if parallel else _cubic_serial)(src, int(s0), m, int(r0), out)
     return out
+
+
+def cubic_image(image: np.ndarray, inv: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`cubic_rows` of a whole image on all cores: image (H, W) or (H, W, C) float32 as
+    frames come (colour interleaved), out (h, w[, C]) float32. Colour is turned into planes
+    a band of source rows at a time, in each task's own scratch (no full-size copy); the
+    same values as `cubic_rows` of the image's planes. Returns `out`."""
+    m = np.ascontiguousarray(np.asarray(inv, np.float64)[:2])
+    src = np.ascontiguousarray(image, np.float32)
+    if src.ndim == 2:
+        _cubic_parallel(src[None], 0, m, 0, out.reshape(out.shape[0], out.shape[1], 1))
+    else:
+        _cubic_interleaved(src, m, out.reshape(out.shape[0], out.shape[1], src.shape[2]))
+    return out
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def _cubic_interleaved(src, inv, out):  # pragma: no cover - numba
+    """`_cubic_parallel` of an (H, W, C) image: each task turns the source rows its output
+    rows read (their corners mapped back, plus the kernel's reach) into planes first."""
+    n_src, w_src, nc = src.shape
+    h, w = out.shape[0], out.shape[1]
+    d, e, f = inv[1, 0], inv[1, 1], inv[1, 2]
+    for t in numba.prange((h + _ROWS_PER_TASK_INTERLEAVED - 1) // _ROWS_PER_TASK_INTERLEAVED):
+        y0, y1 = t * _ROWS_PER_TASK_INTERLEAVED, min(h, (t + 1) * _ROWS_PER_TASK_INTERLEAVED)
+        v_lo = min(min(f + e * y0, f + e * (y1 - 1)), min(d * (w - 1) + f + e * y0, d * (w - 1) + f + e * (y1 - 1)))
+        v_hi = max(max(f + e * y0, f + e * (y1 - 1)), max(d * (w - 1) + f + e * y0, d * (w - 1) + f + e * (y1 - 1)))
+        s0 = min(max(int(math.floor(v_lo)) - 2, 0), n_src)
+        s1 = min(max(int(math.floor(v_hi)) + 4, s0), n_src)
+        planes = np.empty((nc, s1 - s0, w_src), np.float32)
+        for r in range(s1 - s0):
+            for c in range(nc):
+                for j in range(w_src):
+                    planes[c, r, j] = src[s0 + r, j, c]
+        tmp = np.empty((nc, w), np.float32)
+        wts = np.empty((8, _RUN), np.float32)
+        for k in range(y0, y1):
+            _row(planes, s0, inv, k, out, k, tmp, wts)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

@@ -25,7 +25,7 @@ import cv2
 import numba
 import numpy as np
 
-from daemon.pipeline.cubic import cubic_rows, near_axes
+from daemon.pipeline.cubic import cubic_image, cubic_rows, near_axes
 
 INTERPOLATIONS = {
     "bilinear": cv2.INTER_LINEAR,
@@ -69,7 +69,7 @@ def warp(
     # NaN into thousands of interior pixels (measured), and a 0 border must not be stacked.
     if own_cubic(m, interpolation):
         inv = np.linalg.inv(m)
-        cubic_rows(_planes(src), 0, inv, 0, out.reshape(h, w, -1), parallel=True)
+        cubic_image(src, inv, out)
         _nan_outside_affine(out, inv, src.shape[:2], margin)
     elif np.allclose(m[2], [0.0, 0.0, 1.0]):
         # cv2 maps src -> dst with the forward matrix (it inverts it internally).
