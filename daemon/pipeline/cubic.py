@@ -88,6 +88,8 @@ def _cubic_interleaved(src, inv, out):  # pragma: no cover - numba
         y0, y1 = t * _ROWS_PER_TASK_INTERLEAVED, min(h, (t + 1) * _ROWS_PER_TASK_INTERLEAVED)
         v_lo = min(min(f + e * y0, f + e * (y1 - 1)), min(d * (w - 1) + f + e * y0, d * (w - 1) + f + e * (y1 - 1)))
         v_hi = max(max(f + e * y0, f + e * (y1 - 1)), max(d * (w - 1) + f + e * y0, d * (w - 1) + f + e * (y1 - 1)))
+        v_lo = min(max(v_lo, -4.0), n_src + 4.0)  # (a band mapped far outside reads nothing)
+        v_hi = min(max(v_hi, -4.0), n_src + 4.0)
         s0 = min(max(int(math.floor(v_lo)) - 2, 0), n_src)
         s1 = min(max(int(math.floor(v_hi)) + 4, s0), n_src)
         planes = np.empty((nc, s1 - s0, w_src), np.float32)
@@ -103,6 +105,7 @@ def _cubic_interleaved(src, inv, out):  # pragma: no cover - numba
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _cubic_serial(src, s0, inv, r0, out):  # pragma: no cover - numba
+    """`cubic_rows` on the calling thread."""
     tmp = np.empty((src.shape[0], out.shape[1]), np.float32)
     wts = np.empty((8, _RUN), np.float32)
     for k in range(out.shape[0]):
@@ -111,6 +114,7 @@ def _cubic_serial(src, s0, inv, r0, out):  # pragma: no cover - numba
 
 @numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _cubic_parallel(src, s0, inv, r0, out):  # pragma: no cover - numba
+    """`cubic_rows` on numba's threads, _ROWS_PER_TASK output rows per task."""
     h = out.shape[0]
     for t in numba.prange((h + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
         tmp = np.empty((src.shape[0], out.shape[1]), np.float32)
