@@ -187,5 +187,9 @@ def test_own_bicubic_kernel_keeps_nan_local_and_leaves_far_turns_to_opencv():
     far = ~np.isnan(out)
     far[140:162, 190:212] = False
     np.testing.assert_array_equal(out[far], clean[far])
+    for far in (transform_matrix(3e9, -2e9, 0.1), transform_matrix(0.0, 5e8, 0.1)):  # nothing of the frame lands
+        assert own_cubic(far, "bicubic")
+        assert np.isnan(warp(np.stack([src] * 3, axis=-1), far, SHAPE)).all()
+        assert np.isnan(warp(src, far, SHAPE)).all()
     assert not own_cubic(transform_matrix(0.5, 0.5, 3.0, center=CENTER), "bicubic")  # runs too short: OpenCV
     assert not own_cubic(transform_matrix(0.5, 0.5, 0.2, 1.05, center=CENTER), "bicubic")
