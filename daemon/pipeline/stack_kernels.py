@@ -235,12 +235,14 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
         else:
             n_hit = _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
                                 weights, table, hit, nc)
-        if n_hit:
-            sc = np.empty((_SCRATCH_ROWS, nc), np.float32)
+        if n_hit * 8 >= wd:  # many (the first frames' pixels end their warm-up together): the whole row
+            counts[i, 1] += _recheck_pixels(i, 0, wd, hit, mean, m2, wsum, count, top1, top2, idx1, idx2, weights,
+                                            wkappa2, floor2, table, nc)
+        elif n_hit:
             for j in range(wd):
                 if hit[j]:
-                    counts[i, 1] += _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2,
-                                                   weights, wkappa2, floor2, table, sc)
+                    counts[i, 1] += _recheck_pixels(i, j, j + 1, hit, mean, m2, wsum, count, top1, top2, idx1, idx2,
+                                                    weights, wkappa2, floor2, table, nc)
     return counts
 
 
@@ -434,85 +436,81 @@ def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, to
     return n_hit
 
 
-# Rows of the per-row scratch array: for the warm-up re-check the two brightest samples, the
-# statistics without one (1) and without both (2) of them, and m2 as kept without the first.
-_X1, _M1, _Q1, _X2, _M2, _Q2, _R1, _SCRATCH_ROWS = 0, 1, 2, 3, 4, 5, 6, 7
-
-
 @numba.njit(inline="always")
-def _remove(sc, mean_row, m2_row, ws, x_row, wx, out_mean, out_m2):
-    """Inverse weighted Welford update within the scratch array: statistics (rows mean_row,
-    m2_row, weight ws) without sample x_row (weight wx) into rows out_*. Returns the weight."""
-    ws2 = ws - wx
-    for c in range(sc.shape[1]):
-        x = sc[x_row, c]
-        mo = (sc[mean_row, c] * ws - x * wx) / ws2
-        sc[out_m2, c] = sc[m2_row, c] - wx * (x - mo) * (x - sc[mean_row, c])
-        sc[out_mean, c] = mo
-    return ws2
-
-
-@numba.njit(inline="always")
-def _bright_outlier(sc, x_row, mean_row, m2_row, ws, n, kappa2, floor2):
-    """Is sample x_row more than kappa sigma *above* the statistics in any plane?"""
-    nf = np.float32(n)
-    scale = nf / ((nf - 1) * ws)
-    grow = kappa2 * (1 + 1 / nf)
-    for c in range(sc.shape[1]):
-        var = max(sc[m2_row, c] * scale, floor2[c])
-        d = sc[x_row, c] - sc[mean_row, c]
-        if d > 0 and d * d > grow * var:
-            return True
-    return False
-
-
-@numba.njit(inline="always")
-def _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2, weights, kappa2, floor2, table, sc):
-    """End of one pixel's warm-up: take its one or two brightest samples out where they are
-    outliers against the rest; mark the pixel done (its m2 whole from now on, see
-    `_warmup_pixels`). Returns the samples removed."""
-    nc = mean.shape[2]
-    n = int(count[i, j])
-    i1, i2 = idx1[i, j], idx2[i, j]
-    idx1[i, j] = 255  # done: never re-checked again
-    idx2[i, j] = 255
-    w1 = weights[i1]
-    ws = wsum[i, j]
-    share = _share(i1, w1, ws)
-    for c in range(nc):
-        x1 = _warm_value(table, top1[i, j, c])
-        mu = mean[i, j, c]
-        rest = _m2_get(m2, i, j, c)
-        q = rest + share * (x1 - mu) * (x1 - mu) if share > 0 else rest
-        _m2_set(m2, i, j, c, q)
-        sc[_X1, c] = x1
-        sc[_M2, c] = mu  # the full statistics, staged in the scratch rows
-        sc[_Q2, c] = q
-        sc[_R1, c] = rest
-    if n < 4 or i1 == 255 or ws - w1 <= 0:
-        return 0
-    ws1 = _remove(sc, _M2, _Q2, ws, _X1, w1, _M1, _Q1)
-    for c in range(nc):
-        sc[_Q1, c] = sc[_R1, c]  # m2 without it, as kept (no cancellation)
-    if n >= 5 and i2 != 255 and ws1 - weights[i2] > 0:
+def _recheck_pixels(i, j0, j1, hit, mean, m2, wsum, count, top1, top2, idx1, idx2, weights, kappa2, floor2, table,
+                    nc):
+    """End of the warm-up of the pixels j0..j1 of row i flagged in `hit`: take a pixel's one
+    or two brightest samples out where they are outliers *above* the rest (both, where the
+    second brightest is one against the statistics without both: two hits on one spot; else
+    the brightest, where it is one against the statistics without it); mark the pixel done
+    (its m2 whole from now on, see `_warmup_pixels`). Pixels not flagged are left as they are.
+    The inverse Welford updates and the tests are computed for every pixel and applied by
+    selects, without branches (a loop over a row's pixels that vectorises; the branching
+    version took ~100 ns a pixel, the whole re-check frame 3x a warm-up frame). Returns the
+    samples removed."""
+    removed = 0
+    for j in range(j0, j1):
+        h = hit[j]
+        n = np.int64(count[i, j])
+        i1 = idx1[i, j]
+        i2 = idx2[i, j]
+        w1 = weights[i1]
+        w2 = weights[i2]
+        ws = wsum[i, j]
+        share = _share(i1, w1, ws)
+        ws1 = ws - w1  # without the brightest
+        ws2 = ws1 - w2  # without both
+        go = h & (n >= 4) & (i1 != _NONE) & (ws1 > 0)
+        two = go & (n >= 5) & (i2 != _NONE) & (ws2 > 0)
+        # (numba types these float64, as the threshold of the steady pass once was)
+        nf1 = np.float32(n - 1)
+        scale1 = nf1 / ((nf1 - 1) * ws1)
+        grow1 = kappa2 * (1 + 1 / nf1)
+        nf2 = np.float32(n - 2)
+        scale2 = nf2 / ((nf2 - 1) * ws2)
+        grow2 = kappa2 * (1 + 1 / nf2)
+        bad1 = False
+        bad2 = False
         for c in range(nc):
-            sc[_X2, c] = _warm_value(table, top2[i, j, c])
-        ws2 = _remove(sc, _M1, _Q1, ws1, _X2, weights[i2], _M2, _Q2)
-        if _bright_outlier(sc, _X2, _M2, _Q2, ws2, n - 2, kappa2, floor2):
-            for c in range(nc):
-                mean[i, j, c] = sc[_M2, c]
-                _m2_set(m2, i, j, c, max(sc[_Q2, c], np.float32(0.0)))
-            wsum[i, j] = ws2
-            count[i, j] = n - 2
-            return 2
-    if _bright_outlier(sc, _X1, _M1, _Q1, ws1, n - 1, kappa2, floor2):
+            x1, mu, rest, mo1, x2, mo2, q2 = _without_brightest(i, j, c, mean, m2, top1, top2, table, w1, w2, ws, ws1,
+                                                                ws2)
+            d1 = x1 - mo1
+            bad1 |= (d1 > 0) & (d1 * d1 > grow1 * max(rest * scale1, floor2[c]))
+            d2 = x2 - mo2
+            bad2 |= (d2 > 0) & (d2 * d2 > grow2 * max(q2 * scale2, floor2[c]))
+        drop2 = two & bad2
+        drop1 = go & (not drop2) & bad1
         for c in range(nc):
-            mean[i, j, c] = sc[_M1, c]
-            _m2_set(m2, i, j, c, max(sc[_Q1, c], np.float32(0.0)))
-        wsum[i, j] = ws1
-        count[i, j] = n - 1
-        return 1
-    return 0
+            x1, mu, rest, mo1, x2, mo2, q2 = _without_brightest(i, j, c, mean, m2, top1, top2, table, w1, w2, ws, ws1,
+                                                                ws2)
+            q = rest + share * (x1 - mu) * (x1 - mu) if share > 0 else rest  # m2 whole again
+            new_mu = mo2 if drop2 else (mo1 if drop1 else mu)
+            new_q = max(q2, np.float32(0.0)) if drop2 else (max(rest, np.float32(0.0)) if drop1 else q)
+            mean[i, j, c] = new_mu if h else mu
+            _m2_set(m2, i, j, c, new_q if h else rest)
+        wsum[i, j] = ws2 if drop2 else (ws1 if drop1 else ws)
+        count[i, j] = n - 2 if drop2 else (n - 1 if drop1 else n)
+        idx1[i, j] = _NONE if h else i1  # done: never re-checked again
+        idx2[i, j] = _NONE if h else i2
+        removed += 2 * drop2 + drop1
+    return removed
+
+
+@numba.njit(inline="always")
+def _without_brightest(i, j, c, mean, m2, top1, top2, table, w1, w2, ws, ws1, ws2):
+    """Plane c of pixel (i, j): its brightest warm-up sample x1, mean mu, m2 as kept (`rest`:
+    without x1's share), the mean without x1 (mo1), the second brightest x2, and the mean and
+    m2 without both (mo2, q2): the inverse weighted Welford updates (weights w1, w2; weight
+    sums ws, ws1 = ws - w1, ws2 = ws1 - w2), m2 without x1 being `rest` itself (no
+    cancellation). float32 throughout."""
+    x1 = _warm_value(table, top1[i, j, c])
+    mu = mean[i, j, c]
+    rest = _m2_get(m2, i, j, c)
+    mo1 = (mu * ws - x1 * w1) / ws1
+    x2 = _warm_value(table, top2[i, j, c])
+    mo2 = (mo1 * ws1 - x2 * w2) / ws2
+    q2 = rest - w2 * (x2 - mo2) * (x2 - mo1)
+    return x1, mu, rest, mo1, x2, mo2, q2
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -521,9 +519,9 @@ def _recheck_all(mean, m2, wsum, count, top1, top2, idx1, idx2, weights, kappa2,
     h, wd, nc = mean.shape
     removed = np.zeros(h, np.int64)
     for i in numba.prange(h):
-        sc = np.empty((_SCRATCH_ROWS, nc), np.float32)
+        hit = np.empty(wd, np.bool_)
         for j in range(wd):
-            if idx1[i, j] != 255:
-                removed[i] += _recheck_pixel(i, j, mean, m2, wsum, count, top1, top2, idx1, idx2,
-                                             weights, kappa2, floor2, table, sc)
+            hit[j] = idx1[i, j] != _NONE
+        removed[i] = _recheck_pixels(i, 0, wd, hit, mean, m2, wsum, count, top1, top2, idx1, idx2, weights, kappa2,
+                                     floor2, table, nc)
     return removed
