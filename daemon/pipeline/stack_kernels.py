@@ -224,7 +224,7 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
             continue
         # Pixels in their warm-up: the same, vectorised where they are dense (see
         # `_warmup_run`); then the end-of-warm-up re-check of those that just reached
-        # `warmup` samples (per pixel: it branches).
+        # `warmup` samples: the whole row's as selects where many did, else pixel by pixel.
         hit = np.empty(wd, np.bool_)
         if nc == 1:
             n_hit = _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
