@@ -209,7 +209,9 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
         # Steady pixels first, the whole row in one vectorised call (inside any inner loop
         # LLVM no longer vectorises it: measured 3.5x slower); then those still in warm-up.
         # A row with none (the first frames) skips the steady pass: it would change nothing.
-        if tracking and _none_steady(i, count, warmup):
+        # (The steady pass changes no warm-up pixel: their number holds for the run after it.)
+        n_warm = _n_warm(i, count, warmup) if tracking else 0
+        if n_warm == wd:
             pass
         elif nc == 1:
             counts[i, 0] += _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
@@ -228,13 +230,13 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
         hit = np.empty(wd, np.bool_)
         if nc == 1:
             n_hit = _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
-                                  weights, table, hit)
+                                  weights, table, hit, n_warm)
         elif nc == 3:
             n_hit = _warmup_run_3(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
-                                  weights, table, hit)
+                                  weights, table, hit, n_warm)
         else:
             n_hit = _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
-                                weights, table, hit, nc)
+                                weights, table, hit, n_warm, nc)
         if n_hit * 8 >= wd:  # many (the first frames' pixels end their warm-up together): the whole row
             counts[i, 1] += _recheck_pixels(i, 0, wd, hit, mean, m2, wsum, count, top1, top2, idx1, idx2, weights,
                                             wkappa2, floor2, table, nc)
@@ -247,12 +249,12 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
 
 
 @numba.njit(inline="always")
-def _none_steady(i, count, warmup):
-    """Whether every pixel of row i is still in its warm-up (fewer than `warmup` samples)."""
-    n_steady = 0
+def _n_warm(i, count, warmup):
+    """How many pixels of row i are still in their warm-up (fewer than `warmup` samples)."""
+    n = 0
     for j in range(count.shape[1]):
-        n_steady += count[i, j] >= warmup
-    return n_steady == 0
+        n += count[i, j] < warmup
+    return n
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -336,32 +338,29 @@ def _share(i1, w1, ws):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
-                  hit):
+                  hit, n_warm):
     """`_warmup_run` of a mono stack, compiled on its own (see `_steady_run_1`)."""
     return _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
-                       hit, 1)
+                       hit, n_warm, 1)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _warmup_run_3(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
-                  hit):
+                  hit, n_warm):
     """`_warmup_run` of an RGB stack (see `_steady_run_1`)."""
     return _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
-                       hit, 3)
+                       hit, n_warm, 3)
 
 
 @numba.njit(inline="always")
 def _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table, hit,
-                nc):
-    """Row i's pixels that are still in their warm-up (fewer than `warmup` samples): see
-    `_warmup_pixels`. A row where many are (the first frames) goes through it as one
-    vectorised loop; a row with a few (the dithered border, pixels whose brightest sample
-    the re-check took out) pixel by pixel. Returns how many pixels have just reached
-    `warmup` samples, flagged in `hit`, for the caller to re-check."""
+                n_warm, nc):
+    """Row i's pixels that are still in their warm-up (fewer than `warmup` samples; `n_warm`
+    of them, `_n_warm`): see `_warmup_pixels`. A row where many are (the first frames) goes
+    through it as one vectorised loop; a row with a few (the dithered border, pixels whose
+    brightest sample the re-check took out) pixel by pixel. Returns how many pixels have
+    just reached `warmup` samples, flagged in `hit`, for the caller to re-check."""
     wd = mean.shape[1]
-    n_warm = 0
-    for j in range(wd):
-        n_warm += count[i, j] < warmup
     if n_warm == 0:
         return 0
     if n_warm * 8 >= wd:

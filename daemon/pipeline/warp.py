@@ -67,10 +67,8 @@ def warp(
     out = np.empty((h, w) + src.shape[2:], dtype=np.float32)
     # Border 0, then NaN by geometry: OpenCV's cubic/Lanczos with a NaN border value leak
     # NaN into thousands of interior pixels (measured), and a 0 border must not be stacked.
-    if own_cubic(m, interpolation):
-        inv = np.linalg.inv(m)
-        cubic_image(src, inv, out)
-        _nan_outside_affine(out, inv, src.shape[:2], margin)
+    if own_cubic(m, interpolation):  # (its NaN outside the frame already as below)
+        cubic_image(src, np.linalg.inv(m), out)
     elif np.allclose(m[2], [0.0, 0.0, 1.0]):
         # cv2 maps src -> dst with the forward matrix (it inverts it internally).
         cv2.warpAffine(src, m[:2], (w, h), dst=out, flags=flag,
@@ -142,10 +140,9 @@ def warp_rows(src: np.ndarray, s0: int, src_shape: tuple[int, int], matrix: np.n
     if n_src == 0 or h == 0:
         out[...] = np.nan
         return out
-    if own_cubic(m, interpolation):
-        inv = np.linalg.inv(m)
-        cubic_rows(src if planar else _planes(src), s0, inv, r0, out.reshape(h, width, -1), parallel=parallel)
-        _nan_outside_affine(out, inv, tuple(src_shape[:2]), _MARGIN[interpolation], row0=r0)
+    if own_cubic(m, interpolation):  # (NaN where a footprint leaves the frame: as below)
+        cubic_rows(src if planar else _planes(src), s0, np.linalg.inv(m), r0, out.reshape(h, width, -1),
+                   parallel=parallel)
         return out
     if planar:
         src = np.moveaxis(src, 0, 2) if src.shape[0] > 1 else src[0]
