@@ -31,7 +31,7 @@ def test_debayer_rows_and_banded_stack_are_bit_for_bit_the_whole_frame():
                 np.testing.assert_array_equal(part, full[r0:r1])
     with pytest.raises(ValueError, match="needs mosaic rows"):
         debayer_rows(mosaic[5:10], "RGGB", 5, 9, d0=5, full_h=41)
-    # add_banded (bands on two threads, serial kernels) == add (whole frame, parallel kernels),
+    # add_banded (6-row bands on two threads, in any order) == add (a 64-row frame: one band),
     # through the warm-up, its re-check and the steady state, with a trail and NaN borders.
     a, b = (RunningStack((64, 48, 3), StackSettings(warmup=4)) for _ in range(2))
     for k in range(14):

@@ -134,3 +134,10 @@ def test_saturated_star_cores_stay_finite_through_the_warm_up_recheck():
         s.add(img)
     out = s.image()
     assert np.isfinite(out).all() and np.allclose(out[3:5, 3:5], 65534.0)
+
+
+def test_stack_shapes_other_than_mono_and_rgb_are_refused_naming_the_shape():
+    for shape in ((4, 5, 2), (4, 5, 4), (4,), (2, 3, 4, 5)):
+        with pytest.raises(ValueError, match=r"stack shape must be .*got \(" + str(shape[0])):
+            RunningStack(shape)
+    assert RunningStack((4, 5, 1)).shape == (4, 5, 1)

@@ -41,10 +41,11 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from daemon.pipeline.half import bfloat16_bits, bfloat16_values
-from daemon.pipeline.stack_kernels import _HALF_TABLE, _NONE, _add_band, _add_frame, _recheck_all
+from daemon.pipeline.stack_kernels import _HALF_TABLE, _NONE, _add_band, _recheck_all
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ class StackSettings:
     reject: bool = True
 
 
+#: Bytes of float32 samples per band when `RunningStack.add` feeds a whole frame to
+#: `add_banded`: a band and the statistics it updates stay in cache; enough bands for both
+#: threads to take turns.
+ADD_BAND_BYTES = 4 << 20
+
+
 class RunningStack:
     """Weighted mean per pixel and plane of registered frames, with kappa-sigma rejection.
 
@@ -77,8 +84,8 @@ class RunningStack:
     """
 
     def __init__(self, shape: tuple[int, ...], settings: StackSettings = StackSettings()):
-        if len(shape) not in (2, 3):
-            raise ValueError(f"stack shape must be (H, W) or (H, W, C), got {shape}")
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
+            raise ValueError(f"stack shape must be (H, W), (H, W, 1) or (H, W, 3), got {shape}")
         if settings.reject and not 4 <= settings.warmup <= (_NONE - 1) // 3:
             raise ValueError(f"warmup must be 4..{(_NONE - 1) // 3} frames, got {settings.warmup}")
         self.settings = settings
@@ -124,7 +131,8 @@ class RunningStack:
         img = image[..., None] if image.ndim == 2 else image
         if img.shape != self.mean.shape:
             raise ValueError(f"frame shape {image.shape} does not match the stack {self.shape}")
-        return self.add_bands([(0, img)], weight, offset)
+        rows = max(8, ADD_BAND_BYTES // (img.shape[1] * img.shape[2] * 4))
+        return self.add_banded(lambda r0, r1: img[r0:r1], rows, weight, offset, threads=numba.get_num_threads())
 
     def add_bands(self, bands: Iterable[tuple[int, np.ndarray]], weight: float = 1.0,
                   offset: np.ndarray | float | None = None) -> int:
@@ -135,7 +143,7 @@ class RunningStack:
         by the producer once the next one is requested. Returns the pixels rejected from the
         frame; `weight` and `offset` as in `add`."""
         ctx = self._begin(weight, offset)
-        totals = [self._add_band(ctx, r0, band, parallel=True) for r0, band in bands]
+        totals = [self._add_band(ctx, r0, band) for r0, band in bands]
         return self._finish(weight, totals)
 
     def add_banded(self, make_band: Callable[[int, int], np.ndarray], rows: int, weight: float = 1.0,
@@ -152,9 +160,9 @@ class RunningStack:
         spans = [(r0, min(r0 + rows, h)) for r0 in range(0, h, max(1, int(rows)))]
 
         def work(span: tuple[int, int]) -> tuple[int, int]:
-            return self._add_band(ctx, span[0], make_band(*span), parallel=False)
+            return self._add_band(ctx, span[0], make_band(*span))
 
-        if threads > 1 and len(spans) > 1 and self._planes in (1, 3):  # (other counts: parallel kernels)
+        if threads > 1 and len(spans) > 1:
             totals = list(_band_pool(threads).map(work, spans))
         else:
             totals = [work(sp) for sp in spans]
@@ -172,8 +180,9 @@ class RunningStack:
         return {"off": off, "w": np.float32(weight), "tracking": tracking, "floor2": self._floor2(),
                 "weights": self._weights_table(), "frame_no": np.uint8(min(self.n_frames, _NONE - 1))}
 
-    def _add_band(self, ctx: dict, r0: int, band: np.ndarray, parallel: bool) -> tuple[int, int]:
-        """One band into the statistics: (samples rejected, warm-up samples removed)."""
+    def _add_band(self, ctx: dict, r0: int, band: np.ndarray) -> tuple[int, int]:
+        """One band into the statistics, on the calling thread: (samples rejected, warm-up
+        samples removed)."""
         s = self.settings
         x = band[..., None] if band.ndim == 2 else band
         r1 = r0 + x.shape[0]
@@ -187,9 +196,8 @@ class RunningStack:
             t1, t2, i1, i2 = self._top[0][sl], self._top[1][sl], self._top_idx[0][sl], self._top_idx[1][sl]
         else:
             t1, t2, i1, i2 = _EMPTY_U16, _EMPTY_U16, _EMPTY_U8, _EMPTY_U8
-        kernel = _add_frame if parallel else _add_band
         m2 = self.m2 if self.m2 is not None else self._m2_bf16
-        per_row = kernel(x, ctx["off"], ctx["w"], self.mean[sl], m2[sl], self.wsum[sl], self.count[sl],
+        per_row = _add_band(x, ctx["off"], ctx["w"], self.mean[sl], m2[sl], self.wsum[sl], self.count[sl],
                          s.reject, s.warmup, np.float32(s.kappa ** 2), np.float32(s.warmup_kappa ** 2),
                          ctx["floor2"], tracking, t1, t2, i1, i2, ctx["frame_no"], ctx["weights"], _HALF_TABLE)
         return int(per_row[:, 0].sum()), int(per_row[:, 1].sum())

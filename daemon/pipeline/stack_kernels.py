@@ -79,30 +79,18 @@ def _m2_set_impl(m2, i, j, c, q):
 
 def _add_band(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
               tracking, top1, top2, idx1, idx2, frame_no, weights, table):
-    """`_add_frame` of one band on the calling thread (see `RunningStack.add_banded`)."""
+    """One band of a frame into the stack, in place, on the calling thread
+    (`RunningStack.add_banded` runs bands on threads of its own). Returns per row (samples
+    rejected against the running statistics, warm-up samples removed by the re-check). Mono
+    and RGB stacks (the only kinds) get kernels compiled for their number of planes (the
+    plane loops unrolled): ~30 % faster than one kernel for any number (measured at
+    4144x2822 mono). Once the warm-up bookkeeping is over (`tracking` False), kernels with
+    the steady pass only: m2 is float32 then, bfloat16 before (see `_m2_get`), and each form
+    compiles only the code it runs."""
     if not tracking:
-        steady = {1: _steady_band_1, 3: _steady_band_3}.get(mean.shape[2], _steady_frame_n)
+        steady = _steady_band_3 if mean.shape[2] == 3 else _steady_band_1
         return steady(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2)
-    kernel = _add_band_3 if mean.shape[2] == 3 else _add_band_1 if mean.shape[2] == 1 else None
-    if kernel is None:
-        return _add_frame_n(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
-                            tracking, top1, top2, idx1, idx2, frame_no, weights, table)
-    return kernel(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
-                  tracking, top1, top2, idx1, idx2, frame_no, weights, table)
-
-
-def _add_frame(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
-               tracking, top1, top2, idx1, idx2, frame_no, weights, table):
-    """One frame into the stack, in place. Returns per row (samples rejected against the
-    running statistics, warm-up samples removed by the re-check). Mono and RGB stacks get
-    kernels compiled for their number of planes (the plane loops unrolled): ~30 % faster
-    than one kernel for any number (measured at 4144x2822 mono). Once the warm-up
-    bookkeeping is over (`tracking` False), kernels with the steady pass only: m2 is float32
-    then, bfloat16 before (see `_m2_get`), and each form compiles only the code it runs."""
-    if not tracking:
-        steady = {1: _steady_frame_1, 3: _steady_frame_3}.get(mean.shape[2], _steady_frame_n)
-        return steady(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2)
-    kernel = {1: _add_frame_1, 3: _add_frame_3}.get(mean.shape[2], _add_frame_n)
+    kernel = _add_band_3 if mean.shape[2] == 3 else _add_band_1
     return kernel(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
                   tracking, top1, top2, idx1, idx2, frame_no, weights, table)
 
@@ -119,31 +107,9 @@ def _add_band_3_py(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wka
                      tracking, top1, top2, idx1, idx2, frame_no, weights, table, 3)
 
 
-#: `_add_frame_1/_3` on the calling thread (prange is range here): for bands that callers
-#: run on threads of their own (`RunningStack.add_banded`). The same operations: bit for bit.
+#: The band kernels of mono and RGB stacks (numba, on the calling thread).
 _add_band_1 = numba.njit(cache=True, nogil=True, error_model="numpy")(_add_band_1_py)
 _add_band_3 = numba.njit(cache=True, nogil=True, error_model="numpy")(_add_band_3_py)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _add_frame_1(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
-                 tracking, top1, top2, idx1, idx2, frame_no, weights, table):
-    return _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
-                     tracking, top1, top2, idx1, idx2, frame_no, weights, table, 1)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _add_frame_3(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
-                 tracking, top1, top2, idx1, idx2, frame_no, weights, table):
-    return _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
-                     tracking, top1, top2, idx1, idx2, frame_no, weights, table, 3)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _add_frame_n(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
-                 tracking, top1, top2, idx1, idx2, frame_no, weights, table):
-    return _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
-                     tracking, top1, top2, idx1, idx2, frame_no, weights, table, mean.shape[2])
 
 
 def _steady_band_1_py(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
@@ -154,24 +120,9 @@ def _steady_band_3_py(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
     return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 3)
 
 
-#: `_steady_frame_1/_3` on the calling thread, as `_add_band_1/_3` are `_add_frame_1/_3`.
+#: The steady-pass kernels of mono and RGB stacks, as `_add_band_1/_3`.
 _steady_band_1 = numba.njit(cache=True, nogil=True, error_model="numpy")(_steady_band_1_py)
 _steady_band_3 = numba.njit(cache=True, nogil=True, error_model="numpy")(_steady_band_3_py)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _steady_frame_1(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
-    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 1)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _steady_frame_3(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
-    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 3)
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _steady_frame_n(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
-    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, mean.shape[2])
 
 
 @numba.njit(inline="always")
@@ -183,17 +134,15 @@ def _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, nc):
     for i in numba.prange(h):
         if nc == 1:
             counts[i, 0] += _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
-        elif nc == 3:
-            counts[i, 0] += _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
         else:
-            counts[i, 0] += _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0, nc)
+            counts[i, 0] += _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
     return counts
 
 
 @numba.njit(inline="always")
 def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
               tracking, top1, top2, idx1, idx2, frame_no, weights, table, nc):
-    """The body of `_add_frame`, `nc` planes (a constant where inlined with one).
+    """The body of `_add_band`'s kernels, `nc` planes (1 or 3: a constant, inlined).
 
     Pixels that hold `warmup` samples (all pixels once the warm-up bookkeeping is over) are
     "steady": no top-2 tracking, no re-check; they take `_steady_run`, written without
@@ -216,12 +165,9 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
         elif nc == 1:
             counts[i, 0] += _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
                                           tracking, warmup)
-        elif nc == 3:
+        else:
             counts[i, 0] += _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
                                           tracking, warmup)
-        else:
-            counts[i, 0] += _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
-                                        tracking, warmup, nc)
         if not tracking:
             continue
         # Pixels in their warm-up: the same, vectorised where they are dense (see
@@ -231,12 +177,9 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
         if nc == 1:
             n_hit = _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
                                   weights, table, hit, n_warm)
-        elif nc == 3:
+        else:
             n_hit = _warmup_run_3(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
                                   weights, table, hit, n_warm)
-        else:
-            n_hit = _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
-                                weights, table, hit, n_warm, nc)
         if n_hit * 8 >= wd:  # many (the first frames' pixels end their warm-up together): the whole row
             counts[i, 1] += _recheck_pixels(i, 0, wd, hit, mean, m2, wsum, count, top1, top2, idx1, idx2, weights,
                                             wkappa2, floor2, table, nc)
