@@ -60,10 +60,11 @@ fi
 # Byte-compile the project now: under systemd the service cannot write beside its code
 # (ProtectSystem=strict), so Python would compile it again at every start. Quick when current.
 "$VENV/bin/python" -m compileall -q "$ROOT/daemon" "$ROOT/drivers" >&2
-# Compile numba's kernels for the installed code now (a minute on a Pi, loaded in about a
-# second afterwards), so the first frame of the night does not wait for the compiler. They go
-# beside the code, or to NUMBA_CACHE_DIR when set: the systemd unit's cache folder is another
-# one (docs/systemd.md), which the daemon warms itself before it reports READY.
+# Compile numba's kernels for the installed code now (minutes: a process per core, as memory
+# allows; loaded in about a second afterwards), so the first frame of the night does not wait
+# for the compiler. They go beside the code, or to NUMBA_CACHE_DIR when set: the systemd
+# unit's cache folder is another one (docs/systemd.md), which the daemon warms itself before
+# it reports READY.
 "$VENV/bin/python" -m daemon.warmup >&2
 # The systemd unit's own cache (docs/systemd.md), when this is the installed copy and the unit's
 # user and cache folder exist: warmed as that user too, so that no start after an upgrade

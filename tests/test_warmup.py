@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHECK = r"""
@@ -61,14 +63,31 @@ def test_daemon_warms_at_every_start_and_compiles_once_per_code_and_cache(tmp_pa
 
     calls = []
     monkeypatch.setattr(warmup.numba.config, "CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(warmup, "warm_up", lambda: calls.append(1) or 1.5)
+    monkeypatch.setattr(warmup, "warm_up", lambda: calls.append("load") or 0.5)
+    monkeypatch.setattr(warmup, "compile_parallel", lambda jobs: calls.append(("compile", jobs)) or 1.5)
     monkeypatch.setattr(warmup, "_loaded", False)  # as in a fresh process
-    assert warmup.ensure_warm() == 1.5 and calls == [1]
+    assert warmup.ensure_warm() == 1.5 and calls == [("compile", warmup.compile_jobs())]
     assert [p.name.startswith("lightbucket-warm-") for p in tmp_path.iterdir()] == [True]
     monkeypatch.setattr(warmup, "_loaded", False)  # the next start: a fresh process
-    assert warmup.ensure_warm() is None and calls == [1, 1]
+    assert warmup.ensure_warm() is None and calls[1:] == ["load"]
     # A second service in the same process: its kernels are loaded already.
-    assert warmup.ensure_warm() is None and calls == [1, 1]
+    assert warmup.ensure_warm() is None and calls[1:] == ["load"]
+
+
+def test_compile_jobs_one_per_core_within_the_memory_available():
+    """A process per core compiles (numba compiles on one), but never more than the memory
+    available holds (a compiler takes up to ~1 GB: a 2 GB Pi 4 compiles in one), nor more than
+    there are parts; always at least one."""
+    import daemon.warmup as warmup
+
+    gb = 1 << 30
+    assert warmup.compile_jobs(cpus=2, available_bytes=20 * gb) == 2
+    assert warmup.compile_jobs(cpus=4, available_bytes=int(1.6 * gb)) == 1
+    assert warmup.compile_jobs(cpus=4, available_bytes=3 * gb) == 3
+    assert warmup.compile_jobs(cpus=64, available_bytes=200 * gb) == len(warmup.PARTS)
+    assert warmup.compile_jobs(cpus=1, available_bytes=0) == 1
+    with pytest.raises(ValueError, match="unknown warm-up part"):
+        warmup.warm_up(("colour", "no-such-part"))
 
 
 FIRST_FRAMES = r"""
