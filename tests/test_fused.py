@@ -148,3 +148,34 @@ def test_default_colour_stack_of_a_4144x2822_session_is_full_resolution_and_shar
     sky = np.nanmedian(lum[::7, ::7])
     assert sel.sum() > 5000
     assert abs(np.median(lum[sel]) - sky) < 0.05 * 400, np.median(lum[sel]) - sky
+
+
+def test_bands_run_on_as_many_threads_as_numba_has_cores_for():
+    """add_banded (and so `add` and the fused path) runs its bands on numba's thread count, one
+    per core unless set lower: with 1, every band on the calling thread; with 2, on the band
+    threads; the same statistics either way."""
+    import threading
+
+    import numba
+
+    x = np.random.default_rng(5).normal(100, 3, (40, 24, 3)).astype(np.float32)
+    seen: dict[int, set] = {}
+    stacks = {}
+    before = numba.get_num_threads()
+    try:
+        for n in (1, 2):
+            numba.set_num_threads(n)
+            seen[n] = set()
+            stacks[n] = RunningStack(x.shape, StackSettings(warmup=4))
+
+            def band(r0, r1, n=n):
+                seen[n].add(threading.get_ident())
+                return x[r0:r1].copy()
+
+            stacks[n].add_banded(band, 4, 1.0)
+    finally:
+        numba.set_num_threads(before)
+    assert seen[1] == {threading.get_ident()}
+    # (which of the two threads takes which band is up to them: at least one, none the caller)
+    assert 1 <= len(seen[2]) <= 2 and threading.get_ident() not in seen[2]
+    np.testing.assert_array_equal(stacks[1].mean, stacks[2].mean)

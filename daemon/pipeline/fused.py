@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
+import numba
 import numpy as np
 
 from daemon.pipeline.debayer import debayer_rows
@@ -106,15 +107,16 @@ def registered_bands(mosaic: np.ndarray, bayer: str, matrix: np.ndarray, *, inte
 
 def stack_mosaic(stack: RunningStack, mosaic: np.ndarray, bayer: str, matrix: np.ndarray, weight: float,
                  offset: np.ndarray | None = None, *, interpolation: str = "bicubic", rows: int | None = None,
-                 threads: int = 2) -> int:
-    """Debayer, warp and stack one calibrated mosaic band by band on `threads` threads (see
-    the module docstring): `stack` an (H, W, 3) RunningStack on the mosaic's grid, `offset`
-    per plane (ADU, the sky normalisation) added before combining. OpenCV runs on one thread
-    per band meanwhile (its thread count is process-wide: restored afterwards). Returns the
-    pixels rejected."""
+                 threads: int | None = None) -> int:
+    """Debayer, warp and stack one calibrated mosaic band by band on `threads` threads
+    (default: numba's, one per core; see the module docstring): `stack` an (H, W, 3)
+    RunningStack on the mosaic's grid, `offset` per plane (ADU, the sky normalisation) added
+    before combining. OpenCV runs on one thread per band meanwhile (its thread count is
+    process-wide: restored afterwards). Returns the pixels rejected."""
     if stack.shape != mosaic.shape + (3,):
         raise ValueError(f"mosaic {mosaic.shape} does not match the stack {stack.shape}")
     rows = rows or band_rows(mosaic.shape[1])
+    threads = threads or numba.get_num_threads()
 
     def make(b0: int, b1: int) -> np.ndarray:
         return registered_band(mosaic, bayer, matrix, b0, b1, interpolation=interpolation, parallel=threads <= 1)

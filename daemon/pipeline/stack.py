@@ -132,7 +132,7 @@ class RunningStack:
         if img.shape != self.mean.shape:
             raise ValueError(f"frame shape {image.shape} does not match the stack {self.shape}")
         rows = max(8, ADD_BAND_BYTES // (img.shape[1] * img.shape[2] * 4))
-        return self.add_banded(lambda r0, r1: img[r0:r1], rows, weight, offset, threads=numba.get_num_threads())
+        return self.add_banded(lambda r0, r1: img[r0:r1], rows, weight, offset)
 
     def add_bands(self, bands: Iterable[tuple[int, np.ndarray]], weight: float = 1.0,
                   offset: np.ndarray | float | None = None) -> int:
@@ -147,15 +147,16 @@ class RunningStack:
         return self._finish(weight, totals)
 
     def add_banded(self, make_band: Callable[[int, int], np.ndarray], rows: int, weight: float = 1.0,
-                   offset: np.ndarray | float | None = None, threads: int = 2) -> int:
-        """`add_bands` of a frame made band by band on `threads` threads at once: each takes
-        the next band of `rows` rows, asks `make_band(r0, r1)` for it ((r1 - r0, W[, C])
-        float32; called concurrently, so it must not share buffers between calls) and adds it
-        on its own thread. Why not parallel kernels per band: a parallel region waits for its
-        slowest thread at every band, which on a loaded 2-core machine costs milliseconds per
-        band; here a thread that is held up only delays its own band. Bit for bit `add`'s
-        statistics. Returns the pixels rejected."""
+                   offset: np.ndarray | float | None = None, threads: int | None = None) -> int:
+        """`add_bands` of a frame made band by band on `threads` threads at once (default:
+        numba's, one per core): each takes the next band of `rows` rows, asks
+        `make_band(r0, r1)` for it ((r1 - r0, W[, C]) float32; called concurrently, so it must
+        not share buffers between calls) and adds it on its own thread. Why not parallel
+        kernels per band: a parallel region waits for its slowest thread at every band, which
+        on a loaded 2-core machine costs milliseconds per band; here a thread that is held up
+        only delays its own band. Bit for bit `add`'s statistics. Returns the pixels rejected."""
         ctx = self._begin(weight, offset)
+        threads = threads or numba.get_num_threads()
         h = self.shape[0]
         spans = [(r0, min(r0 + rows, h)) for r0 in range(0, h, max(1, int(rows)))]
 
