@@ -15,12 +15,20 @@ _HOME = pytest.StashKey[tuple[str | None, str]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Each test process (each xdist worker: `./scripts/test` runs two) gets a HOME of its
+    """Each test process (each xdist worker: `./scripts/test` runs three) gets a HOME of its
     own, so INDI's drivers read and write their ~/.indi (saved device settings, the mount's
     ParkData.xml) there and never in the user's, nor in another worker's at the same time."""
     home = tempfile.mkdtemp(prefix=f"lightbucket-test-home-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
     config.stash[_HOME] = (os.environ.get("HOME"), home)
     os.environ["HOME"] = home
+
+
+@pytest.fixture(autouse=True)
+def _own_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """And each test a HOME of its own within it: the simulators of one test would otherwise
+    hand their saved state (a parked mount, a site, a flip hour angle) to the next test's on
+    the same worker, which then depends on the order the files are dealt out in."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
