@@ -23,6 +23,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["HOME"] = home
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked slow (real-time INDI simulators, daemons in subprocesses) first, otherwise in
+    file order: xdist deals whole files out (`--dist loadfile`) in this order, so the long ones
+    start at once instead of leaving one worker busy after the others are done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _own_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """And each test a HOME of its own within it: the simulators of one test would otherwise
