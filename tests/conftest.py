@@ -25,8 +25,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked slow (real-time INDI simulators, daemons in subprocesses) first, otherwise in
-    file order: xdist deals whole files out (`--dist loadfile`) in this order, so the long ones
-    start at once instead of leaving one worker busy after the others are done."""
+    file order: xdist deals whole files out in this order (`--dist loadfile
+    --no-loadscope-reorder`, scripts/test), so the long ones start at once instead of leaving
+    one worker busy after the others are done."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
