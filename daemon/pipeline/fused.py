@@ -32,21 +32,11 @@ import numpy as np
 
 from daemon.pipeline.debayer import debayer_rows
 from daemon.pipeline.drizzle import drizzle_restack, drizzle_rows, drizzle_sums
-from daemon.pipeline.stack import RunningStack
+from daemon.pipeline.stack import RunningStack, band_rows
 from daemon.pipeline.warp import own_cubic, source_rows, warp_rows
 
-#: Bytes of one output band (float32 RGB): a band, its source rows and the stack's
-#: statistics for it stay within a slice of a 2-core machine's L3, while the rows of source
-#: a rotated frame needs beyond the band's own (the debayer's extra work) stay few.
-BAND_BYTES = 4 << 20
 #: Final re-stack methods a `RegisteredMosaic` can be re-made with.
 FINAL_METHODS = ("bilinear", "drizzle")
-
-
-def band_rows(width: int, planes: int = 3, band_bytes: int = BAND_BYTES) -> int:
-    """Rows per band: `band_bytes` of float32 output, at least 8 rows, even."""
-    rows = max(8, band_bytes // max(1, width * planes * 4))
-    return int(rows - rows % 2)
 
 
 def is_affine(matrix: np.ndarray) -> bool:

@@ -70,10 +70,17 @@ class StackSettings:
     reject: bool = True
 
 
-#: Bytes of float32 samples per band when `RunningStack.add` feeds a whole frame to
-#: `add_banded`: a band and the statistics it updates stay in cache; enough bands for both
-#: threads to take turns.
-ADD_BAND_BYTES = 4 << 20
+#: Bytes of one band of samples (float32; `RunningStack.add` and the fused colour path): a
+#: band, its source rows and the stack's statistics for it stay within a slice of a 2-core
+#: machine's L3, while the rows of source a rotated frame needs beyond the band's own (the
+#: debayer's extra work) stay few.
+BAND_BYTES = 4 << 20
+
+
+def band_rows(width: int, planes: int = 3, band_bytes: int = BAND_BYTES) -> int:
+    """Rows per band: `band_bytes` of float32 samples, at least 8 rows, even."""
+    rows = max(8, band_bytes // max(1, width * planes * 4))
+    return int(rows - rows % 2)
 
 
 class RunningStack:
@@ -131,8 +138,7 @@ class RunningStack:
         img = image[..., None] if image.ndim == 2 else image
         if img.shape != self.mean.shape:
             raise ValueError(f"frame shape {image.shape} does not match the stack {self.shape}")
-        rows = max(8, ADD_BAND_BYTES // (img.shape[1] * img.shape[2] * 4))
-        return self.add_banded(lambda r0, r1: img[r0:r1], rows, weight, offset)
+        return self.add_banded(lambda r0, r1: img[r0:r1], band_rows(img.shape[1], img.shape[2]), weight, offset)
 
     def add_bands(self, bands: Iterable[tuple[int, np.ndarray]], weight: float = 1.0,
                   offset: np.ndarray | float | None = None) -> int:
