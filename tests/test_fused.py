@@ -52,12 +52,20 @@ def test_registered_band_matches_debayer_then_warp():
     field = random_star_field(shape, 60, seed=4, margin=0.1, flux_range=(500.0, 20000.0))
     sensor = Sensor(bias_adu=0.0, dark_current_adu_s=0.0, read_noise_adu=3.0, bayer="RGGB")
     mosaic = expose(shape, field, Exposure(exposure_s=10.0, seed=1), sensor, as_uint16=False)
+    # The reference frame (identity): its debayered rows, also as planes.
+    np.testing.assert_array_equal(registered_band(mosaic, "RGGB", np.eye(3), 16, 40),
+                                  debayer(mosaic, "RGGB")[16:40])
+    np.testing.assert_array_equal(registered_band(mosaic, "RGGB", np.eye(3), 16, 40, planar=True),
+                                  np.moveaxis(debayer(mosaic, "RGGB")[16:40], 2, 0))
     for m in (transform_matrix(3.3, -4.6, 0.3, center=(80, 60)), transform_matrix(-2.2, 1.7, 180.0, center=(80, 60)),
               transform_matrix(1.1, 0.4, 12.0, center=(80, 60))):
         whole = warp(debayer(mosaic, "RGGB"), m, shape)
         for parallel in (False, True):
             bands = np.concatenate([registered_band(mosaic, "RGGB", m, r0, min(r0 + 16, 120), parallel=parallel)
                                     for r0 in range(0, 120, 16)])
+            planes = np.concatenate([registered_band(mosaic, "RGGB", m, r0, min(r0 + 16, 120), parallel=parallel,
+                                                     planar=True) for r0 in range(0, 120, 16)], axis=1)
+            np.testing.assert_array_equal(planes, np.moveaxis(bands, 2, 0))  # (what the stack takes)
             if own_cubic(m, "bicubic"):  # a session's turns (and a flip): our kernel, bit for bit
                 np.testing.assert_array_equal(bands, whole)
             else:  # OpenCV computes source coordinates from each band's own origin in float32

@@ -234,11 +234,14 @@ def test_state_round_trips_in_either_form_of_m2(cut):
     resumed = RunningStack.from_state(state)
     converted = None
     if cut < 15:
-        old = {k: v for k, v in state.items() if k != "m2_bf16"}
+        # A state as older versions wrote it: float32 m2, the planes interleaved (H, W, C).
+        old = {k: (np.moveaxis(v, 0, 2) if k in ("mean", "top1", "top2") else v)
+               for k, v in state.items() if k not in ("m2_bf16", "layout")}
         old["m2"] = ref.m2.astype(np.float32)
         converted = RunningStack.from_state(old)
         agree = (part.count == ref.n)[..., None] & (ref.m2 > 0)
-        back, kept = (bfloat16_values(s.state()["m2_bf16"]) for s in (converted, part))  # (both less
+        back, kept = (np.moveaxis(bfloat16_values(s.state()["m2_bf16"]), 0, 2)  # (both less
+                      for s in (converted, part))
         rel = np.abs(back - kept)[agree] / ref.m2[agree]  # the same brightest samples' shares)
         assert np.median(rel) < 0.004 and np.percentile(rel, 99.9) < 2 * cut * 2.0 ** -8
     for x, w in zip(frames[cut:], weights[cut:], strict=True):

@@ -7,7 +7,7 @@ import pytest
 
 from daemon.pipeline.cubic import cubic_rows, near_axes
 from daemon.pipeline.stars import measure
-from daemon.pipeline.warp import INTERPOLATIONS, own_cubic, warp
+from daemon.pipeline.warp import INTERPOLATIONS, own_cubic, source_rows, warp, warp_rows
 from daemon.simulate import apply_matrix, random_star_field, render_stars, transform_matrix
 
 SHAPE = (300, 400)
@@ -174,6 +174,27 @@ def test_own_bicubic_kernel_is_opencvs_cubic_at_exact_coordinates(turn):
     np.testing.assert_array_equal(np.isnan(band), np.isnan(out[30:50]) | np.isnan(band))
     finite = ~np.isnan(out[30:50])
     np.testing.assert_array_equal(band[finite], out[30:50][finite])
+    for parallel in (False, True):  # the same rows written as planes (what the running stack takes)
+        band_planes = np.full((3, 20, 130), -1.0, np.float32)
+        cubic_rows(planes[:, s0:], s0, inv, 30, band_planes, planar_out=True, parallel=parallel)
+        np.testing.assert_array_equal(band_planes, np.moveaxis(band, 2, 0))
+
+
+@pytest.mark.parametrize("turn", [0.3, 12.0])
+def test_warp_rows_as_planes_equal_the_interleaved_rows(turn):
+    """warp_rows(planar_out=True) gives the interleaved rows' values as planes, through our
+    kernel (a session's small turn) and through OpenCV (a large one)."""
+    rng = np.random.default_rng(5)
+    img = rng.normal(500, 40, (90, 130, 3)).astype(np.float32)
+    m = transform_matrix(1.5, -2.0, turn, center=(65, 45))
+    assert own_cubic(m, "bicubic") == (turn < 1)
+    s0, s1 = source_rows(m, 30, 50, 130, 90)
+    planes = np.ascontiguousarray(np.moveaxis(img[s0:s1], 2, 0))
+    rows = warp_rows(img[s0:s1], s0, (90, 130), m, 30, 50, 130)
+    for src, planar in ((img[s0:s1], False), (planes, True)):
+        as_planes = warp_rows(src, s0, (90, 130), m, 30, 50, 130, planar=planar, planar_out=True)
+        assert as_planes.shape == (3, 20, 130)
+        np.testing.assert_array_equal(as_planes, np.moveaxis(rows, 2, 0))
 
 
 def test_own_bicubic_kernel_keeps_nan_local_and_leaves_far_turns_to_opencv():

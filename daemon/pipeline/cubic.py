@@ -45,21 +45,22 @@ def near_axes(inv: np.ndarray) -> bool:
 
 
 def cubic_rows(src: np.ndarray, s0: int, inv: np.ndarray, r0: int, out: np.ndarray, *,
-               parallel: bool = False) -> np.ndarray:
+               parallel: bool = False, planar_out: bool = False) -> np.ndarray:
     """Output rows r0 .. r0 + len(out) of the bicubic resampling of an image through the
     affine `inv` (output pixel (x, y) -> source (u, v), 2x3 or 3x3 float64, pixel centres on
     integers). src: (C, S, W_src) float32 planes, source rows s0 .. s0 + S of the image
-    (a band, or all of it with s0 = 0); out: (h, W, C) float32, written in place (NaN
-    where the footprint leaves `src` or holds a NaN). The result depends only on the
-    output row, never on the band: bands of an image are bit for bit the whole image's
-    rows. parallel: the rows on all cores (numba's threads), else on the calling thread.
-    Returns `out`."""
+    (a band, or all of it with s0 = 0); out: (h, W, C) float32, or with planar_out
+    (C, h, W), written in place (NaN where the footprint leaves `src` or holds a NaN). The
+    result depends only on the output row, never on the band: bands of an image are bit for
+    bit the whole image's rows. parallel: the rows on all cores (numba's threads), else on
+    the calling thread. Returns `out`."""
     m = np.ascontiguousarray(np.asarray(inv, np.float64)[:2])
-    if src.ndim != 3 or out.ndim != 3 or src.shape[0] != out.shape[2]:
-        raise ValueError(f"cubic_rows needs (C, S, W) planes and an (h, W, C) output, got {src.shape}, {out.shape}")
+    if src.ndim != 3 or out.ndim != 3 or src.shape[0] != out.shape[0 if planar_out else 2]:
+        raise ValueError(f"cubic_rows needs (C, S, W) planes and an {'(C, h, W)' if planar_out else '(h, W, C)'} "
+                         f"output, got {src.shape}, {out.shape}")
     if src.dtype != np.float32 or out.dtype != np.float32:
         raise TypeError("cubic_rows works on float32")
-    (_cubic_parallel if parallel else _cubic_serial)(src, int(s0), m, int(r0), out)
+    (_cubic_parallel if parallel else _cubic_serial)(src, int(s0), m, int(r0), out, planar_out)
     return out
 
 
@@ -71,7 +72,7 @@ def cubic_image(image: np.ndarray, inv: np.ndarray, out: np.ndarray) -> np.ndarr
     m = np.ascontiguousarray(np.asarray(inv, np.float64)[:2])
     src = np.ascontiguousarray(image, np.float32)
     if src.ndim == 2:
-        _cubic_parallel(src[None], 0, m, 0, out.reshape(out.shape[0], out.shape[1], 1))
+        _cubic_parallel(src[None], 0, m, 0, out.reshape(out.shape[0], out.shape[1], 1), False)
     else:
         _cubic_interleaved(src, m, out.reshape(out.shape[0], out.shape[1], src.shape[2]))
     return out
@@ -100,34 +101,36 @@ def _cubic_interleaved(src, inv, out):  # pragma: no cover - numba
         tmp = np.empty((nc, w), np.float32)
         wts = np.empty((8, _RUN), np.float32)
         for k in range(y0, y1):
-            _row(planes, s0, inv, k, out, k, tmp, wts)
+            _row(planes, s0, inv, k, out, k, tmp, wts, False)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _cubic_serial(src, s0, inv, r0, out):  # pragma: no cover - numba
+def _cubic_serial(src, s0, inv, r0, out, planar_out):  # pragma: no cover - numba
     """`cubic_rows` on the calling thread."""
-    tmp = np.empty((src.shape[0], out.shape[1]), np.float32)
+    h, w = (out.shape[1], out.shape[2]) if planar_out else (out.shape[0], out.shape[1])
+    tmp = np.empty((src.shape[0], w), np.float32)
     wts = np.empty((8, _RUN), np.float32)
-    for k in range(out.shape[0]):
-        _row(src, s0, inv, r0 + k, out, k, tmp, wts)
+    for k in range(h):
+        _row(src, s0, inv, r0 + k, out, k, tmp, wts, planar_out)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _cubic_parallel(src, s0, inv, r0, out):  # pragma: no cover - numba
+def _cubic_parallel(src, s0, inv, r0, out, planar_out):  # pragma: no cover - numba
     """`cubic_rows` on numba's threads, _ROWS_PER_TASK output rows per task."""
-    h = out.shape[0]
+    h, w = (out.shape[1], out.shape[2]) if planar_out else (out.shape[0], out.shape[1])
     for t in numba.prange((h + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        tmp = np.empty((src.shape[0], out.shape[1]), np.float32)
+        tmp = np.empty((src.shape[0], w), np.float32)
         wts = np.empty((8, _RUN), np.float32)
         for k in range(t * _ROWS_PER_TASK, min(h, (t + 1) * _ROWS_PER_TASK)):
-            _row(src, s0, inv, r0 + k, out, k, tmp, wts)
+            _row(src, s0, inv, r0 + k, out, k, tmp, wts, planar_out)
 
 
 @numba.njit(inline="always")
-def _row(src, s0, inv, y, out, k, tmp, wts):  # pragma: no cover - numba
-    """Output row y (global) into out[k], through the planar scratch row `tmp`."""
+def _row(src, s0, inv, y, out, k, tmp, wts, planar_out):  # pragma: no cover - numba
+    """Output row y (global) into row k of `out` ((h, W, C), or (C, h, W) with planar_out),
+    through the planar scratch row `tmp` ((C, W))."""
     nc, n_src, w_src = src.shape
-    w = out.shape[1]
+    w = tmp.shape[1]
     a, b, c = inv[0, 0], inv[0, 1], inv[0, 2]
     d, e, f = inv[1, 0], inv[1, 1], inv[1, 2]
     reverse = a < 0
@@ -158,9 +161,13 @@ def _row(src, s0, inv, y, out, k, tmp, wts):  # pragma: no cover - numba
             else:
                 _taps(p0, p1, p2, p3, np.uint64(iu - 1), n, wts, tmp[cc], np.uint64(x0))
         x0 += n
-    for x in range(w):
+    if planar_out:
         for cc in range(nc):
-            out[k, x, cc] = tmp[cc, x]
+            out[cc, k, :] = tmp[cc]
+    else:
+        for x in range(w):
+            for cc in range(nc):
+                out[k, x, cc] = tmp[cc, x]
 
 
 @numba.njit(inline="always")

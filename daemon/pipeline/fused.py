@@ -5,7 +5,7 @@ at 12 Mpx, 313 MB at 26 Mpx), and the unfused path writes it twice (debayer, war
 it twice (warp, stack) through main memory. Here the output is made a band of rows at a time:
 the mosaic rows a band needs (`warp.source_rows`) are debayered (`debayer.debayer_rows`, bit
 for bit the full debayer's rows), warped into the band (`warp.warp_rows`) and fed to the
-rejecting stack (`RunningStack.add_bands`), while the band is still in cache. Each stage runs
+rejecting stack (`RunningStack.add_banded`, as planes), while the band is still in cache. Each stage runs
 on all cores over the band's rows. The only full-size arrays are the stack's statistics and
 the calibrated mosaic itself.
 
@@ -49,7 +49,7 @@ def _is_identity(matrix: np.ndarray) -> bool:
 
 def registered_band(mosaic: np.ndarray, bayer: str, matrix: np.ndarray, b0: int, b1: int, *,
                     interpolation: str = "bicubic", out: np.ndarray | None = None,
-                    parallel: bool = True) -> np.ndarray:
+                    parallel: bool = True, planar: bool = False) -> np.ndarray:
     """Rows b0..b1 of the registered RGB image of a calibrated mosaic, NaN outside the frame.
 
     mosaic: (H, W) float32 (or float16, e.g. a spool memmap: the rows needed are read as
@@ -58,26 +58,28 @@ def registered_band(mosaic: np.ndarray, bayer: str, matrix: np.ndarray, b0: int,
     the calling thread (OpenCV's own threads aside). Equals
     `warp(debayer(mosaic), matrix, (H, W))[b0:b1]`: bit for bit with the identity matrix and
     where `warp.own_cubic`, else up to the float32 rounding of OpenCV's source coordinates.
-    Returns (b1 - b0, W, 3) float32 (into `out` if given)."""
+    Returns (b1 - b0, W, 3) float32, or with `planar` its planes (3, b1 - b0, W) (what the
+    running stack takes), into `out` if given."""
     h, w = mosaic.shape
     identity = _is_identity(matrix)
     if not identity and not is_affine(matrix):
         raise ValueError("registered_band needs an affine matrix")
     if out is None:
-        out = np.empty((b1 - b0, w, 3), np.float32)
+        out = np.empty((3, b1 - b0, w) if planar else (b1 - b0, w, 3), np.float32)
     s0, s1 = (b0, b1) if identity else source_rows(matrix, b0, b1, w, h, interpolation)
     d0, d1 = max(0, s0 - 1), min(h, s1 + 1)  # the debayer's neighbours
     src = mosaic[d0:d1]
     if src.dtype != np.float32:
         src = src.astype(np.float32)
     if identity:
-        debayer_rows(src, bayer, b0, b1, d0=d0, full_h=h, out=out, parallel=parallel)
+        debayer_rows(src, bayer, b0, b1, d0=d0, full_h=h, out=out, parallel=parallel, planar=planar)
     elif s1 <= s0:
         out[...] = np.nan
     else:
-        planar = own_cubic(matrix, interpolation)  # (our bicubic kernel reads planes)
-        rgb = debayer_rows(src, bayer, s0, s1, d0=d0, full_h=h, parallel=parallel, planar=planar)
-        warp_rows(rgb, s0, (h, w), matrix, b0, b1, w, interpolation, out=out, planar=planar, parallel=parallel)
+        planes = own_cubic(matrix, interpolation)  # (our bicubic kernel reads planes)
+        rgb = debayer_rows(src, bayer, s0, s1, d0=d0, full_h=h, parallel=parallel, planar=planes)
+        warp_rows(rgb, s0, (h, w), matrix, b0, b1, w, interpolation, out=out, planar=planes, planar_out=planar,
+                  parallel=parallel)
     return out
 
 
@@ -109,13 +111,14 @@ def stack_mosaic(stack: RunningStack, mosaic: np.ndarray, bayer: str, matrix: np
     threads = threads or numba.get_num_threads()
 
     def make(b0: int, b1: int) -> np.ndarray:
-        return registered_band(mosaic, bayer, matrix, b0, b1, interpolation=interpolation, parallel=threads <= 1)
+        return registered_band(mosaic, bayer, matrix, b0, b1, interpolation=interpolation, parallel=threads <= 1,
+                               planar=True)
 
     cv_threads = cv2.getNumThreads()
     if threads > 1:
         cv2.setNumThreads(1)
     try:
-        return stack.add_banded(make, rows, weight, offset, threads=threads)
+        return stack.add_banded(make, rows, weight, offset, threads=threads, planar=True)
     finally:
         cv2.setNumThreads(cv_threads)
 

@@ -31,7 +31,10 @@ are taken out, the second's share cancels at that precision. Then m2 is float32 
 The per-pixel work is one fused pass in a numba kernel, parallel over rows: numpy needed
 ~25 full-size passes (0.7 s per 4144x2822 RGB frame on 2 cores, 2 s during the warm-up);
 the kernel (`daemon.pipeline.stack_kernels`) does it in one pass with no full-size
-temporaries (see bench/).
+temporaries (see bench/). The per-plane statistics are kept as planes, (C, H, W): a row of
+one plane is consecutive memory, so the kernels run the same operation on a vector of
+pixels at once (with the planes interleaved, (H, W, C), they load every third value); the
+frames' bands go in as planes too (the fused colour path makes them so; `add` converts).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import numpy as np
 
 from daemon.pipeline.half import bfloat16_bits, bfloat16_values
 from daemon.pipeline.stack_kernels import _HALF_TABLE, _NONE, _add_band, _recheck_all
+from daemon.pipeline.warp import as_planes
 
 
 @dataclass(frozen=True)
@@ -100,13 +104,13 @@ class RunningStack:
         h, w = self.shape[:2]
         c = self.shape[2] if len(self.shape) == 3 else 1
         self._planes = c
-        # Internally always (H, W, C) so one code path serves mono and colour.
+        # Internally always planes, (C, H, W), so one code path serves mono and colour.
         # NaN until a pixel gets its first sample: the mean is the image, no copy needed.
-        self.mean = np.full((h, w, c), np.nan, np.float32)
-        #: Weighted sum of squared deviations (ADU^2), float32; None during the warm-up
-        #: bookkeeping, when `_m2_bf16` keeps it (see the module docstring).
-        self.m2: np.ndarray | None = None if settings.reject else np.zeros((h, w, c), np.float32)
-        self._m2_bf16: np.ndarray | None = np.zeros((h, w, c), np.uint16) if settings.reject else None
+        self._mean = np.full((c, h, w), np.nan, np.float32)
+        # Weighted sum of squared deviations (ADU^2), float32; None during the warm-up
+        # bookkeeping, when `_m2_bf16` keeps it (see the module docstring).
+        self._m2: np.ndarray | None = None if settings.reject else np.zeros((c, h, w), np.float32)
+        self._m2_bf16: np.ndarray | None = np.zeros((c, h, w), np.uint16) if settings.reject else None
         self.wsum = np.zeros((h, w), np.float32)
         self.count = np.zeros((h, w), np.uint16)
         self.n_frames = 0
@@ -120,10 +124,21 @@ class RunningStack:
         #: Frames after which the warm-up buffers are flushed and freed.
         self._track_frames = 3 * settings.warmup
         if settings.reject:
-            self._top = [np.zeros((h, w, c), np.uint16) for _ in range(2)]
+            self._top = [np.zeros((c, h, w), np.uint16) for _ in range(2)]
             self._top_idx = [np.full((h, w), _NONE, np.uint8) for _ in range(2)]
 
     # ------------------------------------------------------------------ public API
+    @property
+    def mean(self) -> np.ndarray:
+        """The weighted mean (ADU), (H, W, C) (also mono: C = 1): a view of the planes."""
+        return self._mean.transpose(1, 2, 0)
+
+    @property
+    def m2(self) -> np.ndarray | None:
+        """The weighted sum of squared deviations (ADU^2, float32), (H, W, C) view; None
+        during the warm-up bookkeeping (kept as bfloat16 then, see the module docstring)."""
+        return None if self._m2 is None else self._m2.transpose(1, 2, 0)
+
     @property
     def rejecting(self) -> bool:
         """True once (nearly) every pixel's warm-up is over and new samples are tested."""
@@ -140,24 +155,33 @@ class RunningStack:
             raise ValueError(f"frame shape {image.shape} does not match the stack {self.shape}")
         return self.add_banded(lambda r0, r1: img[r0:r1], band_rows(img.shape[1], img.shape[2]), weight, offset)
 
+    def planes(self) -> np.ndarray:
+        """The current stack as planes, (C, H, W) (also mono: C = 1), NaN where no frame has
+        contributed: a read-only view, as `image`."""
+        out = self._mean.view()
+        out.flags.writeable = False
+        return out
+
     def add_bands(self, bands: Iterable[tuple[int, np.ndarray]], weight: float = 1.0,
-                  offset: np.ndarray | float | None = None) -> int:
+                  offset: np.ndarray | float | None = None, *, planar: bool = False) -> int:
         """Add one registered frame given as row bands, in any order: (first row, (rows, W, C)
-        or (rows, W) float32), each of the frame's rows exactly once (rows never given stay as
-        they were, as where a frame has no data). The same statistics, bit for bit, as `add`
-        of the whole frame: every pixel's update only reads that pixel. A band may be reused
-        by the producer once the next one is requested. Returns the pixels rejected from the
-        frame; `weight` and `offset` as in `add`."""
+        or (rows, W) float32, or with `planar` (C, rows, W)), each of the frame's rows exactly
+        once (rows never given stay as they were, as where a frame has no data). The same
+        statistics, bit for bit, as `add` of the whole frame: every pixel's update only reads
+        that pixel. A band may be reused by the producer once the next one is requested.
+        Returns the pixels rejected from the frame; `weight` and `offset` as in `add`."""
         ctx = self._begin(weight, offset)
-        totals = [self._add_band(ctx, r0, band) for r0, band in bands]
+        totals = [self._add_band(ctx, r0, band, planar) for r0, band in bands]
         return self._finish(weight, totals)
 
     def add_banded(self, make_band: Callable[[int, int], np.ndarray], rows: int, weight: float = 1.0,
-                   offset: np.ndarray | float | None = None, threads: int | None = None) -> int:
+                   offset: np.ndarray | float | None = None, threads: int | None = None, *,
+                   planar: bool = False) -> int:
         """`add_bands` of a frame made band by band on `threads` threads at once (default:
         numba's, one per core): each takes the next band of `rows` rows, asks
-        `make_band(r0, r1)` for it ((r1 - r0, W[, C]) float32; called concurrently, so it must
-        not share buffers between calls) and adds it on its own thread. Why not parallel
+        `make_band(r0, r1)` for it ((r1 - r0, W[, C]) float32, or with `planar`
+        (C, r1 - r0, W); called concurrently, so it must not share buffers between calls) and
+        adds it on its own thread. Why not parallel
         kernels per band: a parallel region waits for its slowest thread at every band, which
         on a loaded 2-core machine costs milliseconds per band; here a thread that is held up
         only delays its own band. Bit for bit `add`'s statistics. Returns the pixels rejected."""
@@ -167,7 +191,7 @@ class RunningStack:
         spans = [(r0, min(r0 + rows, h)) for r0 in range(0, h, max(1, int(rows)))]
 
         def work(span: tuple[int, int]) -> tuple[int, int]:
-            return self._add_band(ctx, span[0], make_band(*span))
+            return self._add_band(ctx, span[0], make_band(*span), planar)
 
         if threads > 1 and len(spans) > 1:
             totals = list(_band_pool(threads).map(work, spans))
@@ -182,29 +206,39 @@ class RunningStack:
         off = np.zeros(self._planes, np.float32) if offset is None else np.broadcast_to(
             np.asarray(offset, np.float32), (self._planes,)).copy()
         tracking = self._top is not None
-        if tracking:
-            self._warm_weights.append(float(weight))
+        # The frame's weight joins the warm-up weights when it is in (`_finish`): a frame that
+        # fails (a band of the wrong shape) must not shift the later frames' weights.
         return {"off": off, "w": np.float32(weight), "tracking": tracking, "floor2": self._floor2(),
-                "weights": self._weights_table(), "frame_no": np.uint8(min(self.n_frames, _NONE - 1))}
+                "weights": self._weights_table(float(weight) if tracking else None),
+                "frame_no": np.uint8(min(self.n_frames, _NONE - 1))}
 
-    def _add_band(self, ctx: dict, r0: int, band: np.ndarray) -> tuple[int, int]:
+    def _add_band(self, ctx: dict, r0: int, band: np.ndarray, planar: bool) -> tuple[int, int]:
         """One band into the statistics, on the calling thread: (samples rejected, warm-up
         samples removed)."""
         s = self.settings
-        x = band[..., None] if band.ndim == 2 else band
-        r1 = r0 + x.shape[0]
-        if x.shape[1:] != self.mean.shape[1:] or not 0 <= r0 <= r1 <= self.shape[0]:
-            raise ValueError(f"band of shape {band.shape} at row {r0} does not fit the stack {self.shape}")
-        if x.dtype != np.float32:
-            raise TypeError(f"frames must be float32, got {x.dtype}")
-        sl = slice(r0, r1)
+        if band.dtype != np.float32:
+            raise TypeError(f"frames must be float32, got {band.dtype}")
+        if band.ndim == 2:
+            x = band[None]
+        elif planar:
+            x = band
+        elif band.shape[2:] == (1,):
+            x = band[None, ..., 0]
+        else:
+            x = as_planes(band)
+        r1 = r0 + x.shape[1]
+        if (x.shape[0], x.shape[2]) != (self._planes, self.shape[1]) or not 0 <= r0 <= r1 <= self.shape[0]:
+            raise ValueError(f"band of shape {band.shape} at row {r0} does not fit the stack {self.shape}"
+                             + (" (planar)" if planar else ""))
         tracking = ctx["tracking"]
         if tracking:
-            t1, t2, i1, i2 = self._top[0][sl], self._top[1][sl], self._top_idx[0][sl], self._top_idx[1][sl]
+            t1, t2 = self._top
+            i1, i2 = self._top_idx
         else:
             t1, t2, i1, i2 = _EMPTY_U16, _EMPTY_U16, _EMPTY_U8, _EMPTY_U8
-        m2 = self.m2 if self.m2 is not None else self._m2_bf16
-        per_row = _add_band(x, ctx["off"], ctx["w"], self.mean[sl], m2[sl], self.wsum[sl], self.count[sl],
+        m2 = self._m2 if self._m2 is not None else self._m2_bf16
+        x = np.ascontiguousarray(x)
+        per_row = _add_band(x, r0, ctx["off"], ctx["w"], self._mean, m2, self.wsum, self.count,
                          s.reject, s.warmup, np.float32(s.kappa ** 2), np.float32(s.warmup_kappa ** 2),
                          ctx["floor2"], tracking, t1, t2, i1, i2, ctx["frame_no"], ctx["weights"], _HALF_TABLE)
         return int(per_row[:, 0].sum()), int(per_row[:, 1].sum())
@@ -213,6 +247,8 @@ class RunningStack:
         """After the last band: counts, the noise estimate, the end of the warm-up."""
         s = self.settings
         rejected = sum(t[0] for t in totals)
+        if self._top is not None:
+            self._warm_weights.append(float(weight))
         self.n_frames += 1
         self.total_weight += float(weight)
         self.rejected_pixels += rejected + sum(t[1] for t in totals)
@@ -223,9 +259,11 @@ class RunningStack:
         return rejected
 
     def image(self) -> np.ndarray:
-        """The current stack, NaN where no frame has contributed: a read-only *view* (no
-        full-size copy on a Pi), valid until the next `add`; copy it to keep it."""
-        out = self.mean.reshape(self.shape) if len(self.shape) == 2 else self.mean.view()
+        """The current stack, (H, W) or (H, W, C), NaN where no frame has contributed: a
+        read-only *view* (no full-size copy on a Pi; of the planes, so colour is not
+        C-contiguous: `planes` gives them as they are), valid until the next `add`; copy it
+        to keep it."""
+        out = self._mean[0] if len(self.shape) == 2 else self._mean.transpose(1, 2, 0)
         out.flags.writeable = False
         return out
 
@@ -234,21 +272,23 @@ class RunningStack:
         n = self.count.astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.where((n > 1) & (self.wsum > 0), n / ((n - 1) * self.wsum), 0).astype(np.float32)
-        out = np.sqrt(np.maximum(self._m2_values() * scale[..., None], 0))
-        return out[..., 0] if len(self.shape) == 2 else out
+        out = np.sqrt(np.maximum(self._m2_values() * scale, 0))
+        return out[0] if len(self.shape) == 2 else out.transpose(1, 2, 0)
 
     def state(self) -> dict:
-        """Everything needed to resume exactly: numpy arrays and JSON-able scalars. m2 is
-        "m2" (float32) or, during the warm-up bookkeeping, "m2_bf16" (uint16: bfloat16 bits, of
-        m2 without the brightest sample's share where a pixel's warm-up is open)."""
+        """Everything needed to resume exactly: numpy arrays and JSON-able scalars. Per-plane
+        arrays are planes, (C, H, W) ("layout": "planes"; a state without that key has them
+        (H, W, C), as before). m2 is "m2" (float32) or, during the warm-up bookkeeping,
+        "m2_bf16" (uint16: bfloat16 bits, of m2 without the brightest sample's share where a
+        pixel's warm-up is open)."""
         st = {
-            "mean": self.mean, "wsum": self.wsum, "count": self.count,
+            "layout": "planes", "mean": self._mean, "wsum": self.wsum, "count": self.count,
             "noise": self._noise, "n_frames": self.n_frames, "total_weight": self.total_weight,
             "rejected_pixels": self.rejected_pixels, "shape": list(self.shape),
             "settings": self.settings.__dict__.copy(),
         }
-        if self.m2 is not None:
-            st["m2"] = self.m2
+        if self._m2 is not None:
+            st["m2"] = self._m2
         else:
             st["m2_bf16"] = self._m2_bf16
         if self._top is not None:
@@ -262,9 +302,12 @@ class RunningStack:
         """Resume from `state()`. `settings` (default: the saved ones) may differ, e.g. a
         changed kappa in the config: they apply from the next frame on. A state of an older
         version (float32 "m2" during the warm-up) is converted (m2 rounded as the warm-up
-        keeps it); KeyError naming "m2" when a state has none."""
+        keeps it), and one with (H, W, C) arrays (no "layout") taken as planes; KeyError naming
+        "m2" when a state has none."""
         stack = cls(tuple(state["shape"]), settings or StackSettings(**state["settings"]))
-        stack.mean[...] = state["mean"]
+        if state.get("layout") != "planes":
+            state = _planes_state(state)
+        stack._mean[...] = state["mean"]
         stack.wsum[...] = state["wsum"]
         stack.count[...] = state["count"]
         stack._noise[...] = state["noise"]
@@ -279,8 +322,8 @@ class RunningStack:
             if "m2_bf16" in state:
                 stack._m2_bf16[...] = state["m2_bf16"]
             else:  # float32 m2 of an older version
-                for rows in _row_bands(stack.mean.shape[0]):
-                    stack._m2_bf16[rows] = bfloat16_bits(state["m2"][rows] - _state_share(state, rows))
+                for rows in _row_bands(stack.shape[0]):
+                    stack._m2_bf16[:, rows] = bfloat16_bits(state["m2"][:, rows] - _state_share(state, rows))
             # With a lower warm-up now, pixels already holding enough samples are re-checked
             # at once (the kernels take them as steady, with their m2 whole).
             due = (stack._top_idx[0] != _NONE) & (stack.count >= stack.settings.warmup)
@@ -288,22 +331,25 @@ class RunningStack:
         else:
             stack._top = stack._top_idx = None
             stack._m2_bf16 = None
-            stack.m2 = np.zeros(stack.mean.shape, np.float32)
+            stack._m2 = np.zeros(stack._mean.shape, np.float32)
             if "m2_bf16" in state:  # (its warm-up bookkeeping dropped: with reject off now)
-                for rows in _row_bands(stack.mean.shape[0]):
-                    stack.m2[rows] = bfloat16_values(state["m2_bf16"][rows]) + _state_share(state, rows)
+                for rows in _row_bands(stack.shape[0]):
+                    stack._m2[:, rows] = bfloat16_values(state["m2_bf16"][:, rows]) + _state_share(state, rows)
             else:
-                stack.m2[...] = state["m2"]
+                stack._m2[...] = state["m2"]
         return stack
 
     # ------------------------------------------------------------------ internals
     def _floor2(self) -> np.ndarray:
         return ((self.settings.sigma_floor * self._noise) ** 2).astype(np.float32)
 
-    def _weights_table(self) -> np.ndarray:
-        """Weight of each warm-up frame by its index (what the top-2 buffers store)."""
+    def _weights_table(self, adding: float | None = None) -> np.ndarray:
+        """Weight of each warm-up frame by its index (what the top-2 buffers store), with that
+        of the frame being added (`adding`) after them."""
         weights = np.zeros(_NONE + 1, np.float32)
         weights[: len(self._warm_weights)] = self._warm_weights
+        if adding is not None:
+            weights[len(self._warm_weights)] = adding
         return weights
 
     def _recheck(self, due: np.ndarray) -> int:
@@ -312,7 +358,7 @@ class RunningStack:
         if not due.any():
             return 0
         idx = [np.where(due, i, np.uint8(_NONE)) for i in self._top_idx]
-        per_row = _recheck_all(self.mean, self._m2_bf16, self.wsum, self.count, *self._top, *idx,
+        per_row = _recheck_all(self._mean, self._m2_bf16, self.wsum, self.count, *self._top, *idx,
                                self._weights_table(), np.float32(self.settings.warmup_kappa ** 2),
                                self._floor2(), _HALF_TABLE)
         for i in self._top_idx:
@@ -321,28 +367,29 @@ class RunningStack:
 
     def _end_warmup(self) -> int:
         """Re-check pixels still short of `warmup` samples with what they have; free buffers."""
-        per_row = _recheck_all(self.mean, self._m2_bf16, self.wsum, self.count, *self._top, *self._top_idx,
+        per_row = _recheck_all(self._mean, self._m2_bf16, self.wsum, self.count, *self._top, *self._top_idx,
                                self._weights_table(), np.float32(self.settings.warmup_kappa ** 2),
                                self._floor2(), _HALF_TABLE)
         self._top = self._top_idx = None
         self._warm_weights = []
-        self.m2 = np.empty(self.mean.shape, np.float32)
-        for rows in _row_bands(self.mean.shape[0]):  # every pixel done: m2 whole
-            self.m2[rows] = bfloat16_values(self._m2_bf16[rows])
+        self._m2 = np.empty(self._mean.shape, np.float32)
+        for rows in _row_bands(self.shape[0]):  # every pixel done: m2 whole
+            self._m2[:, rows] = bfloat16_values(self._m2_bf16[:, rows])
         self._m2_bf16 = None
         return int(per_row.sum())
 
     def _m2_values(self, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
-        """m2 (ADU^2, float32) of the pixels [rows, cols], whichever form keeps it."""
-        if self.m2 is not None:
-            return self.m2[rows, cols]
-        sel = (rows, cols)
+        """m2 (ADU^2, float32) of the pixels [rows, cols] as planes (C, rows, cols), whichever
+        form keeps it."""
+        if self._m2 is not None:
+            return self._m2[:, rows, cols]
+        sel = (slice(None), rows, cols)
         out = bfloat16_values(self._m2_bf16[sel])
-        idx1 = self._top_idx[0][sel]
+        idx1 = self._top_idx[0][rows, cols]
         open_ = idx1 != _NONE  # (pixels whose warm-up is over have m2 whole)
         if open_.any():
-            out[open_] += _brightest_share(self._top[0][sel][open_], idx1[open_], self._weights_table(),
-                                           self.mean[sel][open_], self.wsum[sel][open_])
+            out[:, open_] += _brightest_share(self._top[0][sel][:, open_], idx1[open_], self._weights_table(),
+                                              self._mean[sel][:, open_], self.wsum[rows, cols][open_])
         return out
 
     def _noise_estimate(self) -> np.ndarray:
@@ -361,7 +408,7 @@ class RunningStack:
         m2 = self._m2_values(slice(None, None, step), slice(None, None, step))
         for c in range(self._planes):
             # One contiguous plane at a time: a median along axis 0 of an (N, 3) array costs 4x.
-            vc = m2[..., c][good] * factor
+            vc = m2[c][good] * factor
             med = np.median(vc)
             out[c] = np.sqrt(vc[vc <= 4 * med].mean()) if med > 0 else 0.0
         return out
@@ -373,13 +420,13 @@ _M2_ROWS = 64
 
 def _brightest_share(top1: np.ndarray, idx1: np.ndarray, weights: np.ndarray, mean: np.ndarray,
                      wsum: np.ndarray) -> np.ndarray:
-    """What their brightest warm-up sample (float16 bits `top1`, frame `idx1`, its weight in
-    `weights` by frame) adds to the m2 of pixels whose warm-up is open (ADU^2 per plane; 0
-    elsewhere): the kernels' `_share` times (x1 - mean)^2, the same float32 operations. The
-    warm-up form of m2 keeps it apart."""
+    """What their brightest warm-up sample (float16 bits `top1`, (C, ...) planes, frame
+    `idx1`, its weight in `weights` by frame) adds to the m2 of pixels whose warm-up is open
+    (ADU^2, planes as `top1`; 0 elsewhere): the kernels' `_share` times (x1 - mean)^2, the
+    same float32 operations. The warm-up form of m2 keeps it apart."""
     w1 = weights[idx1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where((idx1 != _NONE) & (wsum - w1 > 0), w1 * wsum / (wsum - w1), np.float32(0.0))[..., None]
+        share = np.where((idx1 != _NONE) & (wsum - w1 > 0), w1 * wsum / (wsum - w1), np.float32(0.0))[None]
         d = _HALF_TABLE[top1] - mean
         return np.where(share > 0, share * d * d, np.float32(0.0))
 
@@ -394,8 +441,24 @@ def _state_share(state: dict, rows: slice) -> np.ndarray | float:
         return 0.0
     weights = np.zeros(_NONE + 1, np.float32)
     weights[: len(state["warm_weights"])] = state["warm_weights"]
-    return _brightest_share(np.asarray(state["top1"][rows]), np.asarray(state["top1_idx"][rows]), weights,
-                            np.asarray(state["mean"][rows], np.float32), np.asarray(state["wsum"][rows], np.float32))
+    return _brightest_share(np.asarray(state["top1"][:, rows]), np.asarray(state["top1_idx"][rows]), weights,
+                            np.asarray(state["mean"][:, rows], np.float32), np.asarray(state["wsum"][rows], np.float32))
+
+
+#: The per-plane arrays of a state (`RunningStack.state`).
+_PLANE_KEYS = ("mean", "m2", "m2_bf16", "top1", "top2")
+
+
+def _planes_state(state: dict) -> dict:
+    """A state of the interleaved layout ((H, W, C) arrays, no "layout" key) with its
+    per-plane arrays as (C, H, W) views."""
+    out = dict(state)
+    for key in _PLANE_KEYS:
+        if key in out:
+            out[key] = np.moveaxis(np.asarray(out[key]), 2, 0)
+    out["layout"] = "planes"
+    return out
+
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}

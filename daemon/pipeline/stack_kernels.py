@@ -19,6 +19,24 @@ from daemon.pipeline.half import HALF_TO_FLOAT_NATIVE, from_bfloat16, from_half_
 _NONE = 255
 
 
+def _allow_memory_checks(limit: int = 256) -> None:
+    """Let LLVM vectorise loops that need up to `limit` run-time overlap checks (its default:
+    128). numba tells LLVM nothing of which arrays may overlap, so before a vectorised loop
+    LLVM checks every pair of address ranges written and read; the warm-up pass, which reads
+    and writes three planes of four statistics, needs more than 128 and ran scalar (~4x
+    slower). The checks run once per row. The options are LLVM's own and process-wide: set
+    before the kernels compile, they shape the code numba caches (a process that loads
+    kernels from the cache does not depend on them)."""
+    import llvmlite.binding as llvm
+
+    for option in ("vectorize-memory-check-threshold", "runtime-memory-check-threshold",
+                   "memory-check-merge-threshold"):
+        llvm.set_option("lightbucket", f"-{option}={limit}")
+
+
+_allow_memory_checks()
+
+
 # ---------------------------------------------------------------------- kernels
 #: Warm-up samples are stored as float16 of value * _HALF_SCALE: a power of two keeps the
 #: 11-bit relative precision and moves the top of the range from 65504 to 262016 ADU, above
@@ -57,11 +75,11 @@ def _m2_set(m2, i, j, c, q):
 def _m2_get_impl(m2, i, j, c):
     if m2.dtype == types.uint16:
         def get_bfloat16(m2, i, j, c):
-            return from_bfloat16(m2[i, j, c])
+            return from_bfloat16(m2[c, i, j])
         return get_bfloat16
 
     def get(m2, i, j, c):
-        return m2[i, j, c]
+        return m2[c, i, j]
     return get
 
 
@@ -69,18 +87,21 @@ def _m2_get_impl(m2, i, j, c):
 def _m2_set_impl(m2, i, j, c, q):
     if m2.dtype == types.uint16:
         def set_bfloat16(m2, i, j, c, q):
-            m2[i, j, c] = to_bfloat16(q)
+            m2[c, i, j] = to_bfloat16(q)
         return set_bfloat16
 
     def set_(m2, i, j, c, q):
-        m2[i, j, c] = q
+        m2[c, i, j] = q
     return set_
 
 
-def _add_band(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
+def _add_band(x, r0, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
               tracking, top1, top2, idx1, idx2, frame_no, weights, table):
     """One band of a frame into the stack, in place, on the calling thread
-    (`RunningStack.add_banded` runs bands on threads of its own). Returns per row (samples
+    (`RunningStack.add_banded` runs bands on threads of its own): `x` the band's planes
+    (C, rows, W), its first row `r0` in the stack; the statistics whole ((C, H, W) and
+    (H, W): a band of rows of (C, H, W) planes is no contiguous array, and numba vectorises
+    only loops over arrays it knows to be contiguous). Returns per row (samples
     rejected against the running statistics, warm-up samples removed by the re-check). Mono
     and RGB stacks (the only kinds) get kernels compiled for their number of planes (the
     plane loops unrolled): ~30 % faster than one kernel for any number (measured at
@@ -88,22 +109,22 @@ def _add_band(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
     the steady pass only: m2 is float32 then, bfloat16 before (see `_m2_get`), and each form
     compiles only the code it runs."""
     if not tracking:
-        steady = _steady_band_3 if mean.shape[2] == 3 else _steady_band_1
-        return steady(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2)
-    kernel = _add_band_3 if mean.shape[2] == 3 else _add_band_1
-    return kernel(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
+        steady = _steady_band_3 if mean.shape[0] == 3 else _steady_band_1
+        return steady(x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2)
+    kernel = _add_band_3 if mean.shape[0] == 3 else _add_band_1
+    return kernel(x, r0, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
                   tracking, top1, top2, idx1, idx2, frame_no, weights, table)
 
 
-def _add_band_1_py(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
+def _add_band_1_py(x, r0, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
                    tracking, top1, top2, idx1, idx2, frame_no, weights, table):
-    return _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
+    return _add_rows(x, r0, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
                      tracking, top1, top2, idx1, idx2, frame_no, weights, table, 1)
 
 
-def _add_band_3_py(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
+def _add_band_3_py(x, r0, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
                    tracking, top1, top2, idx1, idx2, frame_no, weights, table):
-    return _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
+    return _add_rows(x, r0, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
                      tracking, top1, top2, idx1, idx2, frame_no, weights, table, 3)
 
 
@@ -112,12 +133,12 @@ _add_band_1 = numba.njit(cache=True, nogil=True, error_model="numpy")(_add_band_
 _add_band_3 = numba.njit(cache=True, nogil=True, error_model="numpy")(_add_band_3_py)
 
 
-def _steady_band_1_py(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
-    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 1)
+def _steady_band_1_py(x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 1)
 
 
-def _steady_band_3_py(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
-    return _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 3)
+def _steady_band_3_py(x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2):
+    return _steady_rows(x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2, 3)
 
 
 #: The steady-pass kernels of mono and RGB stacks, as `_add_band_1/_3`.
@@ -126,21 +147,22 @@ _steady_band_3 = numba.njit(cache=True, nogil=True, error_model="numpy")(_steady
 
 
 @numba.njit(inline="always")
-def _steady_rows(x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, nc):
+def _steady_rows(x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2, nc):
     """`_add_rows` without the warm-up bookkeeping: every pixel steady. The same
     `_steady_run` as there: the same statistics whichever kernel a frame takes."""
-    h = mean.shape[0]
+    h = x.shape[1]
     counts = np.zeros((h, 2), np.int64)
-    for i in numba.prange(h):
+    for b in numba.prange(h):
+        i = r0 + b
         if nc == 1:
-            counts[i, 0] += _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
+            counts[b, 0] += _steady_run_1(i, x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
         else:
-            counts[i, 0] += _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
+            counts[b, 0] += _steady_run_3(i, x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2, False, 0)
     return counts
 
 
 @numba.njit(inline="always")
-def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
+def _add_rows(x, r0, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2, floor2,
               tracking, top1, top2, idx1, idx2, frame_no, weights, table, nc):
     """The body of `_add_band`'s kernels, `nc` planes (1 or 3: a constant, inlined).
 
@@ -152,9 +174,10 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
     the same order: the result does not depend on which path a pixel took.
 
     Plain scalar indexing throughout: numba array views per pixel cost 4x."""
-    h, wd = mean.shape[0], mean.shape[1]
+    h, wd = x.shape[1], mean.shape[2]
     counts = np.zeros((h, 2), np.int64)
-    for i in numba.prange(h):
+    for b in numba.prange(h):
+        i = r0 + b
         # Steady pixels first, the whole row in one vectorised call (inside any inner loop
         # LLVM no longer vectorises it: measured 3.5x slower); then those still in warm-up.
         # A row with none (the first frames) skips the steady pass: it would change nothing.
@@ -163,10 +186,10 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
         if n_warm == wd:
             pass
         elif nc == 1:
-            counts[i, 0] += _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
+            counts[b, 0] += _steady_run_1(i, x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
                                           tracking, warmup)
         else:
-            counts[i, 0] += _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
+            counts[b, 0] += _steady_run_3(i, x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2,
                                           tracking, warmup)
         if not tracking:
             continue
@@ -174,19 +197,20 @@ def _add_rows(x, off, w, mean, m2, wsum, count, reject, warmup, kappa2, wkappa2,
         # `_warmup_run`); then the end-of-warm-up re-check of those that just reached
         # `warmup` samples: the whole row's as selects where many did, else pixel by pixel.
         hit = np.empty(wd, np.bool_)
+        w1s = np.empty(wd, np.float32)
         if nc == 1:
-            n_hit = _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
-                                  weights, table, hit, n_warm)
+            n_hit = _warmup_run_1(i, x, r0, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
+                                  weights, table, hit, w1s, n_warm)
         else:
-            n_hit = _warmup_run_3(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
-                                  weights, table, hit, n_warm)
+            n_hit = _warmup_run_3(i, x, r0, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no,
+                                  weights, table, hit, w1s, n_warm)
         if n_hit * 8 >= wd:  # many (the first frames' pixels end their warm-up together): the whole row
-            counts[i, 1] += _recheck_pixels(i, 0, wd, hit, mean, m2, wsum, count, top1, top2, idx1, idx2, weights,
+            counts[b, 1] += _recheck_pixels(i, 0, wd, hit, mean, m2, wsum, count, top1, top2, idx1, idx2, weights,
                                             wkappa2, floor2, table, nc)
         elif n_hit:
             for j in range(wd):
                 if hit[j]:
-                    counts[i, 1] += _recheck_pixels(i, j, j + 1, hit, mean, m2, wsum, count, top1, top2, idx1, idx2,
+                    counts[b, 1] += _recheck_pixels(i, j, j + 1, hit, mean, m2, wsum, count, top1, top2, idx1, idx2,
                                                     weights, wkappa2, floor2, table, nc)
     return counts
 
@@ -201,26 +225,26 @@ def _n_warm(i, count, warmup):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _steady_run_1(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup):
+def _steady_run_1(i, x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup):
     """`_steady_run` of a mono stack, compiled on its own: inlined into `_add_rows`, or with
     the number of planes unknown, LLVM does not vectorise it (measured 4x slower)."""
-    return _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup, 1)
+    return _steady_run(i, x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup, 1)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _steady_run_3(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup):
+def _steady_run_3(i, x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup):
     """`_steady_run` of an RGB stack (see `_steady_run_1`)."""
-    return _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup, 3)
+    return _steady_run(i, x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup, 3)
 
 
 @numba.njit(inline="always")
-def _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup, nc):
+def _steady_run(i, x, r0, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tracking, warmup, nc):
     """Row i's steady pixels (all, once the warm-up bookkeeping is over; else those holding
     `warmup` samples): the rejection test and the weighted Welford update, as selects
     instead of branches so that it vectorises. Other pixels are left as they are. Returns the
     number of samples rejected."""
     nrej = 0
-    for j in range(mean.shape[1]):
+    for j in range(mean.shape[2]):
         n = count[i, j]
         ws = wsum[i, j]
         nf = np.float32(n)
@@ -233,10 +257,10 @@ def _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tra
         finite = True
         bad = False
         for c in range(nc):
-            val = x[i, j, c] + off[c]
+            val = x[c, i - r0, j] + off[c]
             finite &= math.isfinite(val)
             var = max(_m2_get(m2, i, j, c) * scale, floor2[c])
-            d = val - mean[i, j, c]
+            d = val - mean[c, i, j]
             bad |= d * d > grow * var
         bad = bad & reject & (n >= 2)
         finite = finite & steady
@@ -245,7 +269,7 @@ def _steady_run(i, x, off, w, mean, m2, wsum, count, reject, kappa2, floor2, tra
         ws_new = ws + w
         r = w / ws_new
         for c in range(nc):
-            _welford(mean, m2, i, j, c, x[i, j, c] + off[c], n, w, r, use)
+            _welford(mean, m2, i, j, c, x[c, i - r0, j] + off[c], n, w, r, use)
         wsum[i, j] = ws_new if use else ws
         count[i, j] = n + 1 if use else n
     return nrej
@@ -258,17 +282,17 @@ def _welford_step(mu, q, val, n, w, r):
     the same float32 operations whichever run a pixel takes."""
     d = val - mu
     new_mu = val if n == 0 else mu + d * r
-    new_q = np.float32(0.0) if n == 0 else np.float32(q + w * d * d * (1 - r))  # w * d_old * (x - mean_new)
+    new_q = np.float32(0.0) if n == 0 else q + w * d * d * (np.float32(1.0) - r)  # w * d_old * (x - mean_new)
     return new_mu, new_q
 
 
 @numba.njit(inline="always")
 def _welford(mean, m2, i, j, c, val, n, w, r, use):
     """`_welford_step` of pixel (i, j), plane c, in place where `use`, as a select (vectorises)."""
-    mu = mean[i, j, c]
+    mu = mean[c, i, j]
     q = _m2_get(m2, i, j, c)
     new_mu, new_q = _welford_step(mu, q, val, n, w, r)
-    mean[i, j, c] = new_mu if use else mu
+    mean[c, i, j] = new_mu if use else mu
     _m2_set(m2, i, j, c, new_q if use else q)
 
 
@@ -280,47 +304,47 @@ def _share(i1, w1, ws):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _warmup_run_1(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
-                  hit, n_warm):
+def _warmup_run_1(i, x, r0, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
+                  hit, w1s, n_warm):
     """`_warmup_run` of a mono stack, compiled on its own (see `_steady_run_1`)."""
-    return _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
-                       hit, n_warm, 1)
+    return _warmup_run(i, x, r0, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights,
+                       table, hit, w1s, n_warm, 1)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _warmup_run_3(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
-                  hit, n_warm):
+def _warmup_run_3(i, x, r0, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
+                  hit, w1s, n_warm):
     """`_warmup_run` of an RGB stack (see `_steady_run_1`)."""
-    return _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table,
-                       hit, n_warm, 3)
+    return _warmup_run(i, x, r0, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights,
+                       table, hit, w1s, n_warm, 3)
 
 
 @numba.njit(inline="always")
-def _warmup_run(i, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table, hit,
-                n_warm, nc):
+def _warmup_run(i, x, r0, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights, table, hit,
+                w1s, n_warm, nc):
     """Row i's pixels that are still in their warm-up (fewer than `warmup` samples; `n_warm`
     of them, `_n_warm`): see `_warmup_pixels`. A row where many are (the first frames) goes
     through it as one vectorised loop; a row with a few (the dithered border, pixels whose
     brightest sample the re-check took out) pixel by pixel. Returns how many pixels have
     just reached `warmup` samples, flagged in `hit`, for the caller to re-check."""
-    wd = mean.shape[1]
+    wd = mean.shape[2]
     if n_warm == 0:
         return 0
     if n_warm * 8 >= wd:
-        return _warmup_pixels(i, 0, wd, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2,
-                              frame_no, weights, table, hit, nc)
+        return _warmup_pixels(i, 0, wd, x, r0, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2,
+                              frame_no, weights, table, hit, w1s, nc)
     n_hit = 0
     for j in range(wd):
         hit[j] = False
         if count[i, j] < warmup:
-            n_hit += _warmup_pixels(i, j, j + 1, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2,
-                                    frame_no, weights, table, hit, nc)
+            n_hit += _warmup_pixels(i, j, j + 1, x, r0, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2,
+                                    frame_no, weights, table, hit, w1s, nc)
     return n_hit
 
 
 @numba.njit(inline="always")
-def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights,
-                   table, hit, nc):
+def _warmup_pixels(i, j0, j1, x, r0, off, w, mean, m2, wsum, count, warmup, top1, top2, idx1, idx2, frame_no, weights,
+                   table, hit, w1s, nc):
     """Pixels j0..j1 of row i in their warm-up: no rejection test; the two brightest samples
     (by the sum over planes) remembered as half floats with their frame index; the weighted
     Welford update. Written as selects instead of branches so that it vectorises (the
@@ -328,7 +352,9 @@ def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, to
     warm-up are left as they are. Their m2 is stored without the share of their brightest
     sample (`_share`), so that the re-check takes that sample out without cancellation,
     whatever precision m2 is kept in. Flags in `hit[j]` the pixels that have just reached
-    `warmup` samples and returns their number."""
+    `warmup` samples and returns their number. `w1s`: scratch, a float32 per pixel of the row."""
+    for j in range(j0, j1):  # (a gather on its own: in the loop below it would stop LLVM vectorising)
+        w1s[j] = weights[idx1[i, j]]
     n_hit = 0
     for j in range(j0, j1):
         n = count[i, j]
@@ -337,11 +363,11 @@ def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, to
         k1 = np.float32(0.0)
         k2 = np.float32(0.0)
         for c in range(nc):
-            val = x[i, j, c] + off[c]
+            val = x[c, i - r0, j] + off[c]
             finite &= math.isfinite(val)
             key += val
-            k1 += _warm_value(table, top1[i, j, c])
-            k2 += _warm_value(table, top2[i, j, c])
+            k1 += _warm_value(table, top1[c, i, j])
+            k2 += _warm_value(table, top2[c, i, j])
         use = finite & (n < warmup)
         i1 = idx1[i, j]
         i2 = idx2[i, j]
@@ -351,22 +377,23 @@ def _warmup_pixels(i, j0, j1, x, off, w, mean, m2, wsum, count, warmup, top1, to
         ws_new = ws + w
         r = w / ws_new
         i1_new = frame_no if use & first else i1
-        share = _share(i1, weights[i1], ws)
-        share_new = _share(i1_new, weights[i1_new], ws_new if use else ws)
+        w1 = w1s[j]
+        share = _share(i1, w1, ws)
+        share_new = _share(i1_new, w if use & first else w1, ws_new if use else ws)  # (weights[frame_no] is w)
         for c in range(nc):
-            val = x[i, j, c] + off[c]
+            val = x[c, i - r0, j] + off[c]
             h = to_half(val * _HALF_SCALE)
-            t1 = top1[i, j, c]
-            t2 = top2[i, j, c]
+            t1 = top1[c, i, j]
+            t2 = top2[c, i, j]
             t1_new = h if use & first else t1
-            top1[i, j, c] = t1_new
-            top2[i, j, c] = (t1 if first else h) if use & (first | second) else t2
-            mu = mean[i, j, c]
+            top1[c, i, j] = t1_new
+            top2[c, i, j] = (t1 if first else h) if use & (first | second) else t2
+            mu = mean[c, i, j]
             rest = _m2_get(m2, i, j, c)
             d1 = _warm_value(table, t1) - mu
             new_mu, new_q = _welford_step(mu, rest + (share * d1 * d1 if share > 0 else np.float32(0.0)), val, n, w, r)
             d1 = _warm_value(table, t1_new) - new_mu
-            mean[i, j, c] = new_mu if use else mu
+            mean[c, i, j] = new_mu if use else mu
             _m2_set(m2, i, j, c, (new_q - (share_new * d1 * d1 if share_new > 0 else np.float32(0.0))) if use else rest)
         idx1[i, j] = i1_new
         idx2[i, j] = (i1 if first else frame_no) if use & (first | second) else i2
@@ -428,7 +455,7 @@ def _recheck_pixels(i, j0, j1, hit, mean, m2, wsum, count, top1, top2, idx1, idx
             q = rest + share * (x1 - mu) * (x1 - mu) if share > 0 else rest  # m2 whole again
             new_mu = mo2 if drop2 else (mo1 if drop1 else mu)
             new_q = max(q2, np.float32(0.0)) if drop2 else (max(rest, np.float32(0.0)) if drop1 else q)
-            mean[i, j, c] = new_mu if h else mu
+            mean[c, i, j] = new_mu if h else mu
             _m2_set(m2, i, j, c, new_q if h else rest)
         wsum[i, j] = ws2 if drop2 else (ws1 if drop1 else ws)
         count[i, j] = n - 2 if drop2 else (n - 1 if drop1 else n)
@@ -445,11 +472,11 @@ def _without_brightest(i, j, c, mean, m2, top1, top2, table, w1, w2, ws, ws1, ws
     m2 without both (mo2, q2): the inverse weighted Welford updates (weights w1, w2; weight
     sums ws, ws1 = ws - w1, ws2 = ws1 - w2), m2 without x1 being `rest` itself (no
     cancellation). float32 throughout."""
-    x1 = _warm_value(table, top1[i, j, c])
-    mu = mean[i, j, c]
+    x1 = _warm_value(table, top1[c, i, j])
+    mu = mean[c, i, j]
     rest = _m2_get(m2, i, j, c)
     mo1 = (mu * ws - x1 * w1) / ws1
-    x2 = _warm_value(table, top2[i, j, c])
+    x2 = _warm_value(table, top2[c, i, j])
     mo2 = (mo1 * ws1 - x2 * w2) / ws2
     q2 = rest - w2 * (x2 - mo2) * (x2 - mo1)
     return x1, mu, rest, mo1, x2, mo2, q2
@@ -458,7 +485,7 @@ def _without_brightest(i, j, c, mean, m2, top1, top2, table, w1, w2, ws, ws1, ws
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _recheck_all(mean, m2, wsum, count, top1, top2, idx1, idx2, weights, kappa2, floor2, table):
     """Re-check every pixel whose warm-up is still open (before freeing the buffers)."""
-    h, wd, nc = mean.shape
+    nc, h, wd = mean.shape
     removed = np.zeros(h, np.int64)
     for i in numba.prange(h):
         hit = np.empty(wd, np.bool_)

@@ -51,10 +51,16 @@ def downscale(image: np.ndarray, max_edge: int) -> np.ndarray:
     if f >= 1:
         return image.astype(np.float32, copy=False)
     dh, dw = max(1, round(h * f)), max(1, round(w * f))
+    xi, xw = _area_weights(w, dw)
+    planes = np.moveaxis(image, 2, 0) if image.ndim == 3 else None
+    if planes is not None and planes.flags.c_contiguous and planes.dtype == np.float32:
+        # A view of planes (the running stack's image): read as they are, no interleaved copy.
+        out = np.empty((dh, dw * planes.shape[0]), np.float32)
+        _area_kernel_planes(planes, out, *_area_weights(h, dh), xi, xw)
+        return out.reshape(dh, dw, planes.shape[0])
     src = np.ascontiguousarray(image, dtype=np.float32)
     c = 1 if src.ndim == 2 else src.shape[2]
     out = np.empty((dh, dw * c), np.float32)
-    xi, xw = _area_weights(w, dw)
     _area_kernel(src.reshape(h, w * c), out, *_area_weights(h, dh), xi * c, xw)
     return out.reshape((dh, dw) + src.shape[2:])
 
@@ -84,6 +90,44 @@ def _area_weights(n: int, dn: int) -> tuple[np.ndarray, np.ndarray]:
     for d, taps in enumerate(rows):
         idx[d, :len(taps)], wt[d, :len(taps)] = zip(*taps, strict=True)
     return idx, wt
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _area_kernel_planes(src, dst, yi, yw, xi, xw):  # pragma: no cover - numba
+    """`_area_kernel` of an image given as planes, src (C, H, W) float32, into the same
+    interleaved dst (h, w * C), with the same sums in the same order (the same values); xi
+    pixel indices (not times C), padded with W."""
+    h = dst.shape[0]
+    w, kx = xi.shape
+    c, n = src.shape[0], src.shape[2]
+    for i in numba.prange(h):
+        buf = np.zeros((c, n + 1), np.float32)
+        for k in range(yi.shape[1]):
+            a = yw[i, k]
+            if a == 0:
+                break
+            for ch in range(c):
+                row = src[ch, yi[i, k]]
+                acc = buf[ch]
+                for t in range(n):
+                    acc[t] += a * row[t]
+        out = dst[i]
+        if c == 3:  # (as in `_area_kernel`)
+            for j in range(w):
+                r = g = b = np.float32(0)
+                for k in range(kx):
+                    o, a = xi[j, k], xw[j, k]
+                    r += a * buf[0, o]
+                    g += a * buf[1, o]
+                    b += a * buf[2, o]
+                out[3 * j], out[3 * j + 1], out[3 * j + 2] = r, g, b
+        else:
+            for j in range(w):
+                for ch in range(c):
+                    v = np.float32(0)
+                    for k in range(kx):
+                        v += xw[j, k] * buf[ch, xi[j, k]]
+                    out[j * c + ch] = v
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -92,12 +92,23 @@ def own_cubic(matrix: np.ndarray, interpolation: str) -> bool:
     return interpolation == "bicubic" and bool(np.allclose(m[2], [0.0, 0.0, 1.0])) and near_axes(np.linalg.inv(m))
 
 
-def _planes(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) float32 planes of an (H, W) or (H, W, C) image (a view when 2-D or planar
-    already, else a copy)."""
+def as_planes(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(C, H, W) float32 planes of an (H, W) or (H, W, C) image: a view of a contiguous
+    float32 2-D image, else a copy (into `out` if given), made by OpenCV's channel copy
+    (numpy's strided transpose takes several times longer)."""
     if image.ndim == 2:
-        return np.ascontiguousarray(image, np.float32)[None]
-    return np.ascontiguousarray(np.moveaxis(image, 2, 0), np.float32)
+        planes = np.ascontiguousarray(image, np.float32)[None]
+        if out is None:
+            return planes
+        out[...] = planes
+        return out
+    src = np.ascontiguousarray(image, np.float32)
+    h, w, c = src.shape
+    if out is None:
+        out = np.empty((c, h, w), np.float32)
+    if h and w:
+        cv2.mixChannels([src], list(out), [k for i in range(c) for k in (i, i)])
+    return out
 
 
 def source_rows(matrix: np.ndarray, r0: int, r1: int, width: int, src_h: int, interpolation: str = "bicubic"
@@ -121,7 +132,7 @@ def source_rows(matrix: np.ndarray, r0: int, r1: int, width: int, src_h: int, in
 
 def warp_rows(src: np.ndarray, s0: int, src_shape: tuple[int, int], matrix: np.ndarray, r0: int, r1: int,
               width: int, interpolation: str = "bicubic", out: np.ndarray | None = None, *,
-              planar: bool = False, parallel: bool = True) -> np.ndarray:
+              planar: bool = False, planar_out: bool = False, parallel: bool = True) -> np.ndarray:
     """Output rows r0..r1 of `warp(image, matrix, (H, width), interpolation)` from only the
     source rows it reads: `src` = image rows s0 .. s0 + len(src) (at least `source_rows`),
     (rows, W[, C]), or with planar=True (C, rows, W) planes; `src_shape` the whole image's
@@ -130,20 +141,27 @@ def warp_rows(src: np.ndarray, s0: int, src_shape: tuple[int, int], matrix: np.n
     which can move a coordinate across a 1/32 px step in rare pixels (float rounding of the
     translation). NaN outside the frame as in `warp`. parallel=False: our kernel on the
     calling thread (OpenCV's threads are process-wide). Returns (r1 - r0, width[, C])
-    float32 (into `out` if given)."""
+    float32, or with planar_out (C, r1 - r0, width) (a colour source's planes), into `out`
+    if given."""
     m = np.asarray(matrix, dtype=np.float64)
     flag = INTERPOLATIONS[interpolation]
     h = r1 - r0
     n_src = src.shape[1] if planar else src.shape[0]
+    nc = src.shape[0] if planar else (src.shape[2] if src.ndim == 3 else 1)
     if out is None:
-        out = np.empty((h, width) + ((src.shape[0],) if planar else src.shape[2:]), np.float32)
+        shape = (nc, h, width) if planar_out else (h, width) + ((nc,) if planar or src.ndim == 3 else ())
+        out = np.empty(shape, np.float32)
     if n_src == 0 or h == 0:
         out[...] = np.nan
         return out
     if own_cubic(m, interpolation):  # (NaN where a footprint leaves the frame: as below)
-        cubic_rows(src if planar else _planes(src), s0, np.linalg.inv(m), r0, out.reshape(h, width, -1),
-                   parallel=parallel)
+        cubic_rows(src if planar else as_planes(src), s0, np.linalg.inv(m), r0,
+                   out.reshape(nc, h, width) if planar_out else out.reshape(h, width, nc),
+                   parallel=parallel, planar_out=planar_out)
         return out
+    if planar_out:
+        return as_planes(warp_rows(src, s0, src_shape, m, r0, r1, width, interpolation, planar=planar,
+                                   parallel=parallel), out=out.reshape(nc, h, width))
     if planar:
         src = np.moveaxis(src, 0, 2) if src.shape[0] > 1 else src[0]
     # band coordinates: output y - r0, source y - s0
