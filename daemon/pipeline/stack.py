@@ -410,7 +410,8 @@ class RunningStack:
             # One contiguous plane at a time: a median along axis 0 of an (N, 3) array costs 4x.
             vc = m2[c][good] * factor
             med = np.median(vc)
-            out[c] = np.sqrt(vc[vc <= 4 * med].mean()) if med > 0 else 0.0
+            # (m2 of identical samples can round a hair below 0: never a NaN sigma)
+            out[c] = np.sqrt(max(float(vc[vc <= 4 * med].mean()), 0.0)) if med > 0 else 0.0
         return out
 
 
