@@ -127,8 +127,9 @@ def _pipeline(root: Path, bayer: str | None, settings: dict) -> None:
             spool.append(encode(result.registered), weight=result.weight, path=str(p))
         result.registered = None
         image = pipe.stack_image()
-        if image is not None:
-            preview_jpeg(image, max_edge=64)
+        if image is not None:  # downscaled, and as it is (a mono stack's own read-only view)
+            for edge in (64, max(image.shape[:2])):
+                preview_jpeg(image, max_edge=edge)
     if len(spool):
         restack(*spool.restack_inputs())
 

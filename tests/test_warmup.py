@@ -125,7 +125,8 @@ for bayer in (None, "GRBG"):
         r = pipe.process(Frame(data, FrameMeta(path=str(i), exposure_s=5.0, bayer=bayer)), consume=True)
         assert r.accepted
         encode(r.registered)
-        preview_jpeg(pipe.stack_image(), max_edge=64)
+        for edge in (64, 1280):  # downscaled, and as it is (the stack's own read-only view)
+            preview_jpeg(pipe.stack_image(), max_edge=edge)
 after = loads()
 print(json.dumps({"warm_up_loads": sum(before.values()),
                   "frame_loads": {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}}))
