@@ -90,6 +90,9 @@ def test_downscale_is_opencv_area_average_with_nan_footprint():
             view = np.ascontiguousarray(np.moveaxis(img, 2, 0)).transpose(1, 2, 0)
             assert not view.flags.c_contiguous
             np.testing.assert_array_equal(downscale(view, edge), ours)
+            same = downscale(view, max(shape))  # no downscaling: the planes interleaved
+            assert same.flags.c_contiguous
+            np.testing.assert_array_equal(same, img)
 
 
 def test_median_is_numpys():

@@ -45,10 +45,15 @@ def downscale(image: np.ndarray, max_edge: int) -> np.ndarray:
     row with contiguous (vectorised) loads first and then sums along the row; OpenCV sums
     along every input row first, through an index table: 1.7x (4144x2822x3) to 3x (6248x4176)
     slower. An output pixel whose area holds a NaN (no data) is NaN: the unstacked border
-    grows by about one preview pixel, and no full-size temporary is needed to avoid that."""
+    grows by about one preview pixel, and no full-size temporary is needed to avoid that.
+    A view of planes (the running stack's (H, W, C) image of (C, H, W) planes) is read as
+    planes, with no interleaved copy; not downscaled, it comes back interleaved (one copy)."""
     h, w = image.shape[:2]
     f = max_edge / max(h, w)
     if f >= 1:
+        if image.ndim == 3 and image.dtype == np.float32 and np.moveaxis(image, 2, 0).flags.c_contiguous \
+                and not image.flags.c_contiguous:  # planes (a stack's view): interleaved in one pass
+            return cv2.merge([image[..., k] for k in range(image.shape[2])])
         return image.astype(np.float32, copy=False)
     dh, dw = max(1, round(h * f)), max(1, round(w * f))
     xi, xw = _area_weights(w, dw)
