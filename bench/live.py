@@ -78,7 +78,8 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     compiled_s = ensure_warm()
     ready_s = time.perf_counter() - t
     pipe = LivePipeline(LiveSettings(**settings_kw), masters)
-    load = FrameLoader()  # as the service loads: into the previous frame's array when free
+    # As the service loads: into the previous frame's array when free.
+    load = FrameLoader(keep_large=pipe.settings.holds_frames)
     spool_dir = tempfile.TemporaryDirectory(prefix="lb-bench-spool-", dir=state_dir)
     spool = Spool(spool_dir.name)
     spooler = writer_thread()

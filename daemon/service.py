@@ -66,10 +66,12 @@ class Service:
                                      (self.capture_dir, "capture.dir", config.indi is not None)):
             ensure_dir(path, setting, writable=write)
         masters = config.calibration.files()
+        settings = live_settings(config)
         if factory is None:
-            factory = LivePipelineFactory(live_settings(config), masters)
+            factory = LivePipelineFactory(settings, masters)
         if loader is None:
-            loader = FrameLoader(LoadOptions(config.capture.max_frame_bytes, config.capture.tiff_bayer))
+            loader = FrameLoader(LoadOptions(config.capture.max_frame_bytes, config.capture.tiff_bayer),
+                                 keep_large=settings.holds_frames)
         self._queue = FrameQueue()
         self.session = Session(self.state_dir, self.capture_dir, self.output_dir, factory, loader, masters,
                                self._queue.waiting.is_set)

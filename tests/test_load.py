@@ -366,8 +366,8 @@ def test_frame_loader_reuses_the_previous_frames_array_only_once_it_is_free(tmp_
     fourth = load(paths[3])
     assert address(fourth) != at and view.base is not None
     np.testing.assert_array_equal(fourth.data, load_frame(paths[3]).data)
-    # The loader keeps the last array alive for reuse, but not one above REUSE_MAX_BYTES:
-    # that memory goes back as soon as the caller drops the frame.
+    # The loader keeps the last array alive for reuse; one above REUSE_MAX_BYTES only with
+    # keep_large (the default), else that memory goes back as soon as the caller drops the frame.
     import weakref
 
     import daemon.io.load as load_mod
@@ -378,6 +378,36 @@ def test_frame_loader_reuses_the_previous_frames_array_only_once_it_is_free(tmp_
     monkeypatch.setattr(load_mod, "REUSE_MAX_BYTES", kept.nbytes - 1)
     fifth = load(paths[0])
     np.testing.assert_array_equal(fifth.data, kept)
-    freed = weakref.ref(fifth.data)
+    at = address(fifth)
     del fifth
+    sixth = load(paths[1])  # large, kept: its array again
+    assert address(sixth) == at
+    np.testing.assert_array_equal(sixth.data, load_frame(paths[1]).data)
+    del sixth
+    small_only = FrameLoader(keep_large=False)
+    seventh = small_only(paths[0])
+    np.testing.assert_array_equal(seventh.data, kept)
+    freed = weakref.ref(seventh.data)
+    del seventh
     assert freed() is None
+
+
+def test_large_frames_are_kept_only_where_the_pipeline_holds_them_anyway(tmp_path):
+    """Mono and fused full-resolution colour hold a frame's pixels through its processing: the
+    loader may keep them for the next frame. Superpixel (and the unfused path) free a colour
+    mosaic once debayered, which a kept array would outlive."""
+    from daemon.pipeline.live_settings import LiveSettings
+
+    assert LiveSettings().holds_frames and LiveSettings(debayer="drizzle").holds_frames
+    assert not LiveSettings(debayer="superpixel").holds_frames
+    assert not LiveSettings(fused=False).holds_frames
+    # The service's loader follows its [stack] debayer.
+    from daemon.config import config_from_dict
+    from daemon.service import Service
+
+    for debayer, keep in (("bilinear", True), ("superpixel", False)):
+        (tmp_path / debayer).mkdir()
+        cfg = config_from_dict({"capture": {"dir": str(tmp_path / debayer / "capture")},
+                                "state": {"dir": str(tmp_path / debayer / "state")},
+                                "stack": {"debayer": debayer}}, "test.toml")
+        assert Service(cfg).session.loader.keep_large is keep

@@ -117,14 +117,18 @@ class FrameLoader:
     previous frame's array is several times faster (bench/PERFORMANCE.md). "Nothing else
     holds it" is CPython's reference count: the caller has dropped the frame (the service,
     after `process(frame, consume=True)`), no view of it is alive; a frame still held is
-    never overwritten, the next one just gets a new array. Frames above `REUSE_MAX_BYTES` are
-    not kept: the kept array is memory held through the next frame's processing, and a 26 Mpx
-    colour frame's mosaic, freed once debayered, would raise the session's peak by its size.
+    never overwritten, the next one just gets a new array. The kept array is memory held
+    between frames: frames above `REUSE_MAX_BYTES` are kept only with `keep_large`, right
+    where the pipeline holds a frame's pixels through its processing anyway (mono; colour at
+    full resolution, whose fused path reads the mosaic to the end), wrong where it frees them
+    early (a colour mosaic freed once debayered: superpixel, or the unfused path), which the
+    kept array would outlive: a 26 Mpx session's peak would grow by a mosaic (104 MB).
     One loader per thread that loads.
     """
 
-    def __init__(self, options: LoadOptions | None = None) -> None:
+    def __init__(self, options: LoadOptions | None = None, *, keep_large: bool = True) -> None:
         self.options = options or LoadOptions()
+        self.keep_large = keep_large
         self._last: np.ndarray | None = None
 
     def __call__(self, path: str | os.PathLike, frame_type: FrameType | None = None) -> Frame:
@@ -138,7 +142,7 @@ class FrameLoader:
             raise FrameError(path, f"cannot read file: {exc.strerror or exc}") from None
         except Exception as exc:  # noqa: BLE001 - MemoryError, a decoder's own bug: this file's fault
             raise FrameError(path, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
-        self._last = frame.data if frame.data.nbytes <= REUSE_MAX_BYTES else None
+        self._last = frame.data if self.keep_large or frame.data.nbytes <= REUSE_MAX_BYTES else None
         return frame
 
     def _free_array(self) -> np.ndarray | None:

@@ -94,6 +94,14 @@ class LiveSettings:
         return StackSettings(self.kappa, self.warmup, self.warmup_kappa, self.sigma_floor, self.reject)
 
     @property
+    def holds_frames(self) -> bool:
+        """Whether a frame's pixels live through its whole processing (mono; colour at full
+        resolution on the fused path), rather than a colour mosaic being freed once debayered
+        (superpixel, or fused off): then the frame loader may keep them for the next frame
+        (`daemon.io.load.FrameLoader`, keep_large) without raising the session's peak."""
+        return self.fused and self.debayer != "superpixel"
+
+    @property
     def quality_settings(self) -> QualitySettings:
         names = {f.name for f in dataclasses.fields(QualitySettings)}
         return QualitySettings(**{n: getattr(self, n) for n in names})
