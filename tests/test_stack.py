@@ -181,3 +181,20 @@ def test_planes_in_and_out_equal_the_interleaved_frame():
         s.add(frames[15], 0.9)
     np.testing.assert_array_equal(resumed.image(), a.image())
     np.testing.assert_array_equal(resumed.sigma(), a.sigma())
+
+
+def test_background_sigma_is_never_nan_when_m2_rounds_below_zero():
+    """m2 of (nearly) identical samples can round a hair below 0 (a frame given twice): the
+    background sigma is then 0, not the NaN a square root of a negative mean gives, which would
+    make every rejection threshold NaN."""
+    h, w = 200, 200
+    stack = RunningStack((h, w), StackSettings(reject=False))
+    state = stack.state()
+    m2 = np.full((1, h, w), 1e-9, np.float32)
+    m2[0, ::3, ::3] = -1e-3  # sampled by the sparse grid, under 4x the median: the mean is < 0
+    state.update(mean=np.full((1, h, w), 100.0, np.float32), m2=m2, wsum=np.full((h, w), 2.0, np.float32),
+                 count=np.full((h, w), 2, np.uint16), n_frames=2, total_weight=2.0)
+    resumed = RunningStack.from_state(state, StackSettings())
+    resumed.add(np.full((h, w), 100.0, np.float32))  # the same value again: m2 stays as it is
+    noise = resumed.state()["noise"]
+    assert np.isfinite(noise).all() and (noise >= 0).all()
