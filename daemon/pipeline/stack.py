@@ -181,10 +181,10 @@ class RunningStack:
         numba's, one per core): each takes the next band of `rows` rows, asks
         `make_band(r0, r1)` for it ((r1 - r0, W[, C]) float32, or with `planar`
         (C, r1 - r0, W); called concurrently, so it must not share buffers between calls) and
-        adds it on its own thread. Why not parallel
-        kernels per band: a parallel region waits for its slowest thread at every band, which
-        on a loaded 2-core machine costs milliseconds per band; here a thread that is held up
-        only delays its own band. Bit for bit `add`'s statistics. Returns the pixels rejected."""
+        adds it on its own thread. Why not parallel kernels per band: a parallel region waits
+        for its slowest thread at every band, which on a loaded 2-core machine costs
+        milliseconds per band; here a thread that is held up only delays its own band. Bit for
+        bit `add`'s statistics. Returns the pixels rejected."""
         ctx = self._begin(weight, offset)
         threads = threads or numba.get_num_threads()
         h = self.shape[0]

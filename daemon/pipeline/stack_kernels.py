@@ -23,8 +23,8 @@ def _allow_memory_checks(limit: int = 256) -> None:
     """Let LLVM vectorise loops that need up to `limit` run-time overlap checks (its default:
     128). numba tells LLVM nothing of which arrays may overlap, so before a vectorised loop
     LLVM checks every pair of address ranges written and read; the warm-up pass, which reads
-    and writes three planes of four statistics, needs more than 128 and ran scalar (~4x
-    slower). The checks run once per row. The options are LLVM's own and process-wide: set
+    and writes three planes of four statistics, needs more than 128 and would run scalar.
+    The checks run once per row. The options are LLVM's own and process-wide: set
     before the kernels compile, they shape the code numba caches (a process that loads
     kernels from the cache does not depend on them)."""
     import llvmlite.binding as llvm

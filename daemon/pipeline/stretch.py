@@ -50,16 +50,14 @@ def downscale(image: np.ndarray, max_edge: int) -> np.ndarray:
     planes, with no interleaved copy; not downscaled, it comes back interleaved (one copy)."""
     h, w = image.shape[:2]
     f = max_edge / max(h, w)
+    planes = _plane_view(image)
     if f >= 1:
-        if image.ndim == 3 and image.dtype == np.float32 and np.moveaxis(image, 2, 0).flags.c_contiguous \
-                and not image.flags.c_contiguous:  # planes (a stack's view): interleaved in one pass
-            return cv2.merge([image[..., k] for k in range(image.shape[2])])
+        if planes is not None:  # interleaved in one pass
+            return cv2.merge(list(planes))
         return image.astype(np.float32, copy=False)
     dh, dw = max(1, round(h * f)), max(1, round(w * f))
     xi, xw = _area_weights(w, dw)
-    planes = np.moveaxis(image, 2, 0) if image.ndim == 3 else None
-    if planes is not None and planes.flags.c_contiguous and planes.dtype == np.float32:
-        # A view of planes (the running stack's image): read as they are, no interleaved copy.
+    if planes is not None:  # read as they are, no interleaved copy
         out = np.empty((dh, dw * planes.shape[0]), np.float32)
         _area_kernel_planes(planes, out, *_area_weights(h, dh), xi, xw)
         return out.reshape(dh, dw, planes.shape[0])
@@ -68,6 +66,15 @@ def downscale(image: np.ndarray, max_edge: int) -> np.ndarray:
     out = np.empty((dh, dw * c), np.float32)
     _area_kernel(src.reshape(h, w * c), out, *_area_weights(h, dh), xi * c, xw)
     return out.reshape((dh, dw) + src.shape[2:])
+
+
+def _plane_view(image: np.ndarray) -> np.ndarray | None:
+    """The C-contiguous (C, H, W) float32 planes an (H, W, C) image is a view of (the running
+    stack's image), or None when it is no such view (interleaved, mono)."""
+    if image.ndim != 3 or image.dtype != np.float32 or image.flags.c_contiguous:
+        return None
+    planes = np.moveaxis(image, 2, 0)
+    return planes if planes.flags.c_contiguous else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -102,37 +109,19 @@ def _area_kernel_planes(src, dst, yi, yw, xi, xw):  # pragma: no cover - numba
     """`_area_kernel` of an image given as planes, src (C, H, W) float32, into the same
     interleaved dst (h, w * C), with the same sums in the same order (the same values); xi
     pixel indices (not times C), padded with W."""
-    h = dst.shape[0]
-    w, kx = xi.shape
     c, n = src.shape[0], src.shape[2]
-    for i in numba.prange(h):
-        buf = np.zeros((c, n + 1), np.float32)
+    for i in numba.prange(dst.shape[0]):
+        buf = np.zeros(c * (n + 1), np.float32)  # the planes' summed rows, one after the other
         for k in range(yi.shape[1]):
             a = yw[i, k]
             if a == 0:
                 break
             for ch in range(c):
                 row = src[ch, yi[i, k]]
-                acc = buf[ch]
+                acc = buf[ch * (n + 1): ch * (n + 1) + n]
                 for t in range(n):
                     acc[t] += a * row[t]
-        out = dst[i]
-        if c == 3:  # (as in `_area_kernel`)
-            for j in range(w):
-                r = g = b = np.float32(0)
-                for k in range(kx):
-                    o, a = xi[j, k], xw[j, k]
-                    r += a * buf[0, o]
-                    g += a * buf[1, o]
-                    b += a * buf[2, o]
-                out[3 * j], out[3 * j + 1], out[3 * j + 2] = r, g, b
-        else:
-            for j in range(w):
-                for ch in range(c):
-                    v = np.float32(0)
-                    for k in range(kx):
-                        v += xw[j, k] * buf[ch, xi[j, k]]
-                    out[j * c + ch] = v
+        _area_columns(buf, dst[i], xi, xw, c, n + 1)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -143,8 +132,7 @@ def _area_kernel(src, dst, yi, yw, xi, xw):  # pragma: no cover - numba
     padded with offset W * C: a zero pixel appended to the row buffer, so the padding adds
     0 * 0 and never a NaN. A fixed Kx keeps the inner loop free of mispredicted branches."""
     h, wc = dst.shape
-    w, kx = xi.shape
-    c = wc // w
+    c = wc // xi.shape[0]
     n = src.shape[1]
     for i in numba.prange(h):
         buf = np.zeros(n + c, np.float32)
@@ -155,23 +143,32 @@ def _area_kernel(src, dst, yi, yw, xi, xw):  # pragma: no cover - numba
             row = src[yi[i, k]]
             for t in range(n):
                 buf[t] += a * row[t]
-        out = dst[i]
-        if c == 3:  # three accumulators: the channel loop inside the tap loop is ~1.5x slower
-            for j in range(w):
-                r = g = b = np.float32(0)
+        _area_columns(buf, dst[i], xi, xw, c, 1)
+
+
+@numba.njit(inline="always")
+def _area_columns(buf, out, xi, xw, c, step):  # pragma: no cover - numba
+    """The column pass of the area kernels: one output row `out` (w * C, interleaved) from
+    its summed input row `buf` (1-D): channel ch of pixel j is the sum over taps k of
+    xw[j, k] * buf[xi[j, k] + ch * step] (`step`: from one channel's value to the next's in
+    `buf`, 1 interleaved, a plane's length planar)."""
+    w, kx = xi.shape
+    if c == 3:  # three accumulators: the channel loop inside the tap loop is slower
+        for j in range(w):
+            r = g = b = np.float32(0)
+            for k in range(kx):
+                o, a = xi[j, k], xw[j, k]
+                r += a * buf[o]
+                g += a * buf[o + step]
+                b += a * buf[o + 2 * step]
+            out[3 * j], out[3 * j + 1], out[3 * j + 2] = r, g, b
+    else:
+        for j in range(w):
+            for ch in range(c):
+                v = np.float32(0)
                 for k in range(kx):
-                    o, a = xi[j, k], xw[j, k]
-                    r += a * buf[o]
-                    g += a * buf[o + 1]
-                    b += a * buf[o + 2]
-                out[3 * j], out[3 * j + 1], out[3 * j + 2] = r, g, b
-        else:
-            for j in range(w):
-                for ch in range(c):
-                    v = np.float32(0)
-                    for k in range(kx):
-                        v += xw[j, k] * buf[xi[j, k] + ch]
-                    out[j * c + ch] = v
+                    v += xw[j, k] * buf[xi[j, k] + ch * step]
+                out[j * c + ch] = v
 
 
 def mtf(m: float | np.ndarray, x: np.ndarray) -> np.ndarray:
