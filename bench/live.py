@@ -23,7 +23,7 @@ from daemon.pipeline.live import LivePipeline
 from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.stack import RunningStack
 from daemon.products import preview_jpeg
-from daemon.spool import Spool, encode, writer_thread
+from daemon.spool import Spool, SpoolWriter
 from daemon.warmup import ensure_warm
 
 #: Long edge of the preview JPEG (px): the daemon's default [output] preview_max_edge. The daemon
@@ -58,10 +58,10 @@ def instrument_live(timer: StageTimer) -> None:
 def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | None = None) -> dict:
     """The live pipeline over the session, as the daemon runs it: load, process, spool, preview.
 
-    The spool is written as the service writes it (`Service._spool`): on its own thread while
-    the next frame is processed, at most one write in flight. Stage "spool" is the float16
-    encoding (on this thread, as in the service) and the time a frame waits for the previous
-    frame's write (zero when the write kept up); the write itself is timed on its thread
+    The spool is written as the service writes it (`SpoolWriter`): on its own thread while
+    the next frame is processed, at most one write in flight. Stage "spool" is the time a
+    frame waits for the previous frame's write (zero when the write kept up) and the float16
+    encoding into that frame's copy (on this thread, as in the service); the write itself is timed on its thread
     ("spool_write_s") and is in the CPU time of the frames it overlaps. The spool and the
     checkpoint go to a temporary folder under `state_dir` (default: the system's temp folder;
     give the disk a real state folder would be on to time its writes).
@@ -81,18 +81,19 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     # As the service loads: into the previous frame's array when free.
     load = FrameLoader(keep_large=pipe.settings.holds_frames)
     spool_dir = tempfile.TemporaryDirectory(prefix="lb-bench-spool-", dir=state_dir)
-    spool = Spool(spool_dir.name)
-    spooler = writer_thread()
-    pending = None
+    spools = SpoolWriter(spool_dir.name)  # the service's: its thread, its buffer reuse
     write_s: list[float] = []
-
     spool_bytes: list[int] = []
+    append = Spool.append
 
-    def spool_write(image, **kw) -> None:
+    def timed_append(spool, image, **kw) -> dict:  # on the spool thread
         t = time.perf_counter()
-        entry = spool.append(image, **kw)
+        entry = append(spool, image, **kw)
         write_s.append(time.perf_counter() - t)
         spool_bytes.append((spool.dir / entry["file"]).stat().st_size)
+        return entry
+
+    Spool.append = timed_append
 
     rss_before = _rss_bytes()
     frames = []
@@ -105,15 +106,12 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
         with timer.stage("process"):
             result = pipe.process(frame, consume=True)
         if result.accepted and result.registered is not None:
-            with timer.stage("spool"):  # as the service: encoded here, written by the spool thread,
-                encoded = encode(result.registered)  # one write in flight
-                result.registered = None
-                if pending is not None:
-                    pending.result()
-                pending = spooler.submit(
-                    spool_write, encoded, weight=result.weight, path=str(path),
-                    date_obs=frame.meta.date_obs.isoformat() if frame.meta.date_obs else None,
-                    exposure_s=frame.meta.exposure_s)
+            with timer.stage("spool"):  # as the service (`Session`): encoded here into the previous
+                encoded = spools.encode(result.registered)  # frame's copy once written, then
+                result.registered = None  # written by the spool thread, one write in flight
+                spools.submit("bench", str(path), encoded, weight=result.weight,
+                              date_obs=frame.meta.date_obs.isoformat() if frame.meta.date_obs else None,
+                              exposure_s=frame.meta.exposure_s)
                 del encoded
         result.registered = None
         del frame
@@ -129,10 +127,9 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
                        "rejected_pixels": getattr(result, "rejected_pixels", None),
                        "process_ms": result.processing_ms, "preview_bytes": len(jpeg)})
         del result
-    if pending is not None:
-        pending.result()
-    spooler.shutdown()
-    n_spooled = len(spool)
+    spools.shutdown()
+    Spool.append = append
+    n_spooled = len(Spool(spools.folder("bench")))
     peak_rss_frames = _rss_bytes()
     # The checkpoints the service would write now (its stacks' state), untimed: one every
     # state.checkpoint_every_s (30 s: once per frame of these 30 s exposures). The first

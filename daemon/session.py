@@ -38,7 +38,7 @@ from daemon.pipeline.quality import QualitySettings
 from daemon.pipeline.restack import restack
 from daemon.products import preview_jpeg, write_stack
 from daemon.routing import StackKey
-from daemon.spool import SpoolWriter, encode, replay_stack
+from daemon.spool import SpoolWriter, replay_stack
 
 log = logging.getLogger("lightbucket")
 
@@ -324,7 +324,7 @@ class Session:
         if result.accepted and getattr(result, "registered", None) is not None:
             # float16 here, on the stacking thread (parallel kernels); the float32 frame is
             # dropped before the next one, the writer thread only writes.
-            image = encode(result.registered)
+            image = self.spools.encode(result.registered)
             result.registered = None
             self.spools.submit(key.name, str(path), image, weight=result.weight,
                                date_obs=frame.meta.date_obs.isoformat() if frame.meta.date_obs else None,
@@ -430,7 +430,7 @@ class Session:
                 log.warning("restack of %s: %s not spooled again: %s", stack.key.name, path.name, exc)
                 continue
             date_obs = frame.meta.date_obs.isoformat() if frame.meta.date_obs else None
-            self.spools.submit(stack.key.name, str(path), encode(item), weight=weight, date_obs=date_obs,
+            self.spools.submit(stack.key.name, str(path), self.spools.encode(item), weight=weight, date_obs=date_obs,
                                exposure_s=frame.meta.exposure_s)
             self.spools.drain()
             if str(path) not in self.spools.failed.get(stack.key.name, set()):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -68,17 +69,19 @@ class Encoded:
     meta: dict = field(default_factory=dict)
 
 
-def encode(image: np.ndarray | RegisteredMosaic) -> Encoded:
+def encode(image: np.ndarray | RegisteredMosaic, out: np.ndarray | None = None) -> Encoded:
     """The float16 copy of a registered frame the spool keeps (half the bytes of float32; ~0.05 %
     precision, far below shot noise). Frames with values beyond float16's range (> 65504 ADU
     after flat division) are scaled down by a power of two. The peak from numpy's reductions,
-    the conversion in one parallel pass (`daemon.pipeline.half`), no float32 temporary: ~4 ms
-    for a 12 Mpx frame on 2 cores (OpenCV's conversion, single-threaded: 12-15 ms). Call it
+    the conversion in one parallel pass (`daemon.pipeline.half`), no float32 temporary. Call it
     on the thread that stacks (its kernels use numba's thread pool); the service does, then
     drops the float32 frame and hands the writer thread only this. A `RegisteredMosaic`
-    gives its mosaic, with its description as `meta`."""
+    gives its mosaic, with its description as `meta`.
+
+    `out`: an earlier `Encoded.data` nothing else holds any more, to encode into when it has
+    the frame's shape (`Spools.encode`: written memory, not new pages); else a new array."""
     if isinstance(image, RegisteredMosaic):
-        enc = encode(image.data)
+        enc = encode(image.data, out)
         return Encoded(enc.data, enc.scale, image.meta())
     shape = tuple(int(n) for n in image.shape)
     if not image.size:
@@ -91,9 +94,12 @@ def encode(image: np.ndarray | RegisteredMosaic) -> Encoded:
     scale = 1.0
     while peak * scale > _F16_MAX:
         scale /= 2.0
-    out = np.empty(rows.shape, np.uint16)
-    _to_half_rows(rows, np.float32(scale), out)
-    return Encoded(out.view(np.float16).reshape(shape), 1.0 / scale)
+    if out is not None and out.dtype == np.float16 and out.shape == shape and out.flags.c_contiguous:
+        bits = out.view(np.uint16).reshape(rows.shape)
+    else:
+        bits = np.empty(rows.shape, np.uint16)
+    _to_half_rows(rows, np.float32(scale), bits)
+    return Encoded(bits.view(np.float16).reshape(shape), 1.0 / scale)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -283,6 +289,7 @@ class SpoolWriter:
         self._spools: dict[str, Spool] = {}
         self._thread = writer_thread()
         self._pending: list = []
+        self._written: Encoded | None = None  # the last frame handed to the writer
 
     def folder(self, name: str) -> Path:
         """The spool folder of stack `name`."""
@@ -292,7 +299,21 @@ class SpoolWriter:
         """Queue `image` (already `encode`d, on the stacking thread) for stack `name`'s spool,
         keyed by the frame's `path` (a frame already spooled, e.g. before a crash, is skipped)."""
         self.drain()  # back-pressure: one write in flight at most
+        self._written = image
         self._pending.append(self._thread.submit(self._write, name, path, image, meta))
+
+    def encode(self, image: np.ndarray | RegisteredMosaic) -> Encoded:
+        """`encode` for `submit`: the write in flight finishes first and its float16 array,
+        written, takes this frame (one frame's copy alive at a time, and no new memory per
+        frame: a 26 Mpx mosaic's copy is 52 MB)."""
+        self.drain()
+        last, self._written = self._written, None
+        # Written (drained), and held by nobody else (refcounts: `last` or its field, and
+        # getrefcount's argument): no caller or writer task still has it.
+        reuse = last is not None and sys.getrefcount(last) <= 2 and sys.getrefcount(last.data) <= 2
+        out = last.data if reuse else None
+        del last
+        return encode(image, out)
 
     def _write(self, name: str, path: str, image: Encoded, meta: dict) -> None:
         try:

@@ -123,6 +123,46 @@ def test_spool_writer_thread_runs_below_the_stacking_threads_priority():
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's own priority is untouched
 
 
+def test_spool_writer_encodes_each_frame_into_the_last_written_copy(tmp_path, monkeypatch):
+    """One frame's float16 copy alive at a time: `SpoolWriter.encode` waits for the write in
+    flight (slowed here) and encodes into its array, unless somebody still holds that frame's
+    copy; every file is the frame it was given, whatever array it went through."""
+    import time
+
+    from daemon.spool import SpoolWriter
+
+    append = Spool.append
+
+    def slow_append(self, image, **kw):
+        time.sleep(0.05)
+        return append(self, image, **kw)
+
+    monkeypatch.setattr(Spool, "append", slow_append)
+    rng = np.random.default_rng(5)
+    images = [rng.normal(300.0, 10.0, (60, 80)).astype(np.float32) for _ in range(4)]
+    images[2][0, 0] = 70000.0  # a frame scaled down by 2: same array, another scale
+    writer = SpoolWriter(tmp_path)
+    arrays = []
+    held = None
+    for i, img in enumerate(images):
+        enc = writer.encode(img)
+        assert len(Spool(writer.folder("s"))) == i  # the write in flight was done first
+        arrays.append(enc.data.__array_interface__["data"][0])
+        writer.submit("s", f"f{i}.fits", enc, weight=1.0)
+        if i == 2:
+            held = enc  # the caller keeps this one: the next frame must not overwrite it
+        del enc
+    writer.drain()
+    assert arrays[1] == arrays[0] and arrays[2] == arrays[1]  # written, so reused
+    assert arrays[3] != arrays[2]  # held: a new array, the held copy intact
+    np.testing.assert_array_equal(held.data, (images[2] / np.float32(2.0)).astype(np.float16))
+    spool = writer.open("s")
+    writer.shutdown()
+    assert [e["path"] for e in spool.entries] == [f"f{i}.fits" for i in range(4)]
+    for img, entry in zip(images, spool.entries):
+        np.testing.assert_array_equal(spool.open(entry), (img / np.float32(entry["scale"])).astype(np.float16))
+
+
 def _cached_fraction(path) -> float:
     """Fraction of a file's pages in the page cache (mincore on a read-only mapping)."""
     import ctypes
