@@ -136,9 +136,10 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     # writes the stack's snapshot (its time: how long the service's worker is held up once
     # per snapshot), the second, as every one until the next snapshot is due (after
     # SNAPSHOT_EVERY_S and SNAPSHOT_EVERY_FRAMES), only the rest. Per frame: the second's size
-    # plus the snapshot's share. The stack here is still in its rejection warm-up (< 3 x
-    # warmup frames), whose bookkeeping the snapshot holds too: an upper bound of the
-    # snapshot a night writes.
+    # plus the snapshot's share. The stack is the session's last: past its rejection warm-up
+    # with `bench.run --steady` frames (a night's snapshots come after 30 min and 60 frames,
+    # long after it), else still in it, whose bookkeeping the snapshot holds too (an upper
+    # bound).
     with tempfile.TemporaryDirectory(prefix="lb-bench-ckpt-", dir=state_dir) as ckpt_dir:
         t = time.perf_counter()
         checkpoint.save(Path(ckpt_dir), {"stacks": {"bench": {"pipeline": pipe.state()}}})

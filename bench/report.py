@@ -35,9 +35,23 @@ TARGET_WRITTEN = {("6248x4176", "osc"): 1.5}
 TARGET_FIRST = 2.0
 
 
-def summarize(run: dict, warmup: int) -> dict:
-    """Median (and max) per stage and end to end over the frames after the warm-up."""
-    timed = run["frames"][warmup:]
+def summarize(run: dict, warmup: int, n_timed_end: int | None = None, steady: int = 0) -> dict:
+    """Median (and max) per stage and end to end over the timed frames, `warmup` to
+    `n_timed_end` (default: the last); with `steady` > 0 the same over the run's last
+    `steady` frames too ("steady_*": after the stack's warm-up bookkeeping, `bench.run`)."""
+    timed = run["frames"][warmup:n_timed_end]
+    out = _summary(run, timed)
+    if steady > 0:
+        frames = run["frames"][-steady:]
+        late = _summary(run, frames)
+        out.update({"steady_stages": late["stages"], "steady_median_s": late["median_s"],
+                    "steady_max_s": late["max_s"], "steady_cpu_median_s": late["cpu_median_s"],
+                    "steady_frames": (len(run["frames"]) - steady + 1, len(run["frames"])),
+                    "steady_accepted": late["accepted"]})
+    return out
+
+
+def _summary(run: dict, timed: list[dict]) -> dict:
     stages = {}
     for s in STAGES:
         vals = [f["stages"][s] for f in timed if s in f["stages"]]
@@ -132,7 +146,10 @@ def _checks(r: dict, ratio: float, over_raw: float | None, first_ratio: float | 
     if key in TARGET_RATIO and full:
         checks.append(f"x{TARGET_RATIO[key]:.0f} {'ok' if ratio >= TARGET_RATIO[key] else 'MISS'}")
     if key in TARGET_S and full:
-        checks.append(f"<= {TARGET_S[key]} s {'ok' if live['median_s'] <= TARGET_S[key] else 'MISS'}")
+        t = TARGET_S[key]
+        checks.append(f"<= {t} s {'ok' if live['median_s'] <= t else 'MISS'}")
+        if live.get("steady_median_s") is not None:
+            checks.append(f"steady <= {t} s {'ok' if live['steady_median_s'] <= t else 'MISS'}")
     if key in TARGET_RSS and full:
         t = TARGET_RSS[key]
         checks.append(f"RSS <= {t / 1e9:.1f} GB {'ok' if live['peak_rss'] <= t else 'MISS'}")
@@ -150,9 +167,9 @@ def markdown(results: list[dict], machine: dict, args_line: str, settings_line: 
     lines = [f"Machine: {machine_line(machine)}", "", f"Command: `{args_line}`", "",
              f"Live settings: {settings_line}", ""]
     lines += ["| size | mode | stack resolution live / naive | live s/frame median (max) | live CPU s/frame | "
-              "naive s/frame | speed-up | live peak RSS | naive peak RSS | stacked live/naive | "
-              "load avg live/naive | targets |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "live steady s/frame median (max), CPU | naive s/frame | speed-up | live peak RSS | naive peak RSS | "
+              "stacked live/naive | load avg live/naive | targets |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     disk = ["| size | mode | before READY | first frames: reference / first registered | first over median | "
             "spool written/frame | checkpoint share/frame | snapshot (its write) | written/frame over raw |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -167,8 +184,10 @@ def markdown(results: list[dict], machine: dict, args_line: str, settings_line: 
         checks = _checks(r, ratio, over_raw, first_ratio)
         loads = "/".join(f"{max(x['loadavg']):.1f}" if x.get("loadavg") else "—" for x in (live, naive))
         res = f"{live.get('resolution') or '—'} / {naive.get('resolution') or '—'}"
+        steady = (f"{_fmt_s(live['steady_median_s'])} ({_fmt_s(live['steady_max_s'])}), "
+                  f"{_fmt_s(live['steady_cpu_median_s'])}" if live.get("steady_median_s") is not None else "—")
         lines.append(f"| {r['size']} | {r['mode']} | {res} | {_fmt_s(live['median_s'])} ({_fmt_s(live['max_s'])}) | "
-                     f"{_fmt_s(live.get('cpu_median_s'))} | {_fmt_s(naive['median_s'])} | "
+                     f"{_fmt_s(live.get('cpu_median_s'))} | {steady} | {_fmt_s(naive['median_s'])} | "
                      f"{ratio:.1f}x | {_gb(live['peak_rss'])} | {_gb(naive['peak_rss'])} | "
                      f"{live['n_stacked']}/{naive['n_stacked']} | {loads} | {'; '.join(checks) or '—'} |")
         compiled = " (compiled)" if live.get("compiled_s") is not None else ""
@@ -183,14 +202,20 @@ def markdown(results: list[dict], machine: dict, args_line: str, settings_line: 
     lines += ["", f"Start-up and disk, with {boot}. \"before READY\": what the live worker spends, as the "
               "daemon, loading every kernel (`daemon.warmup.ensure_warm`); \"first over median\": the slower "
               "of the two first frames over the timed frames' median.", ""] + disk
-    lines += ["", "Per stage, median seconds per frame over the timed frames:", "",
+    spans = sorted({tuple(r["live"]["steady_frames"]) for r in results if r["live"].get("steady_frames")})
+    steady_note = (" \"live, steady\": frames " + ", ".join(f"{a}-{b}" for a, b in spans)
+                   + ", after the stack's rejection warm-up and its bookkeeping" if spans else "")
+    lines += ["", f"Per stage, median seconds per frame over the timed frames.{steady_note}", "",
               "| size | mode | pipeline | " + " | ".join(STAGES) + " | total |",
               "|---|---|---|" + "---|" * (len(STAGES) + 1)]
     for r in results:
-        for name in ("live", "naive"):
-            s = r[name]
-            cells = " | ".join(_fmt_s(s["stages"][st]) for st in STAGES)
-            lines.append(f"| {r['size']} | {r['mode']} | {name} | {cells} | {_fmt_s(s['median_s'])} |")
+        rows = [("live", r["live"]["stages"], r["live"]["median_s"])]
+        if r["live"].get("steady_median_s") is not None:
+            rows.append(("live, steady", r["live"]["steady_stages"], r["live"]["steady_median_s"]))
+        rows.append(("naive", r["naive"]["stages"], r["naive"]["median_s"]))
+        for name, stages, total in rows:
+            cells = " | ".join(_fmt_s(stages[st]) for st in STAGES)
+            lines.append(f"| {r['size']} | {r['mode']} | {name} | {cells} | {_fmt_s(total)} |")
     lines += ["", "Live \"spool\" is the float16 encoding and the wait for the previous frame's spool write; "
               "the write itself runs on the spool thread, overlapping the next frame, as in the service "
               "(median write time: "

@@ -29,7 +29,10 @@ The first `--warmup` frames (default 2: the reference frame and one more) are no
 medians; their times are reported as the "first frames" (the reference, the first registered
 frame) against the median. The live stack's own rejection warm-up (LiveSettings.warmup
 frames) *is* inside the timed frames: that is what a user sees, and the median is robust to
-its one expensive frame (the max is reported too).
+its one expensive frame (the max is reported too). Those timed frames all fall in the first
+minutes of a night, while the stack still keeps its warm-up bookkeeping (its first 3 x warmup
+frames); the live worker then goes on to `--steady` frames more (default 10) after that
+bookkeeping, timed apart: the "steady" columns, what every later frame of a night costs.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from pathlib import Path
 from bench.naive import naive_worker
 from bench.report import STAGES, _gb, live_settings_line, machine_info, machine_line, markdown, summarize
 from bench.sessions import BAYER, make_session, parse_size
+from daemon.pipeline.live_settings import LiveSettings
+from daemon.pipeline.stack import StackSettings
 from daemon.session import live_overrides, live_settings_from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,12 +101,25 @@ def run_worker(kind: str, folder: Path, n_total: int, settings_kw: dict, timeout
         out.unlink(missing_ok=True)
 
 
+def live_frames(n_total: int, steady: int, stack: StackSettings) -> int:
+    """Frames the live worker stacks: the timed ones (`n_total`, warm-up included), then, for
+    `steady` > 0, on to the end of the stack's rejection warm-up bookkeeping (its first 3 x
+    warmup frames, `RunningStack`) and `steady` frames more."""
+    if steady <= 0:
+        return n_total
+    return max(n_total, 3 * stack.warmup if stack.reject else 0) + steady
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default=",".join(SIZES),
                    help="comma-separated WIDTHxHEIGHT list (default: %(default)s)")
     p.add_argument("--frames", type=int, default=10, help="timed frames after the warm-up (>= 10; default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed frames first (reference + 1; default 2)")
+    p.add_argument("--steady", type=int, default=None,
+                   help="live frames timed apart once the stack's rejection warm-up and its bookkeeping are "
+                        "over (after its first 3 x warmup frames): the rest of a night (default 10; 0 with "
+                        "--quick; 0: none)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--mono", action="store_true", help="mono sessions only")
     mode.add_argument("--osc", action="store_true", help="colour (RGGB) sessions only")
@@ -180,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     settings_kw.update({**tables["stack"], **tables["quality"]})
     n_total = args.warmup + args.frames
+    steady = (0 if args.quick else 10) if args.steady is None else args.steady
+    if steady < 0:
+        parser.error("--steady must be >= 0")
+    n_live = live_frames(n_total, steady, LiveSettings(**settings_kw).stack_settings)
 
     machine = machine_info()
     print(f"Machine: {machine_line(machine)}", file=sys.stderr)
@@ -197,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  compiled in {bootstrap_s:.1f} s", file=sys.stderr)
         for name, w, h in sizes:
             for mode in modes:
-                folder = make_session(sessions_root, w, h, BAYER if mode == "osc" else None, n_total)
+                folder = make_session(sessions_root, w, h, BAYER if mode == "osc" else None, n_live)
                 print(f"{name} {mode}: live ...", file=sys.stderr)
-                live = run_worker("live", folder, n_total, settings_kw, args.timeout, live_env, args.state_dir)
-                entry = {"size": name, "mode": mode, "live_raw": live, "live": summarize(live, args.warmup)}
+                live = run_worker("live", folder, n_live, settings_kw, args.timeout, live_env, args.state_dir)
+                entry = {"size": name, "mode": mode, "live_raw": live,
+                         "live": summarize(live, args.warmup, n_total, steady)}
                 print(f"  live median {entry['live']['median_s']:.3f} s, peak RSS {_gb(live['peak_rss'])}",
                       file=sys.stderr)
                 if not args.no_naive:
@@ -208,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     naive_kw = {"bin2": mode == "osc" and settings_kw.get("debayer") == "superpixel"}
                     naive = run_worker("naive", folder, n_total, naive_kw, args.timeout)
                     entry["naive_raw"] = naive
-                    entry["naive"] = summarize(naive, args.warmup)
+                    entry["naive"] = summarize(naive, args.warmup, n_total)
                     print(f"  naive median {entry['naive']['median_s']:.3f} s", file=sys.stderr)
                 results.append(entry)
     finally:
@@ -227,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / f"bench-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "command": command.strip(), "settings": settings_kw,
-                               "warmup": args.warmup, "frames": args.frames, "bootstrap_s": bootstrap_s,
+                               "warmup": args.warmup, "frames": args.frames, "steady": steady,
+                               "bootstrap_s": bootstrap_s,
                                "results": results, "table": table}, indent=1, default=str))
     out.with_suffix(".md").write_text(table)
     print(f"results: {out} and {out.with_suffix('.md')}", file=sys.stderr)

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_benchmark_produces_full_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--sizes", "320x240", "--frames", "2", "--out", str(out)],
+        [sys.executable, "-m", "bench.run", "--quick", "--sizes", "320x240", "--frames", "2", "--steady", "2",
+         "--set", "warmup=4", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,8 +34,13 @@ def test_quick_benchmark_produces_full_table(tmp_path):
     for r in res["results"]:
         live, naive = r["live"], r["naive"]
         assert live["n_timed"] == 2 and naive["n_timed"] == 2
-        # Every frame was stacked by both (reference + 2), so the timings are of real work.
-        assert live["n_stacked"] == 3 and naive["n_stacked"] == 3
+        # Every frame was stacked by both (reference + 2), so the timings are of real work;
+        # the live worker went on past the stack's warm-up bookkeeping (3 x 4 frames) to two
+        # frames more, timed apart ("steady").
+        assert naive["n_stacked"] == 3 and live["n_stacked"] == 14 == len(r["live_raw"]["frames"])
+        assert live["steady_frames"] == [13, 14] and live["steady_accepted"] == 2
+        assert live["steady_stages"]["fused" if r["mode"] == "osc" else "reject+stack"] > 0
+        assert f"| 320x240 | {r['mode']} | live, steady |" in table
         # Colour at full resolution goes the fused way (debayer + warp + stack in bands), mono
         # through the separate stages; each row names the resolution both pipelines stacked at.
         stages = ("fused",) if r["mode"] == "osc" else ("warp", "reject+stack")
@@ -73,4 +79,5 @@ def test_quick_benchmark_compares_superpixel_with_a_binned_naive_pipeline(tmp_pa
     (r,) = json.loads(out.read_text())["results"]
     assert r["live"]["resolution"] == r["naive"]["resolution"] == "160x120"
     assert r["live"]["stages"]["debayer"] > 0 and r["live"]["stages"]["fused"] is None
-    assert r["live"]["n_stacked"] == r["naive"]["n_stacked"] == 3
+    assert r["live"]["n_stacked"] == r["naive"]["n_stacked"] == 3  # --quick: no steady frames
+    assert "steady_median_s" not in r["live"]
