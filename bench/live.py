@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from astropy.io import fits
+
 import daemon.pipeline.fused as fused
 import daemon.pipeline.live as live
 from bench.sessions import EXPOSURE_S, load_master_arrays, session_paths
@@ -55,7 +57,8 @@ def instrument_live(timer: StageTimer) -> None:
         live.stack_mosaic = fused.stack_mosaic
 
 
-def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | None = None) -> dict:
+def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | None = None,
+                prepare: bool = True) -> dict:
     """The live pipeline over the session, as the daemon runs it: load, process, spool, preview.
 
     The spool is written as the service writes it (`SpoolWriter`): on its own thread while
@@ -64,7 +67,10 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     encoding into that frame's copy (on this thread, as in the service); the write itself is timed on its thread
     ("spool_write_s") and is in the CPU time of the frames it overlaps. The spool and the
     checkpoint go to a temporary folder under `state_dir` (default: the system's temp folder;
-    give the disk a real state folder would be on to time its writes).
+    give the disk a real state folder would be on to time its writes). `prepare`: the stack
+    is made before the first frame, as the service makes it while its camera takes a plan's
+    first exposure (`Session.prepare`; timed as "prepare_s"); else the first frame makes it,
+    as for frames of another capture program.
     """
     timer = StageTimer()
     instrument_live(timer)
@@ -78,6 +84,12 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     compiled_s = ensure_warm()
     ready_s = time.perf_counter() - t
     pipe = LivePipeline(LiveSettings(**settings_kw), masters)
+    prepare_s = None
+    if prepare:  # for the camera's frames: their size and CFA pattern (INDI's CCD_FRAME, CCD_CFA)
+        header = fits.getheader(session_paths(folder, 1)[0])
+        t = time.perf_counter()
+        pipe.prepare((header["NAXIS2"], header["NAXIS1"]), header.get("BAYERPAT") or None)
+        prepare_s = time.perf_counter() - t
     # As the service loads: into the previous frame's array when free.
     load = FrameLoader(keep_large=pipe.settings.holds_frames)
     spool_dir = tempfile.TemporaryDirectory(prefix="lb-bench-spool-", dir=state_dir)
@@ -159,4 +171,4 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
             "spool_bytes": spool_bytes, "checkpoint_bytes": ckpt_bytes, "checkpoint_s": ckpt_s,
             "snapshot_bytes": snapshot_bytes,
             "raw_bytes": session_paths(folder, 1)[0].stat().st_size, "resolution": resolution,
-            "ready_s": ready_s, "compiled_s": compiled_s}
+            "ready_s": ready_s, "compiled_s": compiled_s, "prepare_s": prepare_s}

@@ -61,7 +61,8 @@ def _summary(run: dict, timed: list[dict]) -> dict:
             "cpu_median_s": statistics.median(f["cpu_s"] for f in timed),
             "first_frame_s": run["frames"][0]["total_s"],
             "first_registered_s": run["frames"][1]["total_s"] if len(run["frames"]) > 1 else None,
-            "ready_s": run.get("ready_s"), "compiled_s": run.get("compiled_s"), "loadavg": run.get("loadavg"),
+            "ready_s": run.get("ready_s"), "compiled_s": run.get("compiled_s"), "prepare_s": run.get("prepare_s"),
+            "loadavg": run.get("loadavg"),
             "min_s": min(totals), "n_timed": len(timed), "accepted": sum(bool(f["accepted"]) for f in timed),
             "peak_rss": run["peak_rss"], "n_stacked": run["n_stacked"],
             "spool_write_median_s": statistics.median(run["spool_write_s"]) if run.get("spool_write_s") else None,
@@ -170,9 +171,10 @@ def markdown(results: list[dict], machine: dict, args_line: str, settings_line: 
               "live steady s/frame median (max), CPU | naive s/frame | speed-up | live peak RSS | naive peak RSS | "
               "stacked live/naive | load avg live/naive | targets |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    disk = ["| size | mode | before READY | first frames: reference / first registered | first over median | "
-            "spool written/frame | checkpoint share/frame | snapshot (its write) | written/frame over raw |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    disk = ["| size | mode | before READY | stack made ahead | first frames: reference / first registered | "
+            "first over median | spool written/frame | checkpoint share/frame | snapshot (its write) | "
+            "written/frame over raw |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         live, naive = r["live"], r["naive"]
         ratio = naive["median_s"] / live["median_s"]
@@ -192,6 +194,7 @@ def markdown(results: list[dict], machine: dict, args_line: str, settings_line: 
                      f"{live['n_stacked']}/{naive['n_stacked']} | {loads} | {'; '.join(checks) or '—'} |")
         compiled = " (compiled)" if live.get("compiled_s") is not None else ""
         disk.append(f"| {r['size']} | {r['mode']} | {_fmt_s(live.get('ready_s'))}{compiled} | "
+                    f"{_fmt_s(live.get('prepare_s'))} | "
                     f"{_fmt_s(live.get('first_frame_s'))} / {_fmt_s(live.get('first_registered_s'))} | "
                     f"{'—' if first_ratio is None else f'{first_ratio:.1f}x'} | {_mb(spool_b)} | {_mb(ckpt_b)} | "
                     f"{_mb(live.get('snapshot_bytes'))} ({_fmt_s(live.get('checkpoint_s'))}) | "
@@ -200,8 +203,11 @@ def markdown(results: list[dict], machine: dict, args_line: str, settings_line: 
             f"{_fmt_s(bootstrap_s)} of compiling)" if bootstrap_s is not None
             else "the numba cache as found (no fresh bootstrap: first frames not those of a fresh install)")
     lines += ["", f"Start-up and disk, with {boot}. \"before READY\": what the live worker spends, as the "
-              "daemon, loading every kernel (`daemon.warmup.ensure_warm`); \"first over median\": the slower "
-              "of the two first frames over the timed frames' median.", ""] + disk
+              "daemon, loading every kernel (`daemon.warmup.ensure_warm`); \"stack made ahead\": the stack "
+              "made before the first frame, as the daemon makes it while its camera takes a plan's first "
+              "exposure (`Session.prepare`; — with --no-prepare: the first frame makes it, as for another "
+              "program's frames); \"first over median\": the slower of the two first frames over the timed "
+              "frames' median.", ""] + disk
     spans = sorted({tuple(r["live"]["steady_frames"]) for r in results if r["live"].get("steady_frames")})
     steady_note = (" \"live, steady\": frames " + ", ".join(f"{a}-{b}" for a, b in spans)
                    + ", after the stack's rejection warm-up and its bookkeeping" if spans else "")

@@ -76,7 +76,7 @@ def bootstrap_cache(cache_dir: Path, timeout_s: float) -> float:
 
 
 def run_worker(kind: str, folder: Path, n_total: int, settings_kw: dict, timeout_s: float,
-               env: dict | None = None, state_dir: Path | None = None) -> dict:
+               env: dict | None = None, state_dir: Path | None = None, prepare: bool = True) -> dict:
     """Run one worker in a fresh interpreter (this environment, plus `env`) and return its JSON."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
@@ -85,6 +85,8 @@ def run_worker(kind: str, folder: Path, n_total: int, settings_kw: dict, timeout
            "--worker-settings", json.dumps(settings_kw)]
     if state_dir is not None:
         cmd += ["--worker-state-dir", str(state_dir)]
+    if not prepare:
+        cmd += ["--worker-no-prepare"]
     try:
         load_before = os.getloadavg()[0]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
@@ -139,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="a fresh numba cache warmed as scripts/bootstrap.sh does, for the first-frame "
                         "measurement (default: yes, but no with --quick)")
+    p.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=True,
+                   help="make the stack before the first frame, as the daemon does while its camera takes a "
+                        "plan's first exposure (default); --no-prepare: the first frame makes it, as for "
+                        "frames of another capture program")
     p.add_argument("--state-dir", type=Path,
                    help="where the live worker's spool and checkpoints go (default: the temp folder); "
                         "the disk a state folder would be on, to time its writes")
@@ -149,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-settings", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--worker-state-dir", help=argparse.SUPPRESS)
+    p.add_argument("--worker-no-prepare", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -166,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             retain_freed_memory()  # as the service does, before its threads start (daemon.memory)
             with ThreadPoolExecutor(1, thread_name_prefix="pipeline") as pipeline:
                 res = pipeline.submit(live_worker, args.session, args.worker_frames,
-                                      json.loads(args.worker_settings), args.worker_state_dir).result()
+                                      json.loads(args.worker_settings), args.worker_state_dir,
+                                      not args.worker_no_prepare).result()
         else:
             res = naive_worker(args.session, args.worker_frames, **json.loads(args.worker_settings))
         args.worker_out.write_text(json.dumps(res))
@@ -221,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 folder = make_session(sessions_root, w, h, BAYER if mode == "osc" else None, n_live)
                 print(f"{name} {mode}: live ...", file=sys.stderr)
-                live = run_worker("live", folder, n_live, settings_kw, args.timeout, live_env, args.state_dir)
+                live = run_worker("live", folder, n_live, settings_kw, args.timeout, live_env, args.state_dir,
+                                  args.prepare)
                 entry = {"size": name, "mode": mode, "live_raw": live,
                          "live": summarize(live, args.warmup, n_total, steady)}
                 print(f"  live median {entry['live']['median_s']:.3f} s, peak RSS {_gb(live['peak_rss'])}",
@@ -251,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "command": command.strip(), "settings": settings_kw,
                                "warmup": args.warmup, "frames": args.frames, "steady": steady,
+                               "prepare": args.prepare,
                                "bootstrap_s": bootstrap_s,
                                "results": results, "table": table}, indent=1, default=str))
     out.with_suffix(".md").write_text(table)

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 
 from daemon import schedule, sky
 from daemon.pipeline.frame import FrameType
+from daemon.routing import StackKey
 from daemon.settings import CameraSettings, FocusSettings, IndiSettings, MountSettings, PlanSettings, SiteSettings
 from daemon.upkeep import Upkeep, prepare_simulator, server_for
 from drivers.camera import Camera, ExposureTimeout
@@ -85,11 +86,14 @@ class PlanRunner:
                  focus: FocusSettings | None = None, done_paths: Sequence[str] = (),
                  max_failures: int | None = None, backoff_s: tuple[float, float] = (0.5, 30.0),
                  connect_timeout_s: float = 10.0, slew_timeout_s: float = 180.0,
-                 exposure_margin_s: float = 30.0):
+                 exposure_margin_s: float = 30.0,
+                 expect_frames: Callable[[tuple[int, int], str | None, StackKey], None] | None = None):
         """site: [site] (None: the mount's own, if it has one). mount_settings: [mount]. focus:
         [focus] (autofocus with [indi] focuser). done_paths: frames of this plan taken before a
         restart: they count, and are not taken again. max_failures: faults in a row before
-        giving up (default [plan] max_faults)."""
+        giving up (default [plan] max_faults). expect_frames: told, as a light plan's first
+        exposure starts, the frames' (height, width), CFA pattern and stack (the service
+        makes that stack meanwhile: `Session.prepare`)."""
         # The settings checked their own values (daemon.settings); what is left depends on the rig.
         self.until = plan.until_time
         self.light = plan.frame_type is FrameType.LIGHT
@@ -136,6 +140,8 @@ class PlanRunner:
         self.moved = False  # the mount was sent somewhere by this plan (so a safe end parks it)
         self.plate_scale_arcsec = 1.0
         self.started = time.monotonic()
+        self.expect_frames = expect_frames
+        self._expected = False  # expect_frames told (once per plan)
 
     # -- plan bookkeeping ------------------------------------------------------------------
     def _finished(self) -> bool:
@@ -384,6 +390,16 @@ class PlanRunner:
             return None
         return path
 
+    def _expect(self) -> None:
+        """Tell `expect_frames` what the plan's frames will be (once, before its first exposure)."""
+        self._expected = True
+        geometry = self.camera.frame_geometry() if self.expect_frames is not None else None
+        if geometry is None:
+            return
+        key = StackKey(self.plan.target or "unknown", self.plan.filter or "none", float(self.exposure_s),
+                       int(self.cam_settings.binning))
+        self.expect_frames(*geometry, key)
+
     # -- the loop --------------------------------------------------------------------------
     async def run(self) -> dict:
         """Run the plan to its end; returns the summary (see run_acquisition)."""
@@ -441,6 +457,8 @@ class PlanRunner:
                 if due:
                     extra["dither"] = await self._until_stopped(self.dither())
                     dithered_at = self.progress.done
+                if self.light and not self._expected:
+                    self._expect()
                 t0 = time.monotonic()
                 path = await self._expose()
                 if path is None:

@@ -194,6 +194,9 @@ class Session:
         self._transfers: dict[tuple[str, int], Any] = {}  # (stack, n_stacked) -> tile stretch
         #: Whether frames wait (thread-safe): a due stack snapshot is put off while they do.
         self.frames_waiting = frames_waiting
+        #: A pipeline whose stack was made ahead of the frames (`prepare`), with the master
+        #: files it calibrates with: the next frame's new stack takes it, else it is freed.
+        self._spare: tuple[dict[str, str], Any] | None = None
 
     # ----------------------------------------------------------------- snapshot
     def snapshot(self) -> SessionSnapshot:
@@ -278,11 +281,33 @@ class Session:
         self.spools.shutdown()
 
     # ----------------------------------------------------------------- frames
+    def prepare(self, frame_shape: tuple[int, int] | None, bayer: str | None,
+                key: StackKey | None = None) -> tuple[int, ...] | None:
+        """Make the stack the next frames will start while they are being exposed (the
+        service, at a plan's first exposure; `LivePipeline.prepare`), so that the first frame
+        does not pay for its memory. Nothing when `key`'s stack exists (its frames go there)
+        or `frame_shape` is None (a spare made before is freed). Held until the next frame:
+        the new stack that frame starts takes it, else it is freed then. Returns the stack's
+        shape, None when none was made."""
+        self._spare = None  # the previous one freed first: never two
+        if frame_shape is None or (key is not None and key.name in self.stacks):
+            return None
+        pipeline = self.factory.new(self.masters)
+        shape = pipeline.prepare(frame_shape, bayer) if hasattr(pipeline, "prepare") else None
+        if shape is not None:
+            self._spare = (dict(self.masters), pipeline)
+            log.info("stack of %dx%d%s made ahead of its first frame", shape[1], shape[0],
+                     " colour" if len(shape) == 3 else "")
+        return shape
+
     def _stack_for(self, key: StackKey) -> Stack:
+        spare, self._spare = self._spare, None  # taken by a new stack, else freed
         stack = self.stacks.get(key.name)
         if stack is None:
-            stack = self.stacks[key.name] = Stack(key, self.factory.new(self.masters), dict(self.masters))
-            log.info("new stack %s", key.name)
+            made = spare is not None and spare[0] == self.masters
+            pipeline = spare[1] if made else self.factory.new(self.masters)
+            stack = self.stacks[key.name] = Stack(key, pipeline, dict(self.masters))
+            log.info("new stack %s%s", key.name, " (made ahead)" if made else "")
         return stack
 
     def process(self, path: Path, checkpoint_now: bool) -> Outcome:

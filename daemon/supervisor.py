@@ -71,6 +71,7 @@ class PlanSupervisor:
         #: The latest `autofocus` event (status `focus`), None before the first.
         self.focus: dict | None = None
         self._focusing = False
+        self._preparing: asyncio.Task | None = None  # the latest `_prepare_stack` job
 
     @property
     def queue_file(self) -> Path:
@@ -215,6 +216,19 @@ class PlanSupervisor:
 
     def _set_runner(self, runner) -> None:
         self.runner = runner
+        if runner is None:  # a stack made ahead for frames that never came is freed
+            self._prepare_stack(None, None, None)
+
+    def _prepare_stack(self, shape: tuple[int, int] | None, bayer: str | None, key) -> None:
+        """A light plan's first exposure starts (PlanRunner's expect_frames): its stack is made
+        meanwhile on the worker thread (`Session.prepare`), without holding up the plan."""
+        async def make() -> None:
+            try:
+                await self._job(lambda session: session.prepare(shape, bayer, key))
+            except Exception:  # noqa: BLE001 - only the first frame's speed is at stake
+                log.exception("making the stack ahead of the plan's frames failed")
+
+        self._preparing = asyncio.create_task(make(), name="prepare-stack")
 
     async def _run_queue(self, queue: PlanQueue, save_to) -> dict:
         """Run the queue's plans; returns the last plan's summary, with "queue" (its status)."""
@@ -222,7 +236,8 @@ class PlanSupervisor:
 
         try:
             summaries = await run_queue(self.config, queue, self._events(), self._stop, save_to=save_to,
-                                        on_finished=self._finished, on_runner=self._set_runner)
+                                        on_finished=self._finished, on_runner=self._set_runner,
+                                        expect_frames=self._prepare_stack)
         except Exception as exc:  # noqa: BLE001 - stacking of what arrives goes on
             log.exception("acquisition failed")
             error = f"{type(exc).__name__}: {exc}"

@@ -147,6 +147,21 @@ class Camera:
         low = snap.limits.get("CCD_EXPOSURE_VALUE", (0.0, 0.0))[0] if snap else 0.0
         return max(low, 0.0)
 
+    def frame_geometry(self) -> tuple[tuple[int, int], str | None] | None:
+        """(height, width) in binned px of the frames the next exposure gives, and their CFA
+        pattern (None: mono), from CCD_FRAME, CCD_BINNING and CCD_CFA; None when the camera
+        does not say (no CCD_FRAME)."""
+        frame = self.client.prop(self.device, "CCD_FRAME")
+        w, h = (frame.values.get("WIDTH"), frame.values.get("HEIGHT")) if frame else (None, None)
+        if not w or not h:
+            return None
+        binning = self.client.prop(self.device, "CCD_BINNING")
+        bx = int(binning.values.get("HOR_BIN") or 1) if binning else 1
+        by = int(binning.values.get("VER_BIN") or 1) if binning else 1
+        cfa = self.client.prop(self.device, "CCD_CFA")
+        pattern = str(cfa.values.get("CFA_TYPE") or "").strip().upper() if cfa else ""
+        return (int(h) // max(by, 1), int(w) // max(bx, 1)), pattern or None
+
     def temperature(self) -> float | None:
         snap = self.client.prop(self.device, "CCD_TEMPERATURE")
         return snap.values.get("CCD_TEMPERATURE_VALUE") if snap else None

@@ -56,6 +56,7 @@ def test_quick_benchmark_produces_full_table(tmp_path):
         # Start-up as the daemon's (every kernel loaded before the frames) and the first frames
         # (the reference, the first registered one) against the median, in their own table.
         assert live["ready_s"] > 0 and live["first_frame_s"] > 0 and live["first_registered_s"] > 0
+        assert live["prepare_s"] > 0  # the stack made before the first frame, as the daemon with a camera
         assert any(line.startswith(f"| 320x240 | {r['mode']} | ") and "x |" in line
                    for line in table.split("Start-up and disk")[1].splitlines())
         assert naive["stages"]["match"] > 0 and naive["stages"]["warp"] > 0
@@ -72,7 +73,7 @@ def test_quick_benchmark_compares_superpixel_with_a_binned_naive_pipeline(tmp_pa
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--sizes", "320x240", "--osc", "--debayer", "superpixel",
-         "--frames", "2", "--out", str(out)],
+         "--frames", "2", "--no-prepare", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -80,4 +81,5 @@ def test_quick_benchmark_compares_superpixel_with_a_binned_naive_pipeline(tmp_pa
     assert r["live"]["resolution"] == r["naive"]["resolution"] == "160x120"
     assert r["live"]["stages"]["debayer"] > 0 and r["live"]["stages"]["fused"] is None
     assert r["live"]["n_stacked"] == r["naive"]["n_stacked"] == 3  # --quick: no steady frames
+    assert r["live"]["prepare_s"] is None and r["live"]["first_frame_s"] > 0  # the first frame made the stack
     assert "steady_median_s" not in r["live"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,8 @@ def make_config(tmp_path: Path, mqtt_port: int):
     }, source="test")
 
 
-def test_dithered_plan_stacks_round_stars_and_dark_plan_by_command_builds_a_master(broker, tmp_path):
+def test_dithered_plan_stacks_round_stars_and_dark_plan_by_command_builds_a_master(broker, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lightbucket")
     sub = Subscriber(broker.port, RIG)
     service = Service(make_config(tmp_path, broker.port))
 
@@ -109,6 +111,14 @@ def test_dithered_plan_stacks_round_stars_and_dark_plan_by_command_builds_a_mast
     assert {p["frame"] for p in in_status if p["state"] == "running"} <= set(range(1, 9))
     dithers = [e["dither"] for e in running if "dither" in e]
     assert len(dithers) == 3  # before frames 3, 5 and 7
+
+    # --- each light plan's stack was made while its first exposure ran, for the camera's frame
+    # size (CCD_FRAME), and its first frame took it; calibration plans make none ---------------
+    log = [r.getMessage() for r in caplog.records]
+    h, w = fits.getdata(files[0]).shape
+    assert log.count(f"stack of {w}x{h} made ahead of its first frame") == 2, [m for m in log if "ahead" in m]
+    assert "new stack NGC-7789_Luminance_1s_bin1 (made ahead)" in log
+    assert "new stack NGC-7789-b_Luminance_1s_bin1 (made ahead)" in log
 
     # --- the registration undid the dithers: measured offsets move, the stack stays sharp -----
     offsets = np.array([(e["dx"], e["dy"]) for e in frames])

@@ -159,7 +159,7 @@ def test_spool_writer_encodes_each_frame_into_the_last_written_copy(tmp_path, mo
     spool = writer.open("s")
     writer.shutdown()
     assert [e["path"] for e in spool.entries] == [f"f{i}.fits" for i in range(4)]
-    for img, entry in zip(images, spool.entries):
+    for img, entry in zip(images, spool.entries, strict=True):
         np.testing.assert_array_equal(spool.open(entry), (img / np.float32(entry["scale"])).astype(np.float16))
 
 

@@ -76,11 +76,38 @@ class LivePipeline:
         with getattr(self, "_lock", threading.Lock()):
             self._ref: Reference | None = None
             self._stack: RunningStack | None = None
+            self._prepared: RunningStack | None = None  # see `prepare`
             self._history = QualityHistory()
             self._provenance: list[dict] = []
             self.n_stacked = 0
             self.total_exposure_s = 0.0
             self.n_rejected = 0
+
+    def stack_shape(self, frame_shape: tuple[int, int], bayer: str | None) -> tuple[int, ...]:
+        """The shape of the stack that frames of `frame_shape` (H, W: the mosaic's for colour)
+        and CFA pattern `bayer` (None: mono) go to."""
+        h, w = (int(n) for n in frame_shape)
+        if not bayer:
+            return (h, w)
+        if self.debayer_method((h, w)) == "superpixel":
+            return (h // 2, w // 2, 3)
+        return (h, w, 3)
+
+    def prepare(self, frame_shape: tuple[int, int], bayer: str | None) -> tuple[int, ...] | None:
+        """Make the running stack for frames of this shape and CFA pattern (see `stack_shape`)
+        before the first of them arrives, with its memory written once (`RunningStack(prefault=True)`).
+
+        Why: a new stack's statistics are hundreds of MB (26 Mpx colour: ~1 GB), and the first
+        frame otherwise touches them first, paying for every page. The service calls this
+        while the camera takes a plan's first exposure. The first frame takes the stack
+        when its own shape matches, else it is freed then (`reset` frees it too). Returns
+        the stack's shape; None (and nothing made) when this pipeline has a stack already."""
+        if self._stack is not None:
+            return None
+        self._prepared = None  # the previous one freed first: never two
+        shape = self.stack_shape(frame_shape, bayer)
+        self._prepared = RunningStack(shape, self.settings.stack_settings, prefault=True)
+        return shape
 
     def set_reference(self, frame: Frame) -> None:
         """Make `frame` the registration reference. The stack is emptied (its coordinates
@@ -213,6 +240,11 @@ class LivePipeline:
         reference level)."""
         if self._stack is None:
             self._ref.sky = sky
+            prepared, self._prepared = self._prepared, None
+            if (prepared is not None and prepared.shape == tuple(shape)
+                    and prepared.settings == self.settings.stack_settings):
+                return prepared
+            del prepared  # a frame of another shape: freed before the stack it needs is made
             return RunningStack(shape, self.settings.stack_settings)
         return self._stack
 

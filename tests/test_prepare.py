@@ -1,0 +1,125 @@
+"""A stack made ahead of its frames (issue 19, the first frame): while a plan's first exposure
+runs, the service makes the stack its frames will go to, its memory written once, so the first
+frame does not pay for hundreds of MB of new pages. The stack must come out exactly as one
+made by the first frame, and a stack made for frames that do not come must not stay in memory.
+(Through the real INDI simulator: tests/test_indi_daemon.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from daemon.pipeline.frame import Frame
+from daemon.pipeline.live import LivePipeline
+from daemon.pipeline.live_settings import LiveSettings
+from daemon.pipeline.stack import RunningStack, StackSettings
+from daemon.routing import StackKey
+from daemon.session import LivePipelineFactory, Session
+from daemon.simulate import Exposure, Sensor, expose, fits_header, random_star_field, transform_matrix
+from tests.test_live import SHAPE, make_frame
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096
+
+
+def test_a_prefaulted_stack_is_the_same_empty_stack_with_its_memory_written():
+    shape = (2500, 2500, 3)  # 237 MB of warm-up statistics, each array well above malloc's mmap threshold
+    before = _resident_bytes()
+    lazy = RunningStack(shape)
+    lazy_bytes = _resident_bytes() - before
+    before = _resident_bytes()
+    made = RunningStack(shape, prefault=True)
+    made_bytes = _resident_bytes() - before
+    arrays = ("_mean", "_m2_bf16", "wsum", "count", "_top", "_top_idx")
+    total = sum(np.asarray(getattr(made, a)).nbytes for a in arrays)
+    assert made_bytes > 0.95 * total > 2 * lazy_bytes, (made_bytes, lazy_bytes, total)  # lazy: the NaN mean
+    for a in arrays:
+        np.testing.assert_array_equal(np.asarray(getattr(made, a)), np.asarray(getattr(lazy, a)))
+    no_reject = RunningStack((50, 60), StackSettings(reject=False), prefault=True)
+    assert not no_reject._m2.any() and no_reject._top is None
+
+
+@pytest.mark.parametrize("bayer, debayer", [(None, "bilinear"), ("RGGB", "bilinear"), ("RGGB", "superpixel")])
+def test_the_first_frame_takes_the_stack_made_ahead_and_stacks_exactly_as_without(bayer, debayer):
+    settings = LiveSettings(debayer=debayer)
+    plain = LivePipeline(settings)
+    for i in range(7):
+        assert plain.process(make_frame(i, bayer=bayer)).accepted
+    pipe = LivePipeline(settings)
+    shape = pipe.prepare(SHAPE, bayer)
+    made = pipe._prepared
+    assert shape == made.shape == plain._stack.shape
+    for i in range(7):
+        pipe.process(make_frame(i, bayer=bayer))
+    assert pipe._stack is made and pipe._prepared is None
+    np.testing.assert_array_equal(pipe.stack_image(), plain.stack_image())
+    assert pipe.prepare(SHAPE, bayer) is None and pipe._prepared is None  # it has its stack
+
+
+def test_a_frame_of_another_shape_gets_its_own_stack_and_reset_frees_the_one_made_ahead():
+    pipe = LivePipeline()
+    pipe.prepare((SHAPE[0] + 2, SHAPE[1]), None)
+    made = pipe._prepared
+    frame = make_frame(0)
+    pipe.process(frame)
+    assert pipe._prepared is None and pipe._stack is not made and pipe._stack.shape == SHAPE
+    other = LivePipeline()
+    other.prepare(SHAPE, "RGGB")
+    other.reset()
+    assert other._prepared is None
+
+
+def _write(path, i: int, target: str, size: int = 160) -> None:
+    field = random_star_field((size, size), 150, seed=3, margin=0.1)
+    exp = Exposure(exposure_s=10.0, matrix=transform_matrix(0.7 * i, -0.4 * i, 0.3 * i), seed=i)
+    fits.writeto(path, expose((size, size), field, exp, Sensor()),
+                 fits.Header(fits_header(exposure_s=10.0, filter_name="L", target=target)))
+
+
+def test_session_hands_the_stack_made_ahead_to_the_new_stack_and_frees_one_not_taken(tmp_path):
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    session = Session(tmp_path / "state", capture, tmp_path / "out", LivePipelineFactory(LiveSettings(), {}),
+                      None, {})
+    key = StackKey("R", "L", 10.0, 1)
+    assert session.prepare((160, 160), None, key) == (160, 160)
+    made = session._spare[1]._prepared
+    for i in range(2):
+        _write(capture / f"r{i}.fits", i, "R")
+        assert session.process(capture / f"r{i}.fits", False).outcome == "stacked"
+    assert session.stacks[key.name].pipeline._stack is made and session._spare is None
+    # Its stack exists: nothing is made for more frames of it.
+    assert session.prepare((160, 160), None, key) is None and session._spare is None
+    # Made for frames of a stack that exists (the plan said another name): freed by the next frame.
+    assert session.prepare((160, 160), None, StackKey("S", "L", 10.0, 1)) == (160, 160)
+    _write(capture / "r2.fits", 2, "R")
+    session.process(capture / "r2.fits", False)
+    assert session._spare is None and set(session.stacks) == {key.name}
+    # Made for another frame size: the new stack is made for its frames, the one made ahead freed.
+    session.prepare((150, 150), None, StackKey("T", "L", 10.0, 1))
+    _write(capture / "t0.fits", 0, "T")
+    session.process(capture / "t0.fits", False)
+    t = session.stacks["T_L_10s_bin1"].pipeline
+    assert session._spare is None and t._prepared is None and t._stack.shape == (160, 160)
+    # The plan ended before its frames: freed at once.
+    session.prepare((160, 160), None, StackKey("U", "L", 10.0, 1))
+    session.prepare(None, None)
+    assert session._spare is None
+    session.close()
+
+
+def test_no_frame_reaches_a_stack_made_ahead_twice():
+    """The frame that takes the stack made ahead is its first: the image equals the frame's
+    own (a stack of one), not the frame added to something left in it."""
+    pipe = LivePipeline()
+    pipe.prepare(SHAPE, None)
+    frame = make_frame(0)
+    data = frame.data.copy()
+    pipe.process(Frame(frame.data, frame.meta))
+    image = pipe.stack_image()
+    ok = np.isfinite(image)
+    assert ok.mean() > 0.99
+    np.testing.assert_allclose(image[ok], data[ok], rtol=1e-6, atol=1e-3)
