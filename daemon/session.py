@@ -282,23 +282,23 @@ class Session:
 
     # ----------------------------------------------------------------- frames
     def prepare(self, frame_shape: tuple[int, int] | None, bayer: str | None,
-                key: StackKey | None = None) -> tuple[int, ...] | None:
+                key: StackKey | None = None) -> Any:
         """Make the stack the next frames will start while they are being exposed (the
         service, at a plan's first exposure; `LivePipeline.prepare`), so that the first frame
         does not pay for its memory. Nothing when `key`'s stack exists (its frames go there)
         or `frame_shape` is None (a spare made before is freed). Held until the next frame:
-        the new stack that frame starts takes it, else it is freed then. Returns the stack's
-        shape, None when none was made."""
+        the new stack that frame starts takes it, else it is freed then. Returns the running
+        stack made (`RunningStack`), None when none was made."""
         self._spare = None  # the previous one freed first: never two
         if frame_shape is None or (key is not None and key.name in self.stacks):
             return None
         pipeline = self.factory.new(self.masters)
-        shape = pipeline.prepare(frame_shape, bayer) if hasattr(pipeline, "prepare") else None
-        if shape is not None:
+        made = pipeline.prepare(frame_shape, bayer) if hasattr(pipeline, "prepare") else None
+        if made is not None:
             self._spare = (dict(self.masters), pipeline)
-            log.info("stack of %dx%d%s made ahead of its first frame", shape[1], shape[0],
-                     " colour" if len(shape) == 3 else "")
-        return shape
+            log.info("stack of %dx%d%s made ahead of its first frame", made.shape[1], made.shape[0],
+                     " colour" if len(made.shape) == 3 else "")
+        return made
 
     def _stack_for(self, key: StackKey) -> Stack:
         spare, self._spare = self._spare, None  # taken by a new stack, else freed

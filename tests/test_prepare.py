@@ -6,6 +6,8 @@ made by the first frame, and a stack made for frames that do not come must not s
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -26,20 +28,23 @@ def _resident_bytes() -> int:
 
 
 def test_a_prefaulted_stack_is_the_same_empty_stack_with_its_memory_written():
-    shape = (2500, 2500, 3)  # 237 MB of warm-up statistics, each array well above malloc's mmap threshold
+    h, w = 2500, 2500  # each array well above malloc's mmap threshold: fresh pages
     before = _resident_bytes()
-    lazy = RunningStack(shape)
+    lazy = RunningStack((h, w, 3))
     lazy_bytes = _resident_bytes() - before
     before = _resident_bytes()
-    made = RunningStack(shape, prefault=True)
+    made = RunningStack((h, w, 3), prefault=True)
     made_bytes = _resident_bytes() - before
-    arrays = ("_mean", "_m2_bf16", "wsum", "count", "_top", "_top_idx")
-    total = sum(np.asarray(getattr(made, a)).nbytes for a in arrays)
+    # Warm-up statistics: mean float32 and m2 bfloat16 per plane, the two brightest samples
+    # (float16 per plane, a uint8 frame index each), wsum float32 and count uint16.
+    total = h * w * (3 * 4 + 3 * 2 + 2 * (3 * 2 + 1) + 4 + 2)
     assert made_bytes > 0.95 * total > 2 * lazy_bytes, (made_bytes, lazy_bytes, total)  # lazy: the NaN mean
-    for a in arrays:
-        np.testing.assert_array_equal(np.asarray(getattr(made, a)), np.asarray(getattr(lazy, a)))
-    no_reject = RunningStack((50, 60), StackSettings(reject=False), prefault=True)
-    assert not no_reject._m2.any() and no_reject._top is None
+    a, b = made.state(), lazy.state()
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert np.array_equal(v, b[k], equal_nan=True) if isinstance(v, np.ndarray) else v == b[k], k
+    no_reject = RunningStack((50, 60), StackSettings(reject=False), prefault=True).state()
+    assert not no_reject["m2"].any() and "top1" not in no_reject
 
 
 @pytest.mark.parametrize("bayer, debayer", [(None, "bilinear"), ("RGGB", "bilinear"), ("RGGB", "superpixel")])
@@ -49,27 +54,24 @@ def test_the_first_frame_takes_the_stack_made_ahead_and_stacks_exactly_as_withou
     for i in range(7):
         assert plain.process(make_frame(i, bayer=bayer)).accepted
     pipe = LivePipeline(settings)
-    shape = pipe.prepare(SHAPE, bayer)
-    made = pipe._prepared
-    assert shape == made.shape == plain._stack.shape
+    made = pipe.prepare(SHAPE, bayer)
+    assert made.shape == plain.stack_image().shape
     for i in range(7):
         pipe.process(make_frame(i, bayer=bayer))
-    assert pipe._stack is made and pipe._prepared is None
+    assert np.shares_memory(pipe.stack_image(), made.image())  # the one made ahead took the frames
     np.testing.assert_array_equal(pipe.stack_image(), plain.stack_image())
-    assert pipe.prepare(SHAPE, bayer) is None and pipe._prepared is None  # it has its stack
+    assert pipe.prepare(SHAPE, bayer) is None  # it has its stack
 
 
 def test_a_frame_of_another_shape_gets_its_own_stack_and_reset_frees_the_one_made_ahead():
     pipe = LivePipeline()
-    pipe.prepare((SHAPE[0] + 2, SHAPE[1]), None)
-    made = pipe._prepared
-    frame = make_frame(0)
-    pipe.process(frame)
-    assert pipe._prepared is None and pipe._stack is not made and pipe._stack.shape == SHAPE
+    made = weakref.ref(pipe.prepare((SHAPE[0] + 2, SHAPE[1]), None))
+    pipe.process(make_frame(0))
+    assert made() is None and pipe.stack_image().shape == SHAPE
     other = LivePipeline()
-    other.prepare(SHAPE, "RGGB")
+    made = weakref.ref(other.prepare(SHAPE, "RGGB"))
     other.reset()
-    assert other._prepared is None
+    assert made() is None
 
 
 def _write(path, i: int, target: str, size: int = 160) -> None:
@@ -85,29 +87,29 @@ def test_session_hands_the_stack_made_ahead_to_the_new_stack_and_frees_one_not_t
     session = Session(tmp_path / "state", capture, tmp_path / "out", LivePipelineFactory(LiveSettings(), {}),
                       None, {})
     key = StackKey("R", "L", 10.0, 1)
-    assert session.prepare((160, 160), None, key) == (160, 160)
-    made = session._spare[1]._prepared
+    made = session.prepare((160, 160), None, key)
+    assert made.shape == (160, 160)
     for i in range(2):
         _write(capture / f"r{i}.fits", i, "R")
         assert session.process(capture / f"r{i}.fits", False).outcome == "stacked"
-    assert session.stacks[key.name].pipeline._stack is made and session._spare is None
+    assert np.shares_memory(session.stacks[key.name].pipeline.stack_image(), made.image())
     # Its stack exists: nothing is made for more frames of it.
-    assert session.prepare((160, 160), None, key) is None and session._spare is None
+    assert session.prepare((160, 160), None, key) is None
     # Made for frames of a stack that exists (the plan said another name): freed by the next frame.
-    assert session.prepare((160, 160), None, StackKey("S", "L", 10.0, 1)) == (160, 160)
+    made = weakref.ref(session.prepare((160, 160), None, StackKey("S", "L", 10.0, 1)))
+    assert made() is not None
     _write(capture / "r2.fits", 2, "R")
     session.process(capture / "r2.fits", False)
-    assert session._spare is None and set(session.stacks) == {key.name}
+    assert made() is None and set(session.stacks) == {key.name}
     # Made for another frame size: the new stack is made for its frames, the one made ahead freed.
-    session.prepare((150, 150), None, StackKey("T", "L", 10.0, 1))
+    made = weakref.ref(session.prepare((150, 150), None, StackKey("T", "L", 10.0, 1)))
     _write(capture / "t0.fits", 0, "T")
     session.process(capture / "t0.fits", False)
-    t = session.stacks["T_L_10s_bin1"].pipeline
-    assert session._spare is None and t._prepared is None and t._stack.shape == (160, 160)
+    assert made() is None and session.stacks["T_L_10s_bin1"].pipeline.stack_image().shape == (160, 160)
     # The plan ended before its frames: freed at once.
-    session.prepare((160, 160), None, StackKey("U", "L", 10.0, 1))
+    made = weakref.ref(session.prepare((160, 160), None, StackKey("U", "L", 10.0, 1)))
     session.prepare(None, None)
-    assert session._spare is None
+    assert made() is None
     session.close()
 
 

@@ -93,7 +93,7 @@ class LivePipeline:
             return (h // 2, w // 2, 3)
         return (h, w, 3)
 
-    def prepare(self, frame_shape: tuple[int, int], bayer: str | None) -> tuple[int, ...] | None:
+    def prepare(self, frame_shape: tuple[int, int], bayer: str | None) -> RunningStack | None:
         """Make the running stack for frames of this shape and CFA pattern (see `stack_shape`)
         before the first of them arrives, with its memory written once (`RunningStack(prefault=True)`).
 
@@ -101,13 +101,13 @@ class LivePipeline:
         frame otherwise touches them first, paying for every page. The service calls this
         while the camera takes a plan's first exposure. The first frame takes the stack
         when its own shape matches, else it is freed then (`reset` frees it too). Returns
-        the stack's shape; None (and nothing made) when this pipeline has a stack already."""
+        the stack made; None (and nothing made) when this pipeline has a stack already."""
         if self._stack is not None:
             return None
         self._prepared = None  # the previous one freed first: never two
         shape = self.stack_shape(frame_shape, bayer)
         self._prepared = RunningStack(shape, self.settings.stack_settings, prefault=True)
-        return shape
+        return self._prepared
 
     def set_reference(self, frame: Frame) -> None:
         """Make `frame` the registration reference. The stack is emptied (its coordinates
