@@ -84,14 +84,16 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     compiled_s = ensure_warm()
     ready_s = time.perf_counter() - t
     pipe = LivePipeline(LiveSettings(**settings_kw), masters)
+    # As the service loads: into the previous frame's array when free.
+    load = FrameLoader(keep_large=pipe.settings.holds_frames)
     prepare_s = None
     if prepare:  # for the camera's frames: their size and CFA pattern (INDI's CCD_FRAME, CCD_CFA)
         header = fits.getheader(session_paths(folder, 1)[0])
         t = time.perf_counter()
-        pipe.prepare((header["NAXIS2"], header["NAXIS1"]), header.get("BAYERPAT") or None)
+        shape = (header["NAXIS2"], header["NAXIS1"])
+        pipe.prepare(shape, header.get("BAYERPAT") or None)
+        load.reserve(shape)
         prepare_s = time.perf_counter() - t
-    # As the service loads: into the previous frame's array when free.
-    load = FrameLoader(keep_large=pipe.settings.holds_frames)
     spool_dir = tempfile.TemporaryDirectory(prefix="lb-bench-spool-", dir=state_dir)
     spools = SpoolWriter(spool_dir.name)  # the service's: its thread, its buffer reuse
     write_s: list[float] = []

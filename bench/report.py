@@ -222,8 +222,9 @@ def markdown(results: list[dict], machine: dict, args_line: str, settings_line: 
         for name, stages, total in rows:
             cells = " | ".join(_fmt_s(stages[st]) for st in STAGES)
             lines.append(f"| {r['size']} | {r['mode']} | {name} | {cells} | {_fmt_s(total)} |")
-    lines += ["", "Live \"spool\" is the float16 encoding and the wait for the previous frame's spool write; "
-              "the write itself runs on the spool thread, overlapping the next frame, as in the service "
+    lines += ["", "Live \"spool\" is the wait for the previous frame's spool write, if any, and the float16 "
+              "encoding into its array; the write itself runs on the spool thread, overlapping the next frame, "
+              "as in the service "
               "(median write time: "
               + ", ".join(f"{r['size']} {r['mode']} {_fmt_s(r['live'].get('spool_write_median_s'))}" for r in results)
               + "). \"checkpoint share/frame\": what checkpoints write per frame of these 30 s exposures (one "

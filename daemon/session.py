@@ -287,15 +287,20 @@ class Session:
         service, at a plan's first exposure; `LivePipeline.prepare`), so that the first frame
         does not pay for its memory. Nothing when `key`'s stack exists (its frames go there)
         or `frame_shape` is None (a spare made before is freed). Held until the next frame:
-        the new stack that frame starts takes it, else it is freed then. Returns the running
-        stack made (`RunningStack`), None when none was made."""
+        the new stack that frame starts takes it, else it is freed then. The frame loader gets
+        the frame's array ready too (`FrameLoader.reserve`). Returns the running stack made
+        (`RunningStack`), None when none was made."""
         self._spare = None  # the previous one freed first: never two
+        if frame_shape is None and hasattr(self.loader, "reserve"):
+            self.loader.reserve(None)
         if frame_shape is None or (key is not None and key.name in self.stacks):
             return None
         pipeline = self.factory.new(self.masters)
         made = pipeline.prepare(frame_shape, bayer) if hasattr(pipeline, "prepare") else None
         if made is not None:
             self._spare = (dict(self.masters), pipeline)
+            if hasattr(self.loader, "reserve"):
+                self.loader.reserve(frame_shape)
             log.info("stack of %dx%d%s made ahead of its first frame", made.shape[1], made.shape[0],
                      " colour" if len(made.shape) == 3 else "")
         return made

@@ -411,3 +411,35 @@ def test_large_frames_are_kept_only_where_the_pipeline_holds_them_anyway(tmp_pat
                                 "state": {"dir": str(tmp_path / debayer / "state")},
                                 "stack": {"debayer": debayer}}, "test.toml")
         assert Service(cfg).session.loader.keep_large is keep
+
+
+def test_an_array_reserved_for_the_first_frame_takes_it(tmp_path, monkeypatch):
+    """`reserve` (a plan's first exposure, `Session.prepare`): the first frame of that shape is
+    decoded into the array made ahead; a frame of another shape gets its own; None keeps none."""
+    import daemon.io.load as load_module
+
+    given = []
+    original = load_module.load_frame
+
+    def spy(path, frame_type=None, *, out=None, options=None):
+        given.append(out)
+        return original(path, frame_type, out=out, options=options)
+
+    monkeypatch.setattr(load_module, "load_frame", spy)
+    path = tmp_path / "a.fits"
+    data = np.arange(60 * 80, dtype=np.uint16).reshape(60, 80)
+    fits.writeto(path, data)
+    load = load_module.FrameLoader(keep_large=False)
+    load.reserve((60, 80))
+    frame = load(path)
+    assert given[-1] is not None and given[-1].shape == (60, 80) and np.shares_memory(frame.data, given[-1])
+    np.testing.assert_array_equal(frame.data, data.astype(np.float32))
+    del frame
+    load.reserve((61, 80))
+    frame = load(path)
+    assert given[-1].shape == (61, 80) and not np.shares_memory(frame.data, given[-1])
+    np.testing.assert_array_equal(frame.data, data.astype(np.float32))
+    del frame
+    load.reserve(None)
+    load(path)
+    assert given[-1] is None

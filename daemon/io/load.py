@@ -145,6 +145,16 @@ class FrameLoader:
         self._last = frame.data if self.keep_large or frame.data.nbytes <= REUSE_MAX_BYTES else None
         return frame
 
+    def reserve(self, shape: tuple[int, int] | None) -> None:
+        """An array for the next frame, of `shape` (H, W), written once now: made while a plan's
+        first exposure runs (`Session.prepare`), so that the first frame is not decoded into
+        new memory (the class docstring's reason). Kept whatever its size: the first frame
+        takes it, and the keep rules apply from there on. None: keep no array (the plan
+        ended before its frames came)."""
+        self._last = None
+        if shape is not None:
+            self._last = np.full(tuple(int(n) for n in shape), 0, np.float32)
+
     def _free_array(self) -> np.ndarray | None:
         last, self._last = self._last, None
         # Held by `last` and getrefcount's argument only: nobody else has it.

@@ -101,7 +101,10 @@ class RunningStack:
         kernel zeroes each and a virtual machine's host may have to supply it first, which
         can cost the first frame several times a later one's time); for a stack made ahead
         of its frames (`LivePipeline.prepare`)."""
-        zeros = np.full if prefault else _zeros
+
+        def zeros(dims: tuple[int, ...], dtype) -> np.ndarray:  # with prefault written now
+            return np.full(dims, 0, dtype) if prefault else np.zeros(dims, dtype)
+
         if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
             raise ValueError(f"stack shape must be (H, W), (H, W, 1) or (H, W, 3), got {shape}")
         if settings.reject and not 4 <= settings.warmup <= (_NONE - 1) // 3:
@@ -116,10 +119,10 @@ class RunningStack:
         self._mean = np.full((c, h, w), np.nan, np.float32)
         # Weighted sum of squared deviations (ADU^2), float32; None during the warm-up
         # bookkeeping, when `_m2_bf16` keeps it (see the module docstring).
-        self._m2: np.ndarray | None = None if settings.reject else zeros((c, h, w), 0, np.float32)
-        self._m2_bf16: np.ndarray | None = zeros((c, h, w), 0, np.uint16) if settings.reject else None
-        self.wsum = zeros((h, w), 0, np.float32)
-        self.count = zeros((h, w), 0, np.uint16)
+        self._m2: np.ndarray | None = None if settings.reject else zeros((c, h, w), np.float32)
+        self._m2_bf16: np.ndarray | None = zeros((c, h, w), np.uint16) if settings.reject else None
+        self.wsum = zeros((h, w), np.float32)
+        self.count = zeros((h, w), np.uint16)
         self.n_frames = 0
         self.total_weight = 0.0
         self.rejected_pixels = 0  # samples rejected over the whole session
@@ -131,7 +134,7 @@ class RunningStack:
         #: Frames after which the warm-up buffers are flushed and freed.
         self._track_frames = 3 * settings.warmup
         if settings.reject:
-            self._top = [zeros((c, h, w), 0, np.uint16) for _ in range(2)]
+            self._top = [zeros((c, h, w), np.uint16) for _ in range(2)]
             self._top_idx = [np.full((h, w), _NONE, np.uint8) for _ in range(2)]
 
     # ------------------------------------------------------------------ public API
@@ -480,11 +483,6 @@ def _band_pool(threads: int) -> ThreadPoolExecutor:
         if threads not in _POOL:
             _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="band")
         return _POOL[threads]
-
-
-def _zeros(shape: tuple[int, ...], fill: int, dtype) -> np.ndarray:
-    """np.zeros with `np.full`'s arguments (`fill` is 0): pages mapped when first written."""
-    return np.zeros(shape, dtype)
 
 
 _EMPTY_U16 = np.zeros((1, 1, 1), np.uint16)
