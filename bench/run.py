@@ -13,7 +13,9 @@ What it does:
 Then per sensor size and colour mode:
 1. Generates a synthetic session once (`bench.sessions`), cached in bench/results/sessions/.
 2. Runs the live pipeline as the service does (`bench.live.live_worker`: what the daemon does
-   before READY, then per frame `FrameLoader` -> `LivePipeline.process(consume=True)` ->
+   before READY, the stack made ahead of the first frame as the daemon makes it while its camera
+   takes a plan's first exposure (not with --no-prepare), then per frame `FrameLoader` ->
+   `LivePipeline.process(consume=True)` ->
    spool encode and write on the spool thread -> preview JPEG of the stack after every frame)
    on a thread of its own with the service's malloc settings (`daemon.memory`), in a *fresh
    subprocess*, so its peak RSS (`ru_maxrss`) is its own. Stage times come from wrapping the
