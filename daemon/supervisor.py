@@ -71,7 +71,7 @@ class PlanSupervisor:
         #: The latest `autofocus` event (status `focus`), None before the first.
         self.focus: dict | None = None
         self._focusing = False
-        self._preparing: asyncio.Task | None = None  # the latest `_prepare_stack` job
+        self._preparing: set[asyncio.Task] = set()  # `_prepare_stack` jobs under way (referenced)
 
     @property
     def queue_file(self) -> Path:
@@ -228,7 +228,9 @@ class PlanSupervisor:
             except Exception:  # noqa: BLE001 - only the first frame's speed is at stake
                 log.exception("making the stack ahead of the plan's frames failed")
 
-        self._preparing = asyncio.create_task(make(), name="prepare-stack")
+        task = asyncio.create_task(make(), name="prepare-stack")
+        self._preparing.add(task)
+        task.add_done_callback(self._preparing.discard)
 
     async def _run_queue(self, queue: PlanQueue, save_to) -> dict:
         """Run the queue's plans; returns the last plan's summary, with "queue" (its status)."""
