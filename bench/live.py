@@ -64,8 +64,8 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     The spool is written as the service writes it (`SpoolWriter`): on its own thread while
     the next frame is processed, at most one write in flight. Stage "spool" is the time a
     frame waits for the previous frame's write (zero when the write kept up) and the float16
-    encoding into that frame's copy (on this thread, as in the service); the write itself is timed on its thread
-    ("spool_write_s") and is in the CPU time of the frames it overlaps. The spool and the
+    encoding into that frame's copy (on this thread, as in the service); the write itself is
+    timed on its thread ("spool_write_s") and is in the CPU time of the frames it overlaps. The spool and the
     checkpoint go to a temporary folder under `state_dir` (default: the system's temp folder;
     give the disk a real state folder would be on to time its writes). `prepare`: the stack
     is made before the first frame, as the service makes it while its camera takes a plan's
@@ -107,7 +107,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
         spool_bytes.append((spool.dir / entry["file"]).stat().st_size)
         return entry
 
-    Spool.append = timed_append
+    Spool.append = timed_append  # restored once the frames are spooled
 
     rss_before = _rss_bytes()
     frames = []

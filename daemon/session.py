@@ -291,16 +291,19 @@ class Session:
         the frame's array ready too (`FrameLoader.reserve`). Returns the running stack made
         (`RunningStack`), None when none was made."""
         self._spare = None  # the previous one freed first: never two
-        if frame_shape is None and hasattr(self.loader, "reserve"):
-            self.loader.reserve(None)
-        if frame_shape is None or (key is not None and key.name in self.stacks):
+        reserve = getattr(self.loader, "reserve", None)  # (a test's loader may have none)
+        if frame_shape is None:
+            if reserve is not None:
+                reserve(None)
+            return None
+        if key is not None and key.name in self.stacks:
             return None
         pipeline = self.factory.new(self.masters)
         made = pipeline.prepare(frame_shape, bayer) if hasattr(pipeline, "prepare") else None
         if made is not None:
             self._spare = (dict(self.masters), pipeline)
-            if hasattr(self.loader, "reserve"):
-                self.loader.reserve(frame_shape)
+            if reserve is not None:
+                reserve(frame_shape)
             log.info("stack of %dx%d%s made ahead of its first frame", made.shape[1], made.shape[0],
                      " colour" if len(made.shape) == 3 else "")
         return made

@@ -79,7 +79,7 @@ def encode(image: np.ndarray | RegisteredMosaic, out: np.ndarray | None = None) 
     gives its mosaic, with its description as `meta`.
 
     `out`: an earlier `Encoded.data` nothing else holds any more, to encode into when it has
-    the frame's shape (`Spools.encode`: written memory, not new pages); else a new array."""
+    the frame's shape (`SpoolWriter.encode`: written memory, not new pages); else a new array."""
     if isinstance(image, RegisteredMosaic):
         enc = encode(image.data, out)
         return Encoded(enc.data, enc.scale, image.meta())

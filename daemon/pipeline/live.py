@@ -241,8 +241,7 @@ class LivePipeline:
         if self._stack is None:
             self._ref.sky = sky
             prepared, self._prepared = self._prepared, None
-            if (prepared is not None and prepared.shape == tuple(shape)
-                    and prepared.settings == self.settings.stack_settings):
+            if prepared is not None and prepared.shape == tuple(shape):
                 return prepared
             del prepared  # a frame of another shape: freed before the stack it needs is made
             return RunningStack(shape, self.settings.stack_settings)

@@ -98,9 +98,8 @@ class RunningStack:
                  prefault: bool = False):
         """An empty stack of `shape`, (H, W) or (H, W, C) with C 1 or 3. `prefault`: write
         every page of its statistics now (otherwise the first frame does, page by page: the
-        kernel zeroes each and a virtual machine's host may have to supply it first, which
-        can cost the first frame several times a later one's time); for a stack made ahead
-        of its frames (`LivePipeline.prepare`)."""
+        kernel zeroes each, and a virtual machine's host may have to supply it first); for a
+        stack made ahead of its frames (`LivePipeline.prepare`)."""
 
         def zeros(dims: tuple[int, ...], dtype) -> np.ndarray:  # with prefault written now
             return np.full(dims, 0, dtype) if prefault else np.zeros(dims, dtype)
@@ -384,9 +383,8 @@ class RunningStack:
         block = self._top[0].base  # `__init__`'s (2, C, H, W) uint16 of the two brightest, now free
         self._top = self._top_idx = None
         self._warm_weights = []
-        # float32 m2 in their memory (no new memory: on a 26 Mpx colour sensor 313 MB of new
-        # pages in this one frame, or a step up of the process's memory where malloc keeps the
-        # freed buffers).
+        # float32 m2 in their memory, exactly its size: no new pages in this frame, and no step
+        # up of the process's memory where malloc keeps the freed buffers.
         self._m2 = block.reshape(-1).view(np.float32).reshape(self._mean.shape)
         for rows in _row_bands(self.shape[0]):  # every pixel done: m2 whole
             self._m2[:, rows] = bfloat16_values(self._m2_bf16[:, rows])
