@@ -17,7 +17,7 @@ from astropy.io import fits
 import daemon.pipeline.fused as fused
 import daemon.pipeline.live as live
 from bench.sessions import EXPOSURE_S, load_master_arrays, session_paths
-from bench.timing import StageTimer, _cpu_s, _rss_bytes, just_written
+from bench.timing import MemoryPeaks, StageTimer, _cpu_s, _rss_bytes, just_written, resident_bytes
 from daemon import checkpoint
 from daemon.io.load import FrameLoader
 from daemon.pipeline.calibrate import Masters
@@ -72,18 +72,23 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     first exposure (`Session.prepare`; timed as "prepare_s"); else the first frame makes it,
     as for frames of another capture program.
     """
-    timer = StageTimer()
+    memory = MemoryPeaks()
+    timer = StageTimer(memory)
     instrument_live(timer)
-    m = load_master_arrays(folder)
-    masters = Masters(bias=m["bias"], dark=m["dark"], dark_exposure_s=m["dark_exposure_s"], flat=m["flat"],
-                      defects=m["defects"], bayer=m["bayer"])
-    del m
     # As the daemon before it reports READY (daemon.warmup): every kernel loaded from numba's
     # cache (compiled where it lacks one), so the first frame is timed as a user sees it.
     t = time.perf_counter()
     compiled_s = ensure_warm()
     ready_s = time.perf_counter() - t
+    # What stays resident through the night, step by step (bytes, VmRSS after each).
+    resident = {"ready": resident_bytes()}
+    m = load_master_arrays(folder)
+    masters = Masters(bias=m["bias"], dark=m["dark"], dark_exposure_s=m["dark_exposure_s"], flat=m["flat"],
+                      defects=m["defects"], bayer=m["bayer"])
+    del m
     pipe = LivePipeline(LiveSettings(**settings_kw), masters)
+    del masters
+    resident["masters"] = resident_bytes()
     # As the service loads: into the previous frame's array when free.
     load = FrameLoader(keep_large=pipe.settings.holds_frames)
     prepare_s = None
@@ -92,8 +97,10 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
         t = time.perf_counter()
         shape = (header["NAXIS2"], header["NAXIS1"])
         pipe.prepare(shape, header.get("BAYERPAT") or None)
+        resident["stack"] = resident_bytes()
         load.reserve(shape)
         prepare_s = time.perf_counter() - t
+        resident["frame"] = resident_bytes()
     spool_dir = tempfile.TemporaryDirectory(prefix="lb-bench-spool-", dir=state_dir)
     spools = SpoolWriter(spool_dir.name)  # the service's: its thread, its buffer reuse
     write_s: list[float] = []
@@ -136,7 +143,9 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
         total, cpu = time.perf_counter() - t0, _cpu_s() - c0
         stages = dict(timer.frame)
         stages["other"] = stages.pop("process", 0.0)
-        frames.append({"path": path.name, "total_s": total, "cpu_s": cpu, "stages": stages, "accepted": result.accepted,
+        memory.boundary("between")  # (this frame's last interval)
+        frames.append({"rss_peaks": dict(memory.frame),
+                       "path": path.name, "total_s": total, "cpu_s": cpu, "stages": stages, "accepted": result.accepted,
                        "reason": result.reason, "stars": result.stars, "dx": result.dx, "dy": result.dy,
                        "rejected_pixels": getattr(result, "rejected_pixels", None),
                        "process_ms": result.processing_ms, "preview_bytes": len(jpeg)})
@@ -144,7 +153,8 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     spools.shutdown()
     Spool.append = append
     n_spooled = len(Spool(spools.folder("bench")))
-    peak_rss_frames = _rss_bytes()
+    memory.boundary("spool")  # (the last write)
+    peak_rss_frames = memory.peak if memory.available else _rss_bytes()
     # The checkpoints the service would write now (its stacks' state), untimed: one every
     # state.checkpoint_every_s (30 s: once per frame of these 30 s exposures). The first
     # writes the stack's snapshot (its time: how long the service's worker is held up once
@@ -162,13 +172,15 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
         small = checkpoint.save(Path(ckpt_dir), {"stacks": {"bench": {"pipeline": pipe.state()}}}).stat().st_size
         frames_per_snapshot = max(checkpoint.SNAPSHOT_EVERY_S / EXPOSURE_S, checkpoint.SNAPSHOT_EVERY_FRAMES)
         ckpt_bytes = small + snapshot_bytes / frames_per_snapshot
-    peak_rss = _rss_bytes()  # the frames' peak, or the checkpoint's if that is higher
+    memory.boundary("checkpoint")
+    # The frames' peak, or the checkpoint's if that is higher (`memory`'s resets lower ru_maxrss).
+    peak_rss = memory.peak if memory.available else _rss_bytes()
     image = pipe.stack_image()
     resolution = None if image is None else f"{image.shape[1]}x{image.shape[0]}"
     del image
     spool_dir.cleanup()
     return {"frames": frames, "peak_rss": peak_rss, "peak_rss_frames": peak_rss_frames,
-            "rss_before_frames": rss_before,
+            "rss_before_frames": rss_before, "rss_resident": resident,
             "n_stacked": pipe.n_stacked, "n_spooled": n_spooled, "spool_write_s": write_s,
             "spool_bytes": spool_bytes, "checkpoint_bytes": ckpt_bytes, "checkpoint_s": ckpt_s,
             "snapshot_bytes": snapshot_bytes,

@@ -48,7 +48,27 @@ def summarize(run: dict, warmup: int, n_timed_end: int | None = None, steady: in
                     "steady_max_s": late["max_s"], "steady_cpu_median_s": late["cpu_median_s"],
                     "steady_frames": (len(run["frames"]) - steady + 1, len(run["frames"])),
                     "steady_accepted": late["accepted"]})
+    out["memory"] = _memory(run, steady)
     return out
+
+
+def _memory(run: dict, steady: int) -> dict:
+    """What stays resident (`rss_resident`: bytes after each step of the start) and the peak of
+    the frames before the steady ones and of the steady ones: (bytes, the stage it came in;
+    "other": the rest of `LivePipeline.process`), from the live worker's `MemoryPeaks`."""
+    frames = run["frames"]
+    split = len(frames) - steady if steady > 0 else len(frames)
+
+    def peak(fs: list[dict]) -> tuple[int, str | None]:
+        best: tuple[int, str | None] = (0, None)
+        for f in fs:
+            for stage, b in (f.get("rss_peaks") or {}).items():
+                if b > best[0]:
+                    best = (b, "other" if stage == "process" else stage)
+        return best
+
+    return {"resident": run.get("rss_resident") or {}, "before_steady": peak(frames[:split]),
+            "steady": peak(frames[split:]), "split": split}
 
 
 def _summary(run: dict, timed: list[dict]) -> dict:
@@ -138,6 +158,31 @@ def _mb(v: float | None) -> str:
     return "—" if v is None else f"{v / 1e6:.0f} MB" if v >= 1e7 else f"{v / 1e6:.1f} MB"
 
 
+def _memory_table(results: list[dict]) -> list[str]:
+    """The live session's memory: what stays resident, step by step, and the frames' peaks."""
+    rows = []
+    for r in results:
+        mem = r["live"].get("memory") or {}
+        res = mem.get("resident") or {}
+        if not res:
+            continue
+        steps = [res.get(k) for k in ("ready", "masters", "stack", "frame")]
+        cells = [_gb(steps[0])] + [("+" + _mb(b - a)) if a and b else "—"
+                                   for a, b in zip(steps, steps[1:], strict=False)]
+        peaks = [f"{_gb(b)} ({stage})" if b else "—" for b, stage in (mem["before_steady"], mem["steady"])]
+        total = _gb(r["live"]["peak_rss"])
+        rows.append(f"| {r['size']} | {r['mode']} | " + " | ".join(cells + peaks) + f" | {total} |")
+    if not rows:
+        return []
+    split = results[0]["live"]["memory"]["split"]
+    return ["", "Memory of the live session: resident after each step of its start (the interpreter and "
+            "every kernel loaded; the masters, compacted; the stack made ahead; the frame's array), then the "
+            f"peak of frames 1-{split} (the stack's warm-up bookkeeping) and of the steady frames, with the "
+            "stage it came in (`bench.timing.MemoryPeaks`).", "",
+            "| size | mode | ready | + masters | + stack made ahead | + frame array | peak, frames before steady "
+            "(stage) | peak, steady frames (stage) | peak |", "|---|---|---|---|---|---|---|---|---|"] + rows
+
+
 def _checks(r: dict, ratio: float, over_raw: float | None, first_ratio: float | None) -> list[str]:
     """The issue-19 targets that apply to this row (colour at full resolution only)."""
     live = r["live"]
@@ -211,6 +256,7 @@ def markdown(results: list[dict], machine: dict, args_line: str, settings_line: 
     spans = sorted({tuple(r["live"]["steady_frames"]) for r in results if r["live"].get("steady_frames")})
     steady_note = (" \"live, steady\": frames " + ", ".join(f"{a}-{b}" for a, b in spans)
                    + ", after the stack's rejection warm-up and its bookkeeping" if spans else "")
+    lines += _memory_table(results)
     lines += ["", f"Per stage, median seconds per frame over the timed frames.{steady_note}", "",
               "| size | mode | pipeline | " + " | ".join(STAGES) + " | total |",
               "|---|---|---|" + "---|" * (len(STAGES) + 1)]

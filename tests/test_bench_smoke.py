@@ -63,6 +63,16 @@ def test_quick_benchmark_produces_full_table(tmp_path):
         # The spool thread wrote every stacked frame once, as the service's does.
         assert r["live_raw"]["n_spooled"] == live["n_stacked"] and live["spool_write_median_s"] > 0
         assert r["ratio"] > 0 and live["peak_rss"] > 10e6 and naive["peak_rss"] > 10e6
+        # Memory: resident after each step of the start, and each frame's peak by stage in the
+        # memory table (where Linux lets the peak be reset: this machine class does).
+        mem = live["memory"]
+        assert set(mem["resident"]) == {"ready", "masters", "stack", "frame"}
+        assert mem["resident"]["ready"] > 10e6 and mem["split"] == 12
+        assert live["peak_rss"] >= max(mem["before_steady"][0], mem["steady"][0], *mem["resident"].values())
+        assert mem["before_steady"][1] in set(STAGES) | {"between"}
+        assert all(f["rss_peaks"]["load"] > 10e6 for f in r["live_raw"]["frames"])
+        assert any(line.startswith(f"| 320x240 | {r['mode']} | ") and "GB (" in line
+                   for line in table.split("Memory of the live session")[1].splitlines())
         # The live pipeline registered the dithered frames (not an identity warp of everything).
         dxs = [f["dx"] for f in r["live_raw"]["frames"][1:]]
         assert all(d is not None and abs(d) > 0.5 for d in dxs), dxs
