@@ -27,6 +27,7 @@ from daemon.control import Controller
 from daemon.events import frame_event, status_document
 from daemon.folders import ensure_dir
 from daemon.frame_queue import FrameQueue
+from daemon.io.limits import process_memory_bytes
 from daemon.io.load import FrameLoader, LoadOptions
 from daemon.ledger import QUARANTINED, file_key
 from daemon.memory import retain_freed_memory
@@ -68,7 +69,7 @@ class Service:
         masters = config.calibration.files()
         settings = live_settings(config)
         if factory is None:
-            factory = LivePipelineFactory(settings, masters)
+            factory = LivePipelineFactory(settings, masters, process_memory_bytes())
         if loader is None:
             loader = FrameLoader(LoadOptions(config.capture.max_frame_bytes, config.capture.tiff_bayer),
                                  keep_large=settings.holds_frames)

@@ -96,8 +96,10 @@ class LivePipelineFactory:
     unreadable or do not fit together, so the daemon refuses to start rather than stack raw.
     """
 
-    def __init__(self, settings: LiveSettings, masters: dict[str, str]):
+    def __init__(self, settings: LiveSettings, masters: dict[str, str], memory_bytes: int | None = None):
+        """`memory_bytes`: what the process may use, for debayer "auto" (`LivePipeline.memory_note`)."""
         self.settings = settings
+        self.memory_bytes = memory_bytes
         self._loaded: dict[tuple, Any] = {}
         self.masters_for(masters)
 
@@ -111,10 +113,10 @@ class LivePipelineFactory:
         return self._loaded[key]
 
     def new(self, masters: dict[str, str]) -> LivePipeline:
-        return LivePipeline(self.settings, self.masters_for(masters))
+        return LivePipeline(self.settings, self.masters_for(masters), memory_bytes=self.memory_bytes)
 
     def restore(self, state: dict, masters: dict[str, str]) -> LivePipeline:
-        return LivePipeline.from_state(state, self.settings, self.masters_for(masters))
+        return LivePipeline.from_state(state, self.settings, self.masters_for(masters), memory_bytes=self.memory_bytes)
 
 
 @dataclass
@@ -345,7 +347,11 @@ class Session:
             self.ledger.record(path, "error", reason=reason)
             return Outcome(path, "error", reason=reason)
         key = StackKey.of(frame.meta)
+        new = key.name not in self.stacks
         stack = self._stack_for(key)
+        note = getattr(stack.pipeline, "memory_note", None)
+        if new and note is not None and frame.meta.bayer and (why := note(frame.data.shape)):
+            log.warning("stack %s: %s", key.name, why)
         try:
             result = stack.pipeline.process(frame, consume=True)
         except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the night
@@ -354,6 +360,8 @@ class Session:
             self.ledger.record(path, "error", stack=key.name, reason=reason)
             return Outcome(path, "error", stack=key.name, reason=reason, warnings=tuple(frame.meta.warnings))
         outcome = "stacked" if result.accepted else "rejected"
+        if hasattr(self.loader, "keep_large"):  # a frame's array kept for the next one where it is held anyway
+            self.loader.keep_large = getattr(stack.pipeline, "holds_frames", self.loader.keep_large)
         if result.accepted and getattr(result, "registered", None) is not None:
             # float16 here, on the stacking thread (parallel kernels); the float32 frame is
             # dropped before the next one, the writer thread only writes.

@@ -204,6 +204,35 @@ def test_superpixel_stack_is_half_size_and_aligned():
     assert len(errors) > 15 and np.median(errors) < 0.15, np.median(errors)
 
 
+def test_auto_debayer_stacks_at_full_resolution_where_it_fits_else_superpixel_saying_why():
+    """debayer "auto" (the default): full resolution unless the stack's statistics would take
+    more than a third of the machine's memory; then the superpixel stack (the same, bit for
+    bit, as debayer "superpixel" makes) and a note naming the sizes and the setting that
+    forces full resolution. "bilinear" forces it; unknown memory means full resolution."""
+    from daemon.pipeline.live import STACK_MEMORY_SHARE
+    from daemon.pipeline.stack import stack_bytes
+
+    frames = [make_frame(i, bayer="RGGB") for i in range(4)]
+    need = stack_bytes(SHAPE + (3,), LiveSettings().stack_settings)
+    fits, short = int(need / STACK_MEMORY_SHARE) + 1, int(need / STACK_MEMORY_SHARE) - 1
+
+    def stacked(settings: LiveSettings, memory: int | None) -> LivePipeline:
+        pipe = LivePipeline(settings, memory_bytes=memory)
+        assert all(pipe.process(Frame(f.data.copy(), f.meta)).accepted for f in frames)
+        return pipe
+
+    assert LiveSettings().debayer == "auto"
+    for settings, memory in ((LiveSettings(), fits), (LiveSettings(), None), (LiveSettings(debayer="bilinear"), short)):
+        pipe = stacked(settings, memory)
+        assert pipe.stack_image().shape == SHAPE + (3,) and pipe.memory_note(SHAPE) is None and pipe.holds_frames
+    pipe = stacked(LiveSettings(), short)
+    assert pipe.stack_image().shape == (SHAPE[0] // 2, SHAPE[1] // 2, 3) and not pipe.holds_frames
+    note = pipe.memory_note(SHAPE)
+    assert "320x240" in note and f"{need / 1e9:.2f} GB" in note and '[stack] debayer = "bilinear"' in note
+    np.testing.assert_array_equal(pipe.stack_image(), stacked(LiveSettings(debayer="superpixel"), None).stack_image())
+    assert pipe.geometry.scale == 2.0
+
+
 def test_consumed_colour_frames_stack_the_same_and_free_their_mosaic():
     """process(frame, consume=True) (the service, the bench): a colour frame's mosaic is
     dropped once debayered, the stack is the same bit for bit; a mono frame keeps its pixels

@@ -139,3 +139,34 @@ def test_no_frame_reaches_a_stack_made_ahead_twice():
     ok = np.isfinite(image)
     assert ok.mean() > 0.99
     np.testing.assert_allclose(image[ok], data[ok], rtol=1e-6, atol=1e-3)
+
+
+def test_session_short_of_memory_stacks_colour_at_superpixel_and_says_why(tmp_path, caplog):
+    """The service's factory passes the machine's memory (`process_memory_bytes`): with too
+    little for a full-resolution colour stack, the new stack is superpixel, the log says why
+    and how to force full resolution, and the frame loader stops keeping the mosaics (they are
+    freed once debayered)."""
+    from daemon.io.load import FrameLoader
+    from daemon.pipeline.stack import stack_bytes
+
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    size = 160
+    short = 2 * stack_bytes((size, size, 3))  # under 3x: full resolution does not fit
+    loader = FrameLoader()
+    session = Session(tmp_path / "state", capture, tmp_path / "out", LivePipelineFactory(LiveSettings(), {}, short),
+                      loader, {})
+    field = random_star_field((size, size), 150, seed=3, margin=0.1)
+    for i in range(3):
+        exp = Exposure(exposure_s=10.0, matrix=transform_matrix(0.7 * i, -0.4 * i, 0.3 * i), seed=i)
+        fits.writeto(capture / f"c{i}.fits", expose((size, size), field, exp, Sensor(bayer="RGGB")),
+                     fits.Header(fits_header(exposure_s=10.0, bayer="RGGB", target="C")))
+        with caplog.at_level("WARNING", logger="lightbucket"):
+            assert session.process(capture / f"c{i}.fits", False).outcome == "stacked"
+    (stack,) = session.stacks.values()
+    assert stack.pipeline.stack_image().shape == (size // 2, size // 2, 3)
+    warned = [r.getMessage() for r in caplog.records if "superpixel" in r.getMessage()]
+    assert len(warned) == 1 and stack.key.name in warned[0] and "160x160" in warned[0]
+    assert '[stack] debayer = "bilinear"' in warned[0]
+    assert loader.keep_large is False
+    session.close()

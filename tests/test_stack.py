@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from daemon.pipeline.stack import RunningStack, StackSettings
+from daemon.pipeline.stack import RunningStack, StackSettings, stack_bytes
 from daemon.simulate import Exposure, Sensor, Trail, expose, random_star_field, render_trail
 
 SHAPE = (96, 128)
@@ -214,3 +214,24 @@ def test_the_end_of_the_bookkeeping_puts_m2_in_the_brightest_samples_memory():
     assert s.m2 is not None and np.shares_memory(s.m2, top) and "top1" not in s.state()
     s.add(images[12])
     assert np.isfinite(s.image()).all()
+
+
+@pytest.mark.parametrize("shape", [(50, 60), (50, 60, 3)])
+@pytest.mark.parametrize("reject", [True, False])
+def test_stack_bytes_is_what_a_stack_holds_at_its_largest(shape, reject):
+    """`stack_bytes` (what debayer "auto" weighs against the machine's memory) is the bytes of
+    a new stack's arrays, warm-up bookkeeping included, and no less than what it holds later."""
+    settings = StackSettings(reject=reject)
+    stack = RunningStack(shape, settings)
+
+    def held() -> int:
+        arrays = [stack._mean, stack._m2, stack._m2_bf16, stack.wsum, stack.count]  # noqa: SLF001
+        if stack._top is not None:  # noqa: SLF001
+            arrays += [stack._top[0].base, *stack._top_idx]  # noqa: SLF001
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    assert held() == stack_bytes(shape, settings)
+    rng = np.random.default_rng(0)
+    for _ in range(3 * settings.warmup):
+        stack.add(rng.normal(100, 5, shape).astype(np.float32))
+    assert stack._top is None and held() <= stack_bytes(shape, settings)  # noqa: SLF001

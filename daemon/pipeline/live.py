@@ -28,7 +28,7 @@ from daemon.pipeline.geometry import SUPERPIXEL, StackGeometry
 from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.quality import QualityHistory, assess
 from daemon.pipeline.reference import REFERENCE_MARGIN, GridFrame, Reference, grid_frame, reference_score
-from daemon.pipeline.stack import RunningStack
+from daemon.pipeline.stack import RunningStack, stack_bytes
 from daemon.pipeline.stars import Stars, measure
 from daemon.pipeline.warp import warp
 
@@ -56,14 +56,25 @@ def _num(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
+#: Share of the process's memory a colour stack's statistics may take at full resolution under
+#: debayer "auto" (`LivePipeline.memory_note`): a live session's peak is about twice its stack
+#: (bench/PERFORMANCE.md), so a third leaves the system room. 26 Mpx colour (0.99 GB) runs at
+#: full resolution on a 4 GB Pi, at superpixel on a 2 GB one; 12 Mpx at full on both.
+STACK_MEMORY_SHARE = 1 / 3
+
+
 class LivePipeline:
     """Stateful live stacker. Not re-entrant: one `process` at a time (the service runs
     them in one worker thread); `stack_image` may be called from another thread."""
 
-    def __init__(self, settings: LiveSettings | None = None, masters: Masters | None = None):
+    def __init__(self, settings: LiveSettings | None = None, masters: Masters | None = None, *,
+                 memory_bytes: int | None = None):
         """`masters` are compacted (`Masters.compact`: bias, dark and flat folded into 6 bytes
-        a pixel, the arrays released); they can still be shared with other pipelines and `calibrate`."""
+        a pixel, the arrays released); they can still be shared with other pipelines and `calibrate`.
+        `memory_bytes`: the memory the process may use (`daemon.io.limits.process_memory_bytes`),
+        for debayer "auto" (`memory_note`); None: unknown, full resolution."""
         self.settings = settings or LiveSettings()
+        self.memory_bytes = memory_bytes
         self.masters = masters
         if masters is not None:
             masters.compact()
@@ -428,8 +439,8 @@ class LivePipeline:
 
     @classmethod
     def from_state(cls, state: dict, settings: LiveSettings | None = None,
-                   masters: Masters | None = None) -> LivePipeline:
-        pipe = cls(settings, masters)
+                   masters: Masters | None = None, *, memory_bytes: int | None = None) -> LivePipeline:
+        pipe = cls(settings, masters, memory_bytes=memory_bytes)
         pipe.n_stacked = int(state["n_stacked"])
         pipe.total_exposure_s = float(state["total_exposure_s"])
         pipe.n_rejected = int(state.get("n_rejected", 0))
@@ -488,7 +499,34 @@ class LivePipeline:
 
     def debayer_method(self, shape: tuple[int, ...]) -> str:
         """The debayer method used for frames of this (mosaic) shape."""
-        return "superpixel" if self.settings.debayer == "superpixel" else "bilinear"
+        return "superpixel" if self.settings.debayer == "superpixel" or self.memory_note(shape) else "bilinear"
+
+    def memory_note(self, frame_shape: tuple[int, ...]) -> str | None:
+        """Why colour frames of this mosaic shape (H, W) are stacked at superpixel resolution
+        although the settings ask for full resolution where it fits (debayer "auto"): its
+        stack's statistics (`stack_bytes`, warm-up bookkeeping included) would take more than
+        `STACK_MEMORY_SHARE` of the memory the process may use, and the whole session (frames,
+        masters, the interpreter) about twice that. None where full resolution fits (or is
+        forced, or the memory is unknown)."""
+        if self.settings.debayer != "auto" or not self.memory_bytes:
+            return None
+        h, w = (int(n) for n in frame_shape[:2])
+        need = stack_bytes((h, w, 3), self.settings.stack_settings)
+        if need <= STACK_MEMORY_SHARE * self.memory_bytes:
+            return None
+        return (f"a {w}x{h} colour stack at full resolution needs {need / 1e9:.2f} GB for its statistics, "
+                f"more than a third of the {self.memory_bytes / 1e9:.1f} GB this machine gives the daemon: "
+                f"stacked at superpixel (half) resolution, live and final; "
+                f'[stack] debayer = "bilinear" forces full resolution')
+
+    @property
+    def holds_frames(self) -> bool:
+        """`LiveSettings.holds_frames` for this pipeline's frames: False once its reference is a
+        colour frame stacked at superpixel resolution (debayer "auto" short of memory too)."""
+        ref = self._ref
+        if ref is not None and ref.bayer and self.debayer_method(ref.frame_shape) == "superpixel":
+            return False
+        return self.settings.holds_frames
 
     def _debayer(self, data: np.ndarray, bayer: str | None, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Colour mosaic -> RGB (and the matrix in its pixel grid); mono passes through

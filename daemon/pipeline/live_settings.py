@@ -15,9 +15,11 @@ from daemon.pipeline.stack import StackSettings
 from daemon.pipeline.warp import INTERPOLATIONS
 
 WEIGHTINGS = ("noise", "snr", "equal")
-#: "bilinear" (the default) and "auto": full resolution, fused (`daemon.pipeline.fused`);
-#: "drizzle": the live stack as "bilinear", the final re-stack by Bayer drizzle;
-#: "superpixel": half resolution, a quarter of the pixels (for machines short of memory).
+#: "auto" (the default): full resolution where the machine's memory allows, else superpixel
+#: (`LivePipeline.memory_note`); "bilinear": full resolution always, fused
+#: (`daemon.pipeline.fused`); "drizzle": the live stack as "bilinear", the final re-stack by
+#: Bayer drizzle; "superpixel": half resolution, a quarter of the pixels (for machines short
+#: of memory).
 DEBAYER_METHODS = ("bilinear", "auto", "drizzle", "superpixel")
 
 
@@ -27,7 +29,8 @@ class LiveSettings:
 
     Stack: kappa (sigma), warmup (frames), warmup_kappa (sigma), sigma_floor (fraction of the
     plane's noise), reject (bool), weighting ("noise": 1/noise^2, "snr": star SNR^2,
-    "equal"), debayer ("bilinear": full resolution; "auto": the same; "drizzle": full
+    "equal"), debayer ("auto": full resolution where the machine's memory allows, else
+    superpixel, saying why; "bilinear": full resolution always; "drizzle": full
     resolution, and the final re-stack drops each CFA sample onto the output grid instead of
     interpolating: sharper stars, more noise per pixel, see `daemon.pipeline.drizzle`;
     "superpixel": half resolution and 4x lighter), drizzle_pixfrac (drop size of the
@@ -49,7 +52,7 @@ class LiveSettings:
     sigma_floor: float = 1.0
     reject: bool = True
     weighting: str = "noise"
-    debayer: str = "bilinear"
+    debayer: str = "auto"
     drizzle_pixfrac: float = 0.7
     fused: bool = True
     interpolation: str = "bicubic"
@@ -98,7 +101,8 @@ class LiveSettings:
         """Whether a frame's pixels live through its whole processing (mono; colour at full
         resolution on the fused path), rather than a colour mosaic being freed once debayered
         (superpixel, or fused off): then the frame loader may keep them for the next frame
-        (`daemon.io.load.FrameLoader`, keep_large) without raising the session's peak."""
+        (`daemon.io.load.FrameLoader`, keep_large) without raising the session's peak. "auto"
+        counts as full resolution (`LivePipeline.holds_frames` knows what a stack became)."""
         return self.fused and self.debayer != "superpixel"
 
     @property
