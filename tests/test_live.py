@@ -236,7 +236,8 @@ def test_auto_debayer_stacks_at_full_resolution_where_it_fits_else_superpixel_sa
 def test_consumed_colour_frames_stack_the_same_and_free_their_mosaic():
     """process(frame, consume=True) (the service, the bench): a colour frame's mosaic is
     dropped once debayered, the stack is the same bit for bit; a mono frame keeps its pixels
-    (they are the warp's input), and a rejected frame's too."""
+    (they are the warp's input), and a rejected frame's too, but for the reference's: they
+    need no warp and become the registered frame (not a copy)."""
     frames = [make_frame(i, bayer="RGGB") for i in range(4)]
     kept_pipe, _ = run([Frame(f.data.copy(), f.meta) for f in frames])
     pipe = LivePipeline(LiveSettings())
@@ -247,7 +248,12 @@ def test_consumed_colour_frames_stack_the_same_and_free_their_mosaic():
     mono = make_frame(1)
     assert pipe.process(mono, consume=True).accepted is False  # mono vs a colour reference
     assert mono.data is not None
-    mono_pipe = LivePipeline(LiveSettings())
-    for i in range(2):
+    mono_pipe, mono_kept = LivePipeline(LiveSettings()), LivePipeline(LiveSettings())
+    for i in range(3):
         f = make_frame(i)
-        assert mono_pipe.process(f, consume=True).accepted and f.data is not None
+        pixels = f.data
+        assert mono_kept.process(Frame(f.data.copy(), f.meta)).accepted
+        result = mono_pipe.process(f, consume=True)
+        assert result.accepted and (f.data is None) == (i == 0)
+        assert np.shares_memory(result.registered, pixels) == (i == 0)
+    np.testing.assert_array_equal(mono_pipe.stack_image(), mono_kept.stack_image())
