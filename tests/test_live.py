@@ -231,6 +231,11 @@ def test_auto_debayer_stacks_at_full_resolution_where_it_fits_else_superpixel_sa
     assert "320x240" in note and f"{need / 1e9:.2f} GB" in note and '[stack] debayer = "bilinear"' in note
     np.testing.assert_array_equal(pipe.stack_image(), stacked(LiveSettings(debayer="superpixel"), None).stack_image())
     assert pipe.geometry.scale == 2.0
+    # What the README promises (a Pi's RAM as the kernel reports it, MemTotal): 12 Mpx colour at
+    # full resolution on a 2 GB Pi, 26 Mpx on a 4 GB one but not on a 2 GB one.
+    pi2, pi4 = LivePipeline(memory_bytes=1_900_000_000), LivePipeline(memory_bytes=3_800_000_000)
+    assert pi2.memory_note((2822, 4144)) is None and pi4.memory_note((4176, 6248)) is None
+    assert pi2.debayer_method((4176, 6248)) == "superpixel" and pi4.debayer_method((4176, 6248)) == "bilinear"
 
 
 def test_consumed_colour_frames_stack_the_same_and_free_their_mosaic():

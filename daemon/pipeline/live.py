@@ -57,9 +57,10 @@ def _num(v: Any) -> float | None:
 
 
 #: Share of the process's memory a colour stack's statistics may take at full resolution under
-#: debayer "auto" (`LivePipeline.memory_note`): a live session's peak is about twice its stack
-#: (bench/PERFORMANCE.md), so a third leaves the system room. 26 Mpx colour (0.99 GB) runs at
-#: full resolution on a 4 GB Pi, at superpixel on a 2 GB one; 12 Mpx at full on both.
+#: debayer "auto" (`LivePipeline.memory_note`): the rest of a live session (its frames, the
+#: masters, the interpreter) adds up to about as much again (bench/PERFORMANCE.md), so a third
+#: leaves the system room. 26 Mpx colour (0.99 GB) runs at full resolution on a 4 GB Pi, at
+#: superpixel on a 2 GB one; 12 Mpx at full on both.
 STACK_MEMORY_SHARE = 1 / 3
 
 
@@ -508,9 +509,8 @@ class LivePipeline:
         """Why colour frames of this mosaic shape (H, W) are stacked at superpixel resolution
         although the settings ask for full resolution where it fits (debayer "auto"): its
         stack's statistics (`stack_bytes`, warm-up bookkeeping included) would take more than
-        `STACK_MEMORY_SHARE` of the memory the process may use, and the whole session (frames,
-        masters, the interpreter) about twice that. None where full resolution fits (or is
-        forced, or the memory is unknown)."""
+        `STACK_MEMORY_SHARE` of the memory the process may use. None where full resolution
+        fits (or is forced, or the memory is unknown)."""
         if self.settings.debayer != "auto" or not self.memory_bytes:
             return None
         h, w = (int(n) for n in frame_shape[:2])
