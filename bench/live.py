@@ -20,6 +20,7 @@ from bench.sessions import EXPOSURE_S, load_master_arrays, session_paths
 from bench.timing import MemoryPeaks, StageTimer, _cpu_s, _rss_bytes, just_written, resident_bytes
 from daemon import checkpoint
 from daemon.io.load import FrameLoader
+from daemon.memory import retain_freed_memory
 from daemon.pipeline.calibrate import Masters
 from daemon.pipeline.live import LivePipeline
 from daemon.pipeline.live_settings import LiveSettings
@@ -86,6 +87,10 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     masters = Masters(bias=m["bias"], dark=m["dark"], dark_exposure_s=m["dark_exposure_s"], flat=m["flat"],
                       defects=m["defects"], bayer=m["bayer"])
     del m
+    # As the service: its masters are loaded when it is made, malloc's settings (daemon.memory)
+    # applied when it runs, so the masters' full-size arrays are returned once compacted, not
+    # kept for the frames.
+    retain_freed_memory()
     pipe = LivePipeline(LiveSettings(**settings_kw), masters)
     del masters
     resident["masters"] = resident_bytes()

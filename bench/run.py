@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             # glibc gives such a thread its own malloc arena). Imported here: numba and the
             # pipeline stay out of the parent and the naive worker.
             from bench.live import live_worker
-            from daemon.memory import retain_freed_memory
 
-            retain_freed_memory()  # as the service does, before its threads start (daemon.memory)
             with ThreadPoolExecutor(1, thread_name_prefix="pipeline") as pipeline:
                 res = pipeline.submit(live_worker, args.session, args.worker_frames,
                                       json.loads(args.worker_settings), args.worker_state_dir,
