@@ -231,6 +231,11 @@ def test_auto_debayer_stacks_at_full_resolution_where_it_fits_else_superpixel_sa
     assert "320x240" in note and f"{need / 1e9:.2f} GB" in note and '[stack] debayer = "bilinear"' in note
     np.testing.assert_array_equal(pipe.stack_image(), stacked(LiveSettings(debayer="superpixel"), None).stack_image())
     assert pipe.geometry.scale == 2.0
+    # A stack keeps its resolution: restored where full resolution would fit (another memory
+    # limit after a restart), its frames go on into it.
+    restored = LivePipeline.from_state(pipe.state(), LiveSettings(), memory_bytes=fits)
+    assert restored.process(make_frame(5, bayer="RGGB")).accepted and restored.n_stacked == 5
+    assert restored.stack_image().shape == (SHAPE[0] // 2, SHAPE[1] // 2, 3) and not restored.holds_frames
     # What the README promises (a Pi's RAM as the kernel reports it, MemTotal): 12 Mpx colour at
     # full resolution on a 2 GB Pi, 26 Mpx on a 4 GB one but not on a 2 GB one.
     pi2, pi4 = LivePipeline(memory_bytes=1_900_000_000), LivePipeline(memory_bytes=3_800_000_000)

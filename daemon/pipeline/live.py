@@ -502,7 +502,13 @@ class LivePipeline:
         return 1.0
 
     def debayer_method(self, shape: tuple[int, ...]) -> str:
-        """The debayer method used for frames of this (mosaic) shape."""
+        """The debayer method used for frames of this (mosaic) shape: once a colour stack
+        exists, the one it was made with (it keeps its resolution when the setting or the
+        memory differs after a restart: its frames go on being stacked); else "superpixel"
+        where set or where full resolution does not fit (`memory_note`), else "bilinear"."""
+        stack, ref = self._stack, self._ref
+        if stack is not None and ref is not None and ref.bayer and len(stack.shape) == 3:
+            return "bilinear" if stack.shape[:2] == tuple(ref.frame_shape[:2]) else "superpixel"
         return "superpixel" if self.settings.debayer == "superpixel" or self.memory_note(shape) else "bilinear"
 
     def memory_note(self, frame_shape: tuple[int, ...]) -> str | None:
