@@ -57,6 +57,7 @@ def status_document(snap: SessionSnapshot, *, state: str, queue: int, pending: s
         "frames": {"received": len(snap.files | pending), **snap.counts},
         "stacked_current": stack.frames if stack else 0,
         "total_exposure_s": stack.total_exposure_s if stack else 0.0,
+        "resolution_note": stack.resolution_note if stack else None,
         "stacks": {n: s.frames for n, s in snap.stacks.items()},
         "queue": queue,
         **extra,

@@ -153,6 +153,9 @@ class StackSummary:
     frames: int
     total_exposure_s: float
     reference: str | None
+    #: Why the stack is at superpixel resolution though full resolution was asked for where it
+    #: fits (`LivePipeline.resolution_note`); None otherwise.
+    resolution_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,8 @@ class Session:
     # ----------------------------------------------------------------- snapshot
     def snapshot(self) -> SessionSnapshot:
         stacks = {n: StackSummary(s.key, s.pipeline.n_stacked, s.pipeline.total_exposure_s,
-                                  getattr(s.pipeline, "reference_path", None)) for n, s in self.stacks.items()}
+                                  getattr(s.pipeline, "reference_path", None),
+                                  getattr(s.pipeline, "resolution_note", None)) for n, s in self.stacks.items()}
         counts = {"stacked": 0, "rejected": 0, "errors": 0}
         for entry in self.ledger.entries.values():
             counts["errors" if entry.outcome == "error" else entry.outcome] += 1

@@ -209,7 +209,7 @@ def test_auto_debayer_stacks_at_full_resolution_where_it_fits_else_superpixel_sa
     more than a third of the machine's memory; then the superpixel stack (the same, bit for
     bit, as debayer "superpixel" makes) and a note naming the sizes and the setting that
     forces full resolution. "bilinear" forces it; unknown memory means full resolution."""
-    from daemon.pipeline.live import STACK_MEMORY_SHARE
+    from daemon.pipeline.resolution import STACK_MEMORY_SHARE
     from daemon.pipeline.stack import stack_bytes
 
     frames = [make_frame(i, bayer="RGGB") for i in range(4)]
@@ -225,9 +225,12 @@ def test_auto_debayer_stacks_at_full_resolution_where_it_fits_else_superpixel_sa
     for settings, memory in ((LiveSettings(), fits), (LiveSettings(), None), (LiveSettings(debayer="bilinear"), short)):
         pipe = stacked(settings, memory)
         assert pipe.stack_image().shape == SHAPE + (3,) and pipe.memory_note(SHAPE) is None and pipe.holds_frames
+        assert pipe.resolution_note is None
     pipe = stacked(LiveSettings(), short)
     assert pipe.stack_image().shape == (SHAPE[0] // 2, SHAPE[1] // 2, 3) and not pipe.holds_frames
     note = pipe.memory_note(SHAPE)
+    assert pipe.resolution_note == note
+    assert stacked(LiveSettings(debayer="superpixel"), short).resolution_note is None  # asked for
     assert "320x240" in note and f"{need / 1e9:.2f} GB" in note and '[stack] debayer = "bilinear"' in note
     np.testing.assert_array_equal(pipe.stack_image(), stacked(LiveSettings(debayer="superpixel"), None).stack_image())
     assert pipe.geometry.scale == 2.0

@@ -169,4 +169,10 @@ def test_session_short_of_memory_stacks_colour_at_superpixel_and_says_why(tmp_pa
     assert len(warned) == 1 and stack.key.name in warned[0] and "160x160" in warned[0]
     assert '[stack] debayer = "bilinear"' in warned[0]
     assert loader.keep_large is False
+    # ... and `status` says it too, for the stack in hand.
+    from daemon.events import status_document
+
+    status = status_document(session.snapshot(), state="running", queue=0, pending=set())
+    assert status["stack"] == stack.key.name and "superpixel" in status["resolution_note"]
+    assert "160x160" in status["resolution_note"]
     session.close()

@@ -28,7 +28,8 @@ from daemon.pipeline.geometry import SUPERPIXEL, StackGeometry
 from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.quality import QualityHistory, assess
 from daemon.pipeline.reference import REFERENCE_MARGIN, GridFrame, Reference, grid_frame, reference_score
-from daemon.pipeline.stack import RunningStack, stack_bytes
+from daemon.pipeline.resolution import stack_memory_note
+from daemon.pipeline.stack import RunningStack
 from daemon.pipeline.stars import Stars, measure
 from daemon.pipeline.warp import warp
 
@@ -54,14 +55,6 @@ class FrameResult:
 
 def _num(v: Any) -> float | None:
     return None if v is None else float(v)
-
-
-#: Share of the process's memory a colour stack's statistics may take at full resolution under
-#: debayer "auto" (`LivePipeline.memory_note`): the rest of a live session (its frames, the
-#: masters, the interpreter) adds up to about as much again (bench/PERFORMANCE.md), so a third
-#: leaves the system room. 26 Mpx colour (0.99 GB) runs at full resolution on a 4 GB Pi, at
-#: superpixel on a 2 GB one; 12 Mpx at full on both.
-STACK_MEMORY_SHARE = 1 / 3
 
 
 class LivePipeline:
@@ -512,21 +505,20 @@ class LivePipeline:
         return "superpixel" if self.settings.debayer == "superpixel" or self.memory_note(shape) else "bilinear"
 
     def memory_note(self, frame_shape: tuple[int, ...]) -> str | None:
-        """Why colour frames of this mosaic shape (H, W) are stacked at superpixel resolution
-        although the settings ask for full resolution where it fits (debayer "auto"): its
-        stack's statistics (`stack_bytes`, warm-up bookkeeping included) would take more than
-        `STACK_MEMORY_SHARE` of the memory the process may use. None where full resolution
-        fits (or is forced, or the memory is unknown)."""
-        if self.settings.debayer != "auto" or not self.memory_bytes:
+        """`stack_memory_note` of colour frames of this mosaic shape under these settings and
+        this machine's memory: why they go to a superpixel stack; None where they do not."""
+        if self.settings.debayer != "auto":
             return None
-        h, w = (int(n) for n in frame_shape[:2])
-        need = stack_bytes((h, w, 3), self.settings.stack_settings)
-        if need <= STACK_MEMORY_SHARE * self.memory_bytes:
+        return stack_memory_note(frame_shape, self.settings.stack_settings, self.memory_bytes)
+
+    @property
+    def resolution_note(self) -> str | None:
+        """`memory_note` of this pipeline's colour stack when it is at superpixel resolution for
+        want of memory (for `status`); None otherwise."""
+        ref = self._ref
+        if ref is None or not ref.bayer or self.debayer_method(ref.frame_shape) != "superpixel":
             return None
-        return (f"a {w}x{h} colour stack at full resolution needs {need / 1e9:.2f} GB for its statistics, "
-                f"more than a third of the {self.memory_bytes / 1e9:.1f} GB this machine gives the daemon: "
-                f"stacked at superpixel (half) resolution, live and final; "
-                f'[stack] debayer = "bilinear" forces full resolution')
+        return self.memory_note(ref.frame_shape)
 
     @property
     def holds_frames(self) -> bool:

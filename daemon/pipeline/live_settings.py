@@ -16,7 +16,7 @@ from daemon.pipeline.warp import INTERPOLATIONS
 
 WEIGHTINGS = ("noise", "snr", "equal")
 #: "auto" (the default): full resolution where the machine's memory allows, else superpixel
-#: (`LivePipeline.memory_note`); "bilinear": full resolution always, fused
+#: (`daemon.pipeline.resolution`); "bilinear": full resolution always, fused
 #: (`daemon.pipeline.fused`); "drizzle": the live stack as "bilinear", the final re-stack by
 #: Bayer drizzle; "superpixel": half resolution, a quarter of the pixels (for machines short
 #: of memory).
