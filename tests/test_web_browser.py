@@ -25,6 +25,8 @@ from PIL import Image
 
 from daemon.config import WebConfig
 from daemon.io.load import load_frame
+from daemon.pipeline.resolution import stack_memory_note
+from daemon.pipeline.stack import StackSettings
 from daemon.web.server import WebServer
 from drivers.indiserver import free_port
 from tests.conftest import require_tools
@@ -219,6 +221,7 @@ def test_phone_page_shows_preview_name_count_and_updates_live(rig, browser, tmp_
         sync_api.expect(page.locator("#n-stacked")).to_have_text("3")
         sync_api.expect(page.locator("#link")).to_have_text("live")
         sync_api.expect(page.locator("#mqtt")).to_have_text("connected")
+        sync_api.expect(page.locator("#resolution-note-cell")).to_be_hidden()  # full resolution
         page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
         assert page.locator("#preview").bounding_box()["y"] < 200  # at the top, not below the fold
@@ -479,7 +482,12 @@ class PlanDaemon(FakeDaemon):
 
     def status(self) -> dict:
         return {**super().status(), "exposure_s": 300.0, "disk_free_bytes": 51_234_567_168, "mqtt":
-                "refused: not authorised", "plan": self.plan, "plan_queue": self.night}
+                "refused: not authorised", "plan": self.plan, "plan_queue": self.night,
+                "resolution_note": NOTE}
+
+
+#: A `resolution_note` as the daemon words it (`daemon.pipeline.resolution.stack_memory_note`).
+NOTE = stack_memory_note((4176, 6248), StackSettings(), 1_900_000_000)
 
 
 def test_plan_progress_camera_disk_and_broker_state_shown(browser, tmp_path):
@@ -496,7 +504,8 @@ def test_plan_progress_camera_disk_and_broker_state_shown(browser, tmp_path):
         sync_api.expect(page.locator("#mqtt")).to_have_class("mid bad")
         sync_api.expect(page.locator("#plan-note")).to_have_text("pier east")
         sync_api.expect(page.locator("#plans")).to_have_text("M 31 12/60 running · M 1 0/20 pending")
-        assert page.evaluate("document.documentElement.scrollWidth") <= 360
+        sync_api.expect(page.locator("#resolution-note")).to_have_text(NOTE)  # superpixel, and why
+        assert "superpixel" in NOTE and page.evaluate("document.documentElement.scrollWidth") <= 360
         d.plan = {"state": "waiting", "frame_type": "light", "frame": 0, "count": 60,
                   "start": "2026-12-07T01:30:00+00:00", "reason": "M 1 rises above 20 deg"}
         page.reload()

@@ -60,6 +60,9 @@ function renderStatus(st) {
   $("plan-note-cell").hidden = !note;
   $("plan-note").textContent = note;
   $("plan-note").className = "mid" + (plan && /failed|refused/.test(plan.state || "") ? " bad" : "");
+  // The current stack at half resolution for want of memory (debayer "auto"): why, and what forces full.
+  $("resolution-note-cell").hidden = !st.resolution_note;
+  $("resolution-note").textContent = st.resolution_note || "";
   const night = (st.plan_queue || {}).entries || [];
   $("plans-cell").hidden = night.length < 2;
   $("plans").textContent = night.map((e) => `${e.target || e.frame_type} ${e.frames}/${e.count || "∞"} ${e.state}`).join(" · ");
