@@ -11,6 +11,7 @@ is a move event, where a file moved in from another folder would need the size-s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from datetime import UTC, datetime
@@ -24,6 +25,10 @@ if TYPE_CHECKING:  # the settings are the config's; this module only reads them
     from daemon.settings import CameraSettings
 
 log = logging.getLogger(__name__)
+#: `Camera._set_number(confirm=True)`: how often a number is asked for again when the driver
+#: answers with other values, and how long each answer is waited for first (s).
+_RESENDS = 3
+_RESEND_S = 1.0
 
 FRAME_TYPES = {"light": "FRAME_LIGHT", "dark": "FRAME_DARK", "bias": "FRAME_BIAS",
                "flat": "FRAME_FLAT", "darkflat": "FRAME_DARK"}
@@ -54,14 +59,37 @@ class Camera:
                           confirm: bool = False) -> None:
         """Set a number property and wait for the driver's answer. confirm: wait until the
         driver reports exactly these values (not just any idle update: a device that has just
-        reconnected re-defines its properties with their defaults, which would pass for one)."""
-        def done(p) -> bool:
-            if p.state == "Alert":
-                return True
-            return p.state != "Busy" and (not confirm or all(p.values.get(k) == v for k, v in values.items()))
+        reconnected re-defines its properties with their defaults, which would pass for one),
+        asking again (at most `_RESENDS` times, `_RESEND_S` apart) when it answers with others:
+        a driver that has just connected loads its saved configuration, which can overwrite a
+        request sent meanwhile. IndiTimeout after `timeout` s, IndiAlert when refused."""
+        def matches(p) -> bool:
+            return all(p.values.get(k) == v for k, v in values.items())
 
+        def done(p) -> bool:
+            return p.state == "Alert" or (p.state != "Busy" and (not confirm or matches(p)))
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        resends = 0
         gen = self.client.send_number(self.device, name, values)
-        await self.client.wait_for(self.device, name, done, timeout, gen, f"{name} = {values}")
+        while True:
+            remaining = deadline - loop.time()
+            step = min(_RESEND_S, remaining) if confirm and resends < _RESENDS else remaining
+            try:
+                await self.client.wait_for(self.device, name, done, max(0.0, step), gen, f"{name} = {values}")
+                break
+            except IndiTimeout:
+                snap = self.client.prop(self.device, name)
+                if loop.time() >= deadline or snap is None:
+                    raise IndiTimeout(f"{self.device}.{name}: {name} = {values} not reached in {timeout:g} s "
+                                      f"(last state {snap.state if snap else 'never seen'}"
+                                      f"{f', values {snap.values}' if snap else ''})") from None
+                if snap.state == "Busy" or resends >= _RESENDS:
+                    continue  # still working on it, or asked often enough: wait on
+                resends += 1
+                log.info("%s answered %s = %s, not %s: asking again", self.device, name, snap.values, values)
+                gen = self.client.send_number(self.device, name, values)
         if self.client.prop(self.device, name).state == "Alert":
             raise IndiAlert(f"{self.device} refused {name} = {values}")
 

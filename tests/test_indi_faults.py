@@ -14,7 +14,7 @@ import pytest
 from daemon.acquisition import AcquisitionError, run_acquisition
 from daemon.settings import CameraSettings, IndiSettings, PlanSettings, SettingsError, parse_dec, parse_ra
 from drivers.camera import Camera, ExposureTimeout
-from drivers.indi_client import IndiClient, IndiDisconnected, PropSnapshot
+from drivers.indi_client import IndiClient, IndiDisconnected, IndiTimeout, PropSnapshot
 from drivers.indiserver import free_port
 from drivers.mount import Mount, SlewTimeout
 
@@ -224,3 +224,47 @@ def test_slew_ignored_once_is_sent_again_not_a_fault():
 
     asyncio.run(main())
     assert len(gotos) == 2
+
+
+def test_binning_overwritten_by_the_drivers_saved_configuration_is_asked_for_again():
+    """A driver that has just connected loads its saved configuration, which can overwrite a
+    request sent meanwhile (seen with INDI's CCD simulator under load: Ok, at 1x1): the camera
+    asks again instead of timing out into a plan fault."""
+    answers = {"n": 0}
+
+    def config_loaded_after(device, name, values):
+        answers["n"] += 1
+        if name != "CCD_BINNING":
+            return []
+        new = PropSnapshot(device, name, "number", "Ok", dict(values))
+        saved = PropSnapshot(device, name, "number", "Ok", {"HOR_BIN": 1, "VER_BIN": 1})
+        return [new, saved] if answers["n"] == 1 else [new]
+
+    async def main():
+        c = FakeClient(config_loaded_after)
+        c.put("Cam", "CCD_BINNING", "number", "Ok", {"HOR_BIN": 1, "VER_BIN": 1})
+        cam = Camera(c, "Cam")
+        await asyncio.wait_for(cam._set_number("CCD_BINNING", {"HOR_BIN": 2, "VER_BIN": 2}, confirm=True),  # noqa: SLF001
+                               10)
+        return c
+
+    c = asyncio.run(main())
+    assert [s for s in c.sent if s[1] == "CCD_BINNING"] == [("Cam", "CCD_BINNING", {"HOR_BIN": 2, "VER_BIN": 2})] * 2
+    assert c.prop("Cam", "CCD_BINNING").values == {"HOR_BIN": 2, "VER_BIN": 2}
+
+
+def test_a_driver_that_keeps_other_values_times_out_after_a_few_requests():
+    def clamps(device, name, values):
+        return [PropSnapshot(device, name, "number", "Ok", {"HOR_BIN": 1, "VER_BIN": 1})]
+
+    async def main():
+        c = FakeClient(clamps)
+        c.put("Cam", "CCD_BINNING", "number", "Ok", {"HOR_BIN": 1, "VER_BIN": 1})
+        cam = Camera(c, "Cam")
+        t = asyncio.get_running_loop().time()
+        with pytest.raises(IndiTimeout, match=r"CCD_BINNING .* not reached in 2 s \(last state Ok, values"):
+            await cam._set_number("CCD_BINNING", {"HOR_BIN": 2, "VER_BIN": 2}, 2.0, confirm=True)  # noqa: SLF001
+        return c, asyncio.get_running_loop().time() - t
+
+    c, waited = asyncio.run(main())
+    assert 1.9 < waited < 3.0 and 2 <= len(c.sent) <= 4  # asked again, a bounded number of times
