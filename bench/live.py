@@ -121,7 +121,6 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
 
     Spool.append = timed_append  # restored once the frames are spooled
 
-    rss_before = _rss_bytes()
     frames = []
     for path in session_paths(folder, n_total):
         just_written(path)
@@ -185,7 +184,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     del image
     spool_dir.cleanup()
     return {"frames": frames, "peak_rss": peak_rss, "peak_rss_frames": peak_rss_frames,
-            "rss_before_frames": rss_before, "rss_resident": resident,
+            "rss_resident": resident,
             "n_stacked": pipe.n_stacked, "n_spooled": n_spooled, "spool_write_s": write_s,
             "spool_bytes": spool_bytes, "checkpoint_bytes": ckpt_bytes, "checkpoint_s": ckpt_s,
             "snapshot_bytes": snapshot_bytes,

@@ -387,9 +387,7 @@ class LivePipeline:
     @property
     def geometry(self) -> StackGeometry:
         """Where the stack's pixels lie on the reference frame (superpixel: half scale)."""
-        if self._ref is not None and self._ref.bayer and self.debayer_method(self._ref.frame_shape) == "superpixel":
-            return SUPERPIXEL
-        return StackGeometry()
+        return SUPERPIXEL if self._at_superpixel else StackGeometry()
 
     @property
     def rejection_settings(self) -> dict:
@@ -512,22 +510,22 @@ class LivePipeline:
         return stack_memory_note(frame_shape, self.settings.stack_settings, self.memory_bytes)
 
     @property
+    def _at_superpixel(self) -> bool:
+        """Whether this pipeline's frames are colour and stacked at superpixel resolution."""
+        ref = self._ref
+        return ref is not None and bool(ref.bayer) and self.debayer_method(ref.frame_shape) == "superpixel"
+
+    @property
     def resolution_note(self) -> str | None:
         """`memory_note` of this pipeline's colour stack when it is at superpixel resolution for
         want of memory (for `status`); None otherwise."""
-        ref = self._ref
-        if ref is None or not ref.bayer or self.debayer_method(ref.frame_shape) != "superpixel":
-            return None
-        return self.memory_note(ref.frame_shape)
+        return self.memory_note(self._ref.frame_shape) if self._at_superpixel else None
 
     @property
     def holds_frames(self) -> bool:
         """`LiveSettings.holds_frames` for this pipeline's frames: False once its reference is a
         colour frame stacked at superpixel resolution (debayer "auto" short of memory too)."""
-        ref = self._ref
-        if ref is not None and ref.bayer and self.debayer_method(ref.frame_shape) == "superpixel":
-            return False
-        return self.settings.holds_frames
+        return self.settings.holds_frames and not self._at_superpixel
 
     def _debayer(self, data: np.ndarray, bayer: str | None, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Colour mosaic -> RGB (and the matrix in its pixel grid); mono passes through
