@@ -20,7 +20,7 @@ from bench.sessions import EXPOSURE_S, load_master_arrays, session_paths
 from bench.timing import MemoryPeaks, StageTimer, _cpu_s, _rss_bytes, just_written, resident_bytes
 from daemon import checkpoint
 from daemon.io.load import FrameLoader
-from daemon.memory import retain_freed_memory
+from daemon.memory import freeze_startup_objects, retain_freed_memory
 from daemon.pipeline.calibrate import Masters
 from daemon.pipeline.live import LivePipeline
 from daemon.pipeline.live_settings import LiveSettings
@@ -80,6 +80,7 @@ def live_worker(folder: Path, n_total: int, settings_kw: dict, state_dir: str | 
     # cache (compiled where it lacks one), so the first frame is timed as a user sees it.
     t = time.perf_counter()
     compiled_s = ensure_warm()
+    freeze_startup_objects()  # as the service before READY
     ready_s = time.perf_counter() - t
     # What stays resident through the night, step by step (bytes, VmRSS after each).
     resident = {"ready": resident_bytes()}

@@ -1,4 +1,5 @@
-"""Keep the memory of one frame for the next (glibc malloc settings of the daemon's process).
+"""Keep the memory of one frame for the next (glibc malloc settings of the daemon's process),
+and keep the garbage collector off what start-up made (`freeze_startup_objects`).
 
 Why: every frame allocates the same frame-sized arrays again (the decoded frame, the warped
 image, the spool's float16 copy: tens of MB each). glibc serves allocations above 32 MB with
@@ -20,6 +21,7 @@ Not glibc (musl, macOS): nothing changes, and the log says so.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -50,3 +52,21 @@ def retain_freed_memory() -> bool:
     if not ok:
         log.warning("mallopt refused a setting: frame memory may not be kept from frame to frame")
     return ok
+
+
+def freeze_startup_objects() -> int:
+    """Move every object alive now to the garbage collector's permanent generation
+    (`gc.freeze`), after one last full collection. Call once, after the warm-up and before
+    READY.
+
+    Why: a full collection walks every object the collector tracks, and start-up leaves many
+    (modules, numba's dispatchers and type caches, astropy's units) that live until the
+    daemon stops. During the night each full collection would walk them again, holding the
+    GIL: the pipeline's thread and the event loop (heartbeats, MQTT, the web page) stop
+    alike. Frozen, they are skipped; what the night makes is collected as before. Frozen
+    objects are still freed by reference counting, never by the cycle collector: a cycle
+    among them that becomes garbage later stays (none is expected of start-up's objects).
+    Returns the number of objects frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

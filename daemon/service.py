@@ -30,7 +30,7 @@ from daemon.frame_queue import FrameQueue
 from daemon.io.limits import process_memory_bytes
 from daemon.io.load import FrameLoader, LoadOptions
 from daemon.ledger import QUARANTINED, file_key
-from daemon.memory import retain_freed_memory
+from daemon.memory import freeze_startup_objects, retain_freed_memory
 from daemon.pointing import Pointing
 from daemon.sdnotify import Notifier, watchdog_interval_s
 from daemon.session import LivePipelineFactory, Outcome, PipelineFactory, Session, SessionSnapshot, live_settings
@@ -350,6 +350,7 @@ class Service:
                 log.info("numba kernels compiled and cached in %.1f s", warmed)
             if self._stop.is_set():  # SIGTERM during the warm-up
                 return 0
+            log.info("start-up objects kept out of the garbage collector's passes: %d", freeze_startup_objects())
             if quarantined is not None:
                 self._report(Outcome(quarantined, "error", reason=QUARANTINED))
             await self._start_watching()

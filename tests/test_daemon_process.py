@@ -130,6 +130,10 @@ def test_notify_ready_watchdog_last_will_and_sigterm_exit0(broker, tmp_path):
     # The journal time-stamps each line: no second time stamp of our own.
     lines = log.read_text().splitlines()
     assert any(line.startswith("INFO lightbucket: backlog: 0 frames") for line in lines), lines[:5]
+    # Before READY, start-up's objects left the garbage collector's passes (daemon.memory).
+    frozen = [int(line.rsplit(" ", 1)[1]) for line in lines
+              if line.startswith("INFO lightbucket: start-up objects kept out of the garbage collector")]
+    assert len(frozen) == 2 and min(frozen) > 10_000, frozen
 
 
 def test_bad_config_key_exits_2_naming_key_and_file(tmp_path):
