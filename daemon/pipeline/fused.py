@@ -43,7 +43,8 @@ def is_affine(matrix: np.ndarray) -> bool:
     return bool(np.allclose(np.asarray(matrix, np.float64)[2], [0.0, 0.0, 1.0]))
 
 
-def _is_identity(matrix: np.ndarray) -> bool:
+def is_identity(matrix: np.ndarray) -> bool:
+    """Whether a 3x3 transform is the identity (to floating-point tolerance): no resampling."""
     return bool(np.allclose(np.asarray(matrix, np.float64), np.eye(3)))
 
 
@@ -61,7 +62,7 @@ def registered_band(mosaic: np.ndarray, bayer: str, matrix: np.ndarray, b0: int,
     Returns (b1 - b0, W, 3) float32, or with `planar` its planes (3, b1 - b0, W) (what the
     running stack takes), into `out` if given."""
     h, w = mosaic.shape
-    identity = _is_identity(matrix)
+    identity = is_identity(matrix)
     if not identity and not is_affine(matrix):
         raise ValueError("registered_band needs an affine matrix")
     if out is None:

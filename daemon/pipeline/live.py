@@ -23,7 +23,7 @@ from daemon.pipeline.align import describe, register
 from daemon.pipeline.calibrate import Masters, calibrate
 from daemon.pipeline.debayer import debayer
 from daemon.pipeline.frame import Frame, FrameMeta
-from daemon.pipeline.fused import RegisteredMosaic, is_affine, mosaic_sky, stack_mosaic
+from daemon.pipeline.fused import RegisteredMosaic, is_affine, is_identity, mosaic_sky, stack_mosaic
 from daemon.pipeline.geometry import SUPERPIXEL, StackGeometry
 from daemon.pipeline.live_settings import LiveSettings
 from daemon.pipeline.quality import QualityHistory, assess
@@ -228,7 +228,7 @@ class LivePipeline:
         # The frame's own pixels are never modified past calibration, unless the caller gives
         # them up (`consume`) where they need no warp (the reference): they become the
         # registered frame, not a copy of it (new memory: 104 MB at 26 Mpx mono).
-        owned = img is not frame.data or (consume and img.flags.writeable and np.allclose(matrix, np.eye(3)))
+        owned = img is not frame.data or (consume and img.flags.writeable and is_identity(matrix))
         del data  # the calibrated mosaic: freed before the warp allocates its output ...
         if consume and owned:
             frame.data = None  # ... when nobody else holds it (or taken as the registered frame)
@@ -544,7 +544,7 @@ class LivePipeline:
     def _warp(self, img: np.ndarray, m: np.ndarray, owned: bool = True) -> np.ndarray:
         """Into the reference frame; NaN outside the frame; always an array the pipeline may
         modify. The identity needs no resampling (a copy only if `img` is not `owned`)."""
-        if np.allclose(m, np.eye(3)):
+        if is_identity(m):
             return img if owned else img.copy()
         return warp(img, m, img.shape[:2], interpolation=self.settings.interpolation)
 
