@@ -100,6 +100,7 @@ class Service:
         self._stop = asyncio.Event()
         self._last_products = 0.0
         self._state_bytes: tuple[float, int] | None = None  # (when counted, bytes)
+        self._sightings: set[asyncio.Future] = set()  # stacks being made for files seen being written
 
     # ----------------------------------------------------------------- the worker
     async def job(self, fn: Callable[[Session], T]) -> T:
@@ -122,6 +123,19 @@ class Service:
         """Queue a file for the worker (the watcher's callback); duplicates are dropped."""
         if self._queue.put(path):
             self.publish_status()
+
+    def _on_sight(self, path: Path) -> None:
+        """The watcher's first sight of a file being written: the stack it will start is made
+        meanwhile (`Session.prepare_for`), so that its first frame does not pay for it."""
+        task = asyncio.ensure_future(self._prepare_for(path))
+        self._sightings.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(self._sightings.discard)
+
+    async def _prepare_for(self, path: Path) -> None:
+        try:
+            await self.job(lambda session: session.prepare_for(path))
+        except Exception as exc:  # noqa: BLE001 - only a head start: the frame makes its stack itself
+            log.warning("%s: its stack was not made ahead: %s", path, exc)
 
     async def idle(self) -> None:
         """Return once the queue is empty and no file is in hand (at once when so already)."""
@@ -369,7 +383,8 @@ class Service:
         """The watcher, then the files already there and not yet dealt with (oldest first)."""
         cap = self.config.capture
         self.watcher = FolderWatcher(self.capture_dir, self.enqueue, patterns=cap.patterns, recursive=cap.recursive,
-                                     settle_s=cap.settle_s, force_polling=self.force_polling or cap.poll)
+                                     settle_s=cap.settle_s, force_polling=self.force_polling or cap.poll,
+                                     on_sight=self._on_sight)
         self.watcher.start()
         found = backlog(self.capture_dir, cap.patterns, cap.recursive)
         for path in await self.job(lambda session: [p for p in found if not session.ledger.done(p)]):

@@ -199,9 +199,9 @@ class Session:
         self._transfers: dict[tuple[str, int], Any] = {}  # (stack, n_stacked) -> tile stretch
         #: Whether frames wait (thread-safe): a due stack snapshot is put off while they do.
         self.frames_waiting = frames_waiting
-        #: A pipeline whose stack was made ahead of the frames (`prepare`), with the master
-        #: files it calibrates with: the next frame's new stack takes it, else it is freed.
-        self._spare: tuple[dict[str, str], Any] | None = None
+        #: ((masters, frame shape, CFA pattern) it was made for, a pipeline whose stack was
+        #: made ahead: `prepare`): the next frame's new stack takes it, else it is freed.
+        self._spare: tuple[tuple[dict[str, str], tuple[int, ...], str | None], Any] | None = None
 
     # ----------------------------------------------------------------- snapshot
     def snapshot(self) -> SessionSnapshot:
@@ -290,35 +290,49 @@ class Session:
     def prepare(self, frame_shape: tuple[int, int] | None, bayer: str | None,
                 key: StackKey | None = None) -> Any:
         """Make the stack the next frames will start while they are being exposed (the
-        service, at a plan's first exposure; `LivePipeline.prepare`), so that the first frame
-        does not pay for its memory. Nothing when `key`'s stack exists (its frames go there)
-        or `frame_shape` is None (a spare made before is freed). Held until the next frame:
-        the new stack that frame starts takes it, else it is freed then. The frame loader gets
-        the frame's array ready too (`FrameLoader.reserve`). Returns the running stack made
-        (`RunningStack`), None when none was made."""
+        service, at a plan's first exposure, or when the watcher sees a file being written:
+        `prepare_for`; `LivePipeline.prepare`), so that the first frame does not pay for its
+        memory. Nothing when `key`'s stack exists (its frames go there) or a spare was made for
+        the same shape, pattern and masters; `frame_shape` None frees a spare made before.
+        Held until the next frame: the new stack that frame starts takes it, else it is freed
+        then. The frame loader gets the frame's array ready too (`FrameLoader.reserve`).
+        Returns the running stack made (`RunningStack`), None when none was made."""
+        if key is not None and key.name in self.stacks:
+            return None
+        if self._spare is not None and frame_shape is not None and self._spare[0] == (
+                dict(self.masters), tuple(frame_shape), bayer):
+            return None
         self._spare = None  # the previous one freed first: never two
         reserve = getattr(self.loader, "reserve", None)  # (a test's loader may have none)
         if frame_shape is None:
             if reserve is not None:
                 reserve(None)
             return None
-        if key is not None and key.name in self.stacks:
-            return None
         pipeline = self.factory.new(self.masters)
         made = pipeline.prepare(frame_shape, bayer) if hasattr(pipeline, "prepare") else None
         if made is not None:
-            self._spare = (dict(self.masters), pipeline)
+            self._spare = ((dict(self.masters), tuple(frame_shape), bayer), pipeline)
             if reserve is not None:
                 reserve(frame_shape)
             log.info("stack of %dx%d%s made ahead of its first frame", made.shape[1], made.shape[0],
                      " colour" if len(made.shape) == 3 else "")
         return made
 
+    def prepare_for(self, path: Path) -> Any:
+        """`prepare` for a light frame file seen being written, from its header
+        (`FrameLoader.peek`); nothing for a file dealt with before or a header that does not
+        tell (yet). Returns what `prepare` returns."""
+        peek = getattr(self.loader, "peek", None)  # (a test's loader may have none)
+        found = peek(path) if peek is not None and not self.ledger.done(path) else None
+        if found is None or found[1].frame_type.is_calibration:
+            return None
+        return self.prepare(found[0], found[1].bayer, StackKey.of(found[1]))
+
     def _stack_for(self, key: StackKey) -> Stack:
         spare, self._spare = self._spare, None  # taken by a new stack, else freed
         stack = self.stacks.get(key.name)
         if stack is None:
-            made = spare is not None and spare[0] == self.masters
+            made = spare is not None and spare[0][0] == self.masters
             pipeline = spare[1] if made else self.factory.new(self.masters)
             stack = self.stacks[key.name] = Stack(key, pipeline, dict(self.masters))
             log.info("new stack %s%s", key.name, " (made ahead)" if made else "")

@@ -9,6 +9,8 @@ A frame is handed on only once its writer is done with it:
   decides, however long the writer pauses);
 - elsewhere (polling/other observers, network shares) once its size and mtime have stayed
   unchanged for `settle_s` seconds.
+A file first seen being written (created or modified, not complete yet) is reported once
+to `on_sight`, if given: what it will be can be read from its header while the rest arrives.
 Which files: with the default patterns (every name the loader reads, or None) every file is
 handed on, so each gets an answer: the loader reads it or refuses it naming its kind. Never
 handed on: temporary and partial names (*.tmp, *.part, *.crdownload, .hidden, ~backup) and a
@@ -105,12 +107,16 @@ class _Handler(FileSystemEventHandler):
 
 
 class FolderWatcher:
-    """Runs a watchdog observer thread and calls `on_file(path)` on the loop per complete file."""
+    """Runs a watchdog observer thread and calls `on_file(path)` on the loop per complete file
+    (and `on_sight(path)` once per file first seen being written)."""
 
     def __init__(self, root: Path, on_file: Callable[[Path], None], *, patterns: tuple[str, ...] | None = None,
-                 recursive: bool = False, settle_s: float = 2.0, force_polling: bool = False):
+                 recursive: bool = False, settle_s: float = 2.0, force_polling: bool = False,
+                 on_sight: Callable[[Path], None] | None = None):
         self.root = Path(root)
         self.on_file = on_file
+        self.on_sight = on_sight
+        self._sighted: set[str] = set()  # files reported to on_sight and not complete yet
         #: None: every file is handed on (the default patterns); else the narrowing ones.
         self.patterns = narrowed(patterns)
         self._outside: set[str] = set()  # names outside the patterns, logged once each
@@ -165,11 +171,16 @@ class FolderWatcher:
     def _on_event(self, path: str, kind: str) -> None:
         """kind: "complete" (closed after writing, renamed into place), "created", "modified"."""
         if kind == "complete":
+            self._sighted.discard(path)
             task = self._pending.pop(path, None)
             if task:
                 task.cancel()
             self.on_file(Path(path))
-        elif self.close_events and kind == "modified":
+            return
+        if self.on_sight is not None and path not in self._sighted:
+            self._sighted.add(path)
+            self.on_sight(Path(path))
+        if self.close_events and kind == "modified":
             task = self._pending.pop(path, None)  # being written: its close event will come
             if task:
                 task.cancel()
@@ -184,9 +195,11 @@ class FolderWatcher:
                 try:
                     st = os.stat(path)
                 except FileNotFoundError:
+                    self._sighted.discard(path)
                     return
                 now = (st.st_size, st.st_mtime_ns)
                 if now == last and st.st_size > 0:
+                    self._sighted.discard(path)
                     self.on_file(Path(path))
                     return
                 last = now

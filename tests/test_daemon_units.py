@@ -194,6 +194,31 @@ def test_size_stable_fallback_waits_for_the_writer(tmp_path):
     assert (tmp_path / "share.fits").stat().st_size == 16000
 
 
+@pytest.mark.parametrize("polling", [False, True])
+def test_a_file_seen_being_written_is_reported_once_before_it_is_handed_on(tmp_path, polling):
+    """on_sight: once per file, at its first event, while it is being written (what its header
+    says can be read then); inotify and the size-stable fallback alike."""
+    seen: list[tuple[float, str, int]] = []
+
+    def sight(path: Path) -> None:
+        seen.append((time.monotonic(), path.name, path.stat().st_size))
+
+    async def writer():
+        with open(tmp_path / "slow.fits", "wb") as fh:
+            for _ in range(3):
+                fh.write(b"h" * 2880)
+                fh.flush()
+                await asyncio.sleep(0.4)
+            return time.monotonic()
+
+    got, last_write, _ = asyncio.run(_collect({"force_polling": polling, "settle_s": 0.5, "on_sight": sight},
+                                              tmp_path, writer))
+    assert [n for _, n in got] == ["slow.fits"]
+    assert [n for _, n, _ in seen] == ["slow.fits"]
+    assert seen[0][0] < last_write <= got[0][0]  # seen while written, handed on once written
+    assert seen[0][2] < 3 * 2880
+
+
 def test_systemd_unit_is_notify_watchdog_hardened_and_verifies(tmp_path):
     import configparser
     import shutil

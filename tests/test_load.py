@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from datetime import UTC, datetime
@@ -12,7 +13,7 @@ import pytest
 from astropy.io import fits
 
 from daemon.io.fits import write_fits
-from daemon.io.load import FrameError, load_frame
+from daemon.io.load import FrameError, FrameLoader, LoadOptions, load_frame
 from daemon.pipeline.frame import FrameType
 
 RNG = np.random.default_rng(7)
@@ -443,3 +444,57 @@ def test_an_array_reserved_for_the_first_frame_takes_it(tmp_path, monkeypatch):
     load.reserve(None)
     load(path)
     assert given[-1] is None
+
+
+# --- the header alone, while the file is being written --------------------------------------------
+
+@pytest.mark.parametrize("roworder", [None, "TOP-DOWN", "BOTTOM-UP"])
+def test_a_frames_header_tells_its_shape_and_metadata_before_its_data_is_written(tmp_path, roworder):
+    """`FrameLoader.peek`: what the loader will say of a frame, from the header alone."""
+    header = {"BAYERPAT": "GRBG", "EXPTIME": 30.0, "OBJECT": "M27", "FILTER": "L", "IMAGETYP": "Light Frame"}
+    if roworder:
+        header["ROWORDER"] = roworder
+    path = _write(tmp_path / "f.fits", RNG.integers(0, 60000, (8, 12)).astype(np.uint16), header)
+    loader = FrameLoader()
+    frame = load_frame(path)
+    shape, meta = loader.peek(path)
+    assert shape == frame.data.shape == (8, 12)
+    assert (meta.bayer, meta.exposure_s, meta.target, meta.filter, meta.frame_type) == (
+        frame.meta.bayer, 30.0, "M27", "L", FrameType.LIGHT)
+    assert meta.bayer == ("BGGR" if roworder == "BOTTOM-UP" else "GRBG")  # 8 rows flipped: B G first
+    # Still being written: the header and a few rows only.
+    raw = path.read_bytes()
+    part = tmp_path / "part.fits"
+    part.write_bytes(raw[:2880 + 40])
+    with pytest.raises(FrameError, match="still being written"):
+        load_frame(part)
+    assert loader.peek(part)[0] == (8, 12)
+
+
+def test_a_header_that_does_not_tell_yet_or_at_all_gives_nothing(tmp_path):
+    path = _write(tmp_path / "f.fits", np.zeros((40, 50), np.uint16), {"EXPTIME": 1.0})
+    raw = path.read_bytes()
+    cases = {"half a header": raw[:1000], "no END card yet": raw[:2880 - 80], "not FITS": b"x" * 6000,
+             "empty": b""}
+    for name, content in cases.items():
+        (tmp_path / f"{name}.fits").write_bytes(content)
+        assert FrameLoader().peek(tmp_path / f"{name}.fits") is None, name
+    # A cube, an image in an extension only, a gzip stream: the loader decides when it is complete.
+    _write(tmp_path / "cube.fits", np.zeros((3, 4, 5), np.uint16))
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((4, 5), np.uint16))]).writeto(tmp_path / "ext.fits")
+    (tmp_path / "g.fits").write_bytes(gzip.compress(raw))
+    for name in ("cube", "ext", "g"):
+        assert FrameLoader().peek(tmp_path / f"{name}.fits") is None, name
+    assert FrameLoader().peek(tmp_path / "missing.fits") is None
+    # Larger than the decode limit: the loader would refuse it, nothing is made for it.
+    assert FrameLoader(LoadOptions(max_frame_bytes=40 * 50 * 4)).peek(path)[0] == (40, 50)
+    assert FrameLoader(LoadOptions(max_frame_bytes=40 * 50 * 4 - 1)).peek(path) is None
+
+
+@pytest.mark.realdata
+def test_real_als_m27_headers_peek_as_they_load(als_m27):
+    for path in sorted(als_m27.glob("*.fits"))[:2]:
+        frame = load_frame(path)
+        shape, meta = FrameLoader().peek(path)
+        assert shape == frame.data.shape and meta.bayer == frame.meta.bayer == "RGGB"
+        assert (meta.exposure_s, meta.filter, meta.frame_type) == (6.0, "Luminance", FrameType.LIGHT)

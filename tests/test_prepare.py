@@ -127,6 +127,35 @@ def test_session_hands_the_stack_made_ahead_to_the_new_stack_and_frees_one_not_t
     session.close()
 
 
+def test_a_file_seen_being_written_gets_its_stack_made_from_its_header(tmp_path):
+    """Frames of another capture program: the watcher reports a file at its first event
+    (`Session.prepare_for`), while only its header is written; the stack is made then, once,
+    and the frame takes it when it is complete."""
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    session = Session(tmp_path / "state", capture, tmp_path / "out", LivePipelineFactory(LiveSettings(), {}),
+                      None, {})
+    _write(tmp_path / "whole.fits", 0, "R")
+    path = capture / "r0.fits"
+    path.write_bytes((tmp_path / "whole.fits").read_bytes()[:2880])  # the header, no data yet
+    made = session.prepare_for(path)
+    assert made is not None and made.shape == (160, 160)
+    assert session.prepare_for(path) is None  # seen again: the same spare is kept, not made again
+    path.write_bytes((tmp_path / "whole.fits").read_bytes())
+    assert session.process(path, False).outcome == "stacked"
+    assert np.shares_memory(session.stacks["R_L_10s_bin1"].pipeline.stack_image(), made.image())
+    assert session.prepare_for(path) is None  # dealt with
+    _write(capture / "r1.fits", 1, "R")
+    assert session.prepare_for(capture / "r1.fits") is None  # its stack exists
+    # A calibration frame, and a file whose header does not tell: nothing made.
+    fits.writeto(capture / "d0.fits", np.zeros((160, 160), np.uint16),
+                 fits.Header(fits_header(exposure_s=10.0, frame_type="Dark", target="S")))
+    (capture / "x.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 100)
+    assert session.prepare_for(capture / "d0.fits") is None and session.prepare_for(capture / "x.fits") is None
+    assert session._spare is None  # noqa: SLF001 - nothing held for them
+    session.close()
+
+
 def test_no_frame_reaches_a_stack_made_ahead_twice():
     """The frame that takes the stack made ahead is its first: the image equals the frame's
     own (a stack of one), not the frame added to something left in it."""

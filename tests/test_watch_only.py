@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
-from daemon.simulate import Exposure, expose, fits_header, random_star_field, transform_matrix
+from daemon.simulate import Exposure, Sensor, expose, fits_header, random_star_field, transform_matrix
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +108,45 @@ def test_watch_only_daemon_stacks_without_pyindi_and_indi_config_is_refused(tmp_
                          text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert "[indi]: device control is not installed" in out.stderr and "lightbucket[indi]" in out.stderr
+
+
+def test_a_frame_of_another_program_finds_its_stack_made_while_it_was_written(tmp_path):
+    """A polled folder (a network share: no inotify), frames written by another program: the
+    watcher sees the file at its header, and the daemon makes the colour stack then
+    (`Session.prepare_for`), while the rest of the file arrives; the frame takes it."""
+    capture, state = tmp_path / "capture", tmp_path / "state"
+    capture.mkdir()
+    config = tmp_path / "watch.toml"
+    config.write_text(f'[capture]\ndir = "{capture}"\npoll = true\nsettle_s = 1.0\n[state]\ndir = "{state}"\n')
+    shape = (240, 320)
+    field = random_star_field(shape, 150, seed=3, margin=0.1)
+    data = expose(shape, field, Exposure(exposure_s=10.0, seed=0), Sensor(bayer="RGGB"))
+    fits.writeto(tmp_path / "whole.fits", data,
+                 fits.Header(fits_header(exposure_s=10.0, filter_name="L", target="SHARE", bayer="RGGB")))
+    raw = (tmp_path / "whole.fits").read_bytes()
+    log = tmp_path / "daemon.log"
+    proc = subprocess.Popen([str(LIGHTBUCKET), "run", "--config", str(config)], env=env_without_indi(tmp_path),
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 120
+        while text not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert text in log.read_text(), log.read_text()[-2000:]
+
+    try:
+        wait_for("backlog:")
+        with open(capture / "f0.fits", "wb") as fh:
+            fh.write(raw[:2880])  # the header: the capture program is still writing
+            fh.flush()
+            wait_for("stack of 320x240 colour made ahead of its first frame")
+            fh.write(raw[2880:])
+        wait_for("stacked #1")
+        assert "new stack SHARE_L_10s_bin1 (made ahead)" in log.read_text(), log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -226,13 +226,7 @@ def open_fits_image(path: str | os.PathLike, *, max_bytes: int | None = None) ->
         raw = raw[0] if raw is not None else None
     if len(shape) != 2 or 0 in shape:
         raise FrameError(path, f"image has shape {shape}: not a 2-D frame")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AstropyWarning)
-        meta = meta_from_header(header_values(header), path)
-    meta = _fill_from_sidecar(meta)
-    bottom_up = str(header.get("ROWORDER", "")).strip().upper() == "BOTTOM-UP"
-    if bottom_up and meta.bayer:
-        meta = _replace(meta, bayer=flip_rows_pattern(meta.bayer, shape[0]))
+    meta, bottom_up = _header_meta(header, path, int(shape[0]))
     wcs = frame_wcs(header, int(shape[0]), bottom_up)
     if wcs is not None:
         meta = _replace(meta, wcs=wcs_cards(wcs))
@@ -280,6 +274,66 @@ def _gunzip(path: str, limit: int) -> bytes:
 
 def _has_end_card(block: bytes) -> bool:
     return any(block[i:i + 8] == b"END     " for i in range(0, len(block), 80))
+
+
+def _header_meta(header: fits.Header, path: str, rows: int) -> tuple[FrameMeta, bool]:
+    """A frame's metadata from its header (gaps filled from a sidecar), its CFA pattern as
+    seen top-down, and whether the file stores its rows bottom-up (ROWORDER)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        meta = meta_from_header(header_values(header), path)
+    meta = _fill_from_sidecar(meta)
+    bottom_up = str(header.get("ROWORDER", "")).strip().upper() == "BOTTOM-UP"
+    if bottom_up and meta.bayer:
+        meta = _replace(meta, bayer=flip_rows_pattern(meta.bayer, rows))
+    return meta, bottom_up
+
+
+#: Most header blocks `peek_fits` reads (2880 bytes each: 36 cards): more than capture
+#: programs write.
+_PEEK_BLOCKS = 100
+
+
+def peek_fits(path: str | os.PathLike, *, max_bytes: int | None = None) -> tuple[tuple[int, int], FrameMeta] | None:
+    """The (rows, columns) and metadata of a FITS frame from its primary header alone, as
+    `open_fits_image` reports them (WCS aside), while the file may still be being written:
+    its header comes first. What for: the stack a new frame will start can be made while the
+    rest of the file arrives (`Session.prepare`).
+
+    Parameters
+    ----------
+    path : the file.
+    max_bytes : int or None, the decode limit (None: `default_max_frame_bytes()`).
+
+    Returns None where the header does not tell yet or at all: not complete, no plain 2-D
+    primary image (gzip, tile-compressed, an image in an extension, a cube), or a size the
+    loader would refuse. Never raises for what the file holds."""
+    path = str(path)
+    blocks: list[bytes] = []
+    try:
+        with open(path, "rb") as fh:  # block by block up to END: not the data's first bytes
+            while not blocks or not _has_end_card(blocks[-1]):
+                block = fh.read(2880)
+                if len(block) < 2880 or len(blocks) == _PEEK_BLOCKS or not (blocks or block.startswith(b"SIMPLE")):
+                    return None
+                blocks.append(block)
+    except OSError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        try:
+            header = fits.Header.fromstring(b"".join(blocks).decode("ascii", "replace"))
+            naxes = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, int(header.get("NAXIS", 0)) + 1)]
+        except Exception:  # noqa: BLE001 - astropy raises ValueError, VerifyError...: not a header to use
+            return None
+    if len(naxes) < 2 or any(n != 1 for n in naxes[2:]) or min(naxes[:2]) <= 0:
+        return None
+    try:
+        check_frame_size(path, naxes[0], naxes[1], 1, max_bytes)
+    except FrameError:
+        return None
+    meta, _ = _header_meta(header, path, naxes[1])
+    return (naxes[1], naxes[0]), meta
 
 
 def header_values(header: fits.Header) -> dict[str, Any]:

@@ -17,12 +17,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from daemon.io.errors import FrameError, FrameTooLarge
-from daemon.io.fits import read_fits_frame
+from daemon.io.fits import peek_fits, read_fits_frame
 from daemon.io.formats import ALL_SUFFIXES, FITS_SUFFIXES, RAW_SUFFIXES, describe_suffix, format_of
 from daemon.io.raw import read_raw_frame
 from daemon.io.tiff import read_tiff_frame
 from daemon.io.xisf import read_xisf_frame
-from daemon.pipeline.frame import Frame, FrameType
+from daemon.pipeline.frame import Frame, FrameMeta, FrameType
 
 __all__ = ["FrameError", "FrameTooLarge", "FrameLoader", "LoadOptions", "load_frame", "is_fits", "is_raw",
            "unsupported_reason"]
@@ -144,6 +144,12 @@ class FrameLoader:
             raise FrameError(path, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
         self._last = frame.data if self.keep_large or frame.data.nbytes <= REUSE_MAX_BYTES else None
         return frame
+
+    def peek(self, path: str | os.PathLike) -> tuple[tuple[int, int], FrameMeta] | None:
+        """The (rows, columns) and metadata a frame file will load with, from its header alone,
+        while it may still be being written (`daemon.io.fits.peek_fits`, with this loader's
+        decode limit). FITS only: None for other formats, and where the header does not tell."""
+        return peek_fits(path, max_bytes=self.options.max_frame_bytes) if is_fits(path) else None
 
     def reserve(self, shape: tuple[int, int] | None) -> None:
         """An array for the next frame, of `shape` (H, W), written once now: made while a plan's
